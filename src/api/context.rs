@@ -1,0 +1,175 @@
+//! Builds a call's context from the client's request metadata: request id, deadline and the
+//! metadata to forward.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
+
+use crate::call::CallContext;
+use crate::upstream::grpc::REQUEST_ID;
+
+/// Headers that belong to one hop or to the transport and are never forwarded. The request
+/// id is set separately and `grpc-timeout` is recomputed from the remaining time.
+const NOT_FORWARDED: &[&str] = &[
+    "grpc-timeout",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+    "content-type",
+    "content-length",
+    "te",
+    "user-agent",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    REQUEST_ID,
+];
+
+/// What the edge reads from a client's request metadata.
+#[derive(Clone, Debug)]
+pub struct EdgeContext {
+    /// The client's `x-request-id` or a generated one.
+    pub request_id: Arc<str>,
+    /// The client's deadline, if it sent a `grpc-timeout`.
+    pub client_deadline: Option<(Instant, Duration)>,
+    /// Metadata to forward.
+    pub metadata: MetadataMap,
+}
+
+impl EdgeContext {
+    /// Reads a client's metadata.
+    pub fn from_metadata(md: &MetadataMap) -> Self {
+        let now = Instant::now();
+        let request_id: Arc<str> = md
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty() && s.len() <= 128)
+            .map_or_else(|| uuid::Uuid::new_v4().to_string().into(), Into::into);
+        let client_deadline = md
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| (now + d, d));
+        let mut metadata = MetadataMap::with_capacity(md.len());
+        for kv in md.iter() {
+            match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    if !is_forwarded(k.as_str()) {
+                        continue;
+                    }
+                    metadata.append(k.clone(), v.clone());
+                }
+                tonic::metadata::KeyAndValueRef::Binary(k, v) => {
+                    if !is_forwarded(k.as_str()) {
+                        continue;
+                    }
+                    metadata.append_bin(k.clone(), v.clone());
+                }
+            }
+        }
+        EdgeContext {
+            request_id,
+            client_deadline,
+            metadata,
+        }
+    }
+
+    /// The context of one call starting now: the client's deadline, or `default_timeout`
+    /// from now when the client sent none.
+    pub fn call(&self, default_timeout: Duration) -> CallContext {
+        let (deadline, budget) = self
+            .client_deadline
+            .unwrap_or_else(|| (Instant::now() + default_timeout, default_timeout));
+        CallContext {
+            request_id: self.request_id.clone(),
+            deadline,
+            budget,
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+fn is_forwarded(key: &str) -> bool {
+    !NOT_FORWARDED.contains(&key) && !key.starts_with(':')
+}
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H M S m u n`).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(
+            parse_grpc_timeout("5010m"),
+            Some(Duration::from_millis(5010))
+        );
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("9n"), Some(Duration::from_nanos(9)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None, "at most 8 digits");
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn metadata_is_forwarded_without_hop_by_hop_headers() {
+        let mut md = MetadataMap::new();
+        md.insert("x-request-id", "abc".parse().unwrap());
+        md.insert("traceparent", "00-1-2-01".parse().unwrap());
+        md.insert("x-tenant", "t1".parse().unwrap());
+        md.insert("grpc-timeout", "250m".parse().unwrap());
+        md.insert("te", "trailers".parse().unwrap());
+        md.insert("user-agent", "grpc-python".parse().unwrap());
+        md.insert_bin(
+            "blob-bin",
+            tonic::metadata::MetadataValue::from_bytes(b"\x00\x01"),
+        );
+        let edge = EdgeContext::from_metadata(&md);
+        assert_eq!(&*edge.request_id, "abc");
+        let ctx = edge.call(Duration::from_secs(30));
+        assert_eq!(ctx.budget, Duration::from_millis(250));
+        assert_eq!(ctx.remaining(), Duration::from_millis(250));
+        assert_eq!(ctx.metadata.get("traceparent").unwrap(), "00-1-2-01");
+        assert_eq!(ctx.metadata.get("x-tenant").unwrap(), "t1");
+        assert!(ctx.metadata.get_bin("blob-bin").is_some());
+        for dropped in ["grpc-timeout", "te", "user-agent", "x-request-id"] {
+            assert!(
+                ctx.metadata.get(dropped).is_none(),
+                "{dropped} must not be forwarded"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_request_id_is_generated_and_a_missing_deadline_defaults() {
+        let edge = EdgeContext::from_metadata(&MetadataMap::new());
+        assert_eq!(edge.request_id.len(), 36, "a UUID");
+        let ctx = edge.call(Duration::from_secs(30));
+        assert_eq!(ctx.remaining(), Duration::from_secs(30));
+    }
+}

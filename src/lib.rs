@@ -1,0 +1,31 @@
+//! Keel: a gRPC inference gateway for the KServe Open Inference Protocol v2.
+//!
+//! The crate map, one line per module, in the order a request meets them:
+//!
+//! - [`api`]: the gRPC edge: OIP v2 service, call context, the error → status mapping.
+//! - [`route`]: which backend answers each model; the dispatching tower service.
+//! - [`resilience`]: tower layers that keep calls calm (deadline so far).
+//! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams.
+//! - [`model`]: tensors, data types, model contracts, requests: Keel's domain, no protobuf.
+//! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
+//! - [`policy`]: the TOML configuration, parsed and validated into plain data.
+//! - [`observe`]: logs (metrics and traces later).
+//! - [`call`]: what travels with every call (request id, deadline, metadata).
+//! - [`error`]: what can go wrong with a call.
+//! - [`server`]: wiring, health, reflection and graceful shutdown.
+
+pub mod api;
+pub mod call;
+pub mod error;
+pub mod model;
+pub mod observe;
+pub mod pb;
+pub mod policy;
+pub mod resilience;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+pub use error::Error;
+pub use policy::Policy;
+pub use server::{Keel, ServeError, serve};

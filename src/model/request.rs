@@ -1,0 +1,76 @@
+//! Inference requests and responses.
+
+use std::collections::BTreeMap;
+
+use super::Tensor;
+
+/// A request, response or tensor parameter value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Param {
+    /// A boolean.
+    Bool(bool),
+    /// A signed integer.
+    Int64(i64),
+    /// A string.
+    String(String),
+    /// A floating-point number.
+    Double(f64),
+    /// An unsigned integer.
+    Uint64(u64),
+}
+
+/// Named parameters, ordered so that their rendering is deterministic.
+pub type Parameters = BTreeMap<String, Param>;
+
+/// How the client sent its input data; the answer is given the same way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ContentForm {
+    /// `raw_input_contents`: answered in `raw_output_contents`.
+    #[default]
+    Raw,
+    /// Typed `contents` per tensor: answered in typed `contents` where the type has a field.
+    Typed,
+}
+
+/// An output the client asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestedOutput {
+    /// Output tensor name.
+    pub name: String,
+    /// Per-output parameters (Triton's `classification`, `binary_data`), carried through.
+    pub parameters: Parameters,
+}
+
+/// One inference call for one model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InferRequest {
+    /// Model name.
+    pub model: String,
+    /// Model version; empty lets the backend choose.
+    pub version: String,
+    /// The client's request id (the OIP `id` field), echoed in the response.
+    pub id: String,
+    /// Request parameters, carried through to the backend.
+    pub parameters: Parameters,
+    /// Input tensors, each already checked against its own shape and data type.
+    pub inputs: Vec<Tensor>,
+    /// Outputs to return; empty means all of them.
+    pub outputs: Vec<RequestedOutput>,
+    /// How the client sent inputs, so the answer can follow it.
+    pub form: ContentForm,
+}
+
+/// The answer to an [`InferRequest`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct InferResponse {
+    /// Model that answered.
+    pub model: String,
+    /// Version that answered.
+    pub version: String,
+    /// The request's `id`.
+    pub id: String,
+    /// Response parameters.
+    pub parameters: Parameters,
+    /// Output tensors.
+    pub outputs: Vec<Tensor>,
+}

@@ -1,0 +1,21 @@
+//! Generated protobuf and gRPC code, and its conversion to and from Keel's domain types.
+//!
+//! Only the edges (`api`, `upstream`) use this module; everything between them speaks
+//! [`crate::model`].
+
+mod contents;
+mod convert;
+
+pub use convert::{
+    infer_request_from_pb, infer_request_to_pb, infer_response_from_pb, infer_response_to_pb,
+    metadata_from_pb, metadata_to_pb, spec_from_pb, spec_to_pb, stats_from_pb, stats_to_pb,
+};
+
+/// `inference`: the Open Inference Protocol v2 with Triton's extensions (generated).
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod inference {
+    tonic::include_proto!("inference");
+}
+
+/// Encoded descriptors of every Keel proto, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");

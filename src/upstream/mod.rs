@@ -1,0 +1,83 @@
+//! The backends that answer calls: the embedded models and OIP gRPC upstreams.
+//!
+//! Every backend implements [`Backend`]; an [`Operation`] is one of the per-model calls a
+//! backend answers, so a single generic tower stack can carry each of them.
+
+pub mod embedded;
+pub mod grpc;
+
+use futures::future::BoxFuture;
+
+use crate::call::{Call, ModelRef};
+use crate::error::Error;
+use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
+
+/// The result of a backend call.
+pub type BackendFuture<T> = BoxFuture<'static, Result<T, Error>>;
+
+/// Something that answers per-model calls.
+pub trait Backend: Send + Sync + 'static {
+    /// Runs inference.
+    fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse>;
+    /// Whether the model (version) is ready.
+    fn model_ready(&self, call: Call<ModelRef>) -> BackendFuture<bool>;
+    /// The model's OIP metadata.
+    fn model_metadata(&self, call: Call<ModelRef>) -> BackendFuture<ModelMetadata>;
+    /// The model's configuration.
+    fn model_config(&self, call: Call<ModelRef>) -> BackendFuture<ModelSpec>;
+    /// The model's statistics, one entry per version.
+    fn model_statistics(&self, call: Call<ModelRef>) -> BackendFuture<Vec<ModelStats>>;
+    /// A short description for logs and the startup line (`embedded`, `upstream triton`).
+    fn describe(&self) -> String;
+}
+
+/// One kind of per-model call, sent to the backend that serves its model.
+pub trait Operation: Send + 'static {
+    /// What the backend answers.
+    type Response: Send + 'static;
+    /// The model the call is for.
+    fn model(&self) -> &str;
+    /// Sends the call to `backend`.
+    fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<Self::Response>
+    where
+        Self: Sized;
+}
+
+impl Operation for InferRequest {
+    type Response = InferResponse;
+    fn model(&self) -> &str {
+        &self.model
+    }
+    fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<InferResponse> {
+        backend.infer(call)
+    }
+}
+
+macro_rules! model_query {
+    ($(#[$doc:meta] $name:ident => $method:ident -> $resp:ty;)*) => {$(
+        #[$doc]
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub struct $name(pub ModelRef);
+
+        impl Operation for $name {
+            type Response = $resp;
+            fn model(&self) -> &str {
+                &self.0.name
+            }
+            fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<$resp> {
+                backend.$method(Call { ctx: call.ctx, body: call.body.0 })
+            }
+        }
+    )*};
+}
+
+model_query! {
+    /// ModelReady.
+    ReadyQuery => model_ready -> bool;
+    /// ModelMetadata.
+    MetadataQuery => model_metadata -> ModelMetadata;
+    /// ModelConfig.
+    ConfigQuery => model_config -> ModelSpec;
+    /// ModelStatistics for one model.
+    StatisticsQuery => model_statistics -> Vec<ModelStats>;
+}

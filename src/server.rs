@@ -45,6 +45,9 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// How long cut calls get to deliver their UNAVAILABLE answer before `serve` returns anyway.
+const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A Keel ready to serve: backends and routes built from one policy.
 pub struct Keel {
     policy: Policy,
@@ -106,6 +109,7 @@ impl Keel {
             .build_v1alpha()?;
 
         let serving = Arc::new(AtomicBool::new(true));
+        let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let stacks = Stacks {
             infer: stack(&self.routes),
             ready: stack(&self.routes),
@@ -119,6 +123,7 @@ impl Keel {
             models,
             self.policy.defaults.timeout,
             serving.clone(),
+            cut_rx,
         );
         let api = GrpcInferenceServiceServer::new(api)
             .max_decoding_message_size(max)
@@ -155,13 +160,20 @@ impl Keel {
             }
             tokio::time::sleep(drain_timeout).await;
         };
+        tokio::pin!(server);
         tokio::select! {
-            result = server => {
+            result = &mut server => {
                 result?;
                 tracing::info!("shutdown: drained");
             }
             () = drain_deadline => {
                 tracing::warn!(drain_timeout = ?drain_timeout, "shutdown: drain timeout passed; cutting calls still in flight");
+                // Calls still running answer UNAVAILABLE, so their connections can close.
+                let _ = cut_tx.send(true);
+                match tokio::time::timeout(CUT_GRACE, &mut server).await {
+                    Ok(result) => result?,
+                    Err(_) => tracing::warn!("shutdown: connections still open after the cut; leaving them"),
+                }
             }
         }
         Ok(())

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
+use tokio::sync::watch;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
@@ -55,6 +56,26 @@ pub struct InferenceApi {
     default_timeout: Duration,
     /// False once shutdown begins: ServerReady answers false.
     serving: Arc<AtomicBool>,
+    /// Becomes true when the drain timeout passes: calls still running are cut.
+    cut: watch::Receiver<bool>,
+}
+
+/// Completes when `cut` becomes true (never, if its sender is dropped without cutting).
+async fn cut_off(mut cut: watch::Receiver<bool>) {
+    if cut.wait_for(|c| *c).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Whether the drain timeout has passed.
+async fn cut_check(cut: watch::Receiver<bool>) -> bool {
+    *cut.borrow()
+}
+
+fn cut_status() -> Status {
+    Status::unavailable(
+        "Keel is shutting down and the drain timeout passed; retry on another instance",
+    )
 }
 
 impl InferenceApi {
@@ -64,12 +85,14 @@ impl InferenceApi {
         models: Vec<String>,
         default_timeout: Duration,
         serving: Arc<AtomicBool>,
+        cut: watch::Receiver<bool>,
     ) -> Self {
         InferenceApi {
             stacks,
             models: models.into(),
             default_timeout,
             serving,
+            cut,
         }
     }
 
@@ -81,10 +104,16 @@ impl InferenceApi {
         body: Op,
     ) -> Result<Op::Response, Status> {
         let ctx = edge.call(self.default_timeout);
-        svc.clone()
-            .oneshot(Call { ctx, body })
-            .await
-            .map_err(|e| status::to_status(&e, &edge.request_id))
+        tokio::select! {
+            r = svc.clone().oneshot(Call { ctx, body }) => {
+                r.map_err(|e| status::to_status(&e, &edge.request_id))
+            }
+            () = cut_off(self.cut.clone()) => {
+                let mut s = cut_status();
+                status::with_request_id(&mut s, &edge.request_id);
+                Err(s)
+            }
+        }
     }
 }
 
@@ -247,7 +276,13 @@ impl GrpcInferenceService for InferenceApi {
                     })
                 }
             })
-            .buffered(STREAM_CONCURRENCY);
+            .buffered(STREAM_CONCURRENCY)
+            // At the drain timeout the stream ends with UNAVAILABLE.
+            .take_until(cut_off(self.cut.clone()))
+            .chain(
+                futures::stream::once(cut_check(self.cut.clone()))
+                    .filter_map(|cut| async move { cut.then(|| Err(cut_status())) }),
+            );
         Ok(reply(Box::pin(answers) as StreamOut, &request_id))
     }
 

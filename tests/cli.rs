@@ -1,0 +1,136 @@
+//! The `keel` binary: `validate` checks files without opening sockets, `--version` answers,
+//! and `serve` prints where it listens and stops cleanly on SIGTERM.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const KEEL: &str = env!("CARGO_BIN_EXE_keel");
+
+fn keel(args: &[&str]) -> std::process::Output {
+    Command::new(KEEL).args(args).output().unwrap()
+}
+
+#[test]
+fn every_example_config_validates() {
+    for entry in std::fs::read_dir("deploy/examples").unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = keel(&["validate", path.to_str().unwrap()]);
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success(),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(stdout.contains("valid"), "{stdout}");
+        }
+    }
+}
+
+#[test]
+fn validate_names_every_error_by_its_path_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "[server]\ndrain_timeout = \"forever\"\n[upstreams.a]\nendpoints = [\"nohost\"]\n[models.resnet]\nbackend = \"b\"\n",
+    )
+    .unwrap();
+    let out = keel(&["validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.drain_timeout: "), "{stderr}");
+    assert!(stderr.contains("upstreams.a.endpoints[0]: "), "{stderr}");
+    assert!(
+        stderr.contains("models.resnet.backend: unknown backend \"b\""),
+        "{stderr}"
+    );
+
+    std::fs::write(&file, "[models.resnet]\nbackend = \"embedded\"\n").unwrap();
+    let out = keel(&["validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("models.resnet.backend: there is no embedded model named \"resnet\""),
+        "{stderr}"
+    );
+
+    let out = keel(&[
+        "validate",
+        dir.path().join("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn version_is_printed() {
+    let out = keel(&["--version"]);
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("keel {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn serve_prints_its_address_and_models_then_exits_0_on_sigterm() {
+    let mut child = Command::new(KEEL)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(30));
+    let pid = child.id().to_string();
+    // Stop it whatever happened above.
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let line = line.expect("keel printed its startup line");
+    assert!(killed.success());
+    assert!(line.contains("listening on 127.0.0.1:"), "{line}");
+    assert!(
+        line.trim_end().ends_with(
+            "serving models: identity, iris, simple, simple_identity, simple_int8, simple_string"
+        ),
+        "{line}"
+    );
+    let status = wait_bounded(&mut child, Duration::from_secs(15));
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn serve_with_an_invalid_config_exits_1_with_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "[server]\nlisten = \"nowhere\"\n").unwrap();
+    let out = keel(&["serve", "--config", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen: "));
+}
+
+fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let step = Duration::from_millis(20);
+    let mut waited = Duration::ZERO;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if waited >= limit {
+            let _ = child.kill();
+            panic!("keel did not exit within {limit:?}");
+        }
+        std::thread::sleep(step);
+        waited += step;
+    }
+}

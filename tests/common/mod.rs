@@ -1,0 +1,308 @@
+//! Shared helpers for the black-box tests: start Keel on `127.0.0.1:0` through the library
+//! entry point, a client, request builders, and a scriptable upstream that records what it
+//! receives.
+#![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use keel::pb::inference as pb;
+use keel::policy::Policy;
+use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
+use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+use pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+pub type Client = GrpcInferenceServiceClient<Channel>;
+
+/// A Keel serving in this process; stopped (and awaited) by `stop`, or aborted on drop.
+pub struct Keel {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), keel::ServeError>>>,
+}
+
+impl Keel {
+    pub async fn start(policy: Policy) -> Keel {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(keel::serve(policy, listener, async move {
+            let _ = rx.await;
+        }));
+        Keel {
+            addr,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    pub async fn embedded() -> Keel {
+        Keel::start(Policy::default()).await
+    }
+
+    /// A Keel whose config is `toml` (panics if invalid).
+    pub async fn with_config(toml: &str) -> Keel {
+        Keel::start(Policy::parse(toml).unwrap()).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn client(&self) -> Client {
+        connect(self.addr).await
+    }
+
+    /// A plain channel, for the health and reflection clients.
+    pub async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// Begins shutdown without waiting.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Shuts down and waits (bounded) for `serve` to return.
+    pub async fn stop(mut self) -> Result<(), keel::ServeError> {
+        self.begin_shutdown();
+        let handle = self.handle.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(20), handle)
+            .await
+            .expect("keel stopped within 20s")
+            .expect("serve task did not panic")
+    }
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.abort();
+        }
+    }
+}
+
+/// Connects, retrying briefly while the server task starts (bounded, no fixed sleep).
+pub async fn connect(addr: SocketAddr) -> Client {
+    let url = format!("http://{addr}");
+    for _ in 0..200 {
+        if let Ok(c) = GrpcInferenceServiceClient::connect(url.clone()).await {
+            return c.max_decoding_message_size(256 << 20);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("could not connect to {url}");
+}
+
+pub fn input(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
+    InferInputTensor {
+        name: name.into(),
+        datatype: datatype.into(),
+        shape: shape.to_vec(),
+        parameters: Default::default(),
+        contents: None,
+    }
+}
+
+pub fn i32_bytes(v: &[i32]) -> Bytes {
+    v.iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+pub fn i32s(b: &[u8]) -> Vec<i32> {
+    b.chunks_exact(4)
+        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+pub fn i64s(b: &[u8]) -> Vec<i64> {
+    b.chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+/// Raw BYTES encoding: each element prefixed by its u32 little-endian length.
+pub fn bytes_elements<S: AsRef<[u8]>>(items: &[S]) -> Bytes {
+    let mut out = Vec::new();
+    for i in items {
+        let i = i.as_ref();
+        out.extend_from_slice(&(i.len() as u32).to_le_bytes());
+        out.extend_from_slice(i);
+    }
+    out.into()
+}
+
+pub fn split_bytes_elements(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let n = u32::from_le_bytes(b[..4].try_into().unwrap()) as usize;
+        out.push(b[4..4 + n].to_vec());
+        b = &b[4 + n..];
+    }
+    out
+}
+
+/// `simple` with INPUT0 = 0..16 and INPUT1 = 1s, raw, batch 1.
+pub fn simple_request() -> pb::ModelInferRequest {
+    let a: Vec<i32> = (0..16).collect();
+    pb::ModelInferRequest {
+        model_name: "simple".into(),
+        id: "req-1".into(),
+        inputs: vec![
+            input("INPUT0", "INT32", &[1, 16]),
+            input("INPUT1", "INT32", &[1, 16]),
+        ],
+        outputs: vec![
+            InferRequestedOutputTensor {
+                name: "OUTPUT0".into(),
+                parameters: Default::default(),
+            },
+            InferRequestedOutputTensor {
+                name: "OUTPUT1".into(),
+                parameters: Default::default(),
+            },
+        ],
+        raw_input_contents: vec![i32_bytes(&a), i32_bytes(&[1; 16])],
+        ..Default::default()
+    }
+}
+
+/// What the scripted upstream saw of one call.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub method: &'static str,
+    pub metadata: tonic::metadata::MetadataMap,
+    pub model: String,
+}
+
+/// How the scripted upstream behaves.
+#[derive(Clone, Default)]
+pub struct Script {
+    /// Delay before answering ModelInfer.
+    pub delay: Duration,
+    /// Answer ModelInfer with this status instead.
+    pub fail: Option<(tonic::Code, String)>,
+}
+
+/// An OIP upstream double: records every call, echoes ModelInfer inputs as outputs, and can
+/// be slowed or made to fail.
+#[derive(Clone)]
+pub struct ScriptedUpstream {
+    pub seen: Arc<Mutex<Vec<Seen>>>,
+    pub script: Arc<Mutex<Script>>,
+    /// Notified when a ModelInfer call arrives.
+    pub arrived: Arc<Notify>,
+}
+
+impl ScriptedUpstream {
+    pub fn new(script: Script) -> Self {
+        ScriptedUpstream {
+            seen: Arc::default(),
+            script: Arc::new(Mutex::new(script)),
+            arrived: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Serves on 127.0.0.1:0; the server task ends when the returned sender is dropped.
+    pub async fn serve(&self) -> (SocketAddr, oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let svc = GrpcInferenceServiceServer::new(self.clone());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = rx.await;
+                    },
+                ),
+        );
+        (addr, tx)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for ScriptedUpstream {
+    async fn model_infer(
+        &self,
+        request: Request<pb::ModelInferRequest>,
+    ) -> Result<Response<pb::ModelInferResponse>, Status> {
+        let script = self.script.lock().unwrap().clone();
+        let (metadata, _, req) = request.into_parts();
+        self.seen.lock().unwrap().push(Seen {
+            method: "ModelInfer",
+            metadata,
+            model: req.model_name.clone(),
+        });
+        self.arrived.notify_waiters();
+        tokio::time::sleep(script.delay).await;
+        if let Some((code, msg)) = script.fail {
+            return Err(Status::new(code, msg));
+        }
+        let outputs = req
+            .inputs
+            .iter()
+            .map(|i| pb::model_infer_response::InferOutputTensor {
+                name: i.name.clone(),
+                datatype: i.datatype.clone(),
+                shape: i.shape.clone(),
+                parameters: Default::default(),
+                contents: None,
+            })
+            .collect();
+        Ok(Response::new(pb::ModelInferResponse {
+            model_name: req.model_name,
+            model_version: "7".into(),
+            id: req.id,
+            parameters: Default::default(),
+            outputs,
+            raw_output_contents: req.raw_input_contents,
+        }))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<pb::ModelMetadataRequest>,
+    ) -> Result<Response<pb::ModelMetadataResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        self.seen.lock().unwrap().push(Seen {
+            method: "ModelMetadata",
+            metadata,
+            model: req.name.clone(),
+        });
+        Ok(Response::new(pb::ModelMetadataResponse {
+            name: req.name,
+            versions: vec!["7".into()],
+            platform: "scripted".into(),
+            inputs: vec![],
+            outputs: vec![],
+        }))
+    }
+}

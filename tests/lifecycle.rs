@@ -1,0 +1,161 @@
+//! Health, reflection and shutdown: SERVING while up, NOT_SERVING as soon as shutdown
+//! begins, in-flight calls finish, and the drain is bounded.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+fn check(service: &str) -> HealthCheckRequest {
+    HealthCheckRequest {
+        service: service.into(),
+    }
+}
+
+#[tokio::test]
+async fn health_reports_serving_for_the_server_and_the_inference_service() {
+    let keel = Keel::embedded().await;
+    let _ = keel.client().await; // waits until it accepts connections
+    let mut health = HealthClient::new(keel.channel().await);
+    for service in ["", "inference.GRPCInferenceService"] {
+        let r = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let s = health.check(check("no.such.Service")).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::NotFound);
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reflection_lists_the_inference_and_health_services() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let keel = Keel::embedded().await;
+    let _ = keel.client().await;
+    let mut client = ServerReflectionClient::new(keel.channel().await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = client
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = first.message_response else {
+        panic!("expected a service list, got {first:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"inference.GRPCInferenceService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_in_flight_call_finishes_after_shutdown_begins_and_health_goes_not_serving() {
+    let up = ScriptedUpstream::new(Script {
+        delay: Duration::from_millis(300),
+        fail: None,
+    });
+    let (addr, _stop) = up.serve().await;
+    let mut keel = Keel::with_config(&format!(
+        "[upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    let mut health = HealthClient::new(keel.channel().await);
+    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+
+    let arrived = up.arrived.notified();
+    tokio::pin!(arrived);
+    arrived.as_mut().enable();
+    let call = tokio::spawn(async move { client.model_infer(simple_request()).await });
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .expect("the call reached the upstream");
+
+    keel.begin_shutdown();
+    let status = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("a health update within 10s")
+        .unwrap()
+        .unwrap()
+        .status;
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    // An open Watch stream would hold the drain open until the drain timeout.
+    drop(watch);
+
+    let answer = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the in-flight call finished")
+        .unwrap();
+    let answer = answer
+        .expect("the call started before shutdown succeeds")
+        .into_inner();
+    assert_eq!(answer.model_version, "7");
+
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn new_connections_are_refused_once_keel_has_stopped() {
+    let keel = Keel::embedded().await;
+    let _ = keel.client().await;
+    let url = keel.url();
+    keel.stop().await.unwrap();
+    let r =
+        keel::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::connect(
+            url,
+        )
+        .await;
+    assert!(r.is_err(), "the listener is closed");
+}
+
+#[tokio::test]
+async fn the_drain_is_bounded_by_drain_timeout() {
+    let up = ScriptedUpstream::new(Script {
+        delay: Duration::from_secs(600),
+        fail: None,
+    });
+    let (addr, _stop) = up.serve().await;
+    let mut keel = Keel::with_config(&format!(
+        "[server]\ndrain_timeout = \"200ms\"\n[upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    let arrived = up.arrived.notified();
+    tokio::pin!(arrived);
+    arrived.as_mut().enable();
+    let call = tokio::spawn(async move { client.model_infer(simple_request()).await });
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .unwrap();
+    keel.begin_shutdown();
+    // `stop` itself bounds the wait at 20s; the drain timeout ends it far sooner.
+    keel.stop().await.unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .unwrap()
+        .unwrap();
+    let s = cut.expect_err("a call still running after the drain timeout is cut");
+    assert_eq!(s.code(), tonic::Code::Unavailable);
+    assert!(s.message().contains("drain timeout"), "{}", s.message());
+}

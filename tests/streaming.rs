@@ -36,6 +36,13 @@ async fn answers_come_in_request_order_and_errors_do_not_end_the_stream() {
     for (i, a) in got.iter().enumerate() {
         let resp = a.infer_response.as_ref().unwrap();
         assert_eq!(resp.id, format!("r{i}"), "answers keep request order");
+        let last = resp.parameters["triton_final_response"]
+            .parameter_choice
+            .clone();
+        assert_eq!(
+            last,
+            Some(pb::infer_parameter::ParameterChoice::BoolParam(true))
+        );
         match i {
             7 => assert_eq!(a.error_message, "unknown model 'missing'"),
             11 => assert!(

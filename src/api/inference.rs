@@ -44,6 +44,9 @@ pub struct Stacks {
     pub statistics: CallService<StatisticsQuery>,
 }
 
+/// The response parameter Triton sets on the last answer to a streamed request.
+const FINAL_RESPONSE: &str = "triton_final_response";
+
 /// Streamed requests of one ModelStreamInfer call in flight at once; answers keep the order
 /// of the requests.
 const STREAM_CONCURRENCY: usize = 16;
@@ -258,21 +261,32 @@ impl GrpcInferenceService for InferenceApi {
                         }
                         Err(e) => Err(Error::from(e)),
                     };
-                    Ok(match result {
-                        Ok(resp) => proto::ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(resp),
-                        },
+                    let (error_message, mut resp) = match result {
+                        Ok(resp) => (String::new(), resp),
                         // The stream goes on; the error names the request it belongs to.
-                        Err(e) => proto::ModelStreamInferResponse {
-                            error_message: e.to_string(),
-                            infer_response: Some(proto::ModelInferResponse {
+                        Err(e) => (
+                            e.to_string(),
+                            proto::ModelInferResponse {
                                 model_name: model,
                                 model_version: version,
                                 id,
                                 ..Default::default()
-                            }),
+                            },
+                        ),
+                    };
+                    // Each request gets exactly one answer, flagged final as Triton does,
+                    // for clients that read until the final response.
+                    resp.parameters.insert(
+                        FINAL_RESPONSE.to_string(),
+                        proto::InferParameter {
+                            parameter_choice: Some(
+                                proto::infer_parameter::ParameterChoice::BoolParam(true),
+                            ),
                         },
+                    );
+                    Ok(proto::ModelStreamInferResponse {
+                        error_message,
+                        infer_response: Some(resp),
                     })
                 }
             })

@@ -78,24 +78,32 @@ fn version_is_printed() {
 }
 
 #[test]
-fn serve_prints_its_address_and_models_then_exits_0_on_sigterm() {
+fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
     let mut child = Command::new(KEEL)
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
+    let logs = std::thread::spawn(move || {
+        BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<String>>()
+    });
     let line = rx.recv_timeout(Duration::from_secs(30));
     let pid = child.id().to_string();
     // Stop it whatever happened above.
     let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = wait_bounded(&mut child, Duration::from_secs(15));
     let line = line.expect("keel printed its startup line");
     assert!(killed.success());
     assert!(line.contains("listening on 127.0.0.1:"), "{line}");
@@ -105,8 +113,21 @@ fn serve_prints_its_address_and_models_then_exits_0_on_sigterm() {
         ),
         "{line}"
     );
-    let status = wait_bounded(&mut child, Duration::from_secs(15));
     assert_eq!(status.code(), Some(0));
+
+    let logs = logs.join().unwrap();
+    let events: Vec<serde_json::Value> = logs
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let messages: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(messages.contains(&"serving"), "{messages:?}");
+    assert!(messages.contains(&"received SIGTERM"), "{messages:?}");
+    assert!(messages.contains(&"shutdown: drained"), "{messages:?}");
+    assert!(events.iter().all(|e| e["level"].is_string()), "{logs:?}");
 }
 
 #[test]

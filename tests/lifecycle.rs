@@ -72,11 +72,8 @@ async fn an_in_flight_call_finishes_after_shutdown_begins_and_health_goes_not_se
         fail: None,
     });
     let (addr, _stop) = up.serve().await;
-    let mut keel = Keel::with_config(&format!(
-        "[upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n"
-    ))
-    .await;
-    let mut client = keel.client().await;
+    let mut keel = Keel::with_config(&simple_via(addr, "")).await;
+    let client = keel.client().await;
     let mut health = HealthClient::new(keel.channel().await);
     let mut watch = health.watch(check("")).await.unwrap().into_inner();
     assert_eq!(
@@ -84,14 +81,7 @@ async fn an_in_flight_call_finishes_after_shutdown_begins_and_health_goes_not_se
         ServingStatus::Serving as i32
     );
 
-    let arrived = up.arrived.notified();
-    tokio::pin!(arrived);
-    arrived.as_mut().enable();
-    let call = tokio::spawn(async move { client.model_infer(simple_request()).await });
-    tokio::time::timeout(Duration::from_secs(10), arrived)
-        .await
-        .expect("the call reached the upstream");
-
+    let call = up.call_in_flight(client).await;
     keel.begin_shutdown();
     let status = tokio::time::timeout(Duration::from_secs(10), watch.message())
         .await
@@ -136,18 +126,9 @@ async fn the_drain_is_bounded_by_drain_timeout() {
         fail: None,
     });
     let (addr, _stop) = up.serve().await;
-    let mut keel = Keel::with_config(&format!(
-        "[server]\ndrain_timeout = \"200ms\"\n[upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n"
-    ))
-    .await;
-    let mut client = keel.client().await;
-    let arrived = up.arrived.notified();
-    tokio::pin!(arrived);
-    arrived.as_mut().enable();
-    let call = tokio::spawn(async move { client.model_infer(simple_request()).await });
-    tokio::time::timeout(Duration::from_secs(10), arrived)
-        .await
-        .unwrap();
+    let mut keel =
+        Keel::with_config(&simple_via(addr, "[server]\ndrain_timeout = \"200ms\"")).await;
+    let call = up.call_in_flight(keel.client().await).await;
     keel.begin_shutdown();
     // `stop` itself bounds the wait at 20s; the drain timeout ends it far sooner.
     keel.stop().await.unwrap();

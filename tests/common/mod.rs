@@ -246,6 +246,28 @@ impl ScriptedUpstream {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// Sends `simple` through `client` in a task and returns once this upstream holds it.
+    pub async fn call_in_flight(
+        &self,
+        mut client: Client,
+    ) -> JoinHandle<Result<Response<pb::ModelInferResponse>, Status>> {
+        let arrived = self.arrived.notified();
+        tokio::pin!(arrived);
+        arrived.as_mut().enable();
+        let call = tokio::spawn(async move { client.model_infer(simple_request()).await });
+        tokio::time::timeout(Duration::from_secs(10), arrived)
+            .await
+            .expect("the call reached the upstream within 10s");
+        call
+    }
+}
+
+/// A config routing `simple` to one upstream named `up` at `addr`, after `extra` TOML.
+pub fn simple_via(addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "{extra}\n[upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n"
+    )
 }
 
 #[tonic::async_trait]

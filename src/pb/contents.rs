@@ -71,9 +71,9 @@ where
 /// Converts typed contents of `dtype` to the raw form.
 pub(super) fn typed_to_raw(dtype: DataType, c: InferTensorContents) -> Result<Bytes, TensorError> {
     let expected = field_name(dtype);
-    if let Some(&(_, _)) = populated(&c)
+    if populated(&c)
         .iter()
-        .find(|&&(name, n)| n > 0 && name != expected)
+        .any(|&(name, n)| n > 0 && name != expected)
     {
         return Err(TensorError::ContentsField { dtype, expected });
     }

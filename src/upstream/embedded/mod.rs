@@ -120,7 +120,7 @@ impl Embedded {
     }
 
     /// Runs one inference synchronously and counts it.
-    pub fn run(&self, req: InferRequest) -> Result<InferResponse, Error> {
+    fn run(&self, req: InferRequest) -> Result<InferResponse, Error> {
         let model_ref = ModelRef {
             name: req.model.clone(),
             version: req.version.clone(),
@@ -131,31 +131,7 @@ impl Embedded {
         let total = nanos(start.elapsed());
         let mut stats = entry.stats.lock().unwrap_or_else(|p| p.into_inner());
         match &result {
-            Ok((_, timing)) => {
-                stats.success.record(total);
-                stats.inference_count += timing.batch;
-                stats.execution_count += 1;
-                stats.compute_input.record(timing.input);
-                stats.compute_infer.record(timing.infer);
-                stats.compute_output.record(timing.output);
-                stats.last_inference_ms = now_ms();
-                let at = stats
-                    .batches
-                    .partition_point(|b| b.batch_size < timing.batch);
-                if stats.batches.get(at).map(|b| b.batch_size) != Some(timing.batch) {
-                    stats.batches.insert(
-                        at,
-                        BatchStats {
-                            batch_size: timing.batch,
-                            ..BatchStats::default()
-                        },
-                    );
-                }
-                let b = &mut stats.batches[at];
-                b.compute_input.record(timing.input);
-                b.compute_infer.record(timing.infer);
-                b.compute_output.record(timing.output);
-            }
+            Ok((_, timing)) => timing.record(&mut stats, total),
             Err(_) => stats.fail.record(total),
         }
         drop(stats);
@@ -163,11 +139,40 @@ impl Embedded {
     }
 }
 
+/// Where one successful execution spent its time, in nanoseconds.
 struct Timing {
     batch: u64,
     input: u64,
     infer: u64,
     output: u64,
+}
+
+impl Timing {
+    /// Adds this execution (which took `total` ns in all) to a model's statistics.
+    fn record(&self, stats: &mut ModelStats, total: u64) {
+        stats.success.record(total);
+        stats.inference_count += self.batch;
+        stats.execution_count += 1;
+        stats.compute_input.record(self.input);
+        stats.compute_infer.record(self.infer);
+        stats.compute_output.record(self.output);
+        stats.last_inference_ms = now_ms();
+        // Batch sizes stay sorted, as Triton reports them.
+        let at = stats.batches.partition_point(|b| b.batch_size < self.batch);
+        if stats.batches.get(at).map(|b| b.batch_size) != Some(self.batch) {
+            stats.batches.insert(
+                at,
+                BatchStats {
+                    batch_size: self.batch,
+                    ..BatchStats::default()
+                },
+            );
+        }
+        let b = &mut stats.batches[at];
+        b.compute_input.record(self.input);
+        b.compute_infer.record(self.infer);
+        b.compute_output.record(self.output);
+    }
 }
 
 fn execute(

@@ -1,11 +1,13 @@
-//! What travels with every call from the edge to the backend: request id, deadline and the
-//! client metadata to pass on.
+//! What travels with every call from the edge to the backend: request id, deadline, the
+//! client metadata to pass on, and the policy snapshot the call took at its start.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
+
+use crate::policy::Snapshot;
 
 /// Per-call context, built once at the edge.
 #[derive(Clone, Debug)]
@@ -18,20 +20,11 @@ pub struct CallContext {
     pub budget: Duration,
     /// Client metadata to forward upstream (hop-by-hop and transport headers removed).
     pub metadata: MetadataMap,
+    /// The policy this call uses from start to end, whatever is swapped in meanwhile.
+    pub snapshot: Arc<Snapshot>,
 }
 
 impl CallContext {
-    /// A context with a fresh deadline `budget` from now and no metadata (for tests and
-    /// internal calls).
-    pub fn new(request_id: impl Into<Arc<str>>, budget: Duration) -> Self {
-        CallContext {
-            request_id: request_id.into(),
-            deadline: Instant::now() + budget,
-            budget,
-            metadata: MetadataMap::new(),
-        }
-    }
-
     /// Time left before the deadline; zero once it has passed.
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())

@@ -8,7 +8,7 @@
 //! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams.
 //! - [`model`]: tensors, data types, model contracts, requests: Keel's domain, no protobuf.
 //! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
-//! - [`policy`]: the TOML configuration, parsed and validated into plain data.
+//! - [`policy`]: the TOML policy: validated plain data, snapshots, the store, audit, watch.
 //! - [`observe`]: logs (metrics and traces later).
 //! - [`call`]: what travels with every call (request id, deadline, metadata).
 //! - [`error`]: what can go wrong with a call.
@@ -28,4 +28,4 @@ pub mod upstream;
 
 pub use error::Error;
 pub use policy::Policy;
-pub use server::{Keel, ServeError, serve};
+pub use server::{Keel, Options, ServeError, serve};

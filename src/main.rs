@@ -37,12 +37,15 @@ enum Command {
 
 #[derive(clap::Args, Default)]
 struct ServeArgs {
-    /// A TOML configuration file; without one, Keel serves its embedded models.
+    /// A TOML policy file, watched for changes; without one, Keel serves its embedded models.
     #[arg(long, short)]
     config: Option<PathBuf>,
-    /// Listen address, overriding `server.listen` (default 127.0.0.1:8001).
+    /// Traffic listen address, overriding `server.listen` (default 127.0.0.1:8001).
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Admin listen address, overriding `server.admin_listen` (default 127.0.0.1:8002).
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -55,21 +58,14 @@ fn main() -> ExitCode {
 }
 
 fn validate(file: &std::path::Path) -> ExitCode {
+    let embedded = keel::upstream::embedded::Embedded::new();
     let checked = Policy::load(file).and_then(|p| {
-        keel::route::check(&p, &keel::upstream::embedded::Embedded::new())?;
+        keel::route::check(&p, &embedded)?;
         Ok(p)
     });
     match checked {
         Ok(p) => {
-            let models = p.models.as_ref().map_or_else(
-                || "every embedded model".to_string(),
-                |m| format!("{} models", m.len()),
-            );
-            println!(
-                "{}: valid ({models}, {} upstreams)",
-                file.display(),
-                p.upstreams.len()
-            );
+            print!("{}", summary(file, &p, &embedded));
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -81,22 +77,109 @@ fn validate(file: &std::path::Path) -> ExitCode {
     }
 }
 
-fn serve(args: ServeArgs) -> ExitCode {
-    let mut policy = match &args.config {
-        None => Policy::default(),
-        Some(path) => match Policy::load(path) {
-            Ok(p) => p,
-            Err(errors) => {
-                for e in errors.0 {
-                    eprintln!("{}: {e}", path.display());
-                }
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    if let Some(listen) = args.listen {
-        policy.server.listen = listen;
+/// The one-screen summary `keel validate` prints for a valid policy.
+fn summary(
+    file: &std::path::Path,
+    p: &Policy,
+    embedded: &keel::upstream::embedded::Embedded,
+) -> String {
+    use std::fmt::Write as _;
+    let d = keel::policy::format_duration;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: valid (policy_version {})",
+        file.display(),
+        p.version.as_deref().unwrap_or("not set")
+    );
+    let _ = writeln!(
+        out,
+        "listen {}, admin {}",
+        p.server.listen, p.server.admin_listen
+    );
+    let _ = writeln!(out, "upstreams:");
+    if p.upstreams.is_empty() {
+        let _ = writeln!(out, "  (none)");
     }
+    for (name, u) in &p.upstreams {
+        let endpoints: Vec<String> = u
+            .endpoints
+            .iter()
+            .map(|e| {
+                e.authority()
+                    .map_or_else(|| e.to_string(), ToString::to_string)
+            })
+            .collect();
+        let _ = writeln!(out, "  {name:<16} {}", endpoints.join(", "));
+    }
+    let _ = writeln!(out, "models:");
+    let infer = "inference.GRPCInferenceService/ModelInfer";
+    let model_line = |name: &str, backend: String| {
+        let s = p.resolve(infer, Some(name));
+        format!(
+            "  {name:<16} {backend:<24} infer timeout {}, {} attempts\n",
+            d(s.timeout),
+            s.retry.max_attempts
+        )
+    };
+    match &p.models {
+        None => {
+            for m in embedded.model_names() {
+                out.push_str(&model_line(m, "embedded".into()));
+            }
+        }
+        Some(models) => {
+            for (name, m) in models {
+                let backend: Vec<String> = m
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        if m.routes.len() == 1 {
+                            r.backend.to_string()
+                        } else {
+                            format!("{}% {}", r.weight, r.backend)
+                        }
+                    })
+                    .collect();
+                out.push_str(&model_line(name, backend.join(", ")));
+            }
+        }
+    }
+    let _ = writeln!(out, "methods (effective settings):");
+    for method in keel::policy::METHODS {
+        let s = p.resolve(method, None);
+        let short = method.rsplit('/').next().unwrap_or(method);
+        let retry_on: Vec<&str> = s.retry.retry_on.iter().map(|r| r.as_str()).collect();
+        let breaker = if s.breaker.enabled {
+            format!(
+                "breaker opens at {:.0}% failures of >= {} calls in {}, for {}",
+                s.breaker.failure_ratio * 100.0,
+                s.breaker.min_requests,
+                d(s.breaker.window),
+                d(s.breaker.open_for)
+            )
+        } else {
+            "breaker off".to_string()
+        };
+        let _ = writeln!(
+            out,
+            "  {short:<16} timeout {} (max {}); retry {} attempts on {}; {breaker}",
+            d(s.timeout),
+            d(s.max_timeout),
+            s.retry.max_attempts,
+            retry_on.join("|"),
+        );
+    }
+    out
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let options = keel::Options {
+        config: args.config,
+        text: None,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -108,14 +191,22 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let listen = policy.server.listen;
-        let keel = match keel::Keel::new(policy) {
+        let config = options.config.clone();
+        let keel = match keel::Keel::new(options) {
             Ok(k) => k,
+            Err(keel::ServeError::Policy(errors)) => {
+                let name = config.map_or_else(|| "keel".to_string(), |c| c.display().to_string());
+                for e in errors.0 {
+                    eprintln!("{name}: {e}");
+                }
+                return ExitCode::FAILURE;
+            }
             Err(e) => {
                 eprintln!("keel: {e}");
                 return ExitCode::FAILURE;
             }
         };
+        let listen = keel.store().current().policy.server.listen;
         let listener = match tokio::net::TcpListener::bind(listen).await {
             Ok(l) => l,
             Err(e) => {

@@ -10,8 +10,10 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::transport::Server;
@@ -22,11 +24,35 @@ use tower::util::{BoxCloneSyncService, MapResponseLayer};
 use crate::api::{CallService, InferenceApi, Stacks, oversize};
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use crate::policy::{Policy, PolicyErrors};
+use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, read_file, watch};
 use crate::resilience::DeadlineLayer;
-use crate::route::{Dispatch, Routes};
+use crate::route::{self, Dispatch, Router};
 use crate::upstream::Operation;
 use crate::upstream::embedded::Embedded;
+
+/// What to serve and where: the inputs of [`Keel::new`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The policy file, watched and re-read on SIGHUP. `None`: the embedded default (or
+    /// `text`).
+    pub config: Option<PathBuf>,
+    /// The policy document itself, instead of a file (tests, embedding).
+    pub text: Option<String>,
+    /// Overrides `server.listen` (the `--listen` flag), for every policy loaded.
+    pub listen: Option<SocketAddr>,
+    /// Overrides `server.admin_listen` (the `--admin-listen` flag), for every policy loaded.
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl Options {
+    /// Serve this policy document.
+    pub fn text(text: impl Into<String>) -> Options {
+        Options {
+            text: Some(text.into()),
+            ..Options::default()
+        }
+    }
+}
 
 /// Why Keel could not serve.
 #[derive(Debug, thiserror::Error)]
@@ -48,40 +74,85 @@ pub enum ServeError {
 /// How long cut calls get to deliver their UNAVAILABLE answer before `serve` returns anyway.
 const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// A Keel ready to serve: backends and routes built from one policy.
+/// A Keel ready to serve: the policy store, and the router that compiles each snapshot's
+/// routes over the embedded models and upstream connections.
 pub struct Keel {
-    policy: Policy,
-    routes: Arc<Routes>,
+    store: Arc<Store>,
+    router: Arc<Router>,
+    config: Option<PathBuf>,
 }
 
 /// The tower stack of one per-model method, outermost layer first.
-fn stack<Op: Operation>(routes: &Arc<Routes>) -> CallService<Op> {
+fn stack<Op: Operation>(router: &Arc<Router>) -> CallService<Op> {
     let svc = ServiceBuilder::new()
         // Outermost, so the whole call (and later every retry) shares the client's one
         // deadline, and the client hears DEADLINE_EXCEEDED rather than CANCELLED.
         .layer(DeadlineLayer)
-        .service(Dispatch::<Op>::new(routes.clone()));
+        .service(Dispatch::<Op>::new(router.clone()));
     BoxCloneSyncService::new(svc)
 }
 
+/// Where the audit log goes: the policy's `server.audit_log`, else next to the policy file
+/// (`policy.toml.audit.jsonl`), else nowhere.
+fn audit_log(policy: &Policy, config: Option<&Path>) -> AuditLog {
+    let path = policy.server.audit_log.clone().or_else(|| {
+        config.map(|c| {
+            let mut name = c.file_name().unwrap_or_default().to_os_string();
+            name.push(".audit.jsonl");
+            c.with_file_name(name)
+        })
+    });
+    match path {
+        Some(p) => AuditLog::open(Some(&p)),
+        None => AuditLog::disabled(),
+    }
+}
+
 impl Keel {
-    /// Builds backends and routes; needs a Tokio runtime (upstream channels are lazy).
-    pub fn new(policy: Policy) -> Result<Keel, ServeError> {
-        let routes = Arc::new(Routes::build(&policy, Embedded::new())?);
-        Ok(Keel { policy, routes })
+    /// Loads the policy and builds the store and router; needs a Tokio runtime (upstream
+    /// channels are created lazily).
+    pub fn new(options: Options) -> Result<Keel, ServeError> {
+        let text = match (&options.text, &options.config) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(path)) => Some(read_file(path)?),
+            (None, None) => None,
+        };
+        let first = Policy::parse(text.as_deref().unwrap_or_default())?;
+        let audit = audit_log(&first, options.config.as_deref());
+        let embedded = Embedded::new();
+        let checked = embedded.clone();
+        let (listen, admin_listen) = (options.listen, options.admin_listen);
+        let store = Store::new(
+            text,
+            Source::Startup(options.config.clone()),
+            audit,
+            Box::new(move |p| route::check(p, &checked)),
+            Box::new(move |p| {
+                if let Some(a) = listen {
+                    p.server.listen = a;
+                }
+                if let Some(a) = admin_listen {
+                    p.server.admin_listen = a;
+                }
+            }),
+        )?;
+        let store = Arc::new(store);
+        let router = Router::new(embedded, store.current().policy.server.max_message_size);
+        Ok(Keel {
+            store,
+            router,
+            config: options.config,
+        })
     }
 
     /// The served models with a description of their backends, sorted by name.
     pub fn models(&self) -> Vec<(String, String)> {
-        self.routes
-            .models()
-            .map(|(m, b)| (m.to_string(), b.describe()))
-            .collect()
+        self.router.routes(&self.store.current()).describe()
     }
 
-    /// The policy this Keel serves.
-    pub fn policy(&self) -> &Policy {
-        &self.policy
+    /// The policy store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
     }
 
     /// Serves on `listener` until `shutdown` completes and in-flight calls have drained.
@@ -91,8 +162,23 @@ impl Keel {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let local: SocketAddr = listener.local_addr()?;
-        let max = self.policy.server.max_message_size;
-        let drain_timeout = self.policy.server.drain_timeout;
+        let first = self.store.current();
+        let max = first.policy.server.max_message_size;
+        // File watch and SIGHUP live as long as `serve`.
+        let _watch = match (&self.config, first.policy.server.watch) {
+            (Some(path), true) => match watch::watch_file(self.store.clone(), path.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot watch the policy file; SIGHUP still reloads it");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let _sighup = self
+            .config
+            .clone()
+            .map(|path| AbortOnDrop(watch::reload_on_sighup(self.store.clone(), path).ok()));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
@@ -111,17 +197,16 @@ impl Keel {
         let serving = Arc::new(AtomicBool::new(true));
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let stacks = Stacks {
-            infer: stack(&self.routes),
-            ready: stack(&self.routes),
-            metadata: stack(&self.routes),
-            config: stack(&self.routes),
-            statistics: stack(&self.routes),
+            infer: stack(&self.router),
+            ready: stack(&self.router),
+            metadata: stack(&self.router),
+            config: stack(&self.router),
+            statistics: stack(&self.router),
         };
-        let models = self.routes.models().map(|(m, _)| m.to_string()).collect();
         let api = InferenceApi::new(
             stacks,
-            models,
-            self.policy.defaults.timeout,
+            self.store.clone(),
+            self.router.clone(),
             serving.clone(),
             cut_rx,
         );
@@ -129,7 +214,8 @@ impl Keel {
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
 
-        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<Duration>();
+        let store = self.store.clone();
         let signal = async move {
             shutdown.await;
             serving.store(false, Ordering::Release);
@@ -139,11 +225,18 @@ impl Keel {
             health
                 .set_not_serving::<GrpcInferenceServiceServer<InferenceApi>>()
                 .await;
+            // Read now: drain_timeout may have changed since startup.
+            let drain_timeout = store.current().policy.server.drain_timeout;
             tracing::info!(drain_timeout = ?drain_timeout, "shutdown: draining in-flight calls");
-            let _ = began_tx.send(());
+            let _ = began_tx.send(drain_timeout);
         };
 
-        tracing::info!(listen = %local, policy_version = ?self.policy.version, "serving");
+        tracing::info!(
+            listen = %local,
+            policy_revision = first.revision,
+            policy_version = first.version().unwrap_or(""),
+            "serving"
+        );
         let server = Server::builder()
             .layer(MapResponseLayer::new(oversize::fix_response))
             .add_service(health_service)
@@ -155,10 +248,10 @@ impl Keel {
                 signal,
             );
         let drain_deadline = async move {
-            if began_rx.await.is_err() {
-                std::future::pending::<()>().await;
+            match began_rx.await {
+                Ok(drain_timeout) => tokio::time::sleep(drain_timeout).await,
+                Err(_) => std::future::pending::<()>().await,
             }
-            tokio::time::sleep(drain_timeout).await;
         };
         tokio::pin!(server);
         tokio::select! {
@@ -167,7 +260,7 @@ impl Keel {
                 tracing::info!("shutdown: drained");
             }
             () = drain_deadline => {
-                tracing::warn!(drain_timeout = ?drain_timeout, "shutdown: drain timeout passed; cutting calls still in flight");
+                tracing::warn!("shutdown: drain timeout passed; cutting calls still in flight");
                 // Calls still running answer UNAVAILABLE, so their connections can close.
                 let _ = cut_tx.send(true);
                 match tokio::time::timeout(CUT_GRACE, &mut server).await {
@@ -180,14 +273,25 @@ impl Keel {
     }
 }
 
-/// Builds Keel from `policy` and serves on `listener` until `shutdown` completes.
+/// Builds Keel from `options` and serves on `listener` until `shutdown` completes.
 ///
 /// The entry point for the binary and for black-box tests, which pass a listener bound to
 /// `127.0.0.1:0` and their own shutdown signal.
 pub async fn serve(
-    policy: Policy,
+    options: Options,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    Keel::new(policy)?.serve(listener, shutdown).await
+    Keel::new(options)?.serve(listener, shutdown).await
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = &self.0 {
+            h.abort();
+        }
+    }
 }

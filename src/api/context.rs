@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
 use crate::call::CallContext;
+use crate::policy::Snapshot;
 use crate::upstream::grpc::REQUEST_ID;
 
 /// Headers that belong to one hop or to the transport and are never forwarded. The request
@@ -79,17 +80,23 @@ impl EdgeContext {
         }
     }
 
-    /// The context of one call starting now: the client's deadline, or `default_timeout`
-    /// from now when the client sent none.
-    pub fn call(&self, default_timeout: Duration) -> CallContext {
-        let (deadline, budget) = self
-            .client_deadline
-            .unwrap_or_else(|| (Instant::now() + default_timeout, default_timeout));
+    /// The context of one call to `method` for `model` starting now, under `snapshot`:
+    /// the client's deadline capped at the policy's `max_timeout`, or the policy's
+    /// `timeout` from now when the client sent none.
+    pub fn call(&self, snapshot: &Arc<Snapshot>, method: &str, model: Option<&str>) -> CallContext {
+        let settings = snapshot.policy.resolve(method, model);
+        let now = Instant::now();
+        let (deadline, budget) = match self.client_deadline {
+            Some((deadline, budget)) if budget <= settings.max_timeout => (deadline, budget),
+            Some(_) => (now + settings.max_timeout, settings.max_timeout),
+            None => (now + settings.timeout, settings.timeout),
+        };
         CallContext {
             request_id: self.request_id.clone(),
             deadline,
             budget,
             metadata: self.metadata.clone(),
+            snapshot: snapshot.clone(),
         }
     }
 }
@@ -151,7 +158,7 @@ mod tests {
         );
         let edge = EdgeContext::from_metadata(&md);
         assert_eq!(&*edge.request_id, "abc");
-        let ctx = edge.call(Duration::from_secs(30));
+        let ctx = edge.call(&default_snapshot(), INFER, None);
         assert_eq!(ctx.budget, Duration::from_millis(250));
         assert_eq!(ctx.remaining(), Duration::from_millis(250));
         assert_eq!(ctx.metadata.get("traceparent").unwrap(), "00-1-2-01");
@@ -169,7 +176,48 @@ mod tests {
     async fn a_missing_request_id_is_generated_and_a_missing_deadline_defaults() {
         let edge = EdgeContext::from_metadata(&MetadataMap::new());
         assert_eq!(edge.request_id.len(), 36, "a UUID");
-        let ctx = edge.call(Duration::from_secs(30));
+        let ctx = edge.call(&default_snapshot(), INFER, None);
         assert_eq!(ctx.remaining(), Duration::from_secs(30));
+        assert_eq!(ctx.snapshot.revision, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_policy_sets_the_default_and_caps_the_clients_deadline() {
+        let store = crate::policy::Store::with_default();
+        store
+            .apply(
+                "[defaults]\ntimeout = \"2s\"\nmax_timeout = \"10s\"\n[models.iris]\nbackend = \"embedded\"\ntimeout = \"1s\"\n",
+                crate::policy::Source::Admin { principal: "t".into() },
+                None,
+            )
+            .unwrap();
+        let snap = store.current();
+        let none = EdgeContext::from_metadata(&MetadataMap::new());
+        assert_eq!(none.call(&snap, INFER, None).budget, Duration::from_secs(2));
+        assert_eq!(
+            none.call(&snap, INFER, Some("iris")).budget,
+            Duration::from_secs(1)
+        );
+        let mut md = MetadataMap::new();
+        md.insert("grpc-timeout", "60S".parse().unwrap());
+        let long = EdgeContext::from_metadata(&md);
+        assert_eq!(
+            long.call(&snap, INFER, None).budget,
+            Duration::from_secs(10),
+            "capped"
+        );
+        md.insert("grpc-timeout", "5S".parse().unwrap());
+        let short = EdgeContext::from_metadata(&md);
+        assert_eq!(
+            short.call(&snap, INFER, None).budget,
+            Duration::from_secs(5),
+            "the client's"
+        );
+    }
+
+    const INFER: &str = "inference.GRPCInferenceService/ModelInfer";
+
+    fn default_snapshot() -> Arc<Snapshot> {
+        crate::policy::Store::with_default().current()
     }
 }

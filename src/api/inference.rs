@@ -7,11 +7,10 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use tokio::sync::watch;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
@@ -22,6 +21,8 @@ use crate::call::{Call, ModelRef};
 use crate::error::Error;
 use crate::model::InferRequest;
 use crate::pb::{self, inference as proto};
+use crate::policy::{Snapshot, Store};
+use crate::route::Router;
 use crate::upstream::grpc::REQUEST_ID;
 use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
 use proto::grpc_inference_service_server::GrpcInferenceService;
@@ -44,6 +45,17 @@ pub struct Stacks {
     pub statistics: CallService<StatisticsQuery>,
 }
 
+/// The response metadata that says which policy revision answered.
+pub const POLICY_REVISION: &str = "keel-policy-revision";
+
+/// Full method names, as policy `[methods."..."]` sections name them.
+const MODEL_INFER: &str = "inference.GRPCInferenceService/ModelInfer";
+const MODEL_STREAM_INFER: &str = "inference.GRPCInferenceService/ModelStreamInfer";
+const MODEL_READY: &str = "inference.GRPCInferenceService/ModelReady";
+const MODEL_METADATA: &str = "inference.GRPCInferenceService/ModelMetadata";
+const MODEL_CONFIG: &str = "inference.GRPCInferenceService/ModelConfig";
+const MODEL_STATISTICS: &str = "inference.GRPCInferenceService/ModelStatistics";
+
 /// The response parameter Triton sets on the last answer to a streamed request.
 const FINAL_RESPONSE: &str = "triton_final_response";
 
@@ -54,9 +66,10 @@ const STREAM_CONCURRENCY: usize = 16;
 /// The service.
 pub struct InferenceApi {
     stacks: Stacks,
-    /// Every served model, for RepositoryIndex and ModelStatistics without a name.
-    models: Arc<[String]>,
-    default_timeout: Duration,
+    /// The policy; each call takes one snapshot at its start.
+    store: Arc<Store>,
+    /// Routes of each snapshot, for RepositoryIndex and ModelStatistics without a name.
+    router: Arc<Router>,
     /// False once shutdown begins: ServerReady answers false.
     serving: Arc<AtomicBool>,
     /// Becomes true when the drain timeout passes: calls still running are cut.
@@ -82,51 +95,87 @@ fn cut_status() -> Status {
 }
 
 impl InferenceApi {
-    /// The service over `stacks`, serving `models`.
+    /// The service over `stacks`, with policy from `store`.
     pub fn new(
         stacks: Stacks,
-        models: Vec<String>,
-        default_timeout: Duration,
+        store: Arc<Store>,
+        router: Arc<Router>,
         serving: Arc<AtomicBool>,
         cut: watch::Receiver<bool>,
     ) -> Self {
         InferenceApi {
             stacks,
-            models: models.into(),
-            default_timeout,
+            store,
+            router,
             serving,
             cut,
         }
     }
 
-    /// Sends one call through `svc`; errors become statuses tagged with the request id.
+    /// Reads the edge context and takes the policy snapshot for one call.
+    fn begin<T>(&self, request: &Request<T>) -> Edge {
+        Edge {
+            ctx: EdgeContext::from_metadata(request.metadata()),
+            snapshot: self.store.current(),
+        }
+    }
+
+    /// Sends one call to `method` through `svc`; errors become tagged statuses.
     async fn call<Op: Operation>(
         &self,
         svc: &CallService<Op>,
-        edge: &EdgeContext,
+        edge: &Edge,
+        method: &str,
         body: Op,
     ) -> Result<Op::Response, Status> {
-        let ctx = edge.call(self.default_timeout);
+        let ctx = edge.ctx.call(&edge.snapshot, method, Some(body.model()));
         tokio::select! {
-            r = svc.clone().oneshot(Call { ctx, body }) => {
-                r.map_err(|e| status::to_status(&e, &edge.request_id))
-            }
-            () = cut_off(self.cut.clone()) => {
-                let mut s = cut_status();
-                status::with_request_id(&mut s, &edge.request_id);
-                Err(s)
-            }
+            r = svc.clone().oneshot(Call { ctx, body }) => r.map_err(|e| edge.status(&e)),
+            () = cut_off(self.cut.clone()) => Err(edge.tag(cut_status())),
         }
     }
 }
 
-/// A successful answer with the request id in its metadata.
-fn reply<T>(value: T, request_id: &str) -> Response<T> {
-    let mut resp = Response::new(value);
-    if let Ok(v) = MetadataValue::try_from(request_id) {
-        resp.metadata_mut().insert(REQUEST_ID, v);
+/// What one call keeps from its start: its edge context and its policy snapshot.
+struct Edge {
+    ctx: EdgeContext,
+    snapshot: Arc<Snapshot>,
+}
+
+impl Edge {
+    /// A successful answer, tagged.
+    fn reply<T>(&self, value: T) -> Response<T> {
+        let mut resp = Response::new(value);
+        tag(
+            resp.metadata_mut(),
+            &self.ctx.request_id,
+            self.snapshot.revision,
+        );
+        resp
     }
-    resp
+
+    /// A status, tagged.
+    fn tag(&self, mut status: Status) -> Status {
+        tag(
+            status.metadata_mut(),
+            &self.ctx.request_id,
+            self.snapshot.revision,
+        );
+        status
+    }
+
+    /// The status for an error, tagged.
+    fn status(&self, e: &Error) -> Status {
+        self.tag(status::to_status(e))
+    }
+}
+
+/// Adds the request id and the policy revision to an answer's metadata.
+fn tag(md: &mut MetadataMap, request_id: &str, revision: u64) {
+    if let Ok(v) = MetadataValue::try_from(request_id) {
+        md.insert(REQUEST_ID, v);
+    }
+    md.insert(POLICY_REVISION, MetadataValue::from(revision));
 }
 
 fn model_ref(name: String, version: String) -> ModelRef {
@@ -148,102 +197,92 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ServerLiveRequest>,
     ) -> Result<Response<proto::ServerLiveResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
-        Ok(reply(
-            proto::ServerLiveResponse { live: true },
-            &edge.request_id,
-        ))
+        let edge = self.begin(&request);
+        Ok(edge.reply(proto::ServerLiveResponse { live: true }))
     }
 
     async fn server_ready(
         &self,
         request: Request<proto::ServerReadyRequest>,
     ) -> Result<Response<proto::ServerReadyResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
+        let edge = self.begin(&request);
         let ready = self.serving.load(Ordering::Acquire);
-        Ok(reply(
-            proto::ServerReadyResponse { ready },
-            &edge.request_id,
-        ))
+        Ok(edge.reply(proto::ServerReadyResponse { ready }))
     }
 
     async fn model_ready(
         &self,
         request: Request<proto::ModelReadyRequest>,
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
+        let edge = self.begin(&request);
         let proto::ModelReadyRequest { name, version } = request.into_inner();
         let q = ReadyQuery(model_ref(name, version));
         // As Triton does, an unknown model is simply not ready.
-        let ready = match self.call(&self.stacks.ready, &edge, q).await {
+        let ready = match self.call(&self.stacks.ready, &edge, MODEL_READY, q).await {
             Ok(r) => r,
             Err(s) if s.code() == tonic::Code::NotFound => false,
             Err(s) => return Err(s),
         };
-        Ok(reply(proto::ModelReadyResponse { ready }, &edge.request_id))
+        Ok(edge.reply(proto::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
         &self,
         request: Request<proto::ServerMetadataRequest>,
     ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
-        let resp = proto::ServerMetadataResponse {
+        let edge = self.begin(&request);
+        Ok(edge.reply(proto::ServerMetadataResponse {
             name: "keel".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             extensions: ["model_configuration", "statistics", "parameters"]
                 .map(String::from)
                 .to_vec(),
-        };
-        Ok(reply(resp, &edge.request_id))
+        }))
     }
 
     async fn model_metadata(
         &self,
         request: Request<proto::ModelMetadataRequest>,
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
+        let edge = self.begin(&request);
         let proto::ModelMetadataRequest { name, version } = request.into_inner();
+        let q = MetadataQuery(model_ref(name, version));
         let meta = self
-            .call(
-                &self.stacks.metadata,
-                &edge,
-                MetadataQuery(model_ref(name, version)),
-            )
+            .call(&self.stacks.metadata, &edge, MODEL_METADATA, q)
             .await?;
-        Ok(reply(pb::metadata_to_pb(meta), &edge.request_id))
+        Ok(edge.reply(pb::metadata_to_pb(meta)))
     }
 
     async fn model_infer(
         &self,
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
-        let req = pb::infer_request_from_pb(request.into_inner())
-            .map_err(|e| status::to_status(&e.into(), &edge.request_id))?;
+        let edge = self.begin(&request);
+        let req =
+            pb::infer_request_from_pb(request.into_inner()).map_err(|e| edge.status(&e.into()))?;
         let form = req.form;
-        let resp = self.call(&self.stacks.infer, &edge, req).await?;
-        Ok(reply(
-            pb::infer_response_to_pb(resp, form),
-            &edge.request_id,
-        ))
+        let resp = self
+            .call(&self.stacks.infer, &edge, MODEL_INFER, req)
+            .await?;
+        Ok(edge.reply(pb::infer_response_to_pb(resp, form)))
     }
 
     async fn model_stream_infer(
         &self,
         request: Request<Streaming<proto::ModelInferRequest>>,
     ) -> Result<Response<StreamOut>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
-        let request_id = edge.request_id.clone();
+        // One snapshot for the whole stream: it is one call, and its revision is reported
+        // once, in the response headers.
+        let edge = Arc::new(self.begin(&request));
         let infer = self.stacks.infer.clone();
-        let default_timeout = self.default_timeout;
+        let per_request = edge.clone();
         // One unary call per streamed request, so upstreams need not speak Triton's stream
         // dialect; `buffered` keeps answers in request order.
         let answers = request
             .into_inner()
             .map(move |item| {
                 let infer = infer.clone();
-                let ctx = edge.call(default_timeout);
+                let edge = per_request.clone();
                 async move {
                     let msg = item.map_err(oversize::fix_status)?;
                     let (id, model, version) = (
@@ -251,6 +290,9 @@ impl GrpcInferenceService for InferenceApi {
                         msg.model_name.clone(),
                         msg.model_version.clone(),
                     );
+                    let ctx = edge
+                        .ctx
+                        .call(&edge.snapshot, MODEL_STREAM_INFER, Some(&model));
                     let result = match pb::infer_request_from_pb(msg) {
                         Ok(req) => {
                             let form = req.form;
@@ -297,39 +339,39 @@ impl GrpcInferenceService for InferenceApi {
                 futures::stream::once(cut_check(self.cut.clone()))
                     .filter_map(|cut| async move { cut.then(|| Err(cut_status())) }),
             );
-        Ok(reply(Box::pin(answers) as StreamOut, &request_id))
+        Ok(edge.reply(Box::pin(answers) as StreamOut))
     }
 
     async fn model_config(
         &self,
         request: Request<proto::ModelConfigRequest>,
     ) -> Result<Response<proto::ModelConfigResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
+        let edge = self.begin(&request);
         let proto::ModelConfigRequest { name, version } = request.into_inner();
+        let q = ConfigQuery(model_ref(name, version));
         let spec = self
-            .call(
-                &self.stacks.config,
-                &edge,
-                ConfigQuery(model_ref(name, version)),
-            )
+            .call(&self.stacks.config, &edge, MODEL_CONFIG, q)
             .await?;
-        let resp = proto::ModelConfigResponse {
+        Ok(edge.reply(proto::ModelConfigResponse {
             config: Some(pb::spec_to_pb(spec)),
-        };
-        Ok(reply(resp, &edge.request_id))
+        }))
     }
 
     async fn model_statistics(
         &self,
         request: Request<proto::ModelStatisticsRequest>,
     ) -> Result<Response<proto::ModelStatisticsResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
+        let edge = self.begin(&request);
         let proto::ModelStatisticsRequest { name, version } = request.into_inner();
         let mut model_stats = Vec::new();
         if name.is_empty() {
-            for model in self.models.iter() {
-                let q = StatisticsQuery(model_ref(model.clone(), version.clone()));
-                match self.call(&self.stacks.statistics, &edge, q).await {
+            let routes = self.router.routes(&edge.snapshot);
+            for model in routes.models() {
+                let q = StatisticsQuery(model_ref(model.to_string(), version.clone()));
+                match self
+                    .call(&self.stacks.statistics, &edge, MODEL_STATISTICS, q)
+                    .await
+                {
                     Ok(stats) => model_stats.extend(stats),
                     // One unreachable upstream must not hide every other model's numbers.
                     Err(s) => tracing::warn!(
@@ -342,24 +384,26 @@ impl GrpcInferenceService for InferenceApi {
             }
         } else {
             let q = StatisticsQuery(model_ref(name, version));
-            model_stats = self.call(&self.stacks.statistics, &edge, q).await?;
+            model_stats = self
+                .call(&self.stacks.statistics, &edge, MODEL_STATISTICS, q)
+                .await?;
         }
-        let resp = proto::ModelStatisticsResponse {
+        Ok(edge.reply(proto::ModelStatisticsResponse {
             model_stats: model_stats.into_iter().map(pb::stats_to_pb).collect(),
-        };
-        Ok(reply(resp, &edge.request_id))
+        }))
     }
 
     async fn repository_index(
         &self,
         request: Request<proto::RepositoryIndexRequest>,
     ) -> Result<Response<proto::RepositoryIndexResponse>, Status> {
-        let edge = EdgeContext::from_metadata(request.metadata());
+        let edge = self.begin(&request);
         let only_ready = request.get_ref().ready;
-        let mut models = Vec::with_capacity(self.models.len());
-        for model in self.models.iter() {
-            let q = ReadyQuery(model_ref(model.clone(), String::new()));
-            let (state, reason) = match self.call(&self.stacks.ready, &edge, q).await {
+        let routes = self.router.routes(&edge.snapshot);
+        let mut models = Vec::new();
+        for model in routes.models() {
+            let q = ReadyQuery(model_ref(model.to_string(), String::new()));
+            let (state, reason) = match self.call(&self.stacks.ready, &edge, MODEL_READY, q).await {
                 Ok(true) => ("READY", String::new()),
                 Ok(false) => (
                     "UNAVAILABLE",
@@ -371,16 +415,13 @@ impl GrpcInferenceService for InferenceApi {
                 continue;
             }
             models.push(proto::repository_index_response::ModelIndex {
-                name: model.clone(),
+                name: model.to_string(),
                 version: String::new(),
                 state: state.to_string(),
                 reason,
             });
         }
-        Ok(reply(
-            proto::RepositoryIndexResponse { models },
-            &edge.request_id,
-        ))
+        Ok(edge.reply(proto::RepositoryIndexResponse { models }))
     }
 
     async fn repository_model_load(

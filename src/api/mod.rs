@@ -6,4 +6,4 @@ mod inference;
 pub mod oversize;
 pub mod status;
 
-pub use inference::{CallService, InferenceApi, Stacks};
+pub use inference::{CallService, InferenceApi, POLICY_REVISION, Stacks};

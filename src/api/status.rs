@@ -1,17 +1,15 @@
 //! The one place where a Keel [`Error`] becomes the gRPC status a client sees.
 //!
 //! Each status carries `google.rpc.ErrorInfo` (a stable reason, domain `keel`, and the
-//! model or upstream involved), `google.rpc.BadRequest` naming the field for invalid
-//! requests, and the call's `x-request-id` in its metadata.
+//! model or upstream involved) and `google.rpc.BadRequest` naming the field for invalid
+//! requests. The edge adds the call's `x-request-id` and policy revision.
 
 use std::collections::HashMap;
 
-use tonic::metadata::MetadataValue;
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::error::Error;
-use crate::upstream::grpc::REQUEST_ID;
 
 /// The `ErrorInfo` domain of Keel's errors.
 pub const DOMAIN: &str = "keel";
@@ -28,8 +26,8 @@ pub fn code(e: &Error) -> Code {
     }
 }
 
-/// The status for `e`, tagged with the call's request id.
-pub fn to_status(e: &Error, request_id: &str) -> Status {
+/// The status for `e`.
+pub fn to_status(e: &Error) -> Status {
     let mut info = HashMap::new();
     match e {
         Error::ModelNotFound { model } | Error::VersionNotFound { model, .. } => {
@@ -46,16 +44,7 @@ pub fn to_status(e: &Error, request_id: &str) -> Status {
     if let Error::InvalidRequest(invalid) = e {
         details.add_bad_request_violation(invalid.field(), invalid.to_string());
     }
-    let mut status = Status::with_error_details(code(e), e.to_string(), details);
-    with_request_id(&mut status, request_id);
-    status
-}
-
-/// Adds `x-request-id` to a status's metadata.
-pub fn with_request_id(status: &mut Status, request_id: &str) {
-    if let Ok(v) = MetadataValue::try_from(request_id) {
-        status.metadata_mut().insert(REQUEST_ID, v);
-    }
+    Status::with_error_details(code(e), e.to_string(), details)
 }
 
 #[cfg(test)]
@@ -64,15 +53,14 @@ mod tests {
     use crate::model::InvalidRequest;
 
     #[test]
-    fn statuses_carry_the_reason_the_field_and_the_request_id() {
+    fn statuses_carry_the_reason_and_the_field() {
         let e = Error::InvalidRequest(InvalidRequest::MissingInput {
             model: "simple".into(),
             tensor: "INPUT1".into(),
         });
-        let s = to_status(&e, "req-1");
+        let s = to_status(&e);
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "input 'INPUT1' of model 'simple' is missing");
-        assert_eq!(s.metadata().get(REQUEST_ID).unwrap(), "req-1");
         let info = s.get_details_error_info().unwrap();
         assert_eq!(info.reason, "INVALID_REQUEST");
         assert_eq!(info.domain, DOMAIN);
@@ -88,13 +76,10 @@ mod tests {
             message: "busy".into(),
         };
         assert_eq!(code(&e), Code::ResourceExhausted);
-        let s = to_status(
-            &Error::UpstreamUnavailable {
-                upstream: "triton".into(),
-                detail: "connection refused".into(),
-            },
-            "r",
-        );
+        let s = to_status(&Error::UpstreamUnavailable {
+            upstream: "triton".into(),
+            detail: "connection refused".into(),
+        });
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.message().contains("'triton'"));
         assert_eq!(

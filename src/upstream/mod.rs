@@ -37,6 +37,8 @@ pub trait Operation: Send + 'static {
     type Response: Send + 'static;
     /// The model the call is for.
     fn model(&self) -> &str;
+    /// The model version asked for; empty lets the backend choose.
+    fn version(&self) -> &str;
     /// Sends the call to `backend`.
     fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<Self::Response>
     where
@@ -47,6 +49,9 @@ impl Operation for InferRequest {
     type Response = InferResponse;
     fn model(&self) -> &str {
         &self.model
+    }
+    fn version(&self) -> &str {
+        &self.version
     }
     fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<InferResponse> {
         backend.infer(call)
@@ -63,6 +68,9 @@ macro_rules! model_query {
             type Response = $resp;
             fn model(&self) -> &str {
                 &self.0.name
+            }
+            fn version(&self) -> &str {
+                &self.0.version
             }
             fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<$resp> {
                 backend.$method(Call { ctx: call.ctx, body: call.body.0 })

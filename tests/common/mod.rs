@@ -29,11 +29,11 @@ pub struct Keel {
 }
 
 impl Keel {
-    pub async fn start(policy: Policy) -> Keel {
+    pub async fn start(options: keel::Options) -> Keel {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(keel::serve(policy, listener, async move {
+        let handle = tokio::spawn(keel::serve(options, listener, async move {
             let _ = rx.await;
         }));
         Keel {
@@ -44,12 +44,13 @@ impl Keel {
     }
 
     pub async fn embedded() -> Keel {
-        Keel::start(Policy::default()).await
+        Keel::start(keel::Options::default()).await
     }
 
-    /// A Keel whose config is `toml` (panics if invalid).
+    /// A Keel whose policy is `toml` (panics if invalid).
     pub async fn with_config(toml: &str) -> Keel {
-        Keel::start(Policy::parse(toml).unwrap()).await
+        Policy::parse(toml).unwrap();
+        Keel::start(keel::Options::text(toml)).await
     }
 
     pub fn url(&self) -> String {

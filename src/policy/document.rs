@@ -1,0 +1,447 @@
+//! Parses a policy document: TOML into a table, the table into a [`Policy`], checking
+//! every key, type, range and cross reference, and collecting every problem.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use super::reader::{Problems, Section, join};
+use super::settings::Settings;
+use super::{
+    BackendRef, Flag, METHODS, ModelPolicy, Overrides, Policy, PolicyErrors, ServerSettings,
+    UpstreamSpec, WeightedRoute,
+};
+
+/// Parses `text`; on success also returns the TOML table, for the canonical form.
+pub(super) fn parse(text: &str) -> Result<(Policy, Table), PolicyErrors> {
+    let table: Table = text.parse().map_err(|e: toml::de::Error| {
+        let at = e
+            .span()
+            .map(|s| {
+                let line = text[..s.start.min(text.len())].matches('\n').count() + 1;
+                format!(" (line {line})")
+            })
+            .unwrap_or_default();
+        PolicyErrors::one("", format!("TOML syntax: {}{at}", e.message().trim()))
+    })?;
+    let policy = from_table(&table)?;
+    Ok((policy, table))
+}
+
+/// Builds a policy from a parsed table.
+pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
+    let mut p = Problems::default();
+    let mut root = Section::new("", table);
+
+    let version = root.string(&mut p, "policy_version");
+    if version.as_deref().is_some_and(|v| v.trim().is_empty()) {
+        p.add("policy_version", "must not be empty when given");
+    }
+    let server = match root.table(&mut p, "server") {
+        Some(s) => server(s, &mut p),
+        None => ServerSettings::default(),
+    };
+    let defaults = match root.table(&mut p, "defaults") {
+        Some(mut s) => {
+            let o = Overrides::read(&mut s, &mut p);
+            s.finish(&mut p);
+            o
+        }
+        None => Overrides::default(),
+    };
+    let mut methods = BTreeMap::new();
+    for (name, mut s) in root.named_tables(&mut p, "methods").unwrap_or_default() {
+        if !METHODS.contains(&name.as_str()) {
+            p.add(
+                s.path.clone(),
+                format!("unknown method; methods are: {}", METHODS.join(", ")),
+            );
+        }
+        let o = Overrides::read(&mut s, &mut p);
+        s.finish(&mut p);
+        methods.insert(name, o);
+    }
+    let mut upstreams = BTreeMap::new();
+    for (name, s) in root.named_tables(&mut p, "upstreams").unwrap_or_default() {
+        if name == "embedded" {
+            p.add(
+                s.path.clone(),
+                "\"embedded\" names the built-in backend; choose another name",
+            );
+        }
+        upstreams.insert(name, upstream(s, &mut p));
+    }
+    let mut flags = BTreeMap::new();
+    for (name, value, path) in root.entries(&mut p, "flags").unwrap_or_default() {
+        match value {
+            Value::Boolean(b) => {
+                flags.insert(name, Flag::Bool(*b));
+            }
+            Value::String(s) => {
+                flags.insert(name, Flag::String(s.clone()));
+            }
+            _ => p.add(path, "a flag is true, false or a string"),
+        }
+    }
+    let models = root.named_tables(&mut p, "models").map(|models| {
+        models
+            .into_iter()
+            .map(|(name, s)| (name, model(s, &upstreams, &flags, &mut p)))
+            .collect::<BTreeMap<_, _>>()
+    });
+    root.finish(&mut p);
+
+    if let Some(models) = &models {
+        check_fallbacks(models, &mut p);
+    }
+    let policy = Policy {
+        version,
+        server,
+        defaults,
+        methods,
+        upstreams,
+        models,
+        flags,
+    };
+    check_combinations(&policy, &mut p);
+    p.into_result(policy)
+}
+
+fn address(
+    s: &mut Section<'_>,
+    p: &mut Problems,
+    key: &'static str,
+    default: SocketAddr,
+) -> SocketAddr {
+    match s.string(p, key).map(|a| a.parse::<SocketAddr>()) {
+        None => default,
+        Some(Ok(a)) => a,
+        Some(Err(_)) => {
+            p.add(
+                s.at(key),
+                "must be an IP address and port, such as \"127.0.0.1:8001\"",
+            );
+            default
+        }
+    }
+}
+
+fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
+    let d = ServerSettings::default();
+    let listen = address(&mut s, p, "listen", d.listen);
+    let admin_listen = address(&mut s, p, "admin_listen", d.admin_listen);
+    let admin_token_env = s.string(p, "admin_token_env");
+    if let Some(v) = &admin_token_env
+        && (v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+    {
+        p.add(
+            s.at("admin_token_env"),
+            "must be an environment variable name (letters, digits, _)",
+        );
+    }
+    if !admin_listen.ip().is_loopback() && admin_token_env.is_none() {
+        p.add(
+            s.at("admin_listen"),
+            format!("{admin_listen} is not a loopback address: set server.admin_token_env so the admin API requires a token"),
+        );
+    }
+    if listen == admin_listen && listen.port() != 0 {
+        p.add(s.at("admin_listen"), "must differ from server.listen");
+    }
+    let drain_timeout = s
+        .duration(p, "drain_timeout", super::MAX_DURATION)
+        .unwrap_or(d.drain_timeout);
+    let max_message_size = s.size(p, "max_message_size").unwrap_or(d.max_message_size);
+    if !(1024..=(2 << 30)).contains(&max_message_size) {
+        p.add(s.at("max_message_size"), "must be between 1KiB and 2GiB");
+    }
+    let audit_log = s.string(p, "audit_log").map(Into::into);
+    let watch = s.boolean(p, "watch").unwrap_or(d.watch);
+    s.finish(p);
+    ServerSettings {
+        listen,
+        admin_listen,
+        admin_token_env,
+        drain_timeout,
+        max_message_size,
+        audit_log,
+        watch,
+    }
+}
+
+fn upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpec {
+    let mut endpoints = Vec::new();
+    match s.strings(p, "endpoints") {
+        None => p.add(s.at("endpoints"), "is required: a list of \"host:port\""),
+        Some(list) if list.is_empty() => p.add(s.at("endpoints"), "needs at least one endpoint"),
+        Some(list) => {
+            for (i, e) in list.iter().enumerate() {
+                match parse_endpoint(e) {
+                    Ok(uri) => endpoints.push(uri),
+                    Err(msg) => p.add(format!("{}[{i}]", s.at("endpoints")), msg),
+                }
+            }
+        }
+    }
+    let connect_timeout = s
+        .duration(p, "connect_timeout", Duration::from_secs(60))
+        .unwrap_or(Duration::from_secs(1));
+    s.finish(p);
+    UpstreamSpec {
+        endpoints,
+        connect_timeout,
+    }
+}
+
+fn backend_ref(
+    name: &str,
+    path: &str,
+    upstreams: &BTreeMap<String, UpstreamSpec>,
+    p: &mut Problems,
+) -> BackendRef {
+    if name == "embedded" {
+        return BackendRef::Embedded;
+    }
+    if !upstreams.contains_key(name) {
+        let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+        p.add(
+            path,
+            format!(
+                "unknown backend {name:?}: use \"embedded\" or an upstream name ({})",
+                if known.is_empty() {
+                    "none defined".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        );
+    }
+    BackendRef::Upstream(name.to_string())
+}
+
+fn model(
+    mut s: Section<'_>,
+    upstreams: &BTreeMap<String, UpstreamSpec>,
+    flags: &BTreeMap<String, Flag>,
+    p: &mut Problems,
+) -> ModelPolicy {
+    let backend = s.string(p, "backend");
+    let routes_path = s.at("routes");
+    let routes = s.array(p, "routes");
+    let routes = match (backend, routes) {
+        (Some(b), None) => vec![WeightedRoute {
+            backend: backend_ref(&b, &s.at("backend"), upstreams, p),
+            weight: 100,
+        }],
+        (None, Some(list)) => weighted_routes(list, &routes_path, upstreams, p),
+        (Some(_), Some(_)) => {
+            p.add(s.path.clone(), "set either backend or routes, not both");
+            vec![]
+        }
+        (None, None) => {
+            p.add(
+                s.at("backend"),
+                "is required: \"embedded\", an upstream name, or routes = [...]",
+            );
+            vec![]
+        }
+    };
+    let versions = s.strings(p, "versions").unwrap_or_default();
+    let fallbacks = s.strings(p, "fallbacks").unwrap_or_default();
+    let model_flags = s.strings(p, "flags").unwrap_or_default();
+    for (i, f) in model_flags.iter().enumerate() {
+        if !flags.contains_key(f) {
+            p.add(
+                format!("{}[{i}]", s.at("flags")),
+                format!("unknown flag {f:?}: define it under [flags]"),
+            );
+        }
+    }
+    let overrides = Overrides::read(&mut s, p);
+    s.finish(p);
+    ModelPolicy {
+        routes,
+        versions,
+        overrides,
+        fallbacks,
+        flags: model_flags,
+    }
+}
+
+fn weighted_routes(
+    list: &[Value],
+    path: &str,
+    upstreams: &BTreeMap<String, UpstreamSpec>,
+    p: &mut Problems,
+) -> Vec<WeightedRoute> {
+    let mut out = Vec::new();
+    let mut total = 0i64;
+    for (i, v) in list.iter().enumerate() {
+        let at = format!("{path}[{i}]");
+        let Value::Table(t) = v else {
+            p.add(
+                at,
+                "expected a table such as { backend = \"triton\", weight = 90 }",
+            );
+            continue;
+        };
+        let mut r = Section::new(at.clone(), t);
+        let backend = r.string(p, "backend");
+        let weight = r.integer(p, "weight", 0..=100);
+        r.finish(p);
+        match (backend, weight) {
+            (Some(b), Some(w)) => {
+                total += w;
+                out.push(WeightedRoute {
+                    backend: backend_ref(&b, &join(&at, "backend"), upstreams, p),
+                    weight: w as u8,
+                });
+            }
+            (None, _) => p.add(join(&at, "backend"), "is required"),
+            (_, None) => p.add(join(&at, "weight"), "is required: 0..=100"),
+        }
+    }
+    if list.is_empty() {
+        p.add(path, "needs at least one route");
+    } else if out.len() == list.len() && total != 100 {
+        p.add(
+            path,
+            format!("weights sum to {total}; they must sum to 100"),
+        );
+    }
+    out
+}
+
+/// Fallbacks name models of this policy, not the model itself, and never lead back to it.
+fn check_fallbacks(models: &BTreeMap<String, ModelPolicy>, p: &mut Problems) {
+    for (name, m) in models {
+        for (i, f) in m.fallbacks.iter().enumerate() {
+            let path = format!("{}[{i}]", join(&join("models", name), "fallbacks"));
+            if f == name {
+                p.add(path, "a model cannot fall back to itself");
+            } else if !models.contains_key(f) {
+                p.add(
+                    path,
+                    format!("unknown model {f:?}: fallbacks must be models under [models]"),
+                );
+            }
+        }
+    }
+    // Depth-first search, colouring models in progress and done: reaching a model still in
+    // progress closes a cycle (each back edge is reported once), and every model is
+    // explored once, so this is linear in the number of fallbacks.
+    let mut state: BTreeMap<&str, Visit> = BTreeMap::new();
+    for start in models.keys() {
+        let mut path = Vec::new();
+        visit(models, start, &mut path, &mut state, p);
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Visit {
+    InProgress,
+    Done,
+}
+
+fn visit<'a>(
+    models: &'a BTreeMap<String, ModelPolicy>,
+    name: &'a str,
+    path: &mut Vec<&'a str>,
+    state: &mut BTreeMap<&'a str, Visit>,
+    p: &mut Problems,
+) {
+    match state.get(name) {
+        Some(Visit::Done) => return,
+        Some(Visit::InProgress) => {
+            let at = path.iter().position(|m| *m == name).unwrap_or(0);
+            let mut shown = path[at..].join(" → ");
+            shown.push_str(&format!(" → {name}"));
+            p.add(
+                join(&join("models", name), "fallbacks"),
+                format!("fallbacks form a cycle: {shown}"),
+            );
+            return;
+        }
+        None => {}
+    }
+    let Some((key, model)) = models.get_key_value(name) else {
+        return;
+    };
+    state.insert(key.as_str(), Visit::InProgress);
+    path.push(key.as_str());
+    for next in &model.fallbacks {
+        // A self-reference is reported on its own above.
+        if next != name {
+            visit(models, next.as_str(), path, state, p);
+        }
+    }
+    path.pop();
+    state.insert(key.as_str(), Visit::Done);
+}
+
+/// Checks the rules that tie fields together on every combination of layers a call can
+/// meet, reporting each broken rule at the most specific layer involved.
+fn check_combinations(policy: &Policy, p: &mut Problems) {
+    let check = |layers: &[&Overrides], path: String, p: &mut Problems| {
+        let mut s = Settings::default();
+        for l in layers {
+            l.apply_to(&mut s);
+        }
+        let broken = s.broken_rules();
+        for rule in &broken {
+            p.add(path.clone(), rule.clone());
+        }
+        broken.is_empty()
+    };
+    if !check(&[&policy.defaults], "defaults".into(), p) {
+        return;
+    }
+    let mut good_methods = Vec::new();
+    for (name, m) in &policy.methods {
+        if check(&[&policy.defaults, m], join("methods", name), p) {
+            good_methods.push((name, m));
+        }
+    }
+    for (name, model) in policy.models.iter().flatten() {
+        let path = join("models", name);
+        if !check(&[&policy.defaults, &model.overrides], path.clone(), p) {
+            continue;
+        }
+        for (method, m) in &good_methods {
+            check(
+                &[&policy.defaults, m, &model.overrides],
+                format!("{path} (with {})", join("methods", method)),
+                p,
+            );
+        }
+    }
+}
+
+/// Accepts `host:port` or `http://host:port`; TLS to upstreams is a later feature.
+fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
+    let with_scheme = if s.contains("://") {
+        s.to_string()
+    } else {
+        format!("http://{s}")
+    };
+    let uri: http::Uri = with_scheme
+        .parse()
+        .map_err(|e| format!("{s:?} is not a valid endpoint: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{s:?}: only http:// (plaintext) endpoints are supported"
+        ));
+    }
+    if uri.port_u16().is_none() {
+        return Err(format!("{s:?} needs a port, such as \"127.0.0.1:8001\""));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(format!("{s:?} must not have a path"));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! Parsing and validation of whole documents.
+
+use std::time::Duration;
+
+use super::super::{BackendRef, DEFAULT_LISTEN, Flag, Policy, RetryOn};
+
+fn errors(text: &str) -> Vec<String> {
+    Policy::parse(text)
+        .unwrap_err()
+        .0
+        .into_iter()
+        .map(|e| e.to_string())
+        .collect()
+}
+
+const MODEL_INFER: &str = "inference.GRPCInferenceService/ModelInfer";
+
+#[test]
+fn an_empty_document_is_the_embedded_default() {
+    let p = Policy::parse("").unwrap();
+    assert_eq!(p, Policy::default());
+    assert_eq!(p.server.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(p.server.admin_listen.to_string(), "127.0.0.1:8002");
+    assert!(p.models.is_none());
+}
+
+#[test]
+fn a_full_document_parses() {
+    let p = Policy::parse(
+        r#"
+        policy_version = "2026-11-28.1"
+        [server]
+        listen = "127.0.0.1:9000"
+        admin_listen = "127.0.0.1:9100"
+        drain_timeout = "2s"
+        max_message_size = "8MiB"
+        [defaults]
+        timeout = "5s"
+        [defaults.retry]
+        max_attempts = 4
+        retry_on = ["transient", "RESOURCE_EXHAUSTED"]
+        [defaults.retry.budget]
+        ratio = 0.1
+        [methods."inference.GRPCInferenceService/ModelInfer"]
+        timeout = "2s"
+        [methods."inference.GRPCInferenceService/ModelInfer".breaker]
+        failure_ratio = 0.3
+        [upstreams.triton]
+        endpoints = ["127.0.0.1:9001", "http://[::1]:9002"]
+        [upstreams.canary]
+        endpoints = ["127.0.0.1:9003"]
+        [flags]
+        use_cache = true
+        tier = "gold"
+        [models.simple]
+        routes = [{ backend = "triton", weight = 90 }, { backend = "canary", weight = 10 }]
+        versions = ["1"]
+        fallbacks = ["iris"]
+        flags = ["use_cache"]
+        timeout = "1s"
+        [models.simple.retry]
+        max_attempts = 2
+        [models.iris]
+        backend = "embedded"
+        "#,
+    )
+    .unwrap();
+    assert_eq!(p.version.as_deref(), Some("2026-11-28.1"));
+    assert_eq!(p.server.max_message_size, 8 << 20);
+    assert_eq!(p.upstreams["triton"].endpoints[1].port_u16(), Some(9002));
+    assert_eq!(p.flags["tier"], Flag::String("gold".into()));
+    let models = p.models.as_ref().unwrap();
+    assert_eq!(models["simple"].routes.len(), 2);
+    assert_eq!(
+        models["simple"].routes[1].backend,
+        BackendRef::Upstream("canary".into())
+    );
+    assert_eq!(models["iris"].routes[0].backend, BackendRef::Embedded);
+    assert_eq!(models["iris"].routes[0].weight, 100);
+
+    // Resolution: model > method > defaults > built in, field by field.
+    let s = p.resolve(MODEL_INFER, Some("simple"));
+    assert_eq!(s.timeout, Duration::from_secs(1), "the model");
+    assert_eq!(s.retry.max_attempts, 2, "the model");
+    assert_eq!(
+        s.retry.retry_on[1],
+        RetryOn::Code(tonic::Code::ResourceExhausted),
+        "defaults"
+    );
+    assert_eq!(s.breaker.failure_ratio, 0.3, "the method");
+    assert_eq!(s.budget.ratio, 0.1, "defaults");
+    assert_eq!(s.budget.window, Duration::from_secs(10), "built in");
+    let s = p.resolve(MODEL_INFER, Some("iris"));
+    assert_eq!(s.timeout, Duration::from_secs(2), "the method");
+    assert_eq!(s.retry.max_attempts, 4, "defaults");
+    let s = p.resolve("inference.GRPCInferenceService/ModelMetadata", None);
+    assert_eq!(s.timeout, Duration::from_secs(5), "defaults");
+    assert_eq!(s.breaker.failure_ratio, 0.5, "built in");
+}
+
+#[test]
+fn unknown_keys_are_named_by_their_full_path_with_a_hint() {
+    let errs =
+        errors("[models.resnet]\nbackend = \"embedded\"\n[models.resnet.retry]\nmax_atempts = 3\n");
+    assert_eq!(
+        errs,
+        ["models.resnet.retry.max_atempts: unknown key, did you mean max_attempts?"]
+    );
+    let errs = errors("[sever]\nlisten = \"127.0.0.1:1\"\n");
+    assert_eq!(errs, ["sever: unknown key, did you mean server?"]);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let errs = errors(
+        r#"
+        [server]
+        listen = "localhost"
+        drain_timeout = "soon"
+        [defaults.retry]
+        max_attempts = 11
+        multiplier = 0.5
+        jitter = 2
+        retry_on = ["sometimes"]
+        [defaults.retry.budget]
+        ratio = 1.5
+        [methods."inference.GRPCInferenceService/ModelInfr"]
+        timeout = "1s"
+        [upstreams.a]
+        endpoints = ["127.0.0.1", "https://x:1"]
+        [models.simple]
+        backend = "nowhere"
+        flags = ["missing"]
+        [models.split]
+        routes = [{ backend = "a", weight = 60 }, { backend = "embedded", weight = 30 }]
+        "#,
+    );
+    let joined = errs.join("\n");
+    let expect = [
+        "server.listen: must be an IP address and port",
+        "server.drain_timeout: duration \"soon\"",
+        "defaults.retry.max_attempts: 11 is out of range: must be 1..=10",
+        "defaults.retry.multiplier: 0.5 is out of range: must be 1..=10",
+        "defaults.retry.jitter: 2 is out of range: must be 0..=1",
+        "defaults.retry.retry_on[0]: \"sometimes\" is neither an error class",
+        "defaults.retry.budget.ratio: 1.5 is out of range: must be 0..=1",
+        "methods.\"inference.GRPCInferenceService/ModelInfr\": unknown method",
+        "upstreams.a.endpoints[0]: \"127.0.0.1\" needs a port",
+        "upstreams.a.endpoints[1]: \"https://x:1\": only http://",
+        "models.simple.backend: unknown backend \"nowhere\": use \"embedded\" or an upstream name (a)",
+        "models.simple.flags[0]: unknown flag \"missing\"",
+        "models.split.routes: weights sum to 90; they must sum to 100",
+    ];
+    for e in expect {
+        assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
+    }
+    assert_eq!(errs.len(), expect.len(), "{joined}");
+}
+
+#[test]
+fn cross_field_rules_name_the_layer_that_breaks_them() {
+    let errs = errors(
+        r#"
+        [defaults.retry]
+        initial_backoff = "2s"
+        max_backoff = "1s"
+        "#,
+    );
+    assert_eq!(
+        errs,
+        ["defaults: retry.initial_backoff (2s) must be <= retry.max_backoff (1s)"]
+    );
+    let errs = errors(
+        r#"
+        [methods."inference.GRPCInferenceService/ModelInfer"]
+        timeout = "1s"
+        [models.iris]
+        backend = "embedded"
+        [models.iris.retry]
+        per_try_timeout = "5s"
+        "#,
+    );
+    assert_eq!(
+        errs,
+        [
+            "models.iris (with methods.\"inference.GRPCInferenceService/ModelInfer\"): retry.per_try_timeout (5s) must be <= timeout (1s)"
+        ]
+    );
+    let errs = errors("[defaults]\ntimeout = \"10m\"\n");
+    assert_eq!(
+        errs,
+        ["defaults: timeout (600s) must be <= max_timeout (300s)"]
+    );
+}
+
+#[test]
+fn fallbacks_must_exist_and_form_no_cycle() {
+    let errs = errors(
+        r#"
+        [models.a]
+        backend = "embedded"
+        fallbacks = ["b"]
+        [models.b]
+        backend = "embedded"
+        fallbacks = ["c", "zzz"]
+        [models.c]
+        backend = "embedded"
+        fallbacks = ["a"]
+        [models.d]
+        backend = "embedded"
+        fallbacks = ["d"]
+        "#,
+    );
+    let joined = errs.join("\n");
+    assert!(
+        joined.contains("models.b.fallbacks[1]: unknown model \"zzz\""),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("models.d.fallbacks[0]: a model cannot fall back to itself"),
+        "{joined}"
+    );
+    assert!(
+        joined.contains("models.a.fallbacks: fallbacks form a cycle: a → b → c → a"),
+        "{joined}"
+    );
+    assert_eq!(errs.len(), 3, "one report per cycle: {joined}");
+}
+
+#[test]
+fn routes_and_backend_are_exclusive_and_weights_are_checked() {
+    let errs = errors(
+        "[models.m]\nbackend = \"embedded\"\nroutes = [{ backend = \"embedded\", weight = 100 }]\n",
+    );
+    assert_eq!(errs, ["models.m: set either backend or routes, not both"]);
+    let errs = errors("[models.m]\nroutes = [{ backend = \"embedded\", weight = 101 }]\n");
+    assert_eq!(
+        errs[0],
+        "models.m.routes[0].weight: 101 is out of range: must be 0..=100"
+    );
+    let errs = errors("[models.m]\nversions = [\"1\"]\n");
+    assert!(
+        errs[0].starts_with("models.m.backend: is required"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn a_public_admin_listener_needs_a_token() {
+    let errs = errors("[server]\nadmin_listen = \"0.0.0.0:8002\"\n");
+    assert_eq!(errs.len(), 1);
+    assert!(
+        errs[0].starts_with("server.admin_listen: 0.0.0.0:8002 is not a loopback address"),
+        "{errs:?}"
+    );
+    assert!(
+        Policy::parse(
+            "[server]\nadmin_listen = \"0.0.0.0:8002\"\nadmin_token_env = \"KEEL_ADMIN_TOKEN\"\n"
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn syntax_errors_say_where() {
+    let errs = errors("a = 1\n[server\nlisten = 1");
+    assert_eq!(errs.len(), 1);
+    assert!(errs[0].starts_with("TOML syntax: "), "{errs:?}");
+    assert!(errs[0].contains("(line 2)"), "{errs:?}");
+}
+
+#[test]
+fn every_example_policy_in_deploy_is_valid() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let p = Policy::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(
+                p.version.is_some(),
+                "{} sets policy_version",
+                path.display()
+            );
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+}

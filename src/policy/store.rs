@@ -1,0 +1,388 @@
+//! The policy store: the current snapshot behind an `ArcSwap`, the recent history for
+//! rollback, and the audit trail of every change.
+//!
+//! # Guarantees
+//!
+//! - Nothing invalid is ever swapped in: a document is parsed, validated and checked whole
+//!   (including the checks the wiring adds) before the swap; on any problem the current
+//!   snapshot keeps serving and the rejection is audited with every reason.
+//! - A request takes one snapshot with [`Store::current`] and keeps it to its end, so a swap
+//!   mid-request never mixes two policies.
+//! - Changes are serialised: revisions increase by one per accepted change, and an apply
+//!   with a stale `expected_revision` is refused.
+//! - A document whose canonical form equals the current one makes no new revision.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+
+use super::audit::{AuditEntry, AuditLog, Outcome, rfc3339};
+use super::document;
+use super::{Flag, Policy, PolicyErrors, Snapshot, Source};
+
+/// Snapshots kept for rollback, the current one included.
+pub const HISTORY: usize = 16;
+
+/// Extra checks the wiring adds (say, that embedded models exist).
+pub type Check = Box<dyn Fn(&Policy) -> Result<(), PolicyErrors> + Send + Sync>;
+
+/// Adjustments applied to every document before it is checked (command-line overrides).
+pub type Adjust = Box<dyn Fn(&mut Policy) + Send + Sync>;
+
+/// The result of a change that was not refused.
+#[derive(Clone, Debug)]
+pub enum Applied {
+    /// A new revision is current.
+    Swapped(Arc<Snapshot>),
+    /// The document equals the current one; the current snapshot stays.
+    Unchanged(Arc<Snapshot>),
+}
+
+impl Applied {
+    /// The snapshot current after the change.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        match self {
+            Applied::Swapped(s) | Applied::Unchanged(s) => s,
+        }
+    }
+}
+
+/// Why a change was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ApplyError {
+    /// The document is invalid.
+    #[error("invalid policy:\n{0}")]
+    Invalid(PolicyErrors),
+    /// It changes settings that need a restart.
+    #[error("{} changed: a restart is needed to change listener settings", .0.join(", "))]
+    RestartNeeded(Vec<String>),
+    /// `expected_revision` is not the current revision.
+    #[error("expected revision {expected} but the current revision is {current}")]
+    Stale {
+        /// What the caller expected.
+        expected: u64,
+        /// What is current.
+        current: u64,
+    },
+    /// The revision is not in the history.
+    #[error("revision {0} is not in the history (the last {HISTORY} revisions are kept)")]
+    UnknownRevision(u64),
+    /// The flag is not defined in the current policy.
+    #[error("flag {0:?} is not defined under [flags]")]
+    UnknownFlag(String),
+}
+
+/// The store.
+pub struct Store {
+    current: ArcSwap<Snapshot>,
+    history: Mutex<VecDeque<Arc<Snapshot>>>,
+    /// Serialises changes so that revisions and the history stay consistent.
+    changing: Mutex<()>,
+    audit: AuditLog,
+    check: Check,
+    adjust: Adjust,
+    /// Text of the policy file when it was last read, so a file event only wins over an
+    /// admin change when the file's content really changed.
+    last_file_text: Mutex<Option<String>>,
+}
+
+impl Store {
+    /// A store whose first snapshot (revision 1) is `text`, or Keel's embedded default (an
+    /// empty document) when `text` is `None`.
+    pub fn new(
+        text: Option<String>,
+        source: Source,
+        audit: AuditLog,
+        check: Check,
+        adjust: Adjust,
+    ) -> Result<Store, PolicyErrors> {
+        let from_file = matches!(source, Source::Startup(Some(_)));
+        let text = text.unwrap_or_default();
+        let snapshot = match prepare(&text, &check, &adjust) {
+            Ok((policy, table)) => Snapshot::new(1, source, text.clone(), &table, policy),
+            Err(errors) => {
+                audit.record(&rejection(0, &source, &errors.0));
+                return Err(errors);
+            }
+        };
+        let snapshot = Arc::new(snapshot);
+        audit.record(&AuditEntry {
+            time: rfc3339(snapshot.loaded_at),
+            outcome: Outcome::Accepted,
+            revision: 1,
+            hash: Some(snapshot.hash.clone()),
+            policy_version: snapshot.policy.version.clone(),
+            source: snapshot.source.to_string(),
+            reasons: vec![],
+            changes: None,
+        });
+        Ok(Store {
+            current: ArcSwap::new(snapshot.clone()),
+            history: Mutex::new(VecDeque::from([snapshot])),
+            changing: Mutex::new(()),
+            audit,
+            check,
+            adjust,
+            last_file_text: Mutex::new(from_file.then_some(text)),
+        })
+    }
+
+    /// A store holding `policy`'s embedded default document, with no checks (for tests and
+    /// embedding).
+    pub fn with_default() -> Store {
+        // An empty document is always valid.
+        match Store::new(
+            None,
+            Source::Startup(None),
+            AuditLog::disabled(),
+            Box::new(|_| Ok(())),
+            Box::new(|_| {}),
+        ) {
+            Ok(s) => s,
+            Err(e) => unreachable!("the empty policy is valid: {e}"),
+        }
+    }
+
+    /// The current snapshot, owned: keep it for the whole request.
+    pub fn current(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The snapshots kept for rollback, oldest first.
+    pub fn history(&self) -> Vec<Arc<Snapshot>> {
+        self.lock_history().iter().cloned().collect()
+    }
+
+    /// The audit log.
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
+    fn lock_history(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Snapshot>>> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks `text` without applying it: the changes it would make against the current
+    /// snapshot, or every problem.
+    pub fn validate(&self, text: &str) -> Result<(Snapshot, super::Change), ApplyError> {
+        let current = self.current();
+        let (policy, table) =
+            prepare(text, &self.check, &self.adjust).map_err(ApplyError::Invalid)?;
+        let restart = restart_needed(&current.policy, &policy);
+        if !restart.is_empty() {
+            return Err(ApplyError::RestartNeeded(restart));
+        }
+        let candidate = Snapshot::new(
+            current.revision + 1,
+            Source::Admin {
+                principal: "dry-run".into(),
+            },
+            text.to_string(),
+            &table,
+            policy,
+        );
+        let change = current.changes_to(&candidate);
+        Ok((candidate, change))
+    }
+
+    /// Applies `text` from `source`; with `expected_revision`, only if that is current.
+    pub fn apply(
+        &self,
+        text: &str,
+        source: Source,
+        expected_revision: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.current();
+        let refuse = |e: ApplyError| {
+            let reasons = match &e {
+                ApplyError::Invalid(errors) => errors.0.iter().map(ToString::to_string).collect(),
+                other => vec![other.to_string()],
+            };
+            self.audit.record(&AuditEntry {
+                reasons,
+                ..rejection(current.revision, &source, &[])
+            });
+            Err(e)
+        };
+        if let Some(expected) = expected_revision
+            && expected != current.revision
+        {
+            return refuse(ApplyError::Stale {
+                expected,
+                current: current.revision,
+            });
+        }
+        let (policy, table) = match prepare(text, &self.check, &self.adjust) {
+            Ok(ok) => ok,
+            Err(errors) => return refuse(ApplyError::Invalid(errors)),
+        };
+        let restart = restart_needed(&current.policy, &policy);
+        if !restart.is_empty() {
+            return refuse(ApplyError::RestartNeeded(restart));
+        }
+        let next = Snapshot::new(
+            current.revision + 1,
+            source,
+            text.to_string(),
+            &table,
+            policy,
+        );
+        if next.hash == current.hash {
+            tracing::debug!(revision = current.revision, source = %next.source, "policy unchanged");
+            return Ok(Applied::Unchanged(current));
+        }
+        let changes = current.changes_to(&next);
+        let next = Arc::new(next);
+        self.current.store(next.clone());
+        {
+            let mut history = self.lock_history();
+            history.push_back(next.clone());
+            while history.len() > HISTORY {
+                history.pop_front();
+            }
+        }
+        self.audit.record(&AuditEntry {
+            time: rfc3339(next.loaded_at),
+            outcome: Outcome::Accepted,
+            revision: next.revision,
+            hash: Some(next.hash.clone()),
+            policy_version: next.policy.version.clone(),
+            source: next.source.to_string(),
+            reasons: vec![],
+            changes: Some(changes),
+        });
+        Ok(Applied::Swapped(next))
+    }
+
+    /// Re-reads the policy file. The file wins only if its content changed since it was
+    /// last read, so an unchanged file never undoes an admin change.
+    pub fn reload_file(&self, path: &Path, source: Source) -> Result<Applied, ApplyError> {
+        let text = match super::read_file(path) {
+            Ok(t) => t,
+            Err(e) => {
+                self.audit.record(&AuditEntry {
+                    reasons: e.0.iter().map(ToString::to_string).collect(),
+                    ..rejection(self.current().revision, &source, &[])
+                });
+                return Err(ApplyError::Invalid(e));
+            }
+        };
+        {
+            let mut last = self
+                .last_file_text
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if last.as_deref() == Some(text.as_str()) {
+                return Ok(Applied::Unchanged(self.current()));
+            }
+            *last = Some(text.clone());
+        }
+        self.apply(&text, source, None)
+    }
+
+    /// Makes the document of an earlier revision current again, as a new revision.
+    pub fn rollback(&self, revision: u64, principal: &str) -> Result<Applied, ApplyError> {
+        let target = self
+            .lock_history()
+            .iter()
+            .find(|s| s.revision == revision)
+            .cloned()
+            .ok_or(ApplyError::UnknownRevision(revision))?;
+        self.apply(
+            &target.text,
+            Source::Rollback {
+                principal: principal.to_string(),
+                to: revision,
+            },
+            None,
+        )
+    }
+
+    /// Sets one flag of the current document, keeping the rest of the text as written.
+    pub fn set_flag(
+        &self,
+        name: &str,
+        value: Flag,
+        principal: &str,
+        expected_revision: Option<u64>,
+    ) -> Result<Applied, ApplyError> {
+        let current = self.current();
+        if !current.policy.flags.contains_key(name) {
+            return Err(ApplyError::UnknownFlag(name.to_string()));
+        }
+        let mut doc: toml_edit::DocumentMut =
+            current.text.parse().map_err(|e: toml_edit::TomlError| {
+                ApplyError::Invalid(PolicyErrors::one("", e.to_string()))
+            })?;
+        let item = match &value {
+            Flag::Bool(b) => toml_edit::value(*b),
+            Flag::String(s) => toml_edit::value(s.as_str()),
+        };
+        doc["flags"][name] = item;
+        self.apply(
+            &doc.to_string(),
+            Source::SetFlag {
+                principal: principal.to_string(),
+                flag: name.to_string(),
+            },
+            Some(expected_revision.unwrap_or(current.revision)),
+        )
+    }
+}
+
+/// Parses, adjusts and checks a document.
+fn prepare(
+    text: &str,
+    check: &Check,
+    adjust: &Adjust,
+) -> Result<(Policy, toml::Table), PolicyErrors> {
+    let (mut policy, table) = document::parse(text)?;
+    adjust(&mut policy);
+    check(&policy)?;
+    Ok((policy, table))
+}
+
+fn rejection(revision: u64, source: &Source, reasons: &[super::PolicyError]) -> AuditEntry {
+    AuditEntry {
+        time: rfc3339(SystemTime::now()),
+        outcome: Outcome::Rejected,
+        revision,
+        hash: None,
+        policy_version: None,
+        source: source.to_string(),
+        reasons: reasons.iter().map(ToString::to_string).collect(),
+        changes: None,
+    }
+}
+
+/// The listener settings that differ; they cannot change without a restart.
+fn restart_needed(old: &Policy, new: &Policy) -> Vec<String> {
+    let (a, b) = (&old.server, &new.server);
+    let mut out = Vec::new();
+    if a.listen != b.listen {
+        out.push("server.listen".to_string());
+    }
+    if a.admin_listen != b.admin_listen {
+        out.push("server.admin_listen".to_string());
+    }
+    if a.admin_token_env != b.admin_token_env {
+        out.push("server.admin_token_env".to_string());
+    }
+    if a.max_message_size != b.max_message_size {
+        out.push("server.max_message_size".to_string());
+    }
+    if a.audit_log != b.audit_log {
+        out.push("server.audit_log".to_string());
+    }
+    if a.watch != b.watch {
+        out.push("server.watch".to_string());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,271 @@
+//! The store: swaps, history, rollback, flags, staleness and the audit trail.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::policy::AuditLog;
+
+const V1: &str = "policy_version = \"v1\"\n[flags]\nshadow = false\n[defaults]\ntimeout = \"5s\"\n";
+const V2: &str = "policy_version = \"v2\"\n[flags]\nshadow = false\n[defaults]\ntimeout = \"7s\"\n";
+
+fn store_with(text: &str, audit: AuditLog) -> Store {
+    Store::new(
+        Some(text.to_string()),
+        Source::Startup(None),
+        audit,
+        Box::new(|_| Ok(())),
+        Box::new(|_| {}),
+    )
+    .unwrap()
+}
+
+fn admin() -> Source {
+    Source::Admin {
+        principal: "alice".into(),
+    }
+}
+
+#[test]
+fn an_accepted_change_is_a_new_revision_and_identical_text_is_not() {
+    let store = store_with(V1, AuditLog::disabled());
+    assert_eq!(store.current().revision, 1);
+    let applied = store.apply(V2, admin(), Some(1)).unwrap();
+    assert!(matches!(applied, Applied::Swapped(_)));
+    assert_eq!(store.current().revision, 2);
+    assert_eq!(store.current().version(), Some("v2"));
+    // The same document, laid out differently: no new revision.
+    let same = "# comment\npolicy_version = \"v2\"\ndefaults = { timeout = \"7s\" }\n[flags]\nshadow = false\n";
+    assert!(matches!(
+        store.apply(same, admin(), None).unwrap(),
+        Applied::Unchanged(_)
+    ));
+    assert_eq!(store.current().revision, 2);
+}
+
+#[test]
+fn an_invalid_change_is_refused_audited_and_the_old_snapshot_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let store = store_with(V1, AuditLog::open(Some(&path)));
+    let before = store.current();
+    let err = store
+        .apply("[defaults]\ntimout = \"1s\"\n[models.x]\n", admin(), None)
+        .unwrap_err();
+    let ApplyError::Invalid(errors) = &err else {
+        panic!("{err:?}");
+    };
+    let msgs: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    assert!(
+        msgs.contains(&"defaults.timout: unknown key, did you mean timeout?".to_string()),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs.iter()
+            .any(|m| m.starts_with("models.x.backend: is required")),
+        "{msgs:?}"
+    );
+    assert!(
+        Arc::ptr_eq(&before, &store.current()),
+        "the old snapshot keeps serving"
+    );
+
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "startup and the rejection");
+    assert_eq!(lines[0]["outcome"], "accepted");
+    assert_eq!(lines[1]["outcome"], "rejected");
+    assert_eq!(lines[1]["source"], "admin:alice");
+    assert_eq!(lines[1]["revision"], 1);
+    assert_eq!(lines[1]["reasons"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn accepted_changes_are_audited_with_what_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let store = store_with(V1, AuditLog::open(Some(&path)));
+    store.apply(V2, admin(), None).unwrap();
+    let last: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["outcome"], "accepted");
+    assert_eq!(last["revision"], 2);
+    assert_eq!(last["policy_version"], "v2");
+    assert_eq!(last["hash"], store.current().hash.as_str());
+    assert_eq!(
+        last["changes"]["changed"],
+        serde_json::json!(["defaults.timeout", "policy_version"])
+    );
+}
+
+#[test]
+fn a_stale_expected_revision_is_refused() {
+    let store = store_with(V1, AuditLog::disabled());
+    store.apply(V2, admin(), Some(1)).unwrap();
+    let err = store.apply(V1, admin(), Some(1)).unwrap_err();
+    assert_eq!(
+        err,
+        ApplyError::Stale {
+            expected: 1,
+            current: 2
+        }
+    );
+}
+
+#[test]
+fn rollback_restores_the_exact_earlier_document_as_a_new_revision() {
+    let store = store_with(V1, AuditLog::disabled());
+    let first = store.current();
+    store.apply(V2, admin(), None).unwrap();
+    let rolled = store.rollback(1, "bob").unwrap();
+    let now = rolled.snapshot();
+    assert_eq!(now.revision, 3);
+    assert_eq!(now.hash, first.hash);
+    assert_eq!(now.text, first.text);
+    assert_eq!(now.policy, first.policy);
+    assert_eq!(
+        now.source,
+        Source::Rollback {
+            principal: "bob".into(),
+            to: 1
+        }
+    );
+    assert_eq!(
+        store.rollback(99, "bob").unwrap_err(),
+        ApplyError::UnknownRevision(99)
+    );
+}
+
+#[test]
+fn history_keeps_the_last_sixteen() {
+    let store = store_with(V1, AuditLog::disabled());
+    for i in 0..20 {
+        store
+            .apply(
+                &format!("[defaults]\ntimeout = \"{}s\"\n", i + 1),
+                admin(),
+                None,
+            )
+            .unwrap();
+    }
+    let history = store.history();
+    assert_eq!(history.len(), HISTORY);
+    assert_eq!(history.last().unwrap().revision, 21);
+    assert_eq!(history[0].revision, 6);
+    assert_eq!(
+        store.rollback(2, "x").unwrap_err(),
+        ApplyError::UnknownRevision(2)
+    );
+}
+
+#[test]
+fn set_flag_changes_one_flag_and_keeps_the_rest_of_the_text() {
+    let text = "# my policy\npolicy_version = \"v1\"\n[flags]\nshadow = false # off for now\n";
+    let store = store_with(text, AuditLog::disabled());
+    let applied = store
+        .set_flag("shadow", Flag::Bool(true), "carol", None)
+        .unwrap();
+    let now = applied.snapshot();
+    assert_eq!(now.revision, 2);
+    assert_eq!(now.policy.flags["shadow"], Flag::Bool(true));
+    assert!(now.text.starts_with("# my policy\n"), "{}", now.text);
+    assert_eq!(
+        store
+            .set_flag("nope", Flag::Bool(true), "carol", None)
+            .unwrap_err(),
+        ApplyError::UnknownFlag("nope".into())
+    );
+    assert_eq!(
+        store
+            .set_flag("shadow", Flag::Bool(false), "carol", Some(1))
+            .unwrap_err(),
+        ApplyError::Stale {
+            expected: 1,
+            current: 2
+        }
+    );
+}
+
+#[test]
+fn listener_settings_cannot_change_without_a_restart() {
+    let store = store_with(V1, AuditLog::disabled());
+    let err = store
+        .apply("[server]\nlisten = \"127.0.0.1:9999\"\n", admin(), None)
+        .unwrap_err();
+    assert_eq!(err, ApplyError::RestartNeeded(vec!["server.listen".into()]));
+    assert!(err.to_string().contains("restart"));
+    // drain_timeout is read at shutdown, so it may change.
+    assert!(
+        store
+            .apply("[server]\ndrain_timeout = \"3s\"\n", admin(), None)
+            .is_ok()
+    );
+}
+
+#[test]
+fn the_file_wins_only_when_its_content_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, V1).unwrap();
+    let store = Store::new(
+        Some(V1.to_string()),
+        Source::Startup(Some(file.clone())),
+        AuditLog::disabled(),
+        Box::new(|_| Ok(())),
+        Box::new(|_| {}),
+    )
+    .unwrap();
+    store.apply(V2, admin(), None).unwrap();
+    // An event for a file that did not change does not undo the admin change.
+    let r = store
+        .reload_file(&file, Source::FileWatch(file.clone()))
+        .unwrap();
+    assert!(matches!(r, Applied::Unchanged(_)));
+    assert_eq!(store.current().version(), Some("v2"));
+    // A real edit wins.
+    std::fs::write(&file, V1.replace("5s", "9s")).unwrap();
+    let r = store
+        .reload_file(&file, Source::FileWatch(file.clone()))
+        .unwrap();
+    assert_eq!(r.snapshot().revision, 3);
+    assert_eq!(
+        store.current().policy.defaults.timeout,
+        Some(std::time::Duration::from_secs(9))
+    );
+}
+
+#[test]
+fn adjustments_apply_to_every_document_and_checks_can_refuse() {
+    let store = Store::new(
+        None,
+        Source::Startup(None),
+        AuditLog::disabled(),
+        Box::new(|p: &Policy| {
+            if p.flags.contains_key("forbidden") {
+                Err(PolicyErrors::one("flags.forbidden", "not allowed here"))
+            } else {
+                Ok(())
+            }
+        }),
+        Box::new(|p: &mut Policy| p.server.listen = "127.0.0.1:7".parse().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(store.current().policy.server.listen.port(), 7);
+    // A document without a listen address keeps the adjusted one: no restart needed.
+    assert!(store.apply(V1, admin(), None).is_ok());
+    let err = store
+        .apply("[flags]\nforbidden = true\n", admin(), None)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "invalid policy:\nflags.forbidden: not allowed here"
+    );
+}

@@ -170,11 +170,20 @@ async fn sighup_rereads_the_file() {
         let hup = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
         assert!(hup.success());
         let audit = dir.path().join("policy.toml.audit.jsonl");
-        let lines = poll_audit(&audit, |lines| lines.iter().any(|l| l["outcome"] == "rejected")).await;
+        let lines = poll_audit(&audit, |lines| {
+            lines.iter().any(|l| l["outcome"] == "rejected")
+        })
+        .await;
         let rejected = lines.iter().find(|l| l["outcome"] == "rejected").unwrap();
-        assert!(rejected["source"].as_str().unwrap().starts_with("sighup:"), "{rejected}");
         assert!(
-            rejected["reasons"][0].as_str().unwrap().starts_with("defaults.timeout: "),
+            rejected["source"].as_str().unwrap().starts_with("sighup:"),
+            "{rejected}"
+        );
+        assert!(
+            rejected["reasons"][0]
+                .as_str()
+                .unwrap()
+                .starts_with("defaults.timeout: "),
             "{rejected}"
         );
         let resp = client.model_infer(simple_request()).await.unwrap();

@@ -10,6 +10,7 @@ use prost::Message as _;
 const PROTOS: &[&str] = &[
     "inference/grpc_service.proto",
     "inference/model_config.proto",
+    "keel/admin/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

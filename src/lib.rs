@@ -2,17 +2,17 @@
 //!
 //! The crate map, one line per module, in the order a request meets them:
 //!
-//! - [`api`]: the gRPC edge: OIP v2 service, call context, the error → status mapping.
-//! - [`route`]: which backend answers each model; the dispatching tower service.
+//! - [`api`]: the gRPC edge: OIP v2 service, PolicyAdmin, call context, error → status.
+//! - [`route`]: each snapshot's model → backend routes; the dispatching tower service.
 //! - [`resilience`]: tower layers that keep calls calm (deadline so far).
 //! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams.
 //! - [`model`]: tensors, data types, model contracts, requests: Keel's domain, no protobuf.
 //! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
 //! - [`policy`]: the TOML policy: validated plain data, snapshots, the store, audit, watch.
 //! - [`observe`]: logs (metrics and traces later).
-//! - [`call`]: what travels with every call (request id, deadline, metadata).
+//! - [`call`]: what travels with every call (request id, deadline, metadata, snapshot).
 //! - [`error`]: what can go wrong with a call.
-//! - [`server`]: wiring, health, reflection and graceful shutdown.
+//! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
 
 pub mod api;
 pub mod call;

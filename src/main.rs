@@ -117,7 +117,7 @@ fn summary(
     let model_line = |name: &str, backend: String| {
         let s = p.resolve(infer, Some(name));
         format!(
-            "  {name:<16} {backend:<24} infer timeout {}, {} attempts\n",
+            "  {name:<16} {backend:<28} infer timeout {}, {} attempts\n",
             d(s.timeout),
             s.retry.max_attempts
         )
@@ -206,23 +206,34 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let listen = keel.store().current().policy.server.listen;
-        let listener = match tokio::net::TcpListener::bind(listen).await {
+        let server = keel.store().current().policy.server.clone();
+        let listener = match tokio::net::TcpListener::bind(server.listen).await {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("keel: cannot listen on {listen}: {e}");
+                eprintln!("keel: cannot listen on {} (traffic): {e}", server.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let admin = match tokio::net::TcpListener::bind(server.admin_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!(
+                    "keel: cannot listen on {} (admin, server.admin_listen or --admin-listen): {e}",
+                    server.admin_listen
+                );
                 return ExitCode::FAILURE;
             }
         };
         let shutdown = shutdown_signal();
         let names: Vec<String> = keel.models().into_iter().map(|(m, _)| m).collect();
         println!(
-            "keel {} listening on {} (gRPC, OIP v2) serving models: {}",
+            "keel {} listening on {} (gRPC, OIP v2), admin on {}, serving models: {}",
             env!("CARGO_PKG_VERSION"),
-            listener.local_addr().unwrap_or(listen),
+            listener.local_addr().unwrap_or(server.listen),
+            admin.local_addr().unwrap_or(server.admin_listen),
             names.join(", ")
         );
-        match keel.serve(listener, shutdown).await {
+        match keel.serve(listener, Some(admin), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keel: {e}");

@@ -1,12 +1,19 @@
 //! Wiring: builds the backends, routes and per-method stacks from a policy, serves them with
-//! health and reflection, and drains on shutdown.
+//! health and reflection on the traffic listener, serves the policy admin API on the admin
+//! listener, and drains on shutdown.
+//!
+//! # Listeners
+//!
+//! Traffic (`server.listen`) serves `inference.GRPCInferenceService`; the admin listener
+//! (`server.admin_listen`), when given, serves `keel.admin.v1.PolicyAdmin`. Both serve
+//! health and reflection, and reflection lists only the services of its own listener.
 //!
 //! # Shutdown
 //!
 //! When the shutdown future completes: health turns NOT_SERVING and ServerReady false,
-//! the listener stops accepting, open connections are told to send no new calls (HTTP/2
+//! both listeners stop accepting, open connections are told to send no new calls (HTTP/2
 //! GOAWAY), and in-flight calls finish. Calls still running after `server.drain_timeout`
-//! are cut.
+//! are cut; admin connections still open then are left behind.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -16,11 +23,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tower::ServiceBuilder;
 use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
+use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
 use crate::api::{CallService, InferenceApi, Stacks, oversize};
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
@@ -69,6 +78,9 @@ pub enum ServeError {
     /// The listener's address could not be read.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// `server.admin_token_env` names a variable that holds no usable token.
+    #[error("{0}")]
+    AdminToken(#[from] AdminTokenError),
 }
 
 /// How long cut calls get to deliver their UNAVAILABLE answer before `serve` returns anyway.
@@ -80,6 +92,8 @@ pub struct Keel {
     store: Arc<Store>,
     router: Arc<Router>,
     config: Option<PathBuf>,
+    /// Read once at startup: `server.admin_token_env` cannot change without a restart.
+    admin_token: Option<AdminToken>,
 }
 
 /// The tower stack of one per-model method, outermost layer first.
@@ -110,7 +124,8 @@ fn audit_log(policy: &Policy, config: Option<&Path>) -> AuditLog {
 
 impl Keel {
     /// Loads the policy and builds the store and router; needs a Tokio runtime (upstream
-    /// channels are created lazily).
+    /// channels are created lazily). Reads the admin token when `server.admin_token_env` is
+    /// set, and fails naming the variable if it holds none.
     pub fn new(options: Options) -> Result<Keel, ServeError> {
         let text = match (&options.text, &options.config) {
             (Some(t), _) => Some(t.clone()),
@@ -137,11 +152,18 @@ impl Keel {
             }),
         )?;
         let store = Arc::new(store);
-        let router = Router::new(embedded, store.current().policy.server.max_message_size);
+        let server = store.current().policy.server.clone();
+        let admin_token = server
+            .admin_token_env
+            .as_deref()
+            .map(AdminToken::from_env)
+            .transpose()?;
+        let router = Router::new(embedded, server.max_message_size);
         Ok(Keel {
             store,
             router,
             config: options.config,
+            admin_token,
         })
     }
 
@@ -155,13 +177,16 @@ impl Keel {
         &self.store
     }
 
-    /// Serves on `listener` until `shutdown` completes and in-flight calls have drained.
+    /// Serves traffic on `listener` and, when given, the admin API on `admin`, until
+    /// `shutdown` completes and in-flight calls have drained.
     pub async fn serve(
         self,
         listener: TcpListener,
+        admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let local: SocketAddr = listener.local_addr()?;
+        let admin_local = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let first = self.store.current();
         let max = first.policy.server.max_message_size;
         // File watch and SIGHUP live as long as `serve`.
@@ -180,19 +205,17 @@ impl Keel {
             .clone()
             .map(|path| AbortOnDrop(watch::reload_on_sighup(self.store.clone(), path).ok()));
 
+        // One health service for both listeners, so both turn NOT_SERVING together.
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_service_status("", ServingStatus::Serving).await;
         health
             .set_serving::<GrpcInferenceServiceServer<InferenceApi>>()
             .await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        let reflection_alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
+        let has_admin = admin.is_some();
+        if has_admin {
+            health.set_serving::<AdminService>().await;
+        }
+        let health_name = name_of(&health_service);
 
         let serving = Arc::new(AtomicBool::new(true));
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
@@ -213,8 +236,10 @@ impl Keel {
         let api = GrpcInferenceServiceServer::new(api)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let (reflection, reflection_alpha) = reflection_for(&[name_of(&api), health_name])?;
 
-        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<Duration>();
+        // Set when shutdown begins, to the drain timeout; both listeners watch it.
+        let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
         let store = self.store.clone();
         let signal = async move {
             shutdown.await;
@@ -225,14 +250,42 @@ impl Keel {
             health
                 .set_not_serving::<GrpcInferenceServiceServer<InferenceApi>>()
                 .await;
+            if has_admin {
+                health.set_not_serving::<AdminService>().await;
+            }
             // Read now: drain_timeout may have changed since startup.
             let drain_timeout = store.current().policy.server.drain_timeout;
             tracing::info!(drain_timeout = ?drain_timeout, "shutdown: draining in-flight calls");
-            let _ = began_tx.send(drain_timeout);
+            let _ = began_tx.send(Some(drain_timeout));
+        };
+
+        let admin_server = match admin {
+            Some(listener) => {
+                let service = admin_api::service(self.store.clone(), self.admin_token.clone());
+                let (reflection, reflection_alpha) =
+                    reflection_for(&[name_of(&service), health_name])?;
+                let stop = shutdown_began(began_rx.clone());
+                Some(
+                    Server::builder()
+                        .add_service(health_service.clone())
+                        .add_service(reflection)
+                        .add_service(reflection_alpha)
+                        .add_service(service)
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::TcpListenerStream::new(listener),
+                            async move {
+                                stop.await;
+                            },
+                        ),
+                )
+            }
+            None => None,
         };
 
         tracing::info!(
             listen = %local,
+            admin_listen = %admin_local.map_or_else(|| "none".to_string(), |a| a.to_string()),
+            admin_token = self.admin_token.is_some(),
             policy_revision = first.revision,
             policy_version = first.version().unwrap_or(""),
             "serving"
@@ -247,30 +300,108 @@ impl Keel {
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 signal,
             );
+        let began = began_rx.clone();
         let drain_deadline = async move {
-            match began_rx.await {
-                Ok(drain_timeout) => tokio::time::sleep(drain_timeout).await,
-                Err(_) => std::future::pending::<()>().await,
+            match shutdown_began(began).await {
+                Some(drain_timeout) => tokio::time::sleep(drain_timeout).await,
+                None => std::future::pending::<()>().await,
             }
         };
-        tokio::pin!(server);
-        tokio::select! {
-            result = &mut server => {
-                result?;
-                tracing::info!("shutdown: drained");
-            }
-            () = drain_deadline => {
-                tracing::warn!("shutdown: drain timeout passed; cutting calls still in flight");
-                // Calls still running answer UNAVAILABLE, so their connections can close.
-                let _ = cut_tx.send(true);
-                match tokio::time::timeout(CUT_GRACE, &mut server).await {
-                    Ok(result) => result?,
-                    Err(_) => tracing::warn!("shutdown: connections still open after the cut; leaving them"),
+        let traffic = async move {
+            tokio::pin!(server);
+            tokio::select! {
+                result = &mut server => {
+                    result?;
+                    tracing::info!("shutdown: drained");
+                }
+                () = drain_deadline => {
+                    tracing::warn!("shutdown: drain timeout passed; cutting calls still in flight");
+                    // Calls still running answer UNAVAILABLE, so their connections can close.
+                    let _ = cut_tx.send(true);
+                    match tokio::time::timeout(CUT_GRACE, &mut server).await {
+                        Ok(result) => result?,
+                        Err(_) => tracing::warn!("shutdown: connections still open after the cut; leaving them"),
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok::<(), ServeError>(())
+        };
+        let (traffic, admin) = tokio::join!(traffic, run_admin(admin_server, began_rx));
+        traffic?;
+        admin
     }
+}
+
+/// Runs the admin server, if any, until it has shut down, or until the drain timeout (plus
+/// the cut grace) has passed since shutdown began: an admin connection left open (a health
+/// Watch) must not hold Keel up.
+async fn run_admin(
+    server: Option<impl Future<Output = Result<(), tonic::transport::Error>>>,
+    began: tokio::sync::watch::Receiver<Option<Duration>>,
+) -> Result<(), ServeError> {
+    let Some(server) = server else {
+        return Ok(());
+    };
+    let give_up = async move {
+        // No drain timeout: the traffic server ended without a shutdown (it failed).
+        let drain_timeout = shutdown_began(began).await.unwrap_or_default();
+        tokio::time::sleep(drain_timeout + CUT_GRACE).await;
+    };
+    tokio::select! {
+        result = server => {
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "the admin listener failed");
+            }
+            result?;
+        }
+        () = give_up => tracing::warn!("shutdown: admin connections still open after the drain timeout; leaving them"),
+    }
+    Ok(())
+}
+
+/// Completes when shutdown begins, with its drain timeout, or with `None` when the sender
+/// goes away without a shutdown (the traffic server ended on its own).
+async fn shutdown_began(
+    mut began: tokio::sync::watch::Receiver<Option<Duration>>,
+) -> Option<Duration> {
+    began.wait_for(Option::is_some).await.ok().and_then(|d| *d)
+}
+
+/// The gRPC name of a service.
+fn name_of<S: NamedService>(_: &S) -> &'static str {
+    S::NAME
+}
+
+/// Reflection (v1 and v1alpha) over every Keel proto, listing only `services` (and itself):
+/// each listener lists what it serves.
+fn reflection_for(
+    services: &[&str],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    let builder = || {
+        services.iter().fold(
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+            |b, name| b.with_service_name(*name),
+        )
+    };
+    let v1 = builder()
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .build_v1()?;
+    let v1alpha = builder()
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()?;
+    Ok((v1, v1alpha))
 }
 
 /// Builds Keel from `options` and serves on `listener` until `shutdown` completes.
@@ -282,7 +413,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    Keel::new(options)?.serve(listener, shutdown).await
+    Keel::new(options)?.serve(listener, None, shutdown).await
 }
 
 /// Aborts a background task when dropped.

@@ -80,7 +80,15 @@ fn version_is_printed() {
 #[test]
 fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
     let mut child = Command::new(KEEL)
-        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -107,6 +115,10 @@ fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
     let line = line.expect("keel printed its startup line");
     assert!(killed.success());
     assert!(line.contains("listening on 127.0.0.1:"), "{line}");
+    assert!(
+        line.contains(" (gRPC, OIP v2), admin on 127.0.0.1:"),
+        "{line}"
+    );
     assert!(
         line.trim_end().ends_with(
             "serving models: identity, iris, simple, simple_identity, simple_int8, simple_string"
@@ -138,6 +150,55 @@ fn serve_with_an_invalid_config_exits_1_with_the_path() {
     let out = keel(&["serve", "--config", file.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen: "));
+}
+
+#[test]
+fn serve_refuses_to_start_when_the_admin_token_variable_is_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    let var = "KEEL_CLI_TEST_UNSET_ADMIN_TOKEN";
+    std::fs::write(&file, format!("[server]\nadmin_token_env = \"{var}\"\n")).unwrap();
+    let args = [
+        "--config",
+        file.to_str().unwrap(),
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    let out = serve_bounded(&args, |c| {
+        c.env_remove(var);
+    });
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(var), "{stderr}");
+    assert!(stderr.contains("is not set"), "{stderr}");
+    assert!(out.stdout.is_empty(), "no startup line: {out:?}");
+}
+
+#[test]
+fn serve_exits_1_when_the_admin_address_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = serve_bounded(&["--admin-listen", &addr], |_| {});
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr} (admin")),
+        "{stderr}"
+    );
+}
+
+/// Runs `keel serve --listen 127.0.0.1:0 <args>`, expecting it to exit by itself (killed
+/// after 15s).
+fn serve_bounded(args: &[&str], env: impl FnOnce(&mut Command)) -> std::process::Output {
+    let mut cmd = Command::new(KEEL);
+    cmd.args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    env(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    wait_bounded(&mut child, Duration::from_secs(15));
+    child.wait_with_output().unwrap()
 }
 
 fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {

@@ -1,6 +1,10 @@
 //! The gRPC edge: decodes requests into domain types, builds each call's context, and turns
 //! answers and errors back into protocol messages and statuses.
+//!
+//! Traffic speaks [`InferenceApi`] on the traffic listener; [`admin`] serves the policy
+//! admin API on the admin listener.
 
+pub mod admin;
 pub mod context;
 mod inference;
 pub mod oversize;

@@ -17,5 +17,11 @@ pub mod inference {
     tonic::include_proto!("inference");
 }
 
+/// `keel.admin.v1`: the PolicyAdmin service of the admin listener (generated).
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod keel_admin {
+    tonic::include_proto!("keel.admin.v1");
+}
+
 /// Encoded descriptors of every Keel proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");

@@ -106,7 +106,7 @@ impl AuditLog {
 }
 
 /// Formats a time as RFC 3339 UTC with milliseconds (`2026-11-28T12:00:00.000Z`).
-pub(super) fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);

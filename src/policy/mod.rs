@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use audit::{AuditEntry, AuditLog, Outcome};
+pub use audit::{AuditEntry, AuditLog, Outcome, rfc3339};
 pub use settings::{
     Breaker, BreakerOverrides, Budget, BudgetOverrides, ErrorClass, LimitOverrides, Limits,
     MAX_DURATION, Overrides, Retry, RetryOn, RetryOverrides, Settings,

@@ -13,7 +13,8 @@ use super::Policy;
 /// Where a snapshot came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
-    /// Loaded at startup from this file, or Keel's embedded default when `None`.
+    /// Loaded at startup from this file, or from a document given directly (Keel's
+    /// embedded default when it is empty) when `None`.
     Startup(Option<PathBuf>),
     /// The watched file changed.
     FileWatch(PathBuf),
@@ -44,7 +45,7 @@ impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Source::Startup(Some(p)) => write!(f, "startup:{}", p.display()),
-            Source::Startup(None) => f.write_str("startup:embedded-default"),
+            Source::Startup(None) => f.write_str("startup"),
             Source::FileWatch(p) => write!(f, "file:{}", p.display()),
             Source::Sighup(p) => write!(f, "sighup:{}", p.display()),
             Source::Admin { principal } => write!(f, "admin:{principal}"),

@@ -35,8 +35,8 @@ pub type Adjust = Box<dyn Fn(&mut Policy) + Send + Sync>;
 /// The result of a change that was not refused.
 #[derive(Clone, Debug)]
 pub enum Applied {
-    /// A new revision is current.
-    Swapped(Arc<Snapshot>),
+    /// A new revision is current; what changed from the one it replaced.
+    Swapped(Arc<Snapshot>, super::Change),
     /// The document equals the current one; the current snapshot stays.
     Unchanged(Arc<Snapshot>),
 }
@@ -45,7 +45,7 @@ impl Applied {
     /// The snapshot current after the change.
     pub fn snapshot(&self) -> &Arc<Snapshot> {
         match self {
-            Applied::Swapped(s) | Applied::Unchanged(s) => s,
+            Applied::Swapped(s, _) | Applied::Unchanged(s) => s,
         }
     }
 }
@@ -253,9 +253,9 @@ impl Store {
             policy_version: next.policy.version.clone(),
             source: next.source.to_string(),
             reasons: vec![],
-            changes: Some(changes),
+            changes: Some(changes.clone()),
         });
-        Ok(Applied::Swapped(next))
+        Ok(Applied::Swapped(next, changes))
     }
 
     /// Re-reads the policy file. The file wins only if its content changed since it was
@@ -286,20 +286,28 @@ impl Store {
 
     /// Makes the document of an earlier revision current again, as a new revision.
     pub fn rollback(&self, revision: u64, principal: &str) -> Result<Applied, ApplyError> {
+        let source = Source::Rollback {
+            principal: principal.to_string(),
+            to: revision,
+        };
         let target = self
             .lock_history()
             .iter()
             .find(|s| s.revision == revision)
-            .cloned()
-            .ok_or(ApplyError::UnknownRevision(revision))?;
-        self.apply(
-            &target.text,
-            Source::Rollback {
-                principal: principal.to_string(),
-                to: revision,
-            },
-            None,
-        )
+            .cloned();
+        match target {
+            Some(target) => self.apply(&target.text, source, None),
+            None => Err(self.refused(&source, ApplyError::UnknownRevision(revision))),
+        }
+    }
+
+    /// Audits a change refused before it reached [`Store::apply`], and returns its error.
+    fn refused(&self, source: &Source, e: ApplyError) -> ApplyError {
+        self.audit.record(&AuditEntry {
+            reasons: vec![e.to_string()],
+            ..rejection(self.current().revision, source, &[])
+        });
+        e
     }
 
     /// Sets one flag of the current document, keeping the rest of the text as written.
@@ -311,13 +319,20 @@ impl Store {
         expected_revision: Option<u64>,
     ) -> Result<Applied, ApplyError> {
         let current = self.current();
+        let source = Source::SetFlag {
+            principal: principal.to_string(),
+            flag: name.to_string(),
+        };
         if !current.policy.flags.contains_key(name) {
-            return Err(ApplyError::UnknownFlag(name.to_string()));
+            return Err(self.refused(&source, ApplyError::UnknownFlag(name.to_string())));
         }
-        let mut doc: toml_edit::DocumentMut =
-            current.text.parse().map_err(|e: toml_edit::TomlError| {
-                ApplyError::Invalid(PolicyErrors::one("", e.to_string()))
-            })?;
+        let mut doc: toml_edit::DocumentMut = match current.text.parse() {
+            Ok(doc) => doc,
+            Err(e) => {
+                let e = ApplyError::Invalid(PolicyErrors::one("", format!("{e}")));
+                return Err(self.refused(&source, e));
+            }
+        };
         let item = match &value {
             Flag::Bool(b) => toml_edit::value(*b),
             Flag::String(s) => toml_edit::value(s.as_str()),
@@ -325,10 +340,7 @@ impl Store {
         doc["flags"][name] = item;
         self.apply(
             &doc.to_string(),
-            Source::SetFlag {
-                principal: principal.to_string(),
-                flag: name.to_string(),
-            },
+            source,
             Some(expected_revision.unwrap_or(current.revision)),
         )
     }

@@ -35,7 +35,7 @@ fn concerns(changed: &Path, file: &Path) -> bool {
 /// Logs the outcome of a reload (the audit log has already recorded it).
 pub fn log_reload(result: &Result<Applied, ApplyError>, source: &Source) {
     match result {
-        Ok(Applied::Swapped(s)) => {
+        Ok(Applied::Swapped(s, _)) => {
             tracing::info!(revision = s.revision, source = %source, "policy reloaded");
         }
         Ok(Applied::Unchanged(_)) => {}

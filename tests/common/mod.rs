@@ -1,6 +1,6 @@
 //! Shared helpers for the black-box tests: start Keel on `127.0.0.1:0` through the library
-//! entry point, a client, request builders, and a scriptable upstream that records what it
-//! receives.
+//! entry point (with or without an admin listener), clients, request builders, and a
+//! scriptable upstream that records what it receives.
 #![allow(dead_code, unreachable_pub, missing_docs, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keel::pb::inference as pb;
+use keel::pb::keel_admin::policy_admin_client::PolicyAdminClient;
 use keel::policy::Policy;
 use pb::grpc_inference_service_client::GrpcInferenceServiceClient;
 use pb::grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
@@ -20,10 +21,13 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 pub type Client = GrpcInferenceServiceClient<Channel>;
+pub type AdminClient = PolicyAdminClient<Channel>;
 
 /// A Keel serving in this process; stopped (and awaited) by `stop`, or aborted on drop.
 pub struct Keel {
     pub addr: SocketAddr,
+    /// The admin listener's address, when started with one.
+    pub admin: Option<SocketAddr>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), keel::ServeError>>>,
 }
@@ -38,9 +42,67 @@ impl Keel {
         }));
         Keel {
             addr,
+            admin: None,
             shutdown: Some(tx),
             handle: Some(handle),
         }
+    }
+
+    /// A Keel with an admin listener on `127.0.0.1:0` too. Startup errors (say, a missing
+    /// admin token) come back from `stop`.
+    pub async fn start_with_admin(options: keel::Options) -> Keel {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            keel::Keel::new(options)?
+                .serve(listener, Some(admin), async move {
+                    let _ = rx.await;
+                })
+                .await
+        });
+        Keel {
+            addr,
+            admin: Some(admin_addr),
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// A Keel serving the policy `toml` (panics if invalid), with an admin listener.
+    pub async fn with_admin(toml: &str) -> Keel {
+        Policy::parse(toml).unwrap();
+        Keel::start_with_admin(keel::Options::text(toml)).await
+    }
+
+    /// A client of the admin listener.
+    pub async fn admin_client(&self) -> AdminClient {
+        let url = format!(
+            "http://{}",
+            self.admin.expect("started with an admin listener")
+        );
+        for _ in 0..200 {
+            if let Ok(c) = PolicyAdminClient::connect(url.clone()).await {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("could not connect to {url}");
+    }
+
+    /// A plain channel to the admin listener.
+    pub async fn admin_channel(&self) -> Channel {
+        let url = format!(
+            "http://{}",
+            self.admin.expect("started with an admin listener")
+        );
+        tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
     }
 
     pub async fn embedded() -> Keel {
@@ -92,6 +154,84 @@ impl Drop for Keel {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
             h.abort();
+        }
+    }
+}
+
+/// A `keel serve` process on ephemeral loopback ports, for what only a process can show
+/// (its environment, signals). Killed on drop if `stop` was not called.
+pub struct KeelProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl KeelProcess {
+    /// Starts `keel serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 <args>` with `env`
+    /// added to its environment, and reads both addresses from its startup line (bounded:
+    /// 30s).
+    pub async fn spawn(args: &[&str], env: &[(&str, &str)]) -> KeelProcess {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            line
+        });
+        let line = match tokio::time::timeout(Duration::from_secs(30), line).await {
+            Ok(line) => line.unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("keel printed no startup line within 30s");
+            }
+        };
+        let after = |marker: &str| -> SocketAddr {
+            line.split(marker)
+                .nth(1)
+                .and_then(|rest| rest.split([' ', ',']).next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no address after {marker:?} in {line:?}"))
+        };
+        let (addr, admin) = (after("listening on "), after("admin on "));
+        KeelProcess { child, addr, admin }
+    }
+
+    /// SIGTERM, then waits for the exit (bounded: 15s, then killed); the exit code.
+    pub async fn stop(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.child.kill();
+        panic!("keel did not exit within 15s of SIGTERM");
+    }
+}
+
+impl Drop for KeelProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
         }
     }
 }

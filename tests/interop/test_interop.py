@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Interop suite: Keel as seen by Triton's own Python client and stock gRPC clients.
 
-It starts a real `keel serve --listen 127.0.0.1:0` and proves, with unmodified client code:
+It starts a real `keel serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0` and proves,
+with unmodified client code:
 
 * tritonclient.grpc (Triton's official client) can use Keel as it uses Triton: health,
   server and model metadata, model config, statistics, unary and streaming inference for
@@ -58,7 +59,8 @@ POLL_INTERVAL = 0.05
 
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
-LISTENING = re.compile(r"^keel \S+ listening on (\S+) \(gRPC, OIP v2\) serving models: (.*)$")
+LISTENING = re.compile(
+    r"^keel \S+ listening on (\S+) \(gRPC, OIP v2\), admin on (\S+), serving models: (.*)$")
 
 KEEL_BINARY: str = ""  # set by main() from --keel
 
@@ -78,7 +80,8 @@ class KeelProcess:
     def __init__(self, binary: str):
         self.log = tempfile.NamedTemporaryFile(prefix="keel-interop-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(
-            [binary, "serve", "--listen", "127.0.0.1:0"],
+            # Ephemeral ports for both listeners, so parallel runs never collide.
+            [binary, "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -122,10 +125,11 @@ class KeelProcess:
             seen.append(line)
             m = LISTENING.match(line)
             if m:
-                address = m.group(1)
-                if not address.startswith("127.0.0.1:"):
-                    raise RuntimeError(f"keel listens on {address}, not on 127.0.0.1")
-                return address, [s.strip() for s in m.group(2).split(",")]
+                address, admin = m.group(1), m.group(2)
+                for where in (address, admin):
+                    if not where.startswith("127.0.0.1:"):
+                        raise RuntimeError(f"keel listens on {where}, not on 127.0.0.1")
+                return address, [s.strip() for s in m.group(3).split(",")]
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Polls ServerReady until it answers true, the process dies or `timeout` passes."""

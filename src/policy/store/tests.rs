@@ -30,7 +30,10 @@ fn an_accepted_change_is_a_new_revision_and_identical_text_is_not() {
     let store = store_with(V1, AuditLog::disabled());
     assert_eq!(store.current().revision, 1);
     let applied = store.apply(V2, admin(), Some(1)).unwrap();
-    assert!(matches!(applied, Applied::Swapped(_)));
+    let Applied::Swapped(_, change) = applied else {
+        panic!("a new revision");
+    };
+    assert_eq!(change.changed, ["defaults.timeout", "policy_version"]);
     assert_eq!(store.current().revision, 2);
     assert_eq!(store.current().version(), Some("v2"));
     // The same document, laid out differently: no new revision.
@@ -267,5 +270,31 @@ fn adjustments_apply_to_every_document_and_checks_can_refuse() {
     assert_eq!(
         err.to_string(),
         "invalid policy:\nflags.forbidden: not allowed here"
+    );
+}
+
+#[test]
+fn refused_rollbacks_and_flag_changes_are_audited_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let store = store_with(V1, AuditLog::open(Some(&path)));
+    assert!(store.rollback(7, "dave").is_err());
+    assert!(
+        store
+            .set_flag("nope", Flag::Bool(true), "dave", None)
+            .is_err()
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "startup and two refusals");
+    assert_eq!(lines[1]["outcome"], "rejected");
+    assert_eq!(lines[1]["source"], "rollback:dave:to=7");
+    assert_eq!(lines[2]["source"], "set-flag:dave:nope");
+    assert_eq!(
+        lines[2]["reasons"][0],
+        "flag \"nope\" is not defined under [flags]"
     );
 }

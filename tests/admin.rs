@@ -138,17 +138,6 @@ fn with_two_problems(toml: &str) -> String {
 const MISSPELT: &str = "models.simple.retry.max_atempts: unknown key, did you mean max_attempts?";
 const UNKNOWN_BACKEND: &str = "models.iris.backend: unknown backend \"nowhere\"";
 
-/// The revision an answer reports.
-fn revision<T>(resp: &Response<T>) -> u64 {
-    resp.metadata()
-        .get("keel-policy-revision")
-        .expect("every answer reports its policy revision")
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// `message` sent as `principal`.
 fn from<T>(principal: &str, message: T) -> Request<T> {
     let mut request = Request::new(message);

@@ -13,17 +13,6 @@ use std::time::Duration;
 
 use common::*;
 
-/// The revision an answer reports.
-fn revision<T>(resp: &tonic::Response<T>) -> u64 {
-    resp.metadata()
-        .get("keel-policy-revision")
-        .expect("every answer reports its policy revision")
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// Calls `simple` until the answer reports `want` (bounded: 20s).
 async fn wait_for_revision(client: &mut Client, want: u64) {
     for _ in 0..400 {

@@ -248,6 +248,17 @@ pub async fn connect(addr: SocketAddr) -> Client {
     panic!("could not connect to {url}");
 }
 
+/// The policy revision an answer reports in `keel-policy-revision`.
+pub fn revision<T>(resp: &Response<T>) -> u64 {
+    resp.metadata()
+        .get("keel-policy-revision")
+        .expect("every answer reports its policy revision")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 pub fn input(name: &str, datatype: &str, shape: &[i64]) -> InferInputTensor {
     InferInputTensor {
         name: name.into(),

@@ -32,6 +32,27 @@ fn every_example_config_validates() {
 }
 
 #[test]
+fn validate_summarises_a_valid_policy_with_effective_settings() {
+    let out = keel(&["validate", "deploy/examples/policy.toml"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let expect = [
+        "deploy/examples/policy.toml: valid (policy_version 2026-11-28.1)",
+        "listen 127.0.0.1:8001, admin 127.0.0.1:8002",
+        "  triton           127.0.0.1:9001",
+        "  simple           triton",
+        "infer timeout 5s, 2 attempts",
+        "  simple_string    90% triton, 10% embedded",
+        "  ModelInfer       timeout 10s (max 300s); retry 3 attempts on transient|overloaded|attempt_timeout",
+        "  ModelMetadata    timeout 2s",
+    ];
+    for e in expect {
+        assert!(stdout.contains(e), "missing {e:?} in:\n{stdout}");
+    }
+    assert!(stdout.lines().count() <= 24, "one screen:\n{stdout}");
+}
+
+#[test]
 fn validate_names_every_error_by_its_path_and_exits_1() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 pub use audit::{AuditEntry, AuditLog, Outcome, rfc3339};
 pub use settings::{
-    Breaker, BreakerOverrides, Budget, BudgetOverrides, ErrorClass, LimitOverrides, Limits,
+    Breaker, BreakerOverrides, Budget, BudgetOverrides, ErrorClass, Jitter, LimitOverrides, Limits,
     MAX_DURATION, Overrides, Retry, RetryOn, RetryOverrides, Settings,
 };
 pub use snapshot::{Change, Snapshot, Source};

@@ -147,6 +147,18 @@ impl<'t> Section<'t> {
         }
     }
 
+    /// A count (a non-negative integer) within `range`.
+    pub(super) fn count(
+        &mut self,
+        p: &mut Problems,
+        key: &'static str,
+        range: std::ops::RangeInclusive<u32>,
+    ) -> Option<u32> {
+        let wide = i64::from(*range.start())..=i64::from(*range.end());
+        self.integer(p, key, wide)
+            .and_then(|n| u32::try_from(n).ok())
+    }
+
     /// A number (integer or float) within `range`.
     pub(super) fn number(
         &mut self,

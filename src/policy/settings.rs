@@ -117,6 +117,41 @@ impl RetryOn {
     }
 }
 
+/// How the backoff before a retry is randomised (gRPC's retry design uses `full`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Jitter {
+    /// A uniformly random wait in `[0, backoff]`.
+    Full,
+    /// Half the backoff, plus a random wait in `[0, backoff / 2]`.
+    Equal,
+    /// Exactly the backoff.
+    None,
+}
+
+impl Jitter {
+    /// The policy spellings.
+    pub const NAMES: [&'static str; 3] = ["full", "equal", "none"];
+
+    /// Parses `full`, `equal` or `none`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "full" => Some(Jitter::Full),
+            "equal" => Some(Jitter::Equal),
+            "none" => Some(Jitter::None),
+            _ => None,
+        }
+    }
+
+    /// The policy spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Jitter::Full => "full",
+            Jitter::Equal => "equal",
+            Jitter::None => "none",
+        }
+    }
+}
+
 /// Declares a settings group: the full struct the layers consume, its partial form (every
 /// field optional) that one policy layer writes, and how a partial applies to a full one.
 macro_rules! group {
@@ -149,8 +184,8 @@ group! {
         max_backoff: Duration,
         /// Growth of the backoff per retry; at least 1.
         multiplier: f64,
-        /// Fraction of each backoff that is randomised (deterministically per request), 0..=1.
-        jitter: f64,
+        /// How each backoff is randomised (deterministically per request).
+        jitter: Jitter,
         /// Error classes or status codes that may be retried.
         retry_on: Vec<RetryOn>,
         /// Bound on each attempt; at most the call's timeout. `None`: only the deadline.
@@ -164,47 +199,63 @@ group! {
         /// Retries allowed per call, 0..=1 (0.2 = at most 20% extra load).
         ratio: f64,
         /// Retries allowed per second whatever the ratio, so a quiet service can still retry.
-        min_per_second: u32,
+        min_per_sec: u32,
         /// The window calls are counted over, 1s..=60s.
         window: Duration,
     }
 }
 
 group! {
-    /// Circuit breaking per model and endpoint.
+    /// Circuit breaking per model and upstream.
     Breaker / BreakerOverrides {
         /// Whether the breaker acts at all.
         enabled: bool,
+        /// Failures in a row that open the breaker.
+        consecutive_failures: u32,
         /// Failure share in the window that opens the breaker, 0..=1.
         failure_ratio: f64,
         /// Calls in the window before the ratio is trusted.
         min_requests: u32,
         /// The window failures are counted over.
         window: Duration,
-        /// How long an open breaker refuses calls before probing.
+        /// How long an open breaker refuses calls before probing, the first time.
         open_for: Duration,
+        /// Longest open time, as it doubles on repeated trips.
+        max_open_for: Duration,
         /// Probe calls let through while half-open.
         half_open_probes: u32,
     }
 }
 
 group! {
-    /// Concurrency limits and load shedding.
+    /// Concurrency limits and load shedding, per model.
     Limits / LimitOverrides {
         /// Calls in flight at once.
-        max_concurrency: u32,
+        max_in_flight: u32,
         /// Calls that may wait for a slot; more are shed at once.
         max_queue: u32,
+        /// Longest wait for a slot before the call is shed.
+        queue_timeout: Duration,
     }
 }
 
 /// Effective settings of one call.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Settings {
-    /// Deadline of a call whose client sent none, and the longest a call may run.
+    /// The method's deadline: a call never runs longer, whatever the client asks.
     pub timeout: Duration,
-    /// Hard cap on any deadline, whatever the client asks.
+    /// Hard cap on any deadline.
     pub max_timeout: Duration,
+    /// Taken off the time left when Keel tells an upstream its `grpc-timeout`, so Keel still
+    /// has time to answer after the upstream gives up.
+    pub deadline_margin: Duration,
+    /// A call that succeeds but takes longer than this is marked slow (logged, counted).
+    pub slow_threshold: Option<Duration>,
+    /// Whether the call may be repeated safely. Non-idempotent calls are retried only when
+    /// the request provably never reached the upstream.
+    pub idempotent: bool,
+    /// Refuse at once a call whose deadline is shorter than the fastest answer seen.
+    pub refuse_hopeless: bool,
     /// Retries.
     pub retry: Retry,
     /// Retry budget.
@@ -222,6 +273,14 @@ pub struct Overrides {
     pub timeout: Option<Duration>,
     /// `max_timeout`.
     pub max_timeout: Option<Duration>,
+    /// `deadline_margin`.
+    pub deadline_margin: Option<Duration>,
+    /// `slow_threshold`.
+    pub slow_threshold: Option<Duration>,
+    /// `idempotent`.
+    pub idempotent: Option<bool>,
+    /// `refuse_hopeless`.
+    pub refuse_hopeless: Option<bool>,
     /// `[retry]`.
     pub retry: RetryOverrides,
     /// `[retry.budget]`.
@@ -238,12 +297,16 @@ impl Default for Settings {
         Settings {
             timeout: Duration::from_secs(30),
             max_timeout: Duration::from_secs(300),
+            deadline_margin: Duration::from_millis(5),
+            slow_threshold: None,
+            idempotent: true,
+            refuse_hopeless: false,
             retry: Retry {
                 max_attempts: 3,
                 initial_backoff: Duration::from_millis(25),
                 max_backoff: Duration::from_secs(1),
                 multiplier: 2.0,
-                jitter: 0.2,
+                jitter: Jitter::Full,
                 retry_on: vec![
                     RetryOn::Class(ErrorClass::Transient),
                     RetryOn::Class(ErrorClass::Overloaded),
@@ -253,20 +316,23 @@ impl Default for Settings {
             },
             budget: Budget {
                 ratio: 0.2,
-                min_per_second: 10,
+                min_per_sec: 10,
                 window: Duration::from_secs(10),
             },
             breaker: Breaker {
                 enabled: true,
+                consecutive_failures: 5,
                 failure_ratio: 0.5,
                 min_requests: 20,
                 window: Duration::from_secs(10),
                 open_for: Duration::from_secs(5),
+                max_open_for: Duration::from_secs(60),
                 half_open_probes: 3,
             },
             limits: Limits {
-                max_concurrency: 1024,
+                max_in_flight: 1024,
                 max_queue: 1024,
+                queue_timeout: Duration::from_millis(100),
             },
         }
     }
@@ -281,6 +347,18 @@ impl Overrides {
         if let Some(t) = self.max_timeout {
             s.max_timeout = t;
         }
+        if let Some(m) = self.deadline_margin {
+            s.deadline_margin = m;
+        }
+        if let Some(t) = self.slow_threshold {
+            s.slow_threshold = Some(t);
+        }
+        if let Some(b) = self.idempotent {
+            s.idempotent = b;
+        }
+        if let Some(b) = self.refuse_hopeless {
+            s.refuse_hopeless = b;
+        }
         self.retry.apply_to(&mut s.retry);
         self.budget.apply_to(&mut s.budget);
         self.breaker.apply_to(&mut s.breaker);
@@ -292,15 +370,28 @@ impl Overrides {
         let mut o = Overrides {
             timeout: s.duration(p, "timeout", MAX_DURATION),
             max_timeout: s.duration(p, "max_timeout", MAX_DURATION),
+            deadline_margin: s.duration(p, "deadline_margin", Duration::from_secs(10)),
+            slow_threshold: s.duration(p, "slow_threshold", MAX_DURATION),
+            idempotent: s.boolean(p, "idempotent"),
+            refuse_hopeless: s.boolean(p, "refuse_hopeless"),
             ..Overrides::default()
         };
         if let Some(mut r) = s.table(p, "retry") {
             o.retry = RetryOverrides {
-                max_attempts: r.integer(p, "max_attempts", 1..=10).map(|n| n as u32),
+                max_attempts: r.count(p, "max_attempts", 1..=10),
                 initial_backoff: r.duration(p, "initial_backoff", MAX_DURATION),
                 max_backoff: r.duration(p, "max_backoff", MAX_DURATION),
                 multiplier: r.number(p, "multiplier", 1.0..=10.0),
-                jitter: r.number(p, "jitter", 0.0..=1.0),
+                jitter: r.string(p, "jitter").and_then(|j| {
+                    let parsed = Jitter::parse(&j);
+                    if parsed.is_none() {
+                        p.add(
+                            r.at("jitter"),
+                            format!("{j:?} is not one of {}", Jitter::NAMES.join(", ")),
+                        );
+                    }
+                    parsed
+                }),
                 retry_on: r.strings(p, "retry_on").map(|items| {
                     let path = r.at("retry_on");
                     items
@@ -326,9 +417,7 @@ impl Overrides {
             if let Some(mut b) = r.table(p, "budget") {
                 o.budget = BudgetOverrides {
                     ratio: b.number(p, "ratio", 0.0..=1.0),
-                    min_per_second: b
-                        .integer(p, "min_per_second", 0..=100_000)
-                        .map(|n| n as u32),
+                    min_per_sec: b.count(p, "min_per_sec", 0..=100_000),
                     window: b
                         .duration(p, "window", Duration::from_secs(60))
                         .filter(|w| {
@@ -346,22 +435,21 @@ impl Overrides {
         if let Some(mut b) = s.table(p, "breaker") {
             o.breaker = BreakerOverrides {
                 enabled: b.boolean(p, "enabled"),
+                consecutive_failures: b.count(p, "consecutive_failures", 1..=1_000_000),
                 failure_ratio: b.number(p, "failure_ratio", 0.0..=1.0),
-                min_requests: b
-                    .integer(p, "min_requests", 1..=1_000_000)
-                    .map(|n| n as u32),
+                min_requests: b.count(p, "min_requests", 1..=1_000_000),
                 window: b.duration(p, "window", MAX_DURATION),
                 open_for: b.duration(p, "open_for", MAX_DURATION),
-                half_open_probes: b.integer(p, "half_open_probes", 1..=1000).map(|n| n as u32),
+                max_open_for: b.duration(p, "max_open_for", MAX_DURATION),
+                half_open_probes: b.count(p, "half_open_probes", 1..=1000),
             };
             b.finish(p);
         }
         if let Some(mut l) = s.table(p, "limits") {
             o.limits = LimitOverrides {
-                max_concurrency: l
-                    .integer(p, "max_concurrency", 1..=1_000_000)
-                    .map(|n| n as u32),
-                max_queue: l.integer(p, "max_queue", 0..=1_000_000).map(|n| n as u32),
+                max_in_flight: l.count(p, "max_in_flight", 1..=1_000_000),
+                max_queue: l.count(p, "max_queue", 0..=1_000_000),
+                queue_timeout: l.duration(p, "queue_timeout", MAX_DURATION),
             };
             l.finish(p);
         }
@@ -385,6 +473,13 @@ impl Settings {
                 "retry.initial_backoff ({}) must be <= retry.max_backoff ({})",
                 super::format_duration(self.retry.initial_backoff),
                 super::format_duration(self.retry.max_backoff)
+            ));
+        }
+        if self.breaker.open_for > self.breaker.max_open_for {
+            out.push(format!(
+                "breaker.open_for ({}) must be <= breaker.max_open_for ({})",
+                super::format_duration(self.breaker.open_for),
+                super::format_duration(self.breaker.max_open_for)
             ));
         }
         if let Some(t) = self.retry.per_try_timeout

@@ -1,7 +1,31 @@
-//! Tower layers that keep calls calm, each generic over the inner service and ignorant of
-//! protos and models. Only the deadline layer exists so far; retries, breakers and limits
-//! join it here.
+//! Tower layers that keep calls calm, each generic over the inner service and the request,
+//! asking for what it needs through a small trait ([`failure`]), and testable alone on
+//! paused time.
+//!
+//! The stack of a method, outermost first (assembled in `server.rs`): [`DeadlineLayer`],
+//! [`LimitLayer`], [`RetryLayer`], [`BreakerLayer`], [`AttemptLayer`], then the backend.
+//! Failures are classified once, by [`classify`].
 
+mod attempt;
+mod backoff;
+mod breaker;
+mod budget;
+pub mod classify;
 mod deadline;
+pub mod failure;
+mod latency;
+mod limit;
+mod receipt;
+mod retry;
 
+pub use attempt::{AttemptLayer, AttemptService, AttemptTimedOut};
+pub use backoff::delay as backoff_delay;
+pub use breaker::{BreakerCell, BreakerLayer, BreakerOpen, BreakerService, BreakerState};
+pub use budget::RetryBudget;
+pub use classify::{ErrorClass, Handling, Origin, classify};
 pub use deadline::{Deadline, DeadlineExceeded, DeadlineFuture, DeadlineLayer, HasDeadline};
+pub use failure::{Failure, HasAttempt, HasBreaker, HasLimit, HasRetry, Pushback};
+pub use latency::Latency;
+pub use limit::{LimitLayer, LimitService, Limiter, Shed};
+pub use receipt::{Receipt, ReceiptData};
+pub use retry::{Hopeless, RetryLayer, RetryService};

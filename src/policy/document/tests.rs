@@ -120,7 +120,7 @@ fn every_problem_is_reported_at_once() {
         [defaults.retry]
         max_attempts = 11
         multiplier = 0.5
-        jitter = 2
+        jitter = "sometimes"
         retry_on = ["sometimes"]
         [defaults.retry.budget]
         ratio = 1.5
@@ -141,7 +141,7 @@ fn every_problem_is_reported_at_once() {
         "server.drain_timeout: duration \"soon\"",
         "defaults.retry.max_attempts: 11 is out of range: must be 1..=10",
         "defaults.retry.multiplier: 0.5 is out of range: must be 1..=10",
-        "defaults.retry.jitter: 2 is out of range: must be 0..=1",
+        "defaults.retry.jitter: \"sometimes\" is not one of full, equal, none",
         "defaults.retry.retry_on[0]: \"sometimes\" is neither an error class",
         "defaults.retry.budget.ratio: 1.5 is out of range: must be 0..=1",
         "methods.\"inference.GRPCInferenceService/ModelInfr\": unknown method",

@@ -1,0 +1,351 @@
+//! Fails a call fast while the circuit breaker of its (model, upstream) is open.
+//!
+//! State lives in a [`BreakerCell`] kept outside the policy snapshot (the router's
+//! registry), so it survives a swap; a swap that changes the breaker's settings gives it a
+//! fresh cell.
+//!
+//! # States
+//!
+//! 1. **Closed**: calls pass. It trips after `consecutive_failures` failures in a row, or
+//!    when the failure share over the window reaches `failure_ratio` once `min_requests`
+//!    calls were seen.
+//! 2. **Open**: calls fail at once with [`BreakerOpen`] for `open_for`, doubled on each
+//!    trip in a row, up to `max_open_for`.
+//! 3. **Half-open**: up to `half_open_probes` calls go through; when that many succeed the
+//!    breaker closes, and one failure opens it again.
+//!
+//! Only failures that say something about the upstream's health count (see
+//! [`Handling::trips_breaker`]): a client error is a healthy answer.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::classify::Handling;
+use super::failure::{Failure, HasBreaker};
+use crate::policy::Breaker;
+
+const BUCKETS: usize = 10;
+
+/// The call was refused because the breaker is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("circuit breaker open; next probe in {retry_after:?}")]
+pub struct BreakerOpen {
+    /// Time until the breaker lets a probe through.
+    pub retry_after: Duration,
+}
+
+/// The breaker's state, for logs and tests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Calls pass.
+    Closed,
+    /// Calls are refused.
+    Open,
+    /// Probes pass.
+    HalfOpen,
+}
+
+/// One breaker.
+#[derive(Debug)]
+pub struct BreakerCell {
+    settings: Breaker,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+enum Mode {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { in_flight: u32, succeeded: u32 },
+}
+
+#[derive(Debug)]
+struct Inner {
+    mode: Mode,
+    consecutive: u32,
+    /// Trips in a row without closing, for the growing open time.
+    trips: u32,
+    /// (successes, failures) per bucket of the window.
+    buckets: [(u64, u64); BUCKETS],
+    current: usize,
+    current_start: Instant,
+}
+
+/// Whether an admitted call is a half-open probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Admission {
+    probe: bool,
+}
+
+impl BreakerCell {
+    /// A closed breaker.
+    pub fn new(settings: Breaker) -> Self {
+        BreakerCell {
+            settings,
+            inner: Mutex::new(Inner {
+                mode: Mode::Closed,
+                consecutive: 0,
+                trips: 0,
+                buckets: [(0, 0); BUCKETS],
+                current: 0,
+                current_start: Instant::now(),
+            }),
+        }
+    }
+
+    /// The settings it was built with.
+    pub fn settings(&self) -> &Breaker {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        let mut inner = self.lock();
+        inner.refresh();
+        match inner.mode {
+            Mode::Closed => BreakerState::Closed,
+            Mode::Open { .. } => BreakerState::Open,
+            Mode::HalfOpen { .. } => BreakerState::HalfOpen,
+        }
+    }
+
+    /// Lets a call through, or refuses it.
+    pub fn admit(&self) -> Result<Admission, BreakerOpen> {
+        let mut inner = self.lock();
+        inner.refresh();
+        match &mut inner.mode {
+            Mode::Closed => Ok(Admission { probe: false }),
+            Mode::Open { until } => Err(BreakerOpen {
+                retry_after: until.saturating_duration_since(Instant::now()),
+            }),
+            Mode::HalfOpen { in_flight, .. } => {
+                if *in_flight < self.settings.half_open_probes {
+                    *in_flight += 1;
+                    Ok(Admission { probe: true })
+                } else {
+                    // The probes are out; their answers decide soon.
+                    Err(BreakerOpen {
+                        retry_after: Duration::from_millis(100),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Records the outcome of an admitted call: `healthy` unless it failed in a way that
+    /// counts against the upstream.
+    pub fn record(&self, admission: Admission, healthy: bool) {
+        let mut inner = self.lock();
+        inner.refresh();
+        let s = &self.settings;
+        enum Next {
+            Trip,
+            Close,
+            Count,
+            Nothing,
+        }
+        let next = match &mut inner.mode {
+            Mode::HalfOpen {
+                in_flight,
+                succeeded,
+            } if admission.probe => {
+                *in_flight = in_flight.saturating_sub(1);
+                if !healthy {
+                    Next::Trip
+                } else {
+                    *succeeded += 1;
+                    if *succeeded >= s.half_open_probes {
+                        Next::Close
+                    } else {
+                        Next::Nothing
+                    }
+                }
+            }
+            Mode::Closed => Next::Count,
+            // A call admitted before the breaker opened, or a non-probe in half-open: its
+            // outcome is old news.
+            _ => Next::Nothing,
+        };
+        match next {
+            Next::Trip => inner.trip(s),
+            Next::Close => inner.close(),
+            Next::Nothing => {}
+            Next::Count => {
+                inner.advance(s.window);
+                let at = inner.current;
+                if healthy {
+                    inner.buckets[at].0 += 1;
+                    inner.consecutive = 0;
+                } else {
+                    inner.buckets[at].1 += 1;
+                    inner.consecutive += 1;
+                    let (ok, failed) = inner
+                        .buckets
+                        .iter()
+                        .fold((0u64, 0u64), |(a, b), x| (a + x.0, b + x.1));
+                    let total = ok + failed;
+                    let by_ratio = total >= u64::from(s.min_requests)
+                        && failed as f64 >= s.failure_ratio * total as f64;
+                    if inner.consecutive >= s.consecutive_failures || by_ratio {
+                        inner.trip(s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Moves an open breaker whose time is up to half-open.
+    fn refresh(&mut self) {
+        if let Mode::Open { until } = self.mode
+            && Instant::now() >= until
+        {
+            self.mode = Mode::HalfOpen {
+                in_flight: 0,
+                succeeded: 0,
+            };
+        }
+    }
+
+    fn trip(&mut self, s: &Breaker) {
+        self.trips += 1;
+        let factor = 2u32.saturating_pow(self.trips.saturating_sub(1).min(16));
+        let open_for = s.open_for.saturating_mul(factor).min(s.max_open_for);
+        self.mode = Mode::Open {
+            until: Instant::now() + open_for,
+        };
+        self.consecutive = 0;
+        self.buckets = [(0, 0); BUCKETS];
+    }
+
+    fn close(&mut self) {
+        self.mode = Mode::Closed;
+        self.trips = 0;
+        self.consecutive = 0;
+        self.buckets = [(0, 0); BUCKETS];
+        self.current_start = Instant::now();
+    }
+
+    /// Moves the window to now, clearing buckets that fell out of it.
+    fn advance(&mut self, window: Duration) {
+        let width = (window / BUCKETS as u32).max(Duration::from_millis(1));
+        let elapsed = Instant::now().saturating_duration_since(self.current_start);
+        let steps = (elapsed.as_nanos() / width.as_nanos()) as usize;
+        for _ in 0..steps.min(BUCKETS) {
+            self.current = (self.current + 1) % BUCKETS;
+            self.buckets[self.current] = (0, 0);
+        }
+        if steps > 0 {
+            self.current_start += width * u32::try_from(steps).unwrap_or(u32::MAX);
+        }
+    }
+}
+
+/// Applies [`BreakerService`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BreakerLayer;
+
+impl<S> Layer<S> for BreakerLayer {
+    type Service = BreakerService<S>;
+    fn layer(&self, inner: S) -> BreakerService<S> {
+        BreakerService { inner }
+    }
+}
+
+/// Refuses calls while the request's breaker is open and feeds it every outcome.
+#[derive(Clone, Debug)]
+pub struct BreakerService<S> {
+    inner: S,
+}
+
+impl<S, R> Service<R> for BreakerService<S>
+where
+    S: Service<R>,
+    S::Error: Failure + From<BreakerOpen>,
+    R: HasBreaker,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BreakerFuture<S::Future, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: R) -> Self::Future {
+        let Some(cell) = req.breaker().cloned() else {
+            return BreakerFuture::Passing {
+                fut: self.inner.call(req),
+            };
+        };
+        match cell.admit() {
+            Ok(admission) => BreakerFuture::Called {
+                fut: self.inner.call(req),
+                cell,
+                admission,
+            },
+            Err(open) => BreakerFuture::Rejected {
+                error: Some(open.into()),
+            },
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`BreakerService`].
+    #[project = Proj]
+    pub enum BreakerFuture<F, E> {
+        /// No breaker for this call.
+        Passing { #[pin] fut: F },
+        /// Admitted; the outcome is recorded.
+        Called { #[pin] fut: F, cell: Arc<BreakerCell>, admission: Admission },
+        /// Refused.
+        Rejected { error: Option<E> },
+    }
+}
+
+impl<F, T, E> Future for BreakerFuture<F, E>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Failure,
+{
+    type Output = Result<T, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            Proj::Passing { fut } => fut.poll(cx),
+            Proj::Called {
+                fut,
+                cell,
+                admission,
+            } => {
+                let out = std::task::ready!(fut.poll(cx));
+                let healthy = match &out {
+                    Ok(_) => true,
+                    Err(e) => !e.class().trips_breaker(),
+                };
+                cell.record(*admission, healthy);
+                Poll::Ready(out)
+            }
+            Proj::Rejected { error } => match error.take() {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

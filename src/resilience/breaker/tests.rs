@@ -1,0 +1,209 @@
+//! The breaker's states on paused time, alone and as a layer over a mock service.
+
+use std::time::Duration;
+
+use tower::{Service, ServiceExt, service_fn};
+
+use super::*;
+use crate::policy::{ErrorClass, Settings};
+use crate::resilience::failure::Failure;
+
+fn settings() -> Breaker {
+    Breaker {
+        consecutive_failures: 5,
+        min_requests: 1000,
+        open_for: Duration::from_secs(5),
+        max_open_for: Duration::from_secs(20),
+        half_open_probes: 2,
+        ..Settings::default().breaker
+    }
+}
+
+fn fail(cell: &BreakerCell, n: u32) {
+    for _ in 0..n {
+        let a = cell.admit().unwrap();
+        cell.record(a, false);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn opens_after_five_consecutive_failures_then_half_opens_and_closes() {
+    let cell = BreakerCell::new(settings());
+    fail(&cell, 4);
+    assert_eq!(cell.state(), BreakerState::Closed);
+    let ok = cell.admit().unwrap();
+    cell.record(ok, true);
+    fail(&cell, 4);
+    assert_eq!(
+        cell.state(),
+        BreakerState::Closed,
+        "a success resets the count"
+    );
+    fail(&cell, 1);
+    assert_eq!(cell.state(), BreakerState::Open);
+    let refused = cell.admit().unwrap_err();
+    assert_eq!(refused.retry_after, Duration::from_secs(5));
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    assert_eq!(cell.state(), BreakerState::HalfOpen);
+    let p1 = cell.admit().unwrap();
+    let p2 = cell.admit().unwrap();
+    assert!(cell.admit().is_err(), "only two probes at once");
+    cell.record(p1, true);
+    assert_eq!(cell.state(), BreakerState::HalfOpen);
+    cell.record(p2, true);
+    assert_eq!(cell.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_reopens_for_longer_up_to_the_cap() {
+    let cell = BreakerCell::new(settings());
+    fail(&cell, 5);
+    let mut expected = [5, 10, 20, 20].into_iter();
+    for _ in 0..4 {
+        let open = cell.admit().unwrap_err().retry_after;
+        assert_eq!(open, Duration::from_secs(expected.next().unwrap()));
+        tokio::time::advance(open).await;
+        let probe = cell.admit().unwrap();
+        cell.record(probe, false);
+        assert_eq!(cell.state(), BreakerState::Open);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn trips_on_the_failure_ratio_once_min_requests_is_reached() {
+    let cell = BreakerCell::new(Breaker {
+        consecutive_failures: 1000,
+        min_requests: 10,
+        failure_ratio: 0.5,
+        ..settings()
+    });
+    for i in 0..9 {
+        let a = cell.admit().unwrap();
+        cell.record(a, i % 2 == 0);
+    }
+    assert_eq!(
+        cell.state(),
+        BreakerState::Closed,
+        "9 calls: below min_requests"
+    );
+    let a = cell.admit().unwrap();
+    cell.record(a, false);
+    assert_eq!(cell.state(), BreakerState::Open, "5 of 10 failed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn old_failures_leave_the_window() {
+    let cell = BreakerCell::new(Breaker {
+        consecutive_failures: 1000,
+        min_requests: 4,
+        failure_ratio: 0.5,
+        window: Duration::from_secs(10),
+        ..settings()
+    });
+    fail(&cell, 3);
+    tokio::time::advance(Duration::from_secs(11)).await;
+    for _ in 0..3 {
+        let a = cell.admit().unwrap();
+        cell.record(a, true);
+    }
+    fail(&cell, 1);
+    assert_eq!(
+        cell.state(),
+        BreakerState::Closed,
+        "1 failure of 4 in the window"
+    );
+}
+
+#[derive(Debug, PartialEq)]
+enum E {
+    Upstream(ErrorClass),
+    Open(BreakerOpen),
+}
+
+impl Failure for E {
+    fn class(&self) -> ErrorClass {
+        match self {
+            E::Upstream(c) => *c,
+            E::Open(_) => ErrorClass::LocalRejection,
+        }
+    }
+    fn code(&self) -> tonic::Code {
+        tonic::Code::Unavailable
+    }
+}
+
+impl From<BreakerOpen> for E {
+    fn from(o: BreakerOpen) -> Self {
+        E::Open(o)
+    }
+}
+
+struct Req(Option<Arc<BreakerCell>>, Breaker);
+
+impl HasBreaker for Req {
+    fn breaker(&self) -> Option<&Arc<BreakerCell>> {
+        self.0.as_ref()
+    }
+    fn breaker_settings(&self) -> &Breaker {
+        &self.1
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_fails_fast_when_open_and_client_errors_do_not_count() {
+    let cell = Arc::new(BreakerCell::new(settings()));
+    let mut answers = vec![
+        Err(E::Upstream(ErrorClass::ClientError)),
+        Err(E::Upstream(ErrorClass::Transient)),
+    ];
+    let mut svc = BreakerLayer.layer(service_fn(move |_r: Req| {
+        let a = answers.pop().unwrap_or(Ok("ok"));
+        async move { a }
+    }));
+    // Answers are popped from the end: a transient failure, a client error, then success.
+    let req = || Req(Some(cell.clone()), settings());
+    assert_eq!(
+        svc.ready().await.unwrap().call(req()).await,
+        Err(E::Upstream(ErrorClass::Transient))
+    );
+    assert_eq!(
+        svc.ready().await.unwrap().call(req()).await,
+        Err(E::Upstream(ErrorClass::ClientError))
+    );
+    assert_eq!(cell.state(), BreakerState::Closed);
+
+    let mut failing = BreakerLayer.layer(service_fn(|_r: Req| async {
+        Err::<&str, _>(E::Upstream(ErrorClass::ServerBug))
+    }));
+    for _ in 0..5 {
+        let _ = failing.ready().await.unwrap().call(req()).await;
+    }
+    assert_eq!(cell.state(), BreakerState::Open);
+    let out = failing.ready().await.unwrap().call(req()).await;
+    assert!(matches!(out, Err(E::Open(BreakerOpen { .. }))), "{out:?}");
+
+    let mut client_errors = BreakerLayer.layer(service_fn(|_r: Req| async {
+        Err::<&str, _>(E::Upstream(ErrorClass::ClientError))
+    }));
+    tokio::time::advance(Duration::from_secs(5)).await;
+    for _ in 0..2 {
+        let _ = client_errors.ready().await.unwrap().call(req()).await;
+    }
+    assert_eq!(
+        cell.state(),
+        BreakerState::Closed,
+        "client errors are healthy answers"
+    );
+    let none = client_errors
+        .ready()
+        .await
+        .unwrap()
+        .call(Req(None, settings()))
+        .await;
+    assert_eq!(
+        none,
+        Err(E::Upstream(ErrorClass::ClientError)),
+        "no breaker: passes"
+    );
+}

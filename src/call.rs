@@ -1,5 +1,6 @@
 //! What travels with every call from the edge to the backend: request id, deadline, the
-//! client metadata to pass on, and the policy snapshot the call took at its start.
+//! client metadata to pass on, the policy snapshot and route the call took at its start,
+//! and the receipt its resilience layers fill in.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,21 +8,31 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
-use crate::policy::Snapshot;
+use crate::policy::{Breaker, Retry, Snapshot};
+use crate::resilience::{
+    BreakerCell, HasAttempt, HasBreaker, HasDeadline, HasLimit, HasRetry, Latency, Limiter,
+    Receipt, RetryBudget,
+};
+use crate::route::Route;
 
-/// Per-call context, built once at the edge.
-#[derive(Clone, Debug)]
+/// Per-call context, built once at the edge and shared by every attempt.
+#[derive(Debug)]
 pub struct CallContext {
     /// The `x-request-id` the client sent, or one Keel generated.
     pub request_id: Arc<str>,
-    /// When the call must be answered: the client's deadline or the policy default.
+    /// When the call must be answered: the smallest of the client's deadline, the method's
+    /// `timeout` and `max_timeout`.
     pub deadline: Instant,
-    /// The time the call had when it arrived (for error messages).
+    /// The time the call had when it arrived.
     pub budget: Duration,
     /// Client metadata to forward upstream (hop-by-hop and transport headers removed).
     pub metadata: MetadataMap,
     /// The policy this call uses from start to end, whatever is swapped in meanwhile.
     pub snapshot: Arc<Snapshot>,
+    /// Where the call goes, with its settings and the resilience state of its target.
+    pub route: Route,
+    /// What the resilience layers did, for the client.
+    pub receipt: Receipt,
 }
 
 impl CallContext {
@@ -31,13 +42,64 @@ impl CallContext {
     }
 }
 
-/// A request body with its context.
-#[derive(Clone, Debug)]
+/// One attempt of a call: cheap to clone (two reference counts), so retries copy nothing.
+#[derive(Debug)]
 pub struct Call<T> {
     /// The context.
-    pub ctx: CallContext,
+    pub ctx: Arc<CallContext>,
     /// The request.
-    pub body: T,
+    pub body: Arc<T>,
+    /// Which attempt this is, 1 for the first.
+    pub attempt: u32,
+    /// When this attempt must end, if a per-try timeout applies.
+    pub attempt_deadline: Option<Instant>,
+}
+
+impl<T> Clone for Call<T> {
+    fn clone(&self) -> Self {
+        Call {
+            ctx: self.ctx.clone(),
+            body: self.body.clone(),
+            attempt: self.attempt,
+            attempt_deadline: self.attempt_deadline,
+        }
+    }
+}
+
+impl<T> Call<T> {
+    /// The first attempt of a call.
+    pub fn new(ctx: Arc<CallContext>, body: T) -> Self {
+        Call {
+            ctx,
+            body: Arc::new(body),
+            attempt: 1,
+            attempt_deadline: None,
+        }
+    }
+
+    /// The same attempt with another body (a query derived from the request).
+    pub fn with_body<U>(&self, body: Arc<U>) -> Call<U> {
+        Call {
+            ctx: self.ctx.clone(),
+            body,
+            attempt: self.attempt,
+            attempt_deadline: self.attempt_deadline,
+        }
+    }
+
+    /// Time this attempt may take: until the call's deadline less the policy's margin (so
+    /// Keel can still answer after the upstream gives up), or the per-try deadline if
+    /// sooner. Zero when nothing is left.
+    pub fn attempt_budget(&self) -> Duration {
+        let margin = self.ctx.route.settings.deadline_margin;
+        let call_end = self
+            .ctx
+            .deadline
+            .checked_sub(margin)
+            .unwrap_or(self.ctx.deadline);
+        let end = self.attempt_deadline.map_or(call_end, |a| a.min(call_end));
+        end.saturating_duration_since(Instant::now())
+    }
 }
 
 /// A model and optional version, as the metadata RPCs name them.
@@ -49,11 +111,65 @@ pub struct ModelRef {
     pub version: String,
 }
 
-impl<T> crate::resilience::HasDeadline for Call<T> {
+impl<T> HasDeadline for Call<T> {
     fn deadline(&self) -> Instant {
         self.ctx.deadline
     }
     fn budget(&self) -> Duration {
         self.ctx.budget
+    }
+}
+
+impl<T> HasRetry for Call<T> {
+    fn retry(&self) -> &Retry {
+        &self.ctx.route.settings.retry
+    }
+    fn idempotent(&self) -> bool {
+        self.ctx.route.settings.idempotent
+    }
+    fn jitter_seed(&self) -> (&str, u64) {
+        (&self.ctx.request_id, self.ctx.snapshot.revision)
+    }
+    fn retry_budget(&self) -> &RetryBudget {
+        &self.ctx.route.target.budget
+    }
+    fn receipt(&self) -> &Receipt {
+        &self.ctx.receipt
+    }
+    fn latency(&self) -> &Latency {
+        &self.ctx.route.target.latency
+    }
+    fn refuse_hopeless(&self) -> bool {
+        self.ctx.route.settings.refuse_hopeless
+    }
+    fn set_attempt(&mut self, n: u32) {
+        self.attempt = n;
+    }
+}
+
+impl<T> HasBreaker for Call<T> {
+    fn breaker(&self) -> Option<&Arc<BreakerCell>> {
+        self.ctx.route.target.breaker.as_ref()
+    }
+    fn breaker_settings(&self) -> &Breaker {
+        &self.ctx.route.settings.breaker
+    }
+}
+
+impl<T> HasLimit for Call<T> {
+    fn limiter(&self) -> &Arc<Limiter> {
+        &self.ctx.route.limiter
+    }
+}
+
+impl<T> HasAttempt for Call<T> {
+    fn per_try_timeout(&self) -> Option<Duration> {
+        self.ctx.route.settings.retry.per_try_timeout
+    }
+    fn set_attempt_deadline(&mut self, at: Instant) {
+        self.attempt_deadline = Some(at);
+    }
+    fn latency(&self) -> &Arc<Latency> {
+        &self.ctx.route.target.latency
     }
 }

@@ -1,10 +1,16 @@
 //! What can go wrong with a call, as one enum whose variants say what happened.
 //!
-//! The gRPC status a client sees is chosen in one place, `api::status`, from these variants.
+//! Each variant has one class in the error taxonomy ([`Error::class`], through
+//! `resilience::classify`) and one status code ([`Error::code`]); `api::status` builds the
+//! client's status from them.
 
 use std::time::Duration;
 
 use crate::model::InvalidRequest;
+use crate::resilience::{
+    AttemptTimedOut, BreakerOpen, DeadlineExceeded, ErrorClass, Failure, Hopeless, Origin,
+    Pushback, Shed, classify,
+};
 
 /// A failed call.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -35,6 +41,8 @@ pub enum Error {
         upstream: String,
         /// What the transport said.
         detail: String,
+        /// The connection was refused, so the request never reached the upstream.
+        never_sent: bool,
     },
     /// The upstream answered with an error status; its code is passed on.
     #[error("upstream '{upstream}': {message}")]
@@ -45,6 +53,8 @@ pub enum Error {
         code: tonic::Code,
         /// The upstream's message.
         message: String,
+        /// What the upstream said about retrying (`grpc-retry-pushback-ms`).
+        pushback: Pushback,
     },
     /// The upstream answered something Keel cannot use (a malformed tensor, for example).
     #[error("upstream '{upstream}' sent an invalid answer: {detail}")]
@@ -60,6 +70,24 @@ pub enum Error {
         /// The time the call had.
         budget: Duration,
     },
+    /// The deadline is shorter than the fastest answer the model has given.
+    #[error("deadline exceeded before sending: {0}")]
+    Hopeless(Hopeless),
+    /// One attempt ran out of its per-try timeout.
+    #[error("{0}")]
+    AttemptTimeout(AttemptTimedOut),
+    /// The breaker of the call's (model, upstream) is open. The edge names both.
+    #[error("{0}")]
+    BreakerOpen(BreakerOpen),
+    /// Too many calls for the model: shed. The edge names the model.
+    #[error("{0}")]
+    Overloaded(Shed),
+    /// Keel as a whole has too many calls in flight.
+    #[error("Keel is at its limit of {max_in_flight} calls in flight")]
+    GatewayOverloaded {
+        /// The limit (`server.max_in_flight`).
+        max_in_flight: u32,
+    },
 }
 
 impl Error {
@@ -72,13 +100,139 @@ impl Error {
             Error::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             Error::UpstreamStatus { .. } => "UPSTREAM_ERROR",
             Error::UpstreamProtocol { .. } => "UPSTREAM_PROTOCOL",
-            Error::DeadlineExceeded { .. } => "DEADLINE_EXCEEDED",
+            Error::DeadlineExceeded { .. } | Error::Hopeless(_) => "DEADLINE_EXCEEDED",
+            Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
+            Error::BreakerOpen(_) => "BREAKER_OPEN",
+            Error::Overloaded(_) | Error::GatewayOverloaded { .. } => "OVERLOADED",
+        }
+    }
+
+    /// Where the failure came from, for classification.
+    fn origin(&self) -> Origin {
+        match self {
+            Error::ModelNotFound { .. }
+            | Error::VersionNotFound { .. }
+            | Error::InvalidRequest(_) => Origin::Request,
+            Error::UpstreamUnavailable { .. } => Origin::Transport,
+            Error::UpstreamStatus { code, .. } => Origin::Upstream(*code),
+            Error::UpstreamProtocol { .. } => Origin::Protocol,
+            Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Origin::Deadline,
+            Error::AttemptTimeout(_) => Origin::AttemptTimeout,
+            Error::BreakerOpen(_) | Error::Overloaded(_) | Error::GatewayOverloaded { .. } => {
+                Origin::LocalRejection
+            }
+        }
+    }
+
+    /// The status code the client sees: the one place it is chosen.
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => Code::NotFound,
+            Error::InvalidRequest(_) => Code::InvalidArgument,
+            Error::UpstreamUnavailable { .. } | Error::BreakerOpen(_) => Code::Unavailable,
+            Error::UpstreamStatus { code, .. } => *code,
+            Error::UpstreamProtocol { .. } => Code::Internal,
+            Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Code::DeadlineExceeded,
+            // An attempt's timeout that ends the call: the upstream did not answer in time.
+            Error::AttemptTimeout(_) => Code::Unavailable,
+            Error::Overloaded(_) | Error::GatewayOverloaded { .. } => Code::ResourceExhausted,
+        }
+    }
+
+    /// When a retry later makes sense, how long to wait (`google.rpc.RetryInfo`).
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::BreakerOpen(open) => Some(open.retry_after),
+            Error::Overloaded(shed) => Some(shed.retry_after),
+            Error::GatewayOverloaded { .. } => Some(Duration::from_millis(100)),
+            Error::UpstreamStatus {
+                pushback: Pushback::After(d),
+                ..
+            } => Some(*d),
+            _ => None,
+        }
+    }
+
+    /// The upstream involved, if any.
+    pub fn upstream(&self) -> Option<&str> {
+        match self {
+            Error::UpstreamUnavailable { upstream, .. }
+            | Error::UpstreamStatus { upstream, .. }
+            | Error::UpstreamProtocol { upstream, .. } => Some(upstream),
+            _ => None,
+        }
+    }
+
+    /// The model involved, if any.
+    pub fn model(&self) -> Option<&str> {
+        match self {
+            Error::ModelNotFound { model } | Error::VersionNotFound { model, .. } => Some(model),
+            _ => None,
         }
     }
 }
 
-impl From<crate::resilience::DeadlineExceeded> for Error {
-    fn from(e: crate::resilience::DeadlineExceeded) -> Self {
+impl Failure for Error {
+    fn class(&self) -> ErrorClass {
+        let pushback = matches!(
+            self,
+            Error::UpstreamStatus {
+                pushback: Pushback::After(_) | Pushback::Stop,
+                ..
+            }
+        );
+        classify(self.origin(), pushback)
+    }
+
+    fn code(&self) -> tonic::Code {
+        Error::code(self)
+    }
+
+    fn pushback(&self) -> Pushback {
+        match self {
+            Error::UpstreamStatus { pushback, .. } => *pushback,
+            _ => Pushback::None,
+        }
+    }
+
+    fn never_sent(&self) -> bool {
+        matches!(
+            self,
+            Error::UpstreamUnavailable {
+                never_sent: true,
+                ..
+            }
+        )
+    }
+}
+
+impl From<DeadlineExceeded> for Error {
+    fn from(e: DeadlineExceeded) -> Self {
         Error::DeadlineExceeded { budget: e.budget }
+    }
+}
+
+impl From<Hopeless> for Error {
+    fn from(e: Hopeless) -> Self {
+        Error::Hopeless(e)
+    }
+}
+
+impl From<BreakerOpen> for Error {
+    fn from(e: BreakerOpen) -> Self {
+        Error::BreakerOpen(e)
+    }
+}
+
+impl From<Shed> for Error {
+    fn from(e: Shed) -> Self {
+        Error::Overloaded(e)
+    }
+}
+
+impl From<AttemptTimedOut> for Error {
+    fn from(e: AttemptTimedOut) -> Self {
+        Error::AttemptTimeout(e)
     }
 }

@@ -30,12 +30,13 @@ use tower::ServiceBuilder;
 use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
-use crate::api::{CallService, InferenceApi, Stacks, oversize};
+use crate::api::{CallService, InferenceApi, Stacks, oversize, receipt};
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, read_file, watch};
 use crate::resilience::DeadlineLayer;
-use crate::route::{self, Dispatch, Router};
+use crate::resilience::{AttemptLayer, BreakerLayer, LimitLayer, RetryLayer};
+use crate::route::{self, Deliver, Router};
 use crate::upstream::Operation;
 use crate::upstream::embedded::Embedded;
 
@@ -97,12 +98,20 @@ pub struct Keel {
 }
 
 /// The tower stack of one per-model method, outermost layer first.
-fn stack<Op: Operation>(router: &Arc<Router>) -> CallService<Op> {
+fn stack<Op: Operation>() -> CallService<Op> {
     let svc = ServiceBuilder::new()
-        // Outermost, so the whole call (and later every retry) shares the client's one
-        // deadline, and the client hears DEADLINE_EXCEEDED rather than CANCELLED.
+        // Outermost, so the whole call (queueing, every attempt and every wait) shares the
+        // client's one deadline, and the client hears DEADLINE_EXCEEDED, not CANCELLED.
         .layer(DeadlineLayer)
-        .service(Dispatch::<Op>::new(router.clone()));
+        // A slot of the model is held across retries: retries never add concurrency.
+        .layer(LimitLayer)
+        // Retry sees BreakerOpen as a local rejection and does not retry it.
+        .layer(RetryLayer)
+        // Per attempt, so each attempt's outcome feeds the breaker.
+        .layer(BreakerLayer)
+        // Innermost: bounds one attempt and measures it for the latency estimate.
+        .layer(AttemptLayer)
+        .service(Deliver::<Op>::new());
     BoxCloneSyncService::new(svc)
 }
 
@@ -220,11 +229,11 @@ impl Keel {
         let serving = Arc::new(AtomicBool::new(true));
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let stacks = Stacks {
-            infer: stack(&self.router),
-            ready: stack(&self.router),
-            metadata: stack(&self.router),
-            config: stack(&self.router),
-            statistics: stack(&self.router),
+            infer: stack(),
+            ready: stack(),
+            metadata: stack(),
+            config: stack(),
+            statistics: stack(),
         };
         let api = InferenceApi::new(
             stacks,
@@ -232,6 +241,7 @@ impl Keel {
             self.router.clone(),
             serving.clone(),
             cut_rx,
+            first.policy.server.max_in_flight,
         );
         let api = GrpcInferenceServiceServer::new(api)
             .max_decoding_message_size(max)
@@ -292,6 +302,7 @@ impl Keel {
         );
         let server = Server::builder()
             .layer(MapResponseLayer::new(oversize::fix_response))
+            .layer(MapResponseLayer::new(receipt::move_to_trailers))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)

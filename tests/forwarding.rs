@@ -252,7 +252,7 @@ async fn a_slow_upstream_gives_deadline_exceeded_not_cancelled() {
     let mut client = front.client().await;
     let s = client.model_infer(simple_request()).await.unwrap_err();
     assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
-    assert_eq!(s.message(), "deadline of 200ms exceeded");
+    assert_eq!(s.message(), "deadline of 200ms exceeded after 1 attempt(s)");
     assert_eq!(up.seen().len(), 1, "the upstream was called once");
     front.stop().await.unwrap();
 }
@@ -264,7 +264,10 @@ async fn upstream_statuses_pass_through_with_the_upstream_named() {
         fail: Some((Code::ResourceExhausted, "queue full".into())),
     });
     let (addr, _stop) = up.serve().await;
-    let front = Keel::with_config(&forward_config(addr, &["simple"])).await;
+    // One attempt and no breaker: this test is about what passes through.
+    let mut toml = forward_config(addr, &["simple"]);
+    toml.push_str("[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nenabled = false\n");
+    let front = Keel::with_config(&toml).await;
     let mut client = front.client().await;
     let s = client.model_infer(simple_request()).await.unwrap_err();
     assert_eq!(s.code(), Code::ResourceExhausted);

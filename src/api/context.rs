@@ -9,6 +9,8 @@ use tonic::metadata::MetadataMap;
 
 use crate::call::CallContext;
 use crate::policy::Snapshot;
+use crate::resilience::Receipt;
+use crate::route::Route;
 use crate::upstream::grpc::REQUEST_ID;
 
 /// Headers that belong to one hop or to the transport and are never forwarded. The request
@@ -80,16 +82,16 @@ impl EdgeContext {
         }
     }
 
-    /// The context of one call to `method` for `model` starting now, under `snapshot`:
-    /// the client's deadline capped at the policy's `max_timeout`, or the policy's
-    /// `timeout` from now when the client sent none.
-    pub fn call(&self, snapshot: &Arc<Snapshot>, method: &str, model: Option<&str>) -> CallContext {
-        let settings = snapshot.policy.resolve(method, model);
+    /// The context of one call starting now, under `snapshot`, taking `route`: its deadline
+    /// is the smallest of the client's, the route's `timeout` and `max_timeout`, so no call
+    /// is without one.
+    pub fn call(&self, snapshot: &Arc<Snapshot>, route: Route) -> CallContext {
+        let s = &route.settings;
         let now = Instant::now();
+        let cap = s.timeout.min(s.max_timeout);
         let (deadline, budget) = match self.client_deadline {
-            Some((deadline, budget)) if budget <= settings.max_timeout => (deadline, budget),
-            Some(_) => (now + settings.max_timeout, settings.max_timeout),
-            None => (now + settings.timeout, settings.timeout),
+            Some((deadline, budget)) if budget <= cap => (deadline, budget),
+            _ => (now + cap, cap),
         };
         CallContext {
             request_id: self.request_id.clone(),
@@ -97,6 +99,8 @@ impl EdgeContext {
             budget,
             metadata: self.metadata.clone(),
             snapshot: snapshot.clone(),
+            route,
+            receipt: Receipt::default(),
         }
     }
 }
@@ -158,7 +162,7 @@ mod tests {
         );
         let edge = EdgeContext::from_metadata(&md);
         assert_eq!(&*edge.request_id, "abc");
-        let ctx = edge.call(&default_snapshot(), INFER, None);
+        let ctx = call(&edge, &default_snapshot(), "simple");
         assert_eq!(ctx.budget, Duration::from_millis(250));
         assert_eq!(ctx.remaining(), Duration::from_millis(250));
         assert_eq!(ctx.metadata.get("traceparent").unwrap(), "00-1-2-01");
@@ -176,41 +180,46 @@ mod tests {
     async fn a_missing_request_id_is_generated_and_a_missing_deadline_defaults() {
         let edge = EdgeContext::from_metadata(&MetadataMap::new());
         assert_eq!(edge.request_id.len(), 36, "a UUID");
-        let ctx = edge.call(&default_snapshot(), INFER, None);
+        let ctx = call(&edge, &default_snapshot(), "simple");
         assert_eq!(ctx.remaining(), Duration::from_secs(30));
         assert_eq!(ctx.snapshot.revision, 1);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_policy_sets_the_default_and_caps_the_clients_deadline() {
+    async fn the_deadline_is_the_smallest_of_the_clients_the_timeout_and_the_cap() {
         let store = crate::policy::Store::with_default();
         store
             .apply(
-                "[defaults]\ntimeout = \"2s\"\nmax_timeout = \"10s\"\n[models.iris]\nbackend = \"embedded\"\ntimeout = \"1s\"\n",
+                "[defaults]\ntimeout = \"2s\"\nmax_timeout = \"10s\"\n[models.iris]\nbackend = \"embedded\"\ntimeout = \"1s\"\n[models.simple]\nbackend = \"embedded\"\n",
                 crate::policy::Source::Admin { principal: "t".into() },
                 None,
             )
             .unwrap();
         let snap = store.current();
         let none = EdgeContext::from_metadata(&MetadataMap::new());
-        assert_eq!(none.call(&snap, INFER, None).budget, Duration::from_secs(2));
         assert_eq!(
-            none.call(&snap, INFER, Some("iris")).budget,
-            Duration::from_secs(1)
+            call(&none, &snap, "simple").budget,
+            Duration::from_secs(2),
+            "the default"
+        );
+        assert_eq!(
+            call(&none, &snap, "iris").budget,
+            Duration::from_secs(1),
+            "the model's"
         );
         let mut md = MetadataMap::new();
         md.insert("grpc-timeout", "60S".parse().unwrap());
         let long = EdgeContext::from_metadata(&md);
         assert_eq!(
-            long.call(&snap, INFER, None).budget,
-            Duration::from_secs(10),
-            "capped"
+            call(&long, &snap, "simple").budget,
+            Duration::from_secs(2),
+            "capped by timeout"
         );
-        md.insert("grpc-timeout", "5S".parse().unwrap());
+        md.insert("grpc-timeout", "500m".parse().unwrap());
         let short = EdgeContext::from_metadata(&md);
         assert_eq!(
-            short.call(&snap, INFER, None).budget,
-            Duration::from_secs(5),
+            call(&short, &snap, "simple").budget,
+            Duration::from_millis(500),
             "the client's"
         );
     }
@@ -219,5 +228,14 @@ mod tests {
 
     fn default_snapshot() -> Arc<Snapshot> {
         crate::policy::Store::with_default().current()
+    }
+
+    fn call(edge: &EdgeContext, snapshot: &Arc<Snapshot>, model: &str) -> CallContext {
+        let router = crate::route::Router::new(crate::upstream::embedded::Embedded::new(), 1 << 20);
+        let route = router
+            .routes(snapshot)
+            .route(INFER, model, "", "r")
+            .unwrap();
+        edge.call(snapshot, route)
     }
 }

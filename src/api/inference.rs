@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{Stream, StreamExt as _};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
 
 use super::context::EdgeContext;
-use super::{oversize, status};
-use crate::call::{Call, ModelRef};
+use super::{oversize, receipt, status};
+use crate::call::{Call, CallContext, ModelRef};
 use crate::error::Error;
 use crate::model::InferRequest;
 use crate::pb::{self, inference as proto};
@@ -74,6 +74,9 @@ pub struct InferenceApi {
     serving: Arc<AtomicBool>,
     /// Becomes true when the drain timeout passes: calls still running are cut.
     cut: watch::Receiver<bool>,
+    /// Keel-wide slots for calls in flight (`server.max_in_flight`).
+    gate: Arc<Semaphore>,
+    max_in_flight: u32,
 }
 
 /// Completes when `cut` becomes true (never, if its sender is dropped without cutting).
@@ -102,6 +105,7 @@ impl InferenceApi {
         router: Arc<Router>,
         serving: Arc<AtomicBool>,
         cut: watch::Receiver<bool>,
+        max_in_flight: u32,
     ) -> Self {
         InferenceApi {
             stacks,
@@ -109,6 +113,8 @@ impl InferenceApi {
             router,
             serving,
             cut,
+            gate: Arc::new(Semaphore::new(max_in_flight as usize)),
+            max_in_flight,
         }
     }
 
@@ -120,20 +126,58 @@ impl InferenceApi {
         }
     }
 
-    /// Sends one call to `method` through `svc`; errors become tagged statuses.
+    /// Routes one call to `method` under the edge's snapshot and sends it through `svc`;
+    /// errors become tagged statuses with the call's receipt.
     async fn call<Op: Operation>(
         &self,
         svc: &CallService<Op>,
         edge: &Edge,
-        method: &str,
+        method: &'static str,
         body: Op,
-    ) -> Result<Op::Response, Status> {
-        let ctx = edge.ctx.call(&edge.snapshot, method, Some(body.model()));
-        tokio::select! {
-            r = svc.clone().oneshot(Call { ctx, body }) => r.map_err(|e| edge.status(&e)),
-            () = cut_off(self.cut.clone()) => Err(edge.tag(cut_status())),
+    ) -> Result<Answer<Op::Response>, Status> {
+        let routes = self.router.routes(&edge.snapshot);
+        let route = routes
+            .route(method, body.model(), body.version(), &edge.ctx.request_id)
+            .map_err(|e| edge.status(&e, None))?;
+        // Keel's own bound, whatever the model: refuse at once rather than queue.
+        let Ok(_gate) = self.gate.clone().try_acquire_owned() else {
+            let e = Error::GatewayOverloaded {
+                max_in_flight: self.max_in_flight,
+            };
+            return Err(edge.status(&e, None));
+        };
+        let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route));
+        let start = tokio::time::Instant::now();
+        let result = tokio::select! {
+            r = svc.clone().oneshot(Call::new(ctx.clone(), body)) => r,
+            () = cut_off(self.cut.clone()) => return Err(edge.tag(cut_status())),
+        };
+        match result {
+            Ok(value) => {
+                if let Some(slow) = ctx.route.settings.slow_threshold
+                    && start.elapsed() > slow
+                {
+                    ctx.receipt.update(|r| r.slow = true);
+                    tracing::warn!(
+                        request_id = %ctx.request_id,
+                        method,
+                        model = %ctx.route.model,
+                        elapsed_ms = start.elapsed().as_millis() as u64,
+                        slow_threshold_ms = slow.as_millis() as u64,
+                        "slow call"
+                    );
+                }
+                Ok(Answer { value, ctx })
+            }
+            Err(e) => Err(edge.status(&e, Some(&ctx))),
         }
     }
+}
+
+/// A successful call's answer and the context that produced it (for its receipt).
+struct Answer<T> {
+    value: T,
+    ctx: Arc<CallContext>,
 }
 
 /// What one call keeps from its start: its edge context and its policy snapshot.
@@ -154,6 +198,13 @@ impl Edge {
         resp
     }
 
+    /// A call's answer, converted, tagged, with its receipt.
+    fn answer<T, U>(&self, answer: Answer<T>, convert: impl FnOnce(T) -> U) -> Response<U> {
+        let mut resp = self.reply(convert(answer.value));
+        receipt::write(resp.metadata_mut(), &answer.ctx);
+        resp
+    }
+
     /// A status, tagged.
     fn tag(&self, mut status: Status) -> Status {
         tag(
@@ -164,9 +215,13 @@ impl Edge {
         status
     }
 
-    /// The status for an error, tagged.
-    fn status(&self, e: &Error) -> Status {
-        self.tag(status::to_status(e))
+    /// The status for an error, tagged, with the call's receipt when it got that far.
+    fn status(&self, e: &Error, ctx: Option<&CallContext>) -> Status {
+        let mut s = self.tag(status::to_status(e, ctx, self.snapshot.revision));
+        if let Some(ctx) = ctx {
+            receipt::write(s.metadata_mut(), ctx);
+        }
+        s
     }
 }
 
@@ -217,13 +272,14 @@ impl GrpcInferenceService for InferenceApi {
         let edge = self.begin(&request);
         let proto::ModelReadyRequest { name, version } = request.into_inner();
         let q = ReadyQuery(model_ref(name, version));
-        // As Triton does, an unknown model is simply not ready.
-        let ready = match self.call(&self.stacks.ready, &edge, MODEL_READY, q).await {
-            Ok(r) => r,
-            Err(s) if s.code() == tonic::Code::NotFound => false,
-            Err(s) => return Err(s),
-        };
-        Ok(edge.reply(proto::ModelReadyResponse { ready }))
+        match self.call(&self.stacks.ready, &edge, MODEL_READY, q).await {
+            Ok(a) => Ok(edge.answer(a, |ready| proto::ModelReadyResponse { ready })),
+            // As Triton does, an unknown model is simply not ready.
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                Ok(edge.reply(proto::ModelReadyResponse { ready: false }))
+            }
+            Err(s) => Err(s),
+        }
     }
 
     async fn server_metadata(
@@ -247,10 +303,10 @@ impl GrpcInferenceService for InferenceApi {
         let edge = self.begin(&request);
         let proto::ModelMetadataRequest { name, version } = request.into_inner();
         let q = MetadataQuery(model_ref(name, version));
-        let meta = self
+        let a = self
             .call(&self.stacks.metadata, &edge, MODEL_METADATA, q)
             .await?;
-        Ok(edge.reply(pb::metadata_to_pb(meta)))
+        Ok(edge.answer(a, pb::metadata_to_pb))
     }
 
     async fn model_infer(
@@ -258,13 +314,13 @@ impl GrpcInferenceService for InferenceApi {
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
         let edge = self.begin(&request);
-        let req =
-            pb::infer_request_from_pb(request.into_inner()).map_err(|e| edge.status(&e.into()))?;
+        let req = pb::infer_request_from_pb(request.into_inner())
+            .map_err(|e| edge.status(&e.into(), None))?;
         let form = req.form;
-        let resp = self
+        let a = self
             .call(&self.stacks.infer, &edge, MODEL_INFER, req)
             .await?;
-        Ok(edge.reply(pb::infer_response_to_pb(resp, form)))
+        Ok(edge.answer(a, |resp| pb::infer_response_to_pb(resp, form)))
     }
 
     async fn model_stream_infer(
@@ -275,6 +331,7 @@ impl GrpcInferenceService for InferenceApi {
         // once, in the response headers.
         let edge = Arc::new(self.begin(&request));
         let infer = self.stacks.infer.clone();
+        let routes = self.router.routes(&edge.snapshot);
         let per_request = edge.clone();
         // One unary call per streamed request, so upstreams need not speak Triton's stream
         // dialect; `buffered` keeps answers in request order.
@@ -283,6 +340,7 @@ impl GrpcInferenceService for InferenceApi {
             .map(move |item| {
                 let infer = infer.clone();
                 let edge = per_request.clone();
+                let routes = routes.clone();
                 async move {
                     let msg = item.map_err(oversize::fix_status)?;
                     let (id, model, version) = (
@@ -290,18 +348,19 @@ impl GrpcInferenceService for InferenceApi {
                         msg.model_name.clone(),
                         msg.model_version.clone(),
                     );
-                    let ctx = edge
-                        .ctx
-                        .call(&edge.snapshot, MODEL_STREAM_INFER, Some(&model));
-                    let result = match pb::infer_request_from_pb(msg) {
-                        Ok(req) => {
+                    let route =
+                        routes.route(MODEL_STREAM_INFER, &model, &version, &edge.ctx.request_id);
+                    let result = match (route, pb::infer_request_from_pb(msg)) {
+                        (Ok(route), Ok(req)) => {
                             let form = req.form;
+                            let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route));
                             infer
-                                .oneshot(Call { ctx, body: req })
+                                .oneshot(Call::new(ctx, req))
                                 .await
                                 .map(|resp| pb::infer_response_to_pb(resp, form))
                         }
-                        Err(e) => Err(Error::from(e)),
+                        (Err(e), _) => Err(e),
+                        (_, Err(e)) => Err(Error::from(e)),
                     };
                     let (error_message, mut resp) = match result {
                         Ok(resp) => (String::new(), resp),
@@ -349,10 +408,10 @@ impl GrpcInferenceService for InferenceApi {
         let edge = self.begin(&request);
         let proto::ModelConfigRequest { name, version } = request.into_inner();
         let q = ConfigQuery(model_ref(name, version));
-        let spec = self
+        let a = self
             .call(&self.stacks.config, &edge, MODEL_CONFIG, q)
             .await?;
-        Ok(edge.reply(proto::ModelConfigResponse {
+        Ok(edge.answer(a, |spec| proto::ModelConfigResponse {
             config: Some(pb::spec_to_pb(spec)),
         }))
     }
@@ -372,7 +431,7 @@ impl GrpcInferenceService for InferenceApi {
                     .call(&self.stacks.statistics, &edge, MODEL_STATISTICS, q)
                     .await
                 {
-                    Ok(stats) => model_stats.extend(stats),
+                    Ok(a) => model_stats.extend(a.value),
                     // One unreachable upstream must not hide every other model's numbers.
                     Err(s) => tracing::warn!(
                         model = %model,
@@ -386,7 +445,8 @@ impl GrpcInferenceService for InferenceApi {
             let q = StatisticsQuery(model_ref(name, version));
             model_stats = self
                 .call(&self.stacks.statistics, &edge, MODEL_STATISTICS, q)
-                .await?;
+                .await?
+                .value;
         }
         Ok(edge.reply(proto::ModelStatisticsResponse {
             model_stats: model_stats.into_iter().map(pb::stats_to_pb).collect(),
@@ -403,7 +463,8 @@ impl GrpcInferenceService for InferenceApi {
         let mut models = Vec::new();
         for model in routes.models() {
             let q = ReadyQuery(model_ref(model.to_string(), String::new()));
-            let (state, reason) = match self.call(&self.stacks.ready, &edge, MODEL_READY, q).await {
+            let answer = self.call(&self.stacks.ready, &edge, MODEL_READY, q).await;
+            let (state, reason) = match answer.map(|a| a.value) {
                 Ok(true) => ("READY", String::new()),
                 Ok(false) => (
                     "UNAVAILABLE",

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod context;
 mod inference;
 pub mod oversize;
+pub mod receipt;
 pub mod status;
 
 pub use inference::{CallService, InferenceApi, POLICY_REVISION, Stacks};

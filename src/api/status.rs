@@ -1,69 +1,93 @@
 //! The one place where a Keel [`Error`] becomes the gRPC status a client sees.
 //!
-//! Each status carries `google.rpc.ErrorInfo` (a stable reason, domain `keel`, and the
-//! model or upstream involved) and `google.rpc.BadRequest` naming the field for invalid
-//! requests. The edge adds the call's `x-request-id` and policy revision.
+//! The code is [`Error::code`]. Each status carries `google.rpc.ErrorInfo` (domain `keel`,
+//! a stable reason, and metadata: class, attempts, model, upstream, policy revision),
+//! `google.rpc.RetryInfo` where a retry later makes sense, and `google.rpc.BadRequest`
+//! naming the field for invalid requests. The edge adds the request id and the receipt.
 
 use std::collections::HashMap;
 
-use tonic::{Code, Status};
+use tonic::Status;
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::call::CallContext;
 use crate::error::Error;
+use crate::resilience::Failure;
 
 /// The `ErrorInfo` domain of Keel's errors.
 pub const DOMAIN: &str = "keel";
 
-/// The status code for each error.
-pub fn code(e: &Error) -> Code {
-    match e {
-        Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => Code::NotFound,
-        Error::InvalidRequest(_) => Code::InvalidArgument,
-        Error::UpstreamUnavailable { .. } => Code::Unavailable,
-        Error::UpstreamStatus { code, .. } => *code,
-        Error::UpstreamProtocol { .. } => Code::Internal,
-        Error::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-    }
-}
-
-/// The status for `e`.
-pub fn to_status(e: &Error) -> Status {
+/// The status for `e`; `ctx` is the call's context when it got as far as being routed.
+pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status {
     let mut info = HashMap::new();
-    match e {
-        Error::ModelNotFound { model } | Error::VersionNotFound { model, .. } => {
-            info.insert("model".to_string(), model.clone());
+    info.insert("class".to_string(), e.class().as_str().to_string());
+    info.insert("policy_revision".to_string(), revision.to_string());
+    if let Some(m) = e.model().or(ctx.map(|c| &*c.route.model)) {
+        info.insert("model".to_string(), m.to_string());
+    }
+    if let Some(u) = e.upstream().or(ctx.map(|c| &*c.route.target.upstream)) {
+        info.insert("upstream".to_string(), u.to_string());
+    }
+    let mut message = e.to_string();
+    if let Some(ctx) = ctx {
+        let r = ctx.receipt.read();
+        info.insert("attempts".to_string(), r.attempts.max(1).to_string());
+        if r.budget_exhausted {
+            info.insert("retry_budget_exhausted".to_string(), "true".to_string());
         }
-        Error::UpstreamUnavailable { upstream, .. }
-        | Error::UpstreamStatus { upstream, .. }
-        | Error::UpstreamProtocol { upstream, .. } => {
-            info.insert("upstream".to_string(), upstream.clone());
+        match e {
+            Error::DeadlineExceeded { .. } => {
+                message = format!("{message} after {} attempt(s)", r.attempts.max(1));
+                if let Some(last) = r.last_error.as_ref().filter(|l| **l != e.to_string()) {
+                    message.push_str(&format!("; last error: {last}"));
+                    info.insert("last_error".to_string(), last.clone());
+                }
+            }
+            Error::BreakerOpen(_) => {
+                message = format!(
+                    "model '{}' on upstream '{}': {message}",
+                    ctx.route.model, ctx.route.target.upstream
+                );
+            }
+            Error::Overloaded(_) => {
+                message = format!("model '{}' is {message}", ctx.route.model);
+            }
+            _ if r.budget_exhausted => {
+                message.push_str(" (retries stopped: retry budget exhausted)")
+            }
+            _ => {}
         }
-        _ => {}
     }
     let mut details = ErrorDetails::with_error_info(e.reason(), DOMAIN, info);
     if let Error::InvalidRequest(invalid) = e {
         details.add_bad_request_violation(invalid.field(), invalid.to_string());
     }
-    Status::with_error_details(code(e), e.to_string(), details)
+    if let Some(after) = e.retry_after() {
+        details.set_retry_info(Some(after));
+    }
+    Status::with_error_details(e.code(), message, details)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::InvalidRequest;
+    use tonic::Code;
 
     #[test]
-    fn statuses_carry_the_reason_and_the_field() {
+    fn statuses_carry_the_reason_the_class_and_the_field() {
         let e = Error::InvalidRequest(InvalidRequest::MissingInput {
             model: "simple".into(),
             tensor: "INPUT1".into(),
         });
-        let s = to_status(&e);
+        let s = to_status(&e, None, 3);
         assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), "input 'INPUT1' of model 'simple' is missing");
         let info = s.get_details_error_info().unwrap();
         assert_eq!(info.reason, "INVALID_REQUEST");
         assert_eq!(info.domain, DOMAIN);
+        assert_eq!(info.metadata["class"], "client_error");
+        assert_eq!(info.metadata["policy_revision"], "3");
         let bad = s.get_details_bad_request().unwrap();
         assert_eq!(bad.field_violations[0].field, "inputs[INPUT1]");
     }
@@ -74,17 +98,27 @@ mod tests {
             upstream: "triton".into(),
             code: Code::ResourceExhausted,
             message: "busy".into(),
+            pushback: crate::resilience::Pushback::After(std::time::Duration::from_millis(250)),
         };
-        assert_eq!(code(&e), Code::ResourceExhausted);
-        let s = to_status(&Error::UpstreamUnavailable {
-            upstream: "triton".into(),
-            detail: "connection refused".into(),
-        });
+        let s = to_status(&e, None, 1);
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(
+            s.get_details_retry_info().unwrap().retry_delay,
+            Some(std::time::Duration::from_millis(250))
+        );
+        let s = to_status(
+            &Error::UpstreamUnavailable {
+                upstream: "triton".into(),
+                detail: "connection refused".into(),
+                never_sent: true,
+            },
+            None,
+            1,
+        );
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.message().contains("'triton'"));
-        assert_eq!(
-            s.get_details_error_info().unwrap().metadata["upstream"],
-            "triton"
-        );
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["upstream"], "triton");
+        assert_eq!(info.metadata["class"], "transient");
     }
 }

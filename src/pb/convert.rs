@@ -184,7 +184,7 @@ fn output_to_pb(t: Tensor, contents: Option<pb::InferTensorContents>) -> InferOu
 
 /// A domain request as an upstream ModelInferRequest, always in raw form so tensor bytes are
 /// passed on without a copy.
-pub fn infer_request_to_pb(req: InferRequest) -> pb::ModelInferRequest {
+pub fn infer_request_to_pb(req: &InferRequest) -> pb::ModelInferRequest {
     let InferRequest {
         model,
         version,
@@ -194,32 +194,30 @@ pub fn infer_request_to_pb(req: InferRequest) -> pb::ModelInferRequest {
         outputs,
         form: _,
     } = req;
-    let raw_input_contents = inputs.iter().map(|t| t.data().clone()).collect();
-    let inputs = inputs
-        .into_iter()
-        .map(|t| InferInputTensor {
-            name: t.name().to_string(),
-            datatype: t.dtype().as_str().to_string(),
-            shape: t.shape().to_vec(),
-            parameters: params_to_pb(t.parameters),
-            contents: None,
-        })
-        .collect();
-    let outputs = outputs
-        .into_iter()
-        .map(|o| InferRequestedOutputTensor {
-            name: o.name,
-            parameters: params_to_pb(o.parameters),
-        })
-        .collect();
     pb::ModelInferRequest {
-        model_name: model,
-        model_version: version,
-        id,
-        parameters: params_to_pb(parameters),
-        inputs,
-        outputs,
-        raw_input_contents,
+        model_name: model.clone(),
+        model_version: version.clone(),
+        id: id.clone(),
+        parameters: params_to_pb(parameters.clone()),
+        inputs: inputs
+            .iter()
+            .map(|t| InferInputTensor {
+                name: t.name().to_string(),
+                datatype: t.dtype().as_str().to_string(),
+                shape: t.shape().to_vec(),
+                parameters: params_to_pb(t.parameters.clone()),
+                contents: None,
+            })
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|o| InferRequestedOutputTensor {
+                name: o.name.clone(),
+                parameters: params_to_pb(o.parameters.clone()),
+            })
+            .collect(),
+        // Reference-counted: the tensor bytes are not copied.
+        raw_input_contents: inputs.iter().map(|t| t.data().clone()).collect(),
     }
 }
 
@@ -550,7 +548,7 @@ mod tests {
         let req = infer_request_from_pb(msg).unwrap();
         assert_eq!(req.form, ContentForm::Raw);
         assert_eq!(req.inputs[0].data().as_ptr(), data.as_ptr());
-        let back = infer_request_to_pb(req);
+        let back = infer_request_to_pb(&req);
         assert_eq!(back.raw_input_contents[0].as_ptr(), data.as_ptr());
     }
 

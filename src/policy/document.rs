@@ -159,6 +159,9 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
     }
     let audit_log = s.string(p, "audit_log").map(Into::into);
     let watch = s.boolean(p, "watch").unwrap_or(d.watch);
+    let max_in_flight = s
+        .count(p, "max_in_flight", 1..=1_000_000)
+        .unwrap_or(d.max_in_flight);
     s.finish(p);
     ServerSettings {
         listen,
@@ -168,6 +171,7 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         max_message_size,
         audit_log,
         watch,
+        max_in_flight,
     }
 }
 

@@ -85,6 +85,8 @@ pub struct ServerSettings {
     pub audit_log: Option<PathBuf>,
     /// Whether the policy file is watched and reloaded when it changes.
     pub watch: bool,
+    /// Calls Keel serves at once, all models together; more are refused at once.
+    pub max_in_flight: u32,
 }
 
 impl Default for ServerSettings {
@@ -97,6 +99,7 @@ impl Default for ServerSettings {
             max_message_size: 64 << 20,
             audit_log: None,
             watch: true,
+            max_in_flight: 10_000,
         }
     }
 }

@@ -393,6 +393,9 @@ fn restart_needed(old: &Policy, new: &Policy) -> Vec<String> {
     if a.watch != b.watch {
         out.push("server.watch".to_string());
     }
+    if a.max_in_flight != b.max_in_flight {
+        out.push("server.max_in_flight".to_string());
+    }
     out
 }
 

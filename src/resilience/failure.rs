@@ -33,8 +33,9 @@ impl Pushback {
     }
 }
 
-/// An error the layers can reason about.
-pub trait Failure {
+/// An error the layers can reason about; its message is what the receipt reports as the
+/// last error.
+pub trait Failure: std::fmt::Display {
     /// Its class in the taxonomy.
     fn class(&self) -> ErrorClass;
     /// The status code it will be answered with (for `retry_on` code entries).

@@ -21,6 +21,8 @@ pub struct ReceiptData {
     pub last_error: Option<String>,
     /// The call succeeded but took longer than the method's `slow_threshold`.
     pub slow: bool,
+    /// Who answered the last attempt (`embedded`, `triton@10.0.0.7:8001`).
+    pub served_by: Option<String>,
 }
 
 impl Receipt {

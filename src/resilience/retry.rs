@@ -185,6 +185,10 @@ where
                         Ok(resp) => return Poll::Ready(Ok(resp)),
                         Err(e) => e,
                     };
+                    let message = error.to_string();
+                    this.request
+                        .receipt()
+                        .update(|r| r.last_error = Some(message));
                     match decide(this.request, *this.attempt, &error) {
                         Some(wait) => {
                             this.request.receipt().update(|r| r.delays.push(wait));

@@ -1,5 +1,5 @@
-//! Which backend answers each call, decided from the call's policy snapshot, and the tower
-//! service that sends it there.
+//! Which backend answers each call, decided from the call's policy snapshot, the resilience
+//! state of each target, and the tower service that sends an attempt there.
 //!
 //! Routes are compiled from a snapshot once per revision and cached, so every call uses the
 //! routes of the very snapshot it took at its start. Upstream connections are runtime state
@@ -17,12 +17,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwapOption;
-use futures::FutureExt as _;
 use tower::Service;
 
 use crate::call::Call;
 use crate::error::Error;
-use crate::policy::{BackendRef, Policy, PolicyError, PolicyErrors, Snapshot, UpstreamSpec};
+use crate::policy::{
+    BackendRef, METHODS, Policy, PolicyError, PolicyErrors, Settings, Snapshot, UpstreamSpec,
+};
+use crate::resilience::{BreakerCell, Latency, Limiter, RetryBudget};
 use crate::upstream::embedded::Embedded;
 use crate::upstream::grpc::GrpcUpstream;
 use crate::upstream::{Backend, BackendFuture, Operation};
@@ -59,32 +61,60 @@ pub fn check(policy: &Policy, embedded: &Embedded) -> Result<(), PolicyErrors> {
     }
 }
 
-/// One target of a model and its share of calls.
-struct Target {
-    backend: Arc<dyn Backend>,
-    weight: u8,
+/// One backend a model's calls may go to, with the resilience state kept for it.
+#[derive(Debug)]
+pub struct Target {
+    /// The backend.
+    pub backend: Arc<dyn Backend>,
+    /// The upstream's name (`embedded` for the built-in models).
+    pub upstream: Arc<str>,
+    /// The breaker of this (model, upstream); `None` when disabled.
+    pub breaker: Option<Arc<BreakerCell>>,
+    /// The latency estimate of this (model, upstream).
+    pub latency: Arc<Latency>,
+    /// The retry budget of the upstream, shared by every model on it.
+    pub budget: Arc<RetryBudget>,
+}
+
+/// Where one call goes and under which settings: what the edge puts in the call context.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// The model.
+    pub model: Arc<str>,
+    /// The chosen target.
+    pub target: Arc<Target>,
+    /// The call's effective settings (model > method > defaults).
+    pub settings: Arc<Settings>,
+    /// The model's concurrency limiter.
+    pub limiter: Arc<Limiter>,
 }
 
 /// How one model's calls are routed.
 struct ModelRoutes {
-    targets: Vec<Target>,
+    model: Arc<str>,
+    /// Targets with their weights; weights sum to 100.
+    targets: Vec<(Arc<Target>, u8)>,
     /// Versions clients may ask for; empty allows any.
     versions: Vec<String>,
+    limiter: Arc<Limiter>,
+    /// Effective settings per method, resolved once per revision.
+    settings: BTreeMap<&'static str, Arc<Settings>>,
 }
 
-/// The model → backend table of one policy revision.
+/// The routes of one policy revision.
 pub struct Routes {
     models: BTreeMap<String, ModelRoutes>,
 }
 
 impl Routes {
-    /// The backend for a call to `model` (`version`) with `request_id`.
-    pub fn pick(
+    /// The route of a call to `method` for `model` (`version`) with `request_id`.
+    pub fn route(
         &self,
+        method: &str,
         model: &str,
         version: &str,
         request_id: &str,
-    ) -> Result<&Arc<dyn Backend>, Error> {
+    ) -> Result<Route, Error> {
         let routes = self.models.get(model).ok_or_else(|| Error::ModelNotFound {
             model: model.to_string(),
         })?;
@@ -98,12 +128,23 @@ impl Routes {
                 available: routes.versions.clone(),
             });
         }
+        let settings = routes
+            .settings
+            .get(method)
+            .or_else(|| routes.settings.get(METHODS[0]))
+            .cloned()
+            .unwrap_or_default();
         let mut point = (fnv1a(request_id.as_bytes()) % 100) as u8;
-        for t in &routes.targets {
-            if point < t.weight {
-                return Ok(&t.backend);
+        for (target, weight) in &routes.targets {
+            if point < *weight {
+                return Ok(Route {
+                    model: routes.model.clone(),
+                    target: target.clone(),
+                    settings,
+                    limiter: routes.limiter.clone(),
+                });
             }
-            point -= t.weight;
+            point -= weight;
         }
         // Unreachable while weights sum to 100, as validation ensures.
         Err(Error::ModelNotFound {
@@ -124,11 +165,11 @@ impl Routes {
                 let targets: Vec<String> = r
                     .targets
                     .iter()
-                    .map(|t| {
+                    .map(|(t, w)| {
                         if r.targets.len() == 1 {
                             t.backend.describe()
                         } else {
-                            format!("{}% {}", t.weight, t.backend.describe())
+                            format!("{w}% {}", t.backend.describe())
                         }
                     })
                     .collect();
@@ -150,12 +191,22 @@ struct Compiled {
     routes: Arc<Routes>,
 }
 
-/// Compiles and caches the routes of each snapshot; owns the upstream registry.
+/// Runtime state kept across policy swaps, by name. Each entry keeps the settings it was
+/// built with: a swap that changes them gets a fresh entry, others keep their state.
+#[derive(Default)]
+struct Registry {
+    upstreams: BTreeMap<String, (UpstreamSpec, Arc<GrpcUpstream>)>,
+    budgets: BTreeMap<String, Arc<RetryBudget>>,
+    breakers: BTreeMap<(String, String), Arc<BreakerCell>>,
+    latency: BTreeMap<(String, String), Arc<Latency>>,
+    limiters: BTreeMap<String, Arc<Limiter>>,
+}
+
+/// Compiles and caches the routes of each snapshot; owns the state that outlives them.
 pub struct Router {
     embedded: Arc<Embedded>,
     max_message_size: usize,
-    /// Upstreams by name with the spec they were built from; kept across swaps.
-    upstreams: Mutex<BTreeMap<String, (UpstreamSpec, Arc<GrpcUpstream>)>>,
+    registry: Mutex<Registry>,
     compiled: ArcSwapOption<Compiled>,
 }
 
@@ -165,7 +216,7 @@ impl Router {
         Arc::new(Router {
             embedded,
             max_message_size,
-            upstreams: Mutex::new(BTreeMap::new()),
+            registry: Mutex::new(Registry::default()),
             compiled: ArcSwapOption::empty(),
         })
     }
@@ -190,38 +241,18 @@ impl Router {
         routes
     }
 
-    fn upstream(&self, name: &str, policy: &Policy) -> Option<Arc<dyn Backend>> {
-        let spec = policy.upstreams.get(name)?;
-        let mut registry = self.upstreams.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((built_from, up)) = registry.get(name)
-            && built_from == spec
-        {
-            return Some(up.clone());
-        }
-        let up = GrpcUpstream::new(name, spec, self.max_message_size);
-        registry.insert(name.to_string(), (spec.clone(), up.clone()));
-        Some(up)
-    }
-
     fn compile(&self, policy: &Policy) -> Routes {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        let registry = &mut *registry;
+        // The infer method's settings govern the state shared by every method of a model.
+        let infer = METHODS[0];
+        let shared_budget = policy.resolve(infer, None).budget;
         let embedded: Arc<dyn Backend> = self.embedded.clone();
-        let models = match &policy.models {
+        let wanted: Vec<Wanted> = match &policy.models {
             None => self
                 .embedded
                 .model_names()
-                .map(|m| {
-                    let targets = vec![Target {
-                        backend: embedded.clone(),
-                        weight: 100,
-                    }];
-                    (
-                        m.to_string(),
-                        ModelRoutes {
-                            targets,
-                            versions: vec![],
-                        },
-                    )
-                })
+                .map(|m| (m.to_string(), vec![(BackendRef::Embedded, 100)], vec![]))
                 .collect(),
             Some(models) => models
                 .iter()
@@ -229,59 +260,144 @@ impl Router {
                     let targets = m
                         .routes
                         .iter()
-                        .filter_map(|r| {
-                            let backend = match &r.backend {
-                                BackendRef::Embedded => Some(embedded.clone()),
-                                BackendRef::Upstream(u) => self.upstream(u, policy),
-                            }?;
-                            Some(Target {
-                                backend,
-                                weight: r.weight,
-                            })
-                        })
+                        .map(|r| (r.backend.clone(), r.weight))
                         .collect();
-                    let routes = ModelRoutes {
-                        targets,
-                        versions: m.versions.clone(),
-                    };
-                    (name.clone(), routes)
+                    (name.clone(), targets, m.versions.clone())
                 })
                 .collect(),
         };
+        let mut models = BTreeMap::new();
+        for (name, targets, versions) in wanted {
+            let settings: BTreeMap<&'static str, Arc<Settings>> = METHODS
+                .iter()
+                .map(|m| (*m, Arc::new(policy.resolve(m, Some(&name)))))
+                .collect();
+            let infer_settings = settings.get(infer).cloned().unwrap_or_default();
+            let limiter = keep(
+                &mut registry.limiters,
+                name.clone(),
+                |l| l.settings() == &infer_settings.limits,
+                || Limiter::new(infer_settings.limits.clone()),
+            );
+            let mut built = Vec::new();
+            for (backend_ref, weight) in targets {
+                let (upstream, backend) = match &backend_ref {
+                    BackendRef::Embedded => ("embedded".to_string(), Some(embedded.clone())),
+                    BackendRef::Upstream(u) => (u.clone(), self.upstream(registry, u, policy)),
+                };
+                let Some(backend) = backend else { continue };
+                let budget = keep(
+                    &mut registry.budgets,
+                    upstream.clone(),
+                    |b| b.settings() == &shared_budget,
+                    || RetryBudget::new(shared_budget.clone()),
+                );
+                let key = (name.clone(), upstream.clone());
+                let breaker = infer_settings.breaker.enabled.then(|| {
+                    keep(
+                        &mut registry.breakers,
+                        key.clone(),
+                        |b| b.settings() == &infer_settings.breaker,
+                        || BreakerCell::new(infer_settings.breaker.clone()),
+                    )
+                });
+                let latency = keep(&mut registry.latency, key, |_| true, Latency::default);
+                built.push((
+                    Arc::new(Target {
+                        backend,
+                        upstream: upstream.into(),
+                        breaker,
+                        latency,
+                        budget,
+                    }),
+                    weight,
+                ));
+            }
+            models.insert(
+                name.clone(),
+                ModelRoutes {
+                    model: name.into(),
+                    targets: built,
+                    versions,
+                    limiter,
+                    settings,
+                },
+            );
+        }
         // Upstreams no longer named are dropped from the registry; calls still using them
         // hold their own reference until they finish.
-        self.upstreams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        registry
+            .upstreams
             .retain(|name, _| policy.upstreams.contains_key(name));
         Routes { models }
     }
+
+    fn upstream(
+        &self,
+        registry: &mut Registry,
+        name: &str,
+        policy: &Policy,
+    ) -> Option<Arc<dyn Backend>> {
+        let spec = policy.upstreams.get(name)?;
+        if let Some((built_from, up)) = registry.upstreams.get(name)
+            && built_from == spec
+        {
+            return Some(up.clone());
+        }
+        let up = GrpcUpstream::new(name, spec, self.max_message_size);
+        registry
+            .upstreams
+            .insert(name.to_string(), (spec.clone(), up.clone()));
+        Some(up)
+    }
 }
 
-/// Sends each call to the backend its snapshot's routes choose; an unknown model is
-/// NOT_FOUND.
-pub struct Dispatch<Op> {
-    router: Arc<Router>,
-    _op: PhantomData<fn(Op)>,
-}
+/// A model to compile: its name, weighted backends and allowed versions.
+type Wanted = (String, Vec<(BackendRef, u8)>, Vec<String>);
 
-impl<Op> Dispatch<Op> {
-    /// Dispatches with `router`.
-    pub fn new(router: Arc<Router>) -> Self {
-        Dispatch {
-            router,
-            _op: PhantomData,
+/// The registry entry for `key` if `same` says its settings still hold, else a fresh one.
+fn keep<K: Ord, V>(
+    map: &mut BTreeMap<K, Arc<V>>,
+    key: K,
+    same: impl Fn(&V) -> bool,
+    make: impl FnOnce() -> V,
+) -> Arc<V> {
+    match map.get(&key) {
+        Some(v) if same(v) => v.clone(),
+        _ => {
+            let v = Arc::new(make());
+            map.insert(key, v.clone());
+            v
         }
     }
 }
 
-impl<Op> Clone for Dispatch<Op> {
-    fn clone(&self) -> Self {
-        Dispatch::new(self.router.clone())
+/// The innermost service: sends an attempt to its route's backend.
+#[derive(Debug)]
+pub struct Deliver<Op> {
+    _op: PhantomData<fn(Op)>,
+}
+
+impl<Op> Deliver<Op> {
+    /// The service.
+    pub fn new() -> Self {
+        Deliver { _op: PhantomData }
     }
 }
 
-impl<Op: Operation> Service<Call<Op>> for Dispatch<Op> {
+impl<Op> Default for Deliver<Op> {
+    fn default() -> Self {
+        Deliver::new()
+    }
+}
+
+impl<Op> Clone for Deliver<Op> {
+    fn clone(&self) -> Self {
+        Deliver::new()
+    }
+}
+
+impl<Op: Operation> Service<Call<Op>> for Deliver<Op> {
     type Response = Op::Response;
     type Error = Error;
     type Future = BackendFuture<Op::Response>;
@@ -291,11 +407,8 @@ impl<Op: Operation> Service<Call<Op>> for Dispatch<Op> {
     }
 
     fn call(&mut self, call: Call<Op>) -> Self::Future {
-        let routes = self.router.routes(&call.ctx.snapshot);
-        match routes.pick(call.body.model(), call.body.version(), &call.ctx.request_id) {
-            Ok(backend) => Op::send(backend.as_ref(), call),
-            Err(e) => futures::future::ready(Err(e)).boxed(),
-        }
+        let backend = call.ctx.route.target.backend.clone();
+        Op::send(backend.as_ref(), call)
     }
 }
 
@@ -326,10 +439,13 @@ mod tests {
         let mut canary = 0;
         for i in 0..1000 {
             let id = format!("req-{i}");
-            let b = routes.pick("simple", "", &id).unwrap();
-            let again = routes.pick("simple", "", &id).unwrap();
-            assert!(Arc::ptr_eq(b, again), "the same id takes the same route");
-            if b.describe().starts_with("upstream canary") {
+            let b = routes.route(INFER, "simple", "", &id).unwrap();
+            let again = routes.route(INFER, "simple", "", &id).unwrap();
+            assert!(
+                Arc::ptr_eq(&b.target, &again.target),
+                "the same id takes the same route"
+            );
+            if &*b.target.upstream == "canary" {
                 canary += 1;
             }
         }
@@ -350,7 +466,7 @@ mod tests {
             Arc::ptr_eq(&r1, &router.routes(&a)),
             "cached for the revision"
         );
-        let before = router.upstreams.lock().unwrap()["u"].1.clone();
+        let before = router.registry.lock().unwrap().upstreams["u"].1.clone();
         // A later revision with the same upstream settings keeps the same upstream.
         let store = Store::with_default();
         store
@@ -363,7 +479,7 @@ mod tests {
         let r2 = router.routes(&store.current());
         assert!(!Arc::ptr_eq(&r1, &r2));
         assert_eq!(r2.models().collect::<Vec<_>>(), ["iris", "simple"]);
-        let after = router.upstreams.lock().unwrap()["u"].1.clone();
+        let after = router.registry.lock().unwrap().upstreams["u"].1.clone();
         assert!(
             Arc::ptr_eq(&before, &after),
             "connections kept across the swap"
@@ -375,15 +491,64 @@ mod tests {
         let router = Router::new(Embedded::new(), 1 << 20);
         let snap = snapshot("[models.iris]\nbackend = \"embedded\"\nversions = [\"1\"]\n");
         let routes = router.routes(&snap);
-        assert!(routes.pick("iris", "1", "r").is_ok());
-        assert!(routes.pick("iris", "", "r").is_ok());
-        let e = routes.pick("iris", "2", "r").err().unwrap();
+        assert!(routes.route(INFER, "iris", "1", "r").is_ok());
+        assert!(routes.route(INFER, "iris", "", "r").is_ok());
+        let e = routes.route(INFER, "iris", "2", "r").err().unwrap();
         assert_eq!(
             e.to_string(),
             "model 'iris' has no version '2' (versions: 1)"
         );
-        let e = routes.pick("simple", "", "r").err().unwrap();
+        let e = routes.route(INFER, "simple", "", "r").err().unwrap();
         assert_eq!(e.to_string(), "unknown model 'simple'");
+    }
+
+    const INFER: &str = "inference.GRPCInferenceService/ModelInfer";
+
+    #[tokio::test]
+    async fn breaker_state_survives_a_swap_unless_its_settings_change() {
+        let router = Router::new(Embedded::new(), 1 << 20);
+        let store = Store::with_default();
+        let admin = || crate::policy::Source::Admin {
+            principal: "t".into(),
+        };
+        let route = |router: &Router, store: &Store| {
+            router
+                .routes(&store.current())
+                .route(INFER, "iris", "", "r")
+                .unwrap()
+        };
+        let first = route(&router, &store);
+        let breaker = first.target.breaker.clone().unwrap();
+        store
+            .apply("[defaults]\ntimeout = \"9s\"\n", admin(), None)
+            .unwrap();
+        let second = route(&router, &store);
+        assert_eq!(second.settings.timeout, std::time::Duration::from_secs(9));
+        assert!(
+            Arc::ptr_eq(&breaker, second.target.breaker.as_ref().unwrap()),
+            "kept"
+        );
+        assert!(Arc::ptr_eq(&first.limiter, &second.limiter), "kept");
+        store
+            .apply(
+                "[defaults]\ntimeout = \"9s\"\n[defaults.breaker]\nconsecutive_failures = 3\n",
+                admin(),
+                None,
+            )
+            .unwrap();
+        let third = route(&router, &store);
+        assert!(
+            !Arc::ptr_eq(&breaker, third.target.breaker.as_ref().unwrap()),
+            "reset"
+        );
+        assert!(
+            Arc::ptr_eq(&first.limiter, &third.limiter),
+            "other state kept"
+        );
+        store
+            .apply("[defaults.breaker]\nenabled = false\n", admin(), None)
+            .unwrap();
+        assert!(route(&router, &store).target.breaker.is_none());
     }
 
     #[test]

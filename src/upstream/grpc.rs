@@ -1,30 +1,40 @@
 //! Forwards calls to an OIP v2 gRPC server (Triton, MLServer, KServe, another Keel).
 //!
-//! Each call carries the client's metadata and request id, and a `grpc-timeout` equal to
-//! the time left before the call's deadline, so the upstream never works past the point
-//! where the client stopped waiting.
+//! Each attempt carries the client's metadata and request id (the same on every retry, so
+//! the upstream can tell retries of one call from new calls), `grpc-previous-rpc-attempts`
+//! on retries, and a `grpc-timeout` equal to the time the attempt has: what remains of the
+//! call's deadline less the policy's margin, or the per-try timeout if sooner.
 //!
 //! Endpoints are used in turn, one lazily connected HTTP/2 channel each; a refused connection
-//! fails the call at once with UNAVAILABLE naming the upstream. (Balancing by load, health
+//! fails the attempt at once with UNAVAILABLE naming the upstream. (Balancing by load, health
 //! checks and ejection are the pool's job in a later step.)
 
+use std::error::Error as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::FutureExt as _;
+use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Backend, BackendFuture};
-use crate::call::{Call, CallContext, ModelRef};
+use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
+use crate::call::Call;
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
 use crate::pb::{self, inference as proto};
 use crate::policy::UpstreamSpec;
+use crate::resilience::Pushback;
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// The header that carries the request id.
 pub const REQUEST_ID: &str = "x-request-id";
+
+/// The header gRPC's retry design uses to number retries.
+const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
+
+/// The header an upstream uses to ask for a wait before a retry, or for none.
+const PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 #[derive(Clone)]
 struct Target {
@@ -37,6 +47,12 @@ pub struct GrpcUpstream {
     name: Arc<str>,
     targets: Vec<Target>,
     next: AtomicUsize,
+}
+
+impl std::fmt::Debug for GrpcUpstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
 }
 
 impl GrpcUpstream {
@@ -74,16 +90,17 @@ impl GrpcUpstream {
             return Err(Error::UpstreamUnavailable {
                 upstream: self.name.to_string(),
                 detail: "no endpoints".into(),
+                never_sent: true,
             });
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len();
         Ok(self.targets[i].clone())
     }
 
-    /// Runs one unary call on the next endpoint with the context's metadata and deadline.
-    fn unary<Req, Resp, Out, F, Fut>(
+    /// Runs one unary attempt on the next endpoint with the call's metadata and deadline.
+    fn unary<Q, Req, Resp, Out, F, Fut>(
         &self,
-        ctx: CallContext,
+        call: &Call<Q>,
         body: Req,
         send: F,
         convert: impl FnOnce(Resp) -> Result<Out, String> + Send + 'static,
@@ -97,93 +114,151 @@ impl GrpcUpstream {
     {
         let name = self.name.clone();
         let target = self.pick();
+        let ctx = call.ctx.clone();
+        let attempt = call.attempt;
+        let attempt_deadline = call.attempt_deadline;
+        let time = call.attempt_budget();
         async move {
             let target = target?;
-            let remaining = ctx.remaining();
-            if remaining.is_zero() {
+            if time.is_zero() {
                 return Err(Error::DeadlineExceeded { budget: ctx.budget });
             }
+            ctx.receipt
+                .update(|r| r.served_by = Some(format!("{name}@{}", target.addr)));
             let mut req = tonic::Request::new(body);
             *req.metadata_mut() = ctx.metadata.clone();
+            let md = req.metadata_mut();
             if let Ok(v) = MetadataValue::try_from(&*ctx.request_id) {
-                req.metadata_mut().insert(REQUEST_ID, v);
+                md.insert(REQUEST_ID, v);
             }
-            // Becomes the upstream's grpc-timeout: what remains of the client's deadline.
-            req.set_timeout(remaining);
+            if attempt > 1 {
+                md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(attempt - 1));
+            }
+            // Becomes the upstream's grpc-timeout.
+            req.set_timeout(time);
             match send(target.client, req).await {
                 Ok(resp) => convert(resp.into_inner()).map_err(|detail| Error::UpstreamProtocol {
                     upstream: name.to_string(),
                     detail,
                 }),
-                Err(status) => Err(status_error(&name, &target.addr, &ctx, status)),
+                Err(status) => Err(status_error(
+                    &name,
+                    &target.addr,
+                    &ctx,
+                    attempt_deadline,
+                    status,
+                )),
             }
         }
         .boxed()
     }
 }
 
-/// Classifies an upstream's status: unreachable, out of time, or its own answer passed on.
-fn status_error(name: &str, addr: &str, ctx: &CallContext, status: tonic::Status) -> Error {
-    match status.code() {
-        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded if ctx.remaining().is_zero() => {
-            Error::DeadlineExceeded { budget: ctx.budget }
+/// Whether a transport failure happened before the request was sent: a refused connection.
+fn refused(status: &tonic::Status) -> bool {
+    let mut source = status.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
         }
-        tonic::Code::Unavailable => Error::UpstreamUnavailable {
+        source = e.source();
+    }
+    false
+}
+
+/// Classifies an upstream's status: unreachable, out of time, or its own answer passed on.
+fn status_error(
+    name: &str,
+    addr: &str,
+    ctx: &crate::call::CallContext,
+    attempt_deadline: Option<Instant>,
+    status: tonic::Status,
+) -> Error {
+    // Keel's own client-side timeout: the attempt was given the call's time less the margin,
+    // or the per-try timeout, and it ran out.
+    let now = Instant::now();
+    let timed_out = matches!(
+        status.code(),
+        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+    );
+    let margin = ctx.route.settings.deadline_margin;
+    if timed_out && now + margin >= ctx.deadline {
+        return Error::DeadlineExceeded { budget: ctx.budget };
+    }
+    if timed_out
+        && let Some(at) = attempt_deadline
+        && now >= at
+    {
+        let per_try = ctx.route.settings.retry.per_try_timeout.unwrap_or_default();
+        return Error::AttemptTimeout(crate::resilience::AttemptTimedOut { after: per_try });
+    }
+    let pushback = Pushback::parse(
+        status
+            .metadata()
+            .get(PUSHBACK)
+            .and_then(|v| v.to_str().ok()),
+    );
+    match status.code() {
+        tonic::Code::Unavailable if pushback == Pushback::None => Error::UpstreamUnavailable {
             upstream: name.to_string(),
             detail: format!("{addr}: {}", status.message()),
+            never_sent: refused(&status),
         },
         code => Error::UpstreamStatus {
             upstream: name.to_string(),
             code,
             message: status.message().to_string(),
+            pushback,
         },
     }
 }
 
 impl Backend for GrpcUpstream {
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
-        let body = pb::infer_request_to_pb(call.body);
+        let body = pb::infer_request_to_pb(&call.body);
         self.unary(
-            call.ctx,
+            &call,
             body,
             |mut c, r| async move { c.model_infer(r).await },
             pb::infer_response_from_pb,
         )
     }
 
-    fn model_ready(&self, call: Call<ModelRef>) -> BackendFuture<bool> {
+    fn model_ready(&self, call: Call<ReadyQuery>) -> BackendFuture<bool> {
         let body = proto::ModelReadyRequest {
-            name: call.body.name,
-            version: call.body.version,
+            name: call.body.0.name.clone(),
+            version: call.body.0.version.clone(),
         };
         self.unary(
-            call.ctx,
+            &call,
             body,
             |mut c, r| async move { c.model_ready(r).await },
             |r| Ok(r.ready),
         )
     }
 
-    fn model_metadata(&self, call: Call<ModelRef>) -> BackendFuture<ModelMetadata> {
+    fn model_metadata(&self, call: Call<MetadataQuery>) -> BackendFuture<ModelMetadata> {
         let body = proto::ModelMetadataRequest {
-            name: call.body.name,
-            version: call.body.version,
+            name: call.body.0.name.clone(),
+            version: call.body.0.version.clone(),
         };
         self.unary(
-            call.ctx,
+            &call,
             body,
             |mut c, r| async move { c.model_metadata(r).await },
             pb::metadata_from_pb,
         )
     }
 
-    fn model_config(&self, call: Call<ModelRef>) -> BackendFuture<ModelSpec> {
+    fn model_config(&self, call: Call<ConfigQuery>) -> BackendFuture<ModelSpec> {
         let body = proto::ModelConfigRequest {
-            name: call.body.name,
-            version: call.body.version,
+            name: call.body.0.name.clone(),
+            version: call.body.0.version.clone(),
         };
         self.unary(
-            call.ctx,
+            &call,
             body,
             |mut c, r| async move { c.model_config(r).await },
             |r| {
@@ -194,13 +269,13 @@ impl Backend for GrpcUpstream {
         )
     }
 
-    fn model_statistics(&self, call: Call<ModelRef>) -> BackendFuture<Vec<ModelStats>> {
+    fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>> {
         let body = proto::ModelStatisticsRequest {
-            name: call.body.name,
-            version: call.body.version,
+            name: call.body.0.name.clone(),
+            version: call.body.0.version.clone(),
         };
         self.unary(
-            call.ctx,
+            &call,
             body,
             |mut c, r| async move { c.model_statistics(r).await },
             |r| Ok(r.model_stats.into_iter().map(pb::stats_from_pb).collect()),

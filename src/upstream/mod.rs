@@ -15,24 +15,25 @@ use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelS
 /// The result of a backend call.
 pub type BackendFuture<T> = BoxFuture<'static, Result<T, Error>>;
 
-/// Something that answers per-model calls.
-pub trait Backend: Send + Sync + 'static {
+/// Something that answers per-model calls. Each call is one attempt: it carries the call's
+/// context (deadline, metadata, receipt) and a shared body, so retries copy nothing.
+pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Runs inference.
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse>;
     /// Whether the model (version) is ready.
-    fn model_ready(&self, call: Call<ModelRef>) -> BackendFuture<bool>;
+    fn model_ready(&self, call: Call<ReadyQuery>) -> BackendFuture<bool>;
     /// The model's OIP metadata.
-    fn model_metadata(&self, call: Call<ModelRef>) -> BackendFuture<ModelMetadata>;
+    fn model_metadata(&self, call: Call<MetadataQuery>) -> BackendFuture<ModelMetadata>;
     /// The model's configuration.
-    fn model_config(&self, call: Call<ModelRef>) -> BackendFuture<ModelSpec>;
+    fn model_config(&self, call: Call<ConfigQuery>) -> BackendFuture<ModelSpec>;
     /// The model's statistics, one entry per version.
-    fn model_statistics(&self, call: Call<ModelRef>) -> BackendFuture<Vec<ModelStats>>;
+    fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>>;
     /// A short description for logs and the startup line (`embedded`, `upstream triton`).
     fn describe(&self) -> String;
 }
 
 /// One kind of per-model call, sent to the backend that serves its model.
-pub trait Operation: Send + 'static {
+pub trait Operation: Send + Sync + 'static {
     /// What the backend answers.
     type Response: Send + 'static;
     /// The model the call is for.
@@ -73,7 +74,7 @@ macro_rules! model_query {
                 &self.0.version
             }
             fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<$resp> {
-                backend.$method(Call { ctx: call.ctx, body: call.body.0 })
+                backend.$method(call)
             }
         }
     )*};

@@ -121,6 +121,12 @@ enum E {
     Open(BreakerOpen),
 }
 
+impl std::fmt::Display for E {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
 impl Failure for E {
     fn class(&self) -> ErrorClass {
         match self {

@@ -26,6 +26,12 @@ fn e(class: ErrorClass) -> E {
     }
 }
 
+impl std::fmt::Display for E {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self:?}")
+    }
+}
+
 impl Failure for E {
     fn class(&self) -> ErrorClass {
         self.class

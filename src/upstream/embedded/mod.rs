@@ -19,7 +19,7 @@ use std::time::SystemTime;
 use futures::FutureExt as _;
 use tokio::time::Instant;
 
-use super::{Backend, BackendFuture};
+use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
 use crate::call::{Call, ModelRef};
 use crate::error::Error;
 use crate::model::{
@@ -61,6 +61,14 @@ struct Entry {
 /// The embedded backend: every built-in model, with its statistics.
 pub struct Embedded {
     models: BTreeMap<String, Entry>,
+}
+
+impl std::fmt::Debug for Embedded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Embedded")
+            .field("models", &self.models.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Embedded {
@@ -120,7 +128,7 @@ impl Embedded {
     }
 
     /// Runs one inference synchronously and counts it.
-    fn run(&self, req: InferRequest) -> Result<InferResponse, Error> {
+    fn run(&self, req: &InferRequest) -> Result<InferResponse, Error> {
         let model_ref = ModelRef {
             name: req.model.clone(),
             version: req.version.clone(),
@@ -177,11 +185,11 @@ impl Timing {
 
 fn execute(
     model: &dyn Model,
-    req: InferRequest,
+    req: &InferRequest,
     start: Instant,
 ) -> Result<(InferResponse, Timing), Error> {
     let spec = model.spec();
-    let batch = validate(&req, spec)?;
+    let batch = validate(req, spec)?;
     let checked = Instant::now();
     let mut outputs = model.execute(&req.inputs)?;
     let computed = Instant::now();
@@ -203,7 +211,7 @@ fn execute(
     let resp = InferResponse {
         model: spec.name.clone(),
         version: VERSION.to_string(),
-        id: req.id,
+        id: req.id.clone(),
         parameters: Default::default(),
         outputs,
     };
@@ -231,27 +239,30 @@ fn now_ms() -> u64 {
 
 impl Backend for Embedded {
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
+        call.ctx
+            .receipt
+            .update(|r| r.served_by = Some("embedded".into()));
         // The models are microseconds of arithmetic: computing inline beats a task hop.
-        futures::future::ready(self.run(call.body)).boxed()
+        futures::future::ready(self.run(&call.body)).boxed()
     }
 
-    fn model_ready(&self, call: Call<ModelRef>) -> BackendFuture<bool> {
-        futures::future::ready(Ok(self.entry(&call.body).is_ok())).boxed()
+    fn model_ready(&self, call: Call<ReadyQuery>) -> BackendFuture<bool> {
+        futures::future::ready(Ok(self.entry(&call.body.0).is_ok())).boxed()
     }
 
-    fn model_metadata(&self, call: Call<ModelRef>) -> BackendFuture<ModelMetadata> {
-        let out = self.entry(&call.body).map(|e| e.model.spec().metadata());
+    fn model_metadata(&self, call: Call<MetadataQuery>) -> BackendFuture<ModelMetadata> {
+        let out = self.entry(&call.body.0).map(|e| e.model.spec().metadata());
         futures::future::ready(out).boxed()
     }
 
-    fn model_config(&self, call: Call<ModelRef>) -> BackendFuture<ModelSpec> {
-        let out = self.entry(&call.body).map(|e| e.model.spec().clone());
+    fn model_config(&self, call: Call<ConfigQuery>) -> BackendFuture<ModelSpec> {
+        let out = self.entry(&call.body.0).map(|e| e.model.spec().clone());
         futures::future::ready(out).boxed()
     }
 
-    fn model_statistics(&self, call: Call<ModelRef>) -> BackendFuture<Vec<ModelStats>> {
+    fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>> {
         let out = self
-            .entry(&call.body)
+            .entry(&call.body.0)
             .map(|e| vec![e.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()]);
         futures::future::ready(out).boxed()
     }
@@ -289,9 +300,9 @@ mod tests {
                 Tensor::from_values("INPUT1", vec![2, 16], &a).unwrap(),
             ],
         );
-        e.run(ok.clone()).unwrap();
-        e.run(ok).unwrap();
-        assert!(e.run(request("simple", vec![])).is_err());
+        e.run(&ok).unwrap();
+        e.run(&ok).unwrap();
+        assert!(e.run(&request("simple", vec![])).is_err());
         let s = e.models["simple"].stats.lock().unwrap().clone();
         assert_eq!(s.success.count, 2);
         assert_eq!(s.fail.count, 1);
@@ -307,13 +318,13 @@ mod tests {
     fn unknown_models_and_versions_are_named() {
         let e = Embedded::new();
         assert_eq!(
-            e.run(request("nope", vec![])).unwrap_err().to_string(),
+            e.run(&request("nope", vec![])).unwrap_err().to_string(),
             "unknown model 'nope'"
         );
         let mut r = request("iris", vec![]);
         r.version = "7".into();
         assert_eq!(
-            e.run(r).unwrap_err().to_string(),
+            e.run(&r).unwrap_err().to_string(),
             "model 'iris' has no version '7' (versions: 1)"
         );
     }
@@ -335,7 +346,7 @@ mod tests {
                 parameters: Parameters::new(),
             });
         }
-        let resp = e.run(r).unwrap();
+        let resp = e.run(&r).unwrap();
         let names: Vec<&str> = resp.outputs.iter().map(Tensor::name).collect();
         assert_eq!(names, ["OUTPUT1", "OUTPUT0"]);
         assert_eq!(resp.outputs[0].values::<i32>().unwrap(), vec![0; 16]);

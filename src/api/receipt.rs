@@ -1,0 +1,142 @@
+//! The resilience receipt: what Keel did for a call, in the answer's trailing metadata.
+//!
+//! Handlers write the receipt into the response metadata ([`write`]); for a successful
+//! unary answer tonic sends that metadata as headers, so [`move_to_trailers`] moves the
+//! receipt's keys into the trailers, where gRPC clients read call outcomes (an error
+//! answer is a single headers frame, which clients read as trailers already).
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http::{HeaderMap, HeaderName};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+use super::POLICY_REVISION;
+use crate::call::CallContext;
+
+/// Attempts made, the first included.
+pub const ATTEMPTS: &str = "keel-attempts";
+/// Waits before each retry, in milliseconds, comma-separated.
+pub const RETRY_DELAYS: &str = "keel-retry-delays-ms";
+/// Who answered the last attempt (`triton@10.0.0.7:8001`, `embedded`).
+pub const SERVED_BY: &str = "keel-served-by";
+
+/// Writes a call's receipt into answer metadata.
+pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
+    let r = ctx.receipt.read();
+    md.insert(ATTEMPTS, MetadataValue::from(r.attempts.max(1)));
+    if let Ok(v) = MetadataValue::try_from(r.delays_ms()) {
+        md.insert(RETRY_DELAYS, v);
+    }
+    if let Some(v) = r.served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
+        md.insert(SERVED_BY, v);
+    }
+}
+
+/// Moves the receipt keys out of a response's headers, to be sent with its trailers.
+/// Answers whose headers already carry `grpc-status` (trailers-only errors) are left as
+/// they are: their headers are the trailers.
+pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailers<B>> {
+    let (mut parts, body) = res.into_parts();
+    let mut extra = HeaderMap::new();
+    if !parts.headers.contains_key("grpc-status") {
+        for key in [ATTEMPTS, RETRY_DELAYS, SERVED_BY] {
+            if let Some(v) = parts.headers.remove(key) {
+                extra.insert(HeaderName::from_static(key), v);
+            }
+        }
+        // The revision stays in the headers too, for clients that read it early.
+        if let Some(v) = parts.headers.get(POLICY_REVISION) {
+            extra.insert(HeaderName::from_static(POLICY_REVISION), v.clone());
+        }
+    }
+    let extra = (!extra.is_empty()).then_some(extra);
+    http::Response::from_parts(parts, WithTrailers { inner: body, extra })
+}
+
+pin_project! {
+    /// A body whose trailers gain some headers.
+    pub struct WithTrailers<B> {
+        #[pin]
+        inner: B,
+        extra: Option<HeaderMap>,
+    }
+}
+
+impl<B> Body for WithTrailers<B>
+where
+    B: Body,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        match ready!(this.inner.poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    if let Some(extra) = this.extra.take() {
+                        trailers.extend(extra);
+                    }
+                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            Some(Err(e)) => Poll::Ready(Some(Err(e))),
+            None => Poll::Ready(this.extra.take().map(|extra| Ok(Frame::trailers(extra)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream() && self.extra.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt as _;
+
+    #[tokio::test]
+    async fn the_receipt_moves_from_headers_to_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let body = http_body_util::StreamBody::new(futures::stream::iter([
+            Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from_static(b"x"))),
+            Ok(Frame::trailers(trailers)),
+        ]));
+        let res = http::Response::builder()
+            .header(ATTEMPTS, "2")
+            .header(POLICY_REVISION, "7")
+            .body(body)
+            .unwrap();
+        let res = move_to_trailers(res);
+        assert!(res.headers().get(ATTEMPTS).is_none());
+        assert_eq!(res.headers()[POLICY_REVISION], "7");
+        let collected = res.into_body().collect().await.unwrap();
+        let t = collected.trailers().unwrap();
+        assert_eq!(t["grpc-status"], "0");
+        assert_eq!(t[ATTEMPTS], "2");
+        assert_eq!(t[POLICY_REVISION], "7");
+    }
+
+    #[test]
+    fn trailers_only_answers_are_left_alone() {
+        let res = http::Response::builder()
+            .header("grpc-status", "14")
+            .header(ATTEMPTS, "3")
+            .body(())
+            .unwrap();
+        let res = move_to_trailers(res);
+        assert_eq!(res.headers()[ATTEMPTS], "3");
+    }
+}

@@ -185,10 +185,14 @@ where
                         Ok(resp) => return Poll::Ready(Ok(resp)),
                         Err(e) => e,
                     };
-                    let message = error.to_string();
-                    this.request
-                        .receipt()
-                        .update(|r| r.last_error = Some(message));
+                    // The call's own deadline is reported by the deadline; the upstream's last
+                    // words are what the client needs next to it.
+                    if error.class() != crate::policy::ErrorClass::DeadlineExceeded {
+                        let message = error.to_string();
+                        this.request
+                            .receipt()
+                            .update(|r| r.last_error = Some(message));
+                    }
                     match decide(this.request, *this.attempt, &error) {
                         Some(wait) => {
                             this.request.receipt().update(|r| r.delays.push(wait));

@@ -248,6 +248,17 @@ pub async fn connect(addr: SocketAddr) -> Client {
     panic!("could not connect to {url}");
 }
 
+/// A numeric answer metadata value (`keel-attempts`).
+pub fn number<T>(resp: &Response<T>, key: &str) -> u64 {
+    resp.metadata()
+        .get(key)
+        .unwrap_or_else(|| panic!("no {key} in {:?}", resp.metadata()))
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// The policy revision an answer reports in `keel-policy-revision`.
 pub fn revision<T>(resp: &Response<T>) -> u64 {
     resp.metadata()
@@ -357,12 +368,23 @@ pub struct Script {
     pub fail: Option<(tonic::Code, String)>,
 }
 
+/// One scripted answer to one attempt of a request id.
+#[derive(Clone, Debug)]
+pub enum Step {
+    /// Fail with this code, and `grpc-retry-pushback-ms` when given.
+    Fail(tonic::Code, Option<&'static str>),
+    /// Wait this long, then answer normally.
+    Delay(Duration),
+}
+
 /// An OIP upstream double: records every call, echoes ModelInfer inputs as outputs, and can
 /// be slowed or made to fail.
 #[derive(Clone)]
 pub struct ScriptedUpstream {
     pub seen: Arc<Mutex<Vec<Seen>>>,
     pub script: Arc<Mutex<Script>>,
+    /// Per request id, the answers of its next attempts (then the script applies).
+    pub plans: Arc<Mutex<std::collections::HashMap<String, std::collections::VecDeque<Step>>>>,
     /// Notified when a ModelInfer call arrives.
     pub arrived: Arc<Notify>,
 }
@@ -372,6 +394,7 @@ impl ScriptedUpstream {
         ScriptedUpstream {
             seen: Arc::default(),
             script: Arc::new(Mutex::new(script)),
+            plans: Arc::default(),
             arrived: Arc::new(Notify::new()),
         }
     }
@@ -393,6 +416,26 @@ impl ScriptedUpstream {
                 ),
         );
         (addr, tx)
+    }
+
+    /// Scripts the next attempts of `request_id`.
+    pub fn plan(&self, request_id: &str, steps: Vec<Step>) {
+        self.plans
+            .lock()
+            .unwrap()
+            .insert(request_id.to_string(), steps.into());
+    }
+
+    /// The calls seen for `request_id`.
+    pub fn seen_for(&self, request_id: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| {
+                s.metadata
+                    .get("x-request-id")
+                    .is_some_and(|v| v == request_id)
+            })
+            .collect()
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -430,15 +473,40 @@ impl GrpcInferenceService for ScriptedUpstream {
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
         let script = self.script.lock().unwrap().clone();
         let (metadata, _, req) = request.into_parts();
+        let id = metadata
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
         self.seen.lock().unwrap().push(Seen {
             method: "ModelInfer",
             metadata,
             model: req.model_name.clone(),
         });
         self.arrived.notify_waiters();
-        tokio::time::sleep(script.delay).await;
-        if let Some((code, msg)) = script.fail {
-            return Err(Status::new(code, msg));
+        let step = self
+            .plans
+            .lock()
+            .unwrap()
+            .get_mut(&id)
+            .and_then(|p| p.pop_front());
+        match step {
+            Some(Step::Fail(code, pushback)) => {
+                let mut status = Status::new(code, format!("scripted {code:?}"));
+                if let Some(ms) = pushback {
+                    status
+                        .metadata_mut()
+                        .insert("grpc-retry-pushback-ms", ms.parse().unwrap());
+                }
+                return Err(status);
+            }
+            Some(Step::Delay(d)) => tokio::time::sleep(d).await,
+            None => {
+                tokio::time::sleep(script.delay).await;
+                if let Some((code, msg)) = script.fail {
+                    return Err(Status::new(code, msg));
+                }
+            }
         }
         let outputs = req
             .inputs

@@ -36,6 +36,26 @@ pub struct CallContext {
 }
 
 impl CallContext {
+    /// A context outside any server, for benchmarks and tests: the embedded default
+    /// policy, `model` routed to the embedded backend, `budget` from now.
+    pub fn standalone(model: &str, budget: Duration) -> Result<Arc<CallContext>, crate::Error> {
+        let snapshot = crate::policy::Store::with_default().current();
+        let router = crate::route::Router::new(crate::upstream::embedded::Embedded::new(), 1 << 20);
+        let route =
+            router
+                .routes(&snapshot)
+                .route(crate::policy::METHODS[0], model, "", "standalone")?;
+        Ok(Arc::new(CallContext {
+            request_id: "standalone".into(),
+            deadline: Instant::now() + budget,
+            budget,
+            metadata: MetadataMap::new(),
+            snapshot,
+            route,
+            receipt: Receipt::default(),
+        }))
+    }
+
     /// Time left before the deadline; zero once it has passed.
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())

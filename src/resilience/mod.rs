@@ -28,4 +28,4 @@ pub use failure::{Failure, HasAttempt, HasBreaker, HasLimit, HasRetry, Pushback}
 pub use latency::Latency;
 pub use limit::{LimitLayer, LimitService, Limiter, Shed};
 pub use receipt::{Receipt, ReceiptData};
-pub use retry::{Hopeless, RetryLayer, RetryService};
+pub use retry::{Hopeless, RetryLayer, RetryService, decide};

@@ -126,8 +126,9 @@ pin_project! {
     }
 }
 
-/// Decides whether attempt `attempt` that failed with `error` is retried, and after how long.
-fn decide<R, E>(request: &R, attempt: u32, error: &E) -> Option<Duration>
+/// Decides whether attempt `attempt` that failed with `error` is retried, and after how long
+/// (the rules in the module docs). A retry it grants is withdrawn from the budget.
+pub fn decide<R, E>(request: &R, attempt: u32, error: &E) -> Option<Duration>
 where
     R: HasRetry + HasDeadline,
     E: Failure,

@@ -12,7 +12,9 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use keel::Error;
 use keel::call::{Call, CallContext};
 use keel::model::{ContentForm, InferRequest, Parameters};
-use keel::resilience::{AttemptLayer, BreakerLayer, DeadlineLayer, LimitLayer, RetryLayer, decide};
+use keel::resilience::{
+    AttemptLayer, BreakerLayer, DeadlineLayer, HedgeLayer, LimitLayer, RetryLayer, decide,
+};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
 fn request() -> InferRequest {
@@ -40,6 +42,7 @@ fn stack(c: &mut Criterion) {
         .layer(DeadlineLayer)
         .layer(LimitLayer)
         .layer(RetryLayer)
+        .layer(HedgeLayer)
         .layer(BreakerLayer)
         .layer(AttemptLayer)
         .service(noop);

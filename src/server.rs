@@ -35,7 +35,7 @@ use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, read_file, watch};
 use crate::resilience::DeadlineLayer;
-use crate::resilience::{AttemptLayer, BreakerLayer, LimitLayer, RetryLayer};
+use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
 use crate::route::{self, Deliver, Router};
 use crate::upstream::Operation;
 use crate::upstream::embedded::Embedded;
@@ -107,6 +107,9 @@ fn stack<Op: Operation>() -> CallService<Op> {
         .layer(LimitLayer)
         // Retry sees BreakerOpen as a local rejection and does not retry it.
         .layer(RetryLayer)
+        // Inside retry: a slow attempt may be hedged, and the pair counts as one attempt's
+        // outcome for the retry decision.
+        .layer(HedgeLayer)
         // Per attempt, so each attempt's outcome feeds the breaker.
         .layer(BreakerLayer)
         // Innermost: bounds one attempt and measures it for the latency estimate.

@@ -9,7 +9,9 @@ use std::time::Duration;
 use keel::Error;
 use keel::call::{Call, CallContext};
 use keel::model::{ContentForm, InferRequest, Parameters};
-use keel::resilience::{AttemptLayer, BreakerLayer, DeadlineLayer, LimitLayer, RetryLayer};
+use keel::resilience::{
+    AttemptLayer, BreakerLayer, DeadlineLayer, HedgeLayer, LimitLayer, RetryLayer,
+};
 use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
 
 #[global_allocator]
@@ -35,6 +37,7 @@ async fn the_success_path_through_every_layer_allocates_nothing() {
         .layer(DeadlineLayer)
         .layer(LimitLayer)
         .layer(RetryLayer)
+        .layer(HedgeLayer)
         .layer(BreakerLayer)
         .layer(AttemptLayer)
         .service(noop);

@@ -304,3 +304,35 @@ async fn calls_beyond_the_models_limit_are_shed_at_once() {
     assert!(up.seen_for("s2").is_empty());
     drop(keel);
 }
+
+#[tokio::test]
+async fn a_slow_endpoint_is_hedged_on_the_next_one() {
+    let slow = ScriptedUpstream::new(Script::default());
+    let fast = ScriptedUpstream::new(Script::default());
+    let (a, _sa) = slow.serve().await;
+    let (b, _sb) = fast.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[upstreams.up]\nendpoints = [\"{a}\", \"{b}\"]\n[models.simple]\nbackend = \"up\"\n[models.simple.retry]\nhedge_delay = \"50ms\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    slow.plan("hg", vec![Step::Delay(Duration::from_secs(30))]);
+    let start = tokio::time::Instant::now();
+    let resp = client.model_infer(request("hg")).await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "not held by the slow endpoint"
+    );
+    assert_eq!(number(&resp, "keel-attempts"), 2);
+    assert_eq!(
+        resp.metadata()
+            .get("keel-served-by")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        format!("up@{b}")
+    );
+    assert_eq!(slow.seen_for("hg").len(), 1);
+    assert_eq!(fast.seen_for("hg").len(), 1);
+    keel.stop().await.unwrap();
+}

@@ -190,6 +190,9 @@ group! {
         retry_on: Vec<RetryOn>,
         /// Bound on each attempt; at most the call's timeout. `None`: only the deadline.
         per_try_timeout: Option<Duration>,
+        /// After this long without an answer, send the same (idempotent) call again to the
+        /// next endpoint; the first success wins. `None`: no hedging.
+        hedge_delay: Option<Duration>,
     }
 }
 
@@ -313,6 +316,7 @@ impl Default for Settings {
                     RetryOn::Class(ErrorClass::AttemptTimeout),
                 ],
                 per_try_timeout: None,
+                hedge_delay: None,
             },
             budget: Budget {
                 ratio: 0.2,
@@ -413,6 +417,7 @@ impl Overrides {
                         .collect()
                 }),
                 per_try_timeout: r.duration(p, "per_try_timeout", MAX_DURATION).map(Some),
+                hedge_delay: r.duration(p, "hedge_delay", MAX_DURATION).map(Some),
             };
             if let Some(mut b) = r.table(p, "budget") {
                 o.budget = BudgetOverrides {

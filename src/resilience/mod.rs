@@ -3,7 +3,8 @@
 //! paused time.
 //!
 //! The stack of a method, outermost first (assembled in `server.rs`): [`DeadlineLayer`],
-//! [`LimitLayer`], [`RetryLayer`], [`BreakerLayer`], [`AttemptLayer`], then the backend.
+//! [`LimitLayer`], [`RetryLayer`], [`HedgeLayer`], [`BreakerLayer`], [`AttemptLayer`], then
+//! the backend.
 //! Failures are classified once, by [`classify`].
 
 mod attempt;
@@ -13,10 +14,13 @@ mod budget;
 pub mod classify;
 mod deadline;
 pub mod failure;
+mod hedge;
 mod latency;
 mod limit;
 mod receipt;
 mod retry;
+#[cfg(test)]
+mod test_support;
 
 pub use attempt::{AttemptLayer, AttemptService, AttemptTimedOut};
 pub use backoff::delay as backoff_delay;
@@ -25,6 +29,7 @@ pub use budget::RetryBudget;
 pub use classify::{ErrorClass, Handling, Origin, classify};
 pub use deadline::{Deadline, DeadlineExceeded, DeadlineFuture, DeadlineLayer, HasDeadline};
 pub use failure::{Failure, HasAttempt, HasBreaker, HasLimit, HasRetry, Pushback};
+pub use hedge::{HedgeLayer, HedgeService};
 pub use latency::Latency;
 pub use limit::{LimitLayer, LimitService, Limiter, Shed};
 pub use receipt::{Receipt, ReceiptData};

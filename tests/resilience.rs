@@ -336,3 +336,28 @@ async fn a_slow_endpoint_is_hedged_on_the_next_one() {
     assert_eq!(fast.seen_for("hg").len(), 1);
     keel.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_failing_endpoint_is_skipped_by_its_own_breaker() {
+    let sick = ScriptedUpstream::new(Script {
+        delay: Duration::ZERO,
+        fail: Some((Code::Internal, "broken".into())),
+    });
+    let healthy = ScriptedUpstream::new(Script::default());
+    let (a, _sa) = sick.serve().await;
+    let (b, _sb) = healthy.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nconsecutive_failures = 2\nmin_requests = 1000\nopen_for = \"1m\"\n[upstreams.up]\nendpoints = [\"{a}\", \"{b}\"]\n[models.simple]\nbackend = \"up\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    // Endpoints alternate: the sick one fails twice, then its breaker opens.
+    let mut outcomes = Vec::new();
+    for i in 0..10 {
+        outcomes.push(client.model_infer(request(&format!("e{i}"))).await.is_ok());
+    }
+    assert_eq!(outcomes[..4], [false, true, false, true]);
+    assert!(outcomes[4..].iter().all(|ok| *ok), "{outcomes:?}");
+    assert_eq!(sick.seen().len(), 2, "no calls after its breaker opened");
+    keel.stop().await.unwrap();
+}

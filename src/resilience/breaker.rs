@@ -78,7 +78,8 @@ struct Inner {
     current_start: Instant,
 }
 
-/// Whether an admitted call is a half-open probe.
+/// A call the breaker let through (and whether it is a half-open probe), to hand back
+/// with its outcome.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Admission {
     probe: bool,

@@ -24,7 +24,9 @@ mod test_support;
 
 pub use attempt::{AttemptLayer, AttemptService, AttemptTimedOut};
 pub use backoff::delay as backoff_delay;
-pub use breaker::{BreakerCell, BreakerLayer, BreakerOpen, BreakerService, BreakerState};
+pub use breaker::{
+    Admission, BreakerCell, BreakerLayer, BreakerOpen, BreakerService, BreakerState,
+};
 pub use budget::RetryBudget;
 pub use classify::{ErrorClass, Handling, Origin, classify};
 pub use deadline::{Deadline, DeadlineExceeded, DeadlineFuture, DeadlineLayer, HasDeadline};

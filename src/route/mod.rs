@@ -22,7 +22,8 @@ use tower::Service;
 use crate::call::Call;
 use crate::error::Error;
 use crate::policy::{
-    BackendRef, METHODS, Policy, PolicyError, PolicyErrors, Settings, Snapshot, UpstreamSpec,
+    BackendRef, Breaker, METHODS, Policy, PolicyError, PolicyErrors, Settings, Snapshot,
+    UpstreamSpec,
 };
 use crate::resilience::{BreakerCell, Latency, Limiter, RetryBudget};
 use crate::upstream::embedded::Embedded;
@@ -195,7 +196,7 @@ struct Compiled {
 /// built with: a swap that changes them gets a fresh entry, others keep their state.
 #[derive(Default)]
 struct Registry {
-    upstreams: BTreeMap<String, (UpstreamSpec, Arc<GrpcUpstream>)>,
+    upstreams: BTreeMap<String, ((UpstreamSpec, Breaker), Arc<GrpcUpstream>)>,
     budgets: BTreeMap<String, Arc<RetryBudget>>,
     breakers: BTreeMap<(String, String), Arc<BreakerCell>>,
     latency: BTreeMap<(String, String), Arc<Latency>>,
@@ -339,15 +340,18 @@ impl Router {
         policy: &Policy,
     ) -> Option<Arc<dyn Backend>> {
         let spec = policy.upstreams.get(name)?;
-        if let Some((built_from, up)) = registry.upstreams.get(name)
-            && built_from == spec
+        // Endpoint breakers take the infer method's settings from the defaults.
+        let breaker = policy.resolve(METHODS[0], None).breaker;
+        if let Some(((built_spec, built_breaker), up)) = registry.upstreams.get(name)
+            && built_spec == spec
+            && *built_breaker == breaker
         {
             return Some(up.clone());
         }
-        let up = GrpcUpstream::new(name, spec, self.max_message_size);
+        let up = GrpcUpstream::new(name, spec, self.max_message_size, &breaker);
         registry
             .upstreams
-            .insert(name.to_string(), (spec.clone(), up.clone()));
+            .insert(name.to_string(), ((spec.clone(), breaker), up.clone()));
         Some(up)
     }
 }

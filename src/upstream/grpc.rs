@@ -6,8 +6,9 @@
 //! call's deadline less the policy's margin, or the per-try timeout if sooner.
 //!
 //! Endpoints are used in turn, one lazily connected HTTP/2 channel each; a refused connection
-//! fails the attempt at once with UNAVAILABLE naming the upstream. (Balancing by load, health
-//! checks and ejection are the pool's job in a later step.)
+//! fails the attempt at once with UNAVAILABLE naming the upstream. Each endpoint has its own
+//! circuit breaker, so a sick endpoint is skipped while the others answer. (Balancing by load,
+//! active health checks and ejection are the pool's job in a later step.)
 
 use std::error::Error as _;
 use std::sync::Arc;
@@ -23,8 +24,9 @@ use crate::call::Call;
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
 use crate::pb::{self, inference as proto};
+use crate::policy::Breaker;
 use crate::policy::UpstreamSpec;
-use crate::resilience::Pushback;
+use crate::resilience::{Admission, BreakerCell, BreakerOpen, Failure, Handling, Pushback};
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// The header that carries the request id.
@@ -40,6 +42,8 @@ const PUSHBACK: &str = "grpc-retry-pushback-ms";
 struct Target {
     addr: Arc<str>,
     client: GrpcInferenceServiceClient<Channel>,
+    /// This endpoint's own breaker: an open one is skipped while others can answer.
+    breaker: Option<Arc<BreakerCell>>,
 }
 
 /// A named upstream and its endpoints.
@@ -56,8 +60,14 @@ impl std::fmt::Debug for GrpcUpstream {
 }
 
 impl GrpcUpstream {
-    /// Prepares channels to every endpoint without connecting; must run inside a Tokio runtime.
-    pub fn new(name: &str, spec: &UpstreamSpec, max_message_size: usize) -> Arc<Self> {
+    /// Prepares channels to every endpoint without connecting; must run inside a Tokio
+    /// runtime. Each endpoint gets a breaker with `breaker` settings when they are enabled.
+    pub fn new(
+        name: &str,
+        spec: &UpstreamSpec,
+        max_message_size: usize,
+        breaker: &Breaker,
+    ) -> Arc<Self> {
         let targets = spec
             .endpoints
             .iter()
@@ -75,6 +85,9 @@ impl GrpcUpstream {
                 Target {
                     addr: addr.into(),
                     client,
+                    breaker: breaker
+                        .enabled
+                        .then(|| Arc::new(BreakerCell::new(breaker.clone()))),
                 }
             })
             .collect();
@@ -85,16 +98,34 @@ impl GrpcUpstream {
         })
     }
 
-    fn pick(&self) -> Result<Target, Error> {
-        if self.targets.is_empty() {
+    /// The next endpoint in turn whose breaker lets the call through.
+    fn pick(&self) -> Result<(Target, Option<Admission>), Error> {
+        let n = self.targets.len();
+        if n == 0 {
             return Err(Error::UpstreamUnavailable {
                 upstream: self.name.to_string(),
                 detail: "no endpoints".into(),
                 never_sent: true,
             });
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.targets.len();
-        Ok(self.targets[i].clone())
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut soonest: Option<BreakerOpen> = None;
+        for k in 0..n {
+            let target = &self.targets[(start + k) % n];
+            match target.breaker.as_ref().map(|b| b.admit()) {
+                None => return Ok((target.clone(), None)),
+                Some(Ok(admission)) => return Ok((target.clone(), Some(admission))),
+                Some(Err(open)) => {
+                    if soonest.is_none_or(|s| open.retry_after < s.retry_after) {
+                        soonest = Some(open);
+                    }
+                }
+            }
+        }
+        // Every endpoint's breaker is open.
+        Err(Error::BreakerOpen(soonest.unwrap_or(BreakerOpen {
+            retry_after: std::time::Duration::ZERO,
+        })))
     }
 
     /// Runs one unary attempt on the next endpoint with the call's metadata and deadline.
@@ -119,7 +150,7 @@ impl GrpcUpstream {
         let attempt_deadline = call.attempt_deadline;
         let time = call.attempt_budget();
         async move {
-            let target = target?;
+            let (target, admission) = target?;
             if time.is_zero() {
                 return Err(Error::DeadlineExceeded { budget: ctx.budget });
             }
@@ -136,7 +167,7 @@ impl GrpcUpstream {
             }
             // Becomes the upstream's grpc-timeout.
             req.set_timeout(time);
-            match send(target.client, req).await {
+            let result = match send(target.client, req).await {
                 Ok(resp) => convert(resp.into_inner()).map_err(|detail| Error::UpstreamProtocol {
                     upstream: name.to_string(),
                     detail,
@@ -148,7 +179,14 @@ impl GrpcUpstream {
                     attempt_deadline,
                     status,
                 )),
+            };
+            if let (Some(breaker), Some(admission)) = (&target.breaker, admission) {
+                let healthy = result
+                    .as_ref()
+                    .map_or_else(|e| !e.class().trips_breaker(), |_| true);
+                breaker.record(admission, healthy);
             }
+            result
         }
         .boxed()
     }

@@ -239,10 +239,7 @@ async fn metadata_request_id_and_remaining_deadline_reach_the_upstream() {
 
 #[tokio::test]
 async fn a_slow_upstream_gives_deadline_exceeded_not_cancelled() {
-    let up = ScriptedUpstream::new(Script {
-        delay: Duration::from_secs(30),
-        fail: None,
-    });
+    let up = ScriptedUpstream::new(Script::slow(Duration::from_secs(30)));
     let (addr, _stop) = up.serve().await;
     // The client sends no deadline, so Keel's default (200ms here) is the one that runs out,
     // and what the client hears is Keel's answer rather than its own local timeout.
@@ -259,10 +256,7 @@ async fn a_slow_upstream_gives_deadline_exceeded_not_cancelled() {
 
 #[tokio::test]
 async fn upstream_statuses_pass_through_with_the_upstream_named() {
-    let up = ScriptedUpstream::new(Script {
-        delay: Duration::ZERO,
-        fail: Some((Code::ResourceExhausted, "queue full".into())),
-    });
+    let up = ScriptedUpstream::new(Script::failing(Code::ResourceExhausted, "queue full"));
     let (addr, _stop) = up.serve().await;
     // One attempt and no breaker: this test is about what passes through.
     let mut toml = forward_config(addr, &["simple"]);

@@ -67,10 +67,7 @@ async fn reflection_lists_the_inference_and_health_services() {
 
 #[tokio::test]
 async fn an_in_flight_call_finishes_after_shutdown_begins_and_health_goes_not_serving() {
-    let up = ScriptedUpstream::new(Script {
-        delay: Duration::from_millis(300),
-        fail: None,
-    });
+    let up = ScriptedUpstream::new(Script::slow(Duration::from_millis(300)));
     let (addr, _stop) = up.serve().await;
     let mut keel = Keel::with_config(&simple_via(addr, "")).await;
     let client = keel.client().await;
@@ -121,10 +118,7 @@ async fn new_connections_are_refused_once_keel_has_stopped() {
 
 #[tokio::test]
 async fn the_drain_is_bounded_by_drain_timeout() {
-    let up = ScriptedUpstream::new(Script {
-        delay: Duration::from_secs(600),
-        fail: None,
-    });
+    let up = ScriptedUpstream::new(Script::slow(Duration::from_secs(600)));
     let (addr, _stop) = up.serve().await;
     let mut keel =
         Keel::with_config(&simple_via(addr, "[server]\ndrain_timeout = \"200ms\"")).await;

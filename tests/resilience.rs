@@ -13,11 +13,6 @@ use common::*;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
-/// `simple` routed to the scripted upstream, after `extra` policy lines.
-fn policy(addr: std::net::SocketAddr, extra: &str) -> String {
-    simple_via(addr, extra)
-}
-
 fn request(id: &str) -> Request<keel::pb::inference::ModelInferRequest> {
     let mut req = Request::new(simple_request());
     req.metadata_mut()
@@ -29,7 +24,7 @@ fn request(id: &str) -> Request<keel::pb::inference::ModelInferRequest> {
 async fn transient_failures_are_retried_and_the_receipt_says_so() {
     let up = ScriptedUpstream::new(Script::default());
     let (addr, _stop) = up.serve().await;
-    let keel = Keel::with_config(&policy(addr, "")).await;
+    let keel = Keel::with_config(&simple_via(addr, "")).await;
     let mut client = keel.client().await;
     up.plan(
         "t1",
@@ -73,7 +68,7 @@ async fn transient_failures_are_retried_and_the_receipt_says_so() {
 async fn a_client_error_is_answered_at_once_with_one_attempt() {
     let up = ScriptedUpstream::new(Script::default());
     let (addr, _stop) = up.serve().await;
-    let keel = Keel::with_config(&policy(addr, "")).await;
+    let keel = Keel::with_config(&simple_via(addr, "")).await;
     let mut client = keel.client().await;
     up.plan("c1", vec![Step::Fail(Code::InvalidArgument, None)]);
     let s = client.model_infer(request("c1")).await.unwrap_err();
@@ -89,7 +84,7 @@ async fn a_client_error_is_answered_at_once_with_one_attempt() {
 async fn a_hung_upstream_gives_deadline_exceeded_on_time_with_what_was_tried() {
     let up = ScriptedUpstream::new(Script::default());
     let (addr, _stop) = up.serve().await;
-    let keel = Keel::with_config(&policy(addr, "[defaults]\ntimeout = \"300ms\"")).await;
+    let keel = Keel::with_config(&simple_via(addr, "[defaults]\ntimeout = \"300ms\"")).await;
     let mut client = keel.client().await;
     up.plan(
         "h1",
@@ -120,12 +115,9 @@ async fn a_hung_upstream_gives_deadline_exceeded_on_time_with_what_was_tried() {
 
 #[tokio::test]
 async fn the_breaker_opens_after_the_threshold_and_closes_after_recovery() {
-    let up = ScriptedUpstream::new(Script {
-        delay: Duration::ZERO,
-        fail: Some((Code::Unavailable, "down".into())),
-    });
+    let up = ScriptedUpstream::new(Script::failing(Code::Unavailable, "down"));
     let (addr, _stop) = up.serve().await;
-    let keel = Keel::with_config(&policy(
+    let keel = Keel::with_config(&simple_via(
         addr,
         "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nconsecutive_failures = 3\nopen_for = \"200ms\"\nhalf_open_probes = 1",
     ))
@@ -182,7 +174,7 @@ async fn the_breaker_opens_after_the_threshold_and_closes_after_recovery() {
 async fn pushback_sets_the_wait_and_a_negative_pushback_stops_retries() {
     let up = ScriptedUpstream::new(Script::default());
     let (addr, _stop) = up.serve().await;
-    let keel = Keel::with_config(&policy(addr, "")).await;
+    let keel = Keel::with_config(&simple_via(addr, "")).await;
     let mut client = keel.client().await;
     up.plan("p1", vec![Step::Fail(Code::ResourceExhausted, Some("40"))]);
     let resp = client.model_infer(request("p1")).await.unwrap();
@@ -231,12 +223,9 @@ async fn non_idempotent_calls_are_retried_only_when_the_request_never_left() {
 
 #[tokio::test]
 async fn the_retry_budget_caps_retries_against_an_upstream_that_always_fails() {
-    let up = ScriptedUpstream::new(Script {
-        delay: Duration::ZERO,
-        fail: Some((Code::Unavailable, "down".into())),
-    });
+    let up = ScriptedUpstream::new(Script::failing(Code::Unavailable, "down"));
     let (addr, _stop) = up.serve().await;
-    let keel = Keel::with_config(&policy(
+    let keel = Keel::with_config(&simple_via(
         addr,
         "[defaults.retry]\nmax_attempts = 5\ninitial_backoff = \"1ms\"\nmax_backoff = \"1ms\"\n[defaults.retry.budget]\nratio = 0.1\nmin_per_sec = 0\n[defaults.breaker]\nenabled = false",
     ))
@@ -279,12 +268,9 @@ async fn the_retry_budget_caps_retries_against_an_upstream_that_always_fails() {
 
 #[tokio::test]
 async fn calls_beyond_the_models_limit_are_shed_at_once() {
-    let up = ScriptedUpstream::new(Script {
-        delay: Duration::from_secs(30),
-        fail: None,
-    });
+    let up = ScriptedUpstream::new(Script::slow(Duration::from_secs(30)));
     let (addr, _stop) = up.serve().await;
-    let keel = Keel::with_config(&policy(
+    let keel = Keel::with_config(&simple_via(
         addr,
         "[defaults.limits]\nmax_in_flight = 1\nmax_queue = 0",
     ))
@@ -339,10 +325,7 @@ async fn a_slow_endpoint_is_hedged_on_the_next_one() {
 
 #[tokio::test]
 async fn a_failing_endpoint_is_skipped_by_its_own_breaker() {
-    let sick = ScriptedUpstream::new(Script {
-        delay: Duration::ZERO,
-        fail: Some((Code::Internal, "broken".into())),
-    });
+    let sick = ScriptedUpstream::new(Script::failing(Code::Internal, "broken"));
     let healthy = ScriptedUpstream::new(Script::default());
     let (a, _sa) = sick.serve().await;
     let (b, _sb) = healthy.serve().await;

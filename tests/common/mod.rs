@@ -368,6 +368,21 @@ pub struct Script {
     pub fail: Option<(tonic::Code, String)>,
 }
 
+impl Script {
+    /// Every ModelInfer fails with `code`.
+    pub fn failing(code: tonic::Code, message: &str) -> Script {
+        Script {
+            delay: Duration::ZERO,
+            fail: Some((code, message.to_string())),
+        }
+    }
+
+    /// Every ModelInfer answers after `delay`.
+    pub fn slow(delay: Duration) -> Script {
+        Script { delay, fail: None }
+    }
+}
+
 /// One scripted answer to one attempt of a request id.
 #[derive(Clone, Debug)]
 pub enum Step {

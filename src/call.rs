@@ -40,7 +40,11 @@ impl CallContext {
     /// policy, `model` routed to the embedded backend, `budget` from now.
     pub fn standalone(model: &str, budget: Duration) -> Result<Arc<CallContext>, crate::Error> {
         let snapshot = crate::policy::Store::with_default().current();
-        let router = crate::route::Router::new(crate::upstream::embedded::Embedded::new(), 1 << 20);
+        let router = crate::route::Router::new(
+            crate::upstream::embedded::Embedded::new(),
+            1 << 20,
+            crate::observe::Metrics::new(),
+        );
         let route =
             router
                 .routes(&snapshot)
@@ -89,9 +93,14 @@ impl<T> Clone for Call<T> {
 impl<T> Call<T> {
     /// The first attempt of a call.
     pub fn new(ctx: Arc<CallContext>, body: T) -> Self {
+        Call::shared(ctx, Arc::new(body))
+    }
+
+    /// The first attempt of a call whose body the caller keeps a reference to.
+    pub fn shared(ctx: Arc<CallContext>, body: Arc<T>) -> Self {
         Call {
             ctx,
-            body: Arc::new(body),
+            body,
             attempt: 1,
             attempt_deadline: None,
         }

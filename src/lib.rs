@@ -12,11 +12,13 @@
 //! - [`observe`]: logs (metrics and traces later).
 //! - [`call`]: what travels with every call (request id, deadline, metadata, snapshot).
 //! - [`error`]: what can go wrong with a call.
+//! - [`grpc_code`]: gRPC status codes by name (a leaf, shared by policy and metrics).
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
 
 pub mod api;
 pub mod call;
 pub mod error;
+pub mod grpc_code;
 pub mod model;
 pub mod observe;
 pub mod pb;

@@ -31,6 +31,9 @@ use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
 use crate::api::{CallService, InferenceApi, Stacks, oversize, receipt};
+use crate::observe::Metrics;
+use crate::observe::edge::{EdgeMetricsLayer, KnownMethods};
+use crate::observe::metrics::{ReloadLabels, RuntimeState};
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, read_file, watch};
@@ -170,7 +173,22 @@ impl Keel {
             .as_deref()
             .map(AdminToken::from_env)
             .transpose()?;
-        let router = Router::new(embedded, server.max_message_size);
+        let metrics = Metrics::new();
+        let listener = metrics.clone();
+        store.listen(Box::new(move |source, result| {
+            listener
+                .policy_reloads
+                .get_or_create(&ReloadLabels { source, result })
+                .inc();
+        }));
+        metrics
+            .policy_reloads
+            .get_or_create(&ReloadLabels {
+                source: "startup",
+                result: "accepted",
+            })
+            .inc();
+        let router = Router::new(embedded, server.max_message_size, metrics);
         Ok(Keel {
             store,
             router,
@@ -238,13 +256,35 @@ impl Keel {
             config: stack(),
             statistics: stack(),
         };
+        let max_in_flight = first.policy.server.max_in_flight;
+        let gate = Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize));
+        let metrics = self.router.metrics().clone();
+        {
+            let (router, store, serving, gate) = (
+                self.router.clone(),
+                self.store.clone(),
+                serving.clone(),
+                gate.clone(),
+            );
+            metrics.set_runtime(Box::new(move || {
+                let mut state = RuntimeState {
+                    gateway_in_flight: i64::from(max_in_flight) - gate.available_permits() as i64,
+                    policy_revision: store.current().revision as i64,
+                    ready: i64::from(serving.load(Ordering::Acquire)),
+                    ..RuntimeState::default()
+                };
+                router.runtime_state(&mut state);
+                state
+            }));
+        }
         let api = InferenceApi::new(
             stacks,
             self.store.clone(),
             self.router.clone(),
             serving.clone(),
             cut_rx,
-            first.policy.server.max_in_flight,
+            gate,
+            max_in_flight,
         );
         let api = GrpcInferenceServiceServer::new(api)
             .max_decoding_message_size(max)
@@ -254,6 +294,7 @@ impl Keel {
         // Set when shutdown begins, to the drain timeout; both listeners watch it.
         let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
         let store = self.store.clone();
+        let serving_for_admin = serving.clone();
         let signal = async move {
             shutdown.await;
             serving.store(false, Ordering::Release);
@@ -278,12 +319,17 @@ impl Keel {
                 let (reflection, reflection_alpha) =
                     reflection_for(&[name_of(&service), health_name])?;
                 let stop = shutdown_began(began_rx.clone());
+                let routes = tonic::service::Routes::new(health_service.clone())
+                    .add_service(reflection)
+                    .add_service(reflection_alpha)
+                    .add_service(service);
+                let http = http_routes(metrics.clone(), serving_for_admin);
+                let routes = tonic::service::Routes::from(routes.into_axum_router().merge(http));
                 Some(
                     Server::builder()
-                        .add_service(health_service.clone())
-                        .add_service(reflection)
-                        .add_service(reflection_alpha)
-                        .add_service(service)
+                        // /metrics, /livez and /readyz are plain HTTP/1.1.
+                        .accept_http1(true)
+                        .add_routes(routes)
                         .serve_with_incoming_shutdown(
                             tokio_stream::wrappers::TcpListenerStream::new(listener),
                             async move {
@@ -304,6 +350,8 @@ impl Keel {
             "serving"
         );
         let server = Server::builder()
+            // Outermost: it sees the status the client gets.
+            .layer(EdgeMetricsLayer::new(metrics.clone(), known_methods()))
             .layer(MapResponseLayer::new(oversize::fix_response))
             .layer(MapResponseLayer::new(receipt::move_to_trailers))
             .add_service(health_service)
@@ -428,6 +476,72 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     Keel::new(options)?.serve(listener, None, shutdown).await
+}
+
+/// Every method of the services Keel serves, from their descriptors, so metrics label only
+/// methods that exist.
+fn known_methods() -> KnownMethods {
+    use prost::Message as _;
+    let mut methods = Vec::new();
+    for set in [
+        pb::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ] {
+        let Ok(fds) = prost_types::FileDescriptorSet::decode(set) else {
+            continue;
+        };
+        for file in fds.file {
+            let package = file.package.unwrap_or_default();
+            for service in file.service {
+                let name = format!("{package}.{}", service.name.unwrap_or_default());
+                for m in service.method {
+                    methods.push((
+                        name.clone(),
+                        m.name.unwrap_or_default(),
+                        m.client_streaming.unwrap_or(false),
+                        m.server_streaming.unwrap_or(false),
+                    ));
+                }
+            }
+        }
+    }
+    KnownMethods::new(methods)
+}
+
+/// The admin listener's plain HTTP endpoints: `/metrics` (Prometheus), `/livez`, `/readyz`.
+fn http_routes(metrics: Arc<Metrics>, serving: Arc<AtomicBool>) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.render();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        body,
+                    )
+                }
+            }),
+        )
+        .route("/livez", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = serving.load(Ordering::Acquire);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                    }
+                }
+            }),
+        )
 }
 
 /// Aborts a background task when dropped.

@@ -231,7 +231,11 @@ mod tests {
     }
 
     fn call(edge: &EdgeContext, snapshot: &Arc<Snapshot>, model: &str) -> CallContext {
-        let router = crate::route::Router::new(crate::upstream::embedded::Embedded::new(), 1 << 20);
+        let router = crate::route::Router::new(
+            crate::upstream::embedded::Embedded::new(),
+            1 << 20,
+            crate::observe::Metrics::new(),
+        );
         let route = router
             .routes(snapshot)
             .route(INFER, model, "", "r")

@@ -16,7 +16,7 @@ use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
 
 use super::context::EdgeContext;
-use super::{oversize, receipt, status};
+use super::{oversize, receipt, record, status};
 use crate::call::{Call, CallContext, ModelRef};
 use crate::error::Error;
 use crate::model::InferRequest;
@@ -105,6 +105,7 @@ impl InferenceApi {
         router: Arc<Router>,
         serving: Arc<AtomicBool>,
         cut: watch::Receiver<bool>,
+        gate: Arc<Semaphore>,
         max_in_flight: u32,
     ) -> Self {
         InferenceApi {
@@ -113,7 +114,7 @@ impl InferenceApi {
             router,
             serving,
             cut,
-            gate: Arc::new(Semaphore::new(max_in_flight as usize)),
+            gate,
             max_in_flight,
         }
     }
@@ -123,6 +124,7 @@ impl InferenceApi {
         Edge {
             ctx: EdgeContext::from_metadata(request.metadata()),
             snapshot: self.store.current(),
+            peer: request.remote_addr(),
         }
     }
 
@@ -135,40 +137,57 @@ impl InferenceApi {
         method: &'static str,
         body: Op,
     ) -> Result<Answer<Op::Response>, Status> {
+        let start = tokio::time::Instant::now();
+        let body = Arc::new(body);
+        let metrics = self.router.metrics();
+        let policy = &edge.snapshot.policy;
+        let finished = |ctx: Option<&CallContext>, error: Option<&Error>| {
+            let f = record::Finished {
+                method,
+                request_id: &edge.ctx.request_id,
+                model: body.model(),
+                version: body.version(),
+                ctx,
+                error,
+                took: start.elapsed(),
+                bytes_in: body.payload_bytes(),
+                peer: edge.peer,
+                trace_id: edge.trace_id(),
+                revision: edge.snapshot.revision,
+                policy_version: edge.snapshot.version(),
+                success_sample: policy.observability.success_log_sample,
+            };
+            record::finish(metrics, &f, || body.summary());
+        };
         let routes = self.router.routes(&edge.snapshot);
-        let route = routes
-            .route(method, body.model(), body.version(), &edge.ctx.request_id)
-            .map_err(|e| edge.status(&e, None))?;
+        let route = match routes.route(method, body.model(), body.version(), &edge.ctx.request_id) {
+            Ok(route) => route,
+            Err(e) => {
+                finished(None, Some(&e));
+                return Err(edge.status(&e, None));
+            }
+        };
         // Keel's own bound, whatever the model: refuse at once rather than queue.
         let Ok(_gate) = self.gate.clone().try_acquire_owned() else {
             let e = Error::GatewayOverloaded {
                 max_in_flight: self.max_in_flight,
             };
+            finished(None, Some(&e));
             return Err(edge.status(&e, None));
         };
         let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route));
-        let start = tokio::time::Instant::now();
         let result = tokio::select! {
-            r = svc.clone().oneshot(Call::new(ctx.clone(), body)) => r,
+            r = svc.clone().oneshot(Call::shared(ctx.clone(), body.clone())) => r,
             () = cut_off(self.cut.clone()) => return Err(edge.tag(cut_status())),
         };
+        if let (Ok(_), Some(slow)) = (&result, ctx.route.settings.slow_threshold)
+            && start.elapsed() > slow
+        {
+            ctx.receipt.update(|r| r.slow = true);
+        }
+        finished(Some(&ctx), result.as_ref().err());
         match result {
-            Ok(value) => {
-                if let Some(slow) = ctx.route.settings.slow_threshold
-                    && start.elapsed() > slow
-                {
-                    ctx.receipt.update(|r| r.slow = true);
-                    tracing::warn!(
-                        request_id = %ctx.request_id,
-                        method,
-                        model = %ctx.route.model,
-                        elapsed_ms = start.elapsed().as_millis() as u64,
-                        slow_threshold_ms = slow.as_millis() as u64,
-                        "slow call"
-                    );
-                }
-                Ok(Answer { value, ctx })
-            }
+            Ok(value) => Ok(Answer { value, ctx }),
             Err(e) => Err(edge.status(&e, Some(&ctx))),
         }
     }
@@ -180,13 +199,20 @@ struct Answer<T> {
     ctx: Arc<CallContext>,
 }
 
-/// What one call keeps from its start: its edge context and its policy snapshot.
+/// What one call keeps from its start: its edge context, its policy snapshot and its peer.
 struct Edge {
     ctx: EdgeContext,
     snapshot: Arc<Snapshot>,
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl Edge {
+    /// The trace id of the client's W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
+    fn trace_id(&self) -> Option<&str> {
+        let tp = self.ctx.metadata.get("traceparent")?.to_str().ok()?;
+        tp.split('-').nth(1).filter(|t| t.len() == 32)
+    }
+
     /// A successful answer, tagged.
     fn reply<T>(&self, value: T) -> Response<T> {
         let mut resp = Response::new(value);
@@ -314,8 +340,14 @@ impl GrpcInferenceService for InferenceApi {
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
         let edge = self.begin(&request);
-        let req = pb::infer_request_from_pb(request.into_inner())
-            .map_err(|e| edge.status(&e.into(), None))?;
+        let msg = request.into_inner();
+        let model = msg.model_name.clone();
+        let req = pb::infer_request_from_pb(msg).map_err(|invalid| {
+            let known = self.router.routes(&edge.snapshot).has(&model);
+            let label = if known { model.as_str() } else { "unknown" };
+            record::rejected(self.router.metrics(), label, &invalid);
+            edge.status(&invalid.into(), None)
+        })?;
         let form = req.form;
         let a = self
             .call(&self.stacks.infer, &edge, MODEL_INFER, req)

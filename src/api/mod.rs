@@ -9,6 +9,7 @@ pub mod context;
 mod inference;
 pub mod oversize;
 pub mod receipt;
+mod record;
 pub mod status;
 
 pub use inference::{CallService, InferenceApi, POLICY_REVISION, Stacks};

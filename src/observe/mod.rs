@@ -1,5 +1,8 @@
-//! Logs (and later metrics and traces). Depends on nothing else in the crate.
+//! Logs and metrics (traces later). Depends on nothing else in the crate.
 
+pub mod edge;
 mod logs;
+pub mod metrics;
 
 pub use logs::{LogFormat, init_logs};
+pub use metrics::Metrics;

@@ -85,6 +85,19 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
             _ => p.add(path, "a flag is true, false or a string"),
         }
     }
+    let observability = match root.table(&mut p, "observability") {
+        Some(mut s) => {
+            let d = super::Observability::default();
+            let o = super::Observability {
+                success_log_sample: s
+                    .number(&mut p, "success_log_sample", 0.0..=1.0)
+                    .unwrap_or(d.success_log_sample),
+            };
+            s.finish(&mut p);
+            o
+        }
+        None => super::Observability::default(),
+    };
     let models = root.named_tables(&mut p, "models").map(|models| {
         models
             .into_iter()
@@ -104,6 +117,7 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
         upstreams,
         models,
         flags,
+        observability,
     };
     check_combinations(&policy, &mut p);
     p.into_result(policy)

@@ -31,7 +31,7 @@ pub use settings::{
     MAX_DURATION, Overrides, Retry, RetryOn, RetryOverrides, Settings,
 };
 pub use snapshot::{Change, Snapshot, Source};
-pub use store::{Adjust, Applied, ApplyError, Check, HISTORY, Store};
+pub use store::{Adjust, Applied, ApplyError, Check, HISTORY, Listener, Store};
 pub use units::{format_duration, parse_duration, parse_size};
 
 /// Where Keel listens for traffic unless told otherwise: Triton's gRPC port on loopback.
@@ -65,6 +65,24 @@ pub struct Policy {
     pub models: Option<BTreeMap<String, ModelPolicy>>,
     /// Named switches that models refer to.
     pub flags: BTreeMap<String, Flag>,
+    /// What Keel reports about its calls.
+    pub observability: Observability,
+}
+
+/// `[observability]`: request logs (metrics and traces need no settings here).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observability {
+    /// Share of successful calls that get a request log line, 0..=1; failed and slow calls
+    /// always do. Chosen by request id, so a sampled call is sampled everywhere.
+    pub success_log_sample: f64,
+}
+
+impl Default for Observability {
+    fn default() -> Self {
+        Observability {
+            success_log_sample: 0.01,
+        }
+    }
 }
 
 /// Listener settings. A swap that changes any of them is refused: they need a restart.

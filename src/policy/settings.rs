@@ -65,26 +65,6 @@ impl ErrorClass {
     }
 }
 
-/// gRPC status codes by their canonical names, for `retry_on`.
-const CODES: [(&str, tonic::Code); 16] = [
-    ("CANCELLED", tonic::Code::Cancelled),
-    ("UNKNOWN", tonic::Code::Unknown),
-    ("INVALID_ARGUMENT", tonic::Code::InvalidArgument),
-    ("DEADLINE_EXCEEDED", tonic::Code::DeadlineExceeded),
-    ("NOT_FOUND", tonic::Code::NotFound),
-    ("ALREADY_EXISTS", tonic::Code::AlreadyExists),
-    ("PERMISSION_DENIED", tonic::Code::PermissionDenied),
-    ("RESOURCE_EXHAUSTED", tonic::Code::ResourceExhausted),
-    ("FAILED_PRECONDITION", tonic::Code::FailedPrecondition),
-    ("ABORTED", tonic::Code::Aborted),
-    ("OUT_OF_RANGE", tonic::Code::OutOfRange),
-    ("UNIMPLEMENTED", tonic::Code::Unimplemented),
-    ("INTERNAL", tonic::Code::Internal),
-    ("UNAVAILABLE", tonic::Code::Unavailable),
-    ("DATA_LOSS", tonic::Code::DataLoss),
-    ("UNAUTHENTICATED", tonic::Code::Unauthenticated),
-];
-
 /// What a retry may be for: a class of the taxonomy or one status code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RetryOn {
@@ -98,10 +78,9 @@ impl RetryOn {
     /// Parses `transient` or `UNAVAILABLE`.
     pub fn parse(s: &str) -> Option<Self> {
         ErrorClass::parse(s).map(RetryOn::Class).or_else(|| {
-            CODES
-                .iter()
-                .find(|(name, _)| *name == s)
-                .map(|&(_, c)| RetryOn::Code(c))
+            crate::grpc_code::parse(s)
+                .filter(|c| *c != tonic::Code::Ok)
+                .map(RetryOn::Code)
         })
     }
 
@@ -109,10 +88,7 @@ impl RetryOn {
     pub fn as_str(&self) -> &'static str {
         match self {
             RetryOn::Class(c) => c.as_str(),
-            RetryOn::Code(code) => CODES
-                .iter()
-                .find(|(_, c)| c == code)
-                .map_or("UNKNOWN", |(n, _)| n),
+            RetryOn::Code(code) => crate::grpc_code::name(*code),
         }
     }
 }

@@ -41,6 +41,20 @@ pub enum Source {
     },
 }
 
+impl Source {
+    /// A short, bounded name of the kind of source, for metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Source::Startup(_) => "startup",
+            Source::FileWatch(_) => "file",
+            Source::Sighup(_) => "sighup",
+            Source::Admin { .. } => "admin",
+            Source::Rollback { .. } => "rollback",
+            Source::SetFlag { .. } => "set_flag",
+        }
+    }
+}
+
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -87,7 +87,12 @@ pub struct Store {
     /// Text of the policy file when it was last read, so a file event only wins over an
     /// admin change when the file's content really changed.
     last_file_text: Mutex<Option<String>>,
+    /// Told of every change's source kind and result (`accepted`, `rejected`, `unchanged`).
+    listener: std::sync::OnceLock<Listener>,
 }
+
+/// Told of every change: its source kind and its result.
+pub type Listener = Box<dyn Fn(&'static str, &'static str) + Send + Sync>;
 
 impl Store {
     /// A store whose first snapshot (revision 1) is `text`, or Keel's embedded default (an
@@ -127,6 +132,7 @@ impl Store {
             check,
             adjust,
             last_file_text: Mutex::new(from_file.then_some(text)),
+            listener: std::sync::OnceLock::new(),
         })
     }
 
@@ -154,6 +160,17 @@ impl Store {
     /// The snapshots kept for rollback, oldest first.
     pub fn history(&self) -> Vec<Arc<Snapshot>> {
         self.lock_history().iter().cloned().collect()
+    }
+
+    /// Sets who is told of every change from now on (metrics); only the first call counts.
+    pub fn listen(&self, listener: Listener) {
+        let _ = self.listener.set(listener);
+    }
+
+    fn tell(&self, source: &Source, result: &'static str) {
+        if let Some(l) = self.listener.get() {
+            l(source.kind(), result);
+        }
     }
 
     /// The audit log.
@@ -206,6 +223,7 @@ impl Store {
                 reasons,
                 ..rejection(current.revision, &source, &[])
             });
+            self.tell(&source, "rejected");
             Err(e)
         };
         if let Some(expected) = expected_revision
@@ -233,6 +251,7 @@ impl Store {
         );
         if next.hash == current.hash {
             tracing::debug!(revision = current.revision, source = %next.source, "policy unchanged");
+            self.tell(&next.source, "unchanged");
             return Ok(Applied::Unchanged(current));
         }
         let changes = current.changes_to(&next);
@@ -255,6 +274,7 @@ impl Store {
             reasons: vec![],
             changes: Some(changes.clone()),
         });
+        self.tell(&next.source, "accepted");
         Ok(Applied::Swapped(next, changes))
     }
 
@@ -263,13 +283,7 @@ impl Store {
     pub fn reload_file(&self, path: &Path, source: Source) -> Result<Applied, ApplyError> {
         let text = match super::read_file(path) {
             Ok(t) => t,
-            Err(e) => {
-                self.audit.record(&AuditEntry {
-                    reasons: e.0.iter().map(ToString::to_string).collect(),
-                    ..rejection(self.current().revision, &source, &[])
-                });
-                return Err(ApplyError::Invalid(e));
-            }
+            Err(e) => return Err(self.refused(&source, ApplyError::Invalid(e))),
         };
         {
             let mut last = self
@@ -303,10 +317,15 @@ impl Store {
 
     /// Audits a change refused before it reached [`Store::apply`], and returns its error.
     fn refused(&self, source: &Source, e: ApplyError) -> ApplyError {
+        let reasons = match &e {
+            ApplyError::Invalid(errors) => errors.0.iter().map(ToString::to_string).collect(),
+            other => vec![other.to_string()],
+        };
         self.audit.record(&AuditEntry {
-            reasons: vec![e.to_string()],
+            reasons,
             ..rejection(self.current().revision, source, &[])
         });
+        self.tell(source, "rejected");
         e
     }
 

@@ -41,15 +41,15 @@ pub struct BreakerOpen {
     pub retry_after: Duration,
 }
 
-/// The breaker's state, for logs and tests.
+/// The breaker's state, for logs, metrics (as a number) and tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BreakerState {
     /// Calls pass.
-    Closed,
-    /// Calls are refused.
-    Open,
+    Closed = 0,
     /// Probes pass.
-    HalfOpen,
+    HalfOpen = 1,
+    /// Calls are refused.
+    Open = 2,
 }
 
 /// One breaker.
@@ -57,6 +57,8 @@ pub enum BreakerState {
 pub struct BreakerCell {
     settings: Breaker,
     inner: Mutex<Inner>,
+    /// Times it opened, for metrics.
+    trips_total: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug)]
@@ -90,6 +92,7 @@ impl BreakerCell {
     pub fn new(settings: Breaker) -> Self {
         BreakerCell {
             settings,
+            trips_total: std::sync::atomic::AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 mode: Mode::Closed,
                 consecutive: 0,
@@ -108,6 +111,11 @@ impl BreakerCell {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Times the breaker opened since it was built.
+    pub fn trips_total(&self) -> u64 {
+        self.trips_total.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The current state.
@@ -179,7 +187,11 @@ impl BreakerCell {
             _ => Next::Nothing,
         };
         match next {
-            Next::Trip => inner.trip(s),
+            Next::Trip => {
+                inner.trip(s);
+                self.trips_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             Next::Close => inner.close(),
             Next::Nothing => {}
             Next::Count => {
@@ -200,6 +212,8 @@ impl BreakerCell {
                         && failed as f64 >= s.failure_ratio * total as f64;
                     if inner.consecutive >= s.consecutive_failures || by_ratio {
                         inner.trip(s);
+                        self.trips_total
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     }
                 }
             }

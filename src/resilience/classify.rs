@@ -103,7 +103,7 @@ pub fn table() -> Vec<(String, ErrorClass)> {
     let mut rows: Vec<(String, ErrorClass)> = CODES
         .iter()
         .map(|&c| {
-            let name = crate::policy::RetryOn::Code(c).as_str();
+            let name = crate::grpc_code::name(c);
             (
                 format!("upstream {name}"),
                 classify(Origin::Upstream(c), false),

@@ -82,7 +82,10 @@ where
                 }
                 let mut second = req;
                 let n = second.receipt().read().attempts + 1;
-                second.receipt().update(|r| r.attempts = n);
+                second.receipt().update(|r| {
+                    r.attempts = n;
+                    r.hedges += 1;
+                });
                 second.set_attempt(n);
                 let second = Box::pin(hedge.oneshot(second));
                 // The first success wins; after one failure, the other still may succeed.

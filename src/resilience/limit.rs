@@ -58,6 +58,11 @@ impl Limiter {
         self.settings.max_in_flight - self.slots.available_permits() as u32
     }
 
+    /// Calls waiting for a slot now.
+    pub fn queued(&self) -> u32 {
+        self.waiting.load(Ordering::Acquire)
+    }
+
     fn shed(&self) -> Shed {
         Shed {
             in_flight: self.settings.max_in_flight,

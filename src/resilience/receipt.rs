@@ -15,6 +15,10 @@ pub struct ReceiptData {
     pub attempts: u32,
     /// The wait before each retry.
     pub delays: Vec<Duration>,
+    /// The class of the failure each retry answered.
+    pub retry_reasons: Vec<&'static str>,
+    /// Hedged attempts.
+    pub hedges: u32,
     /// A retry was wanted but the retry budget refused it.
     pub budget_exhausted: bool,
     /// The last error an attempt met, for the final error's details.

@@ -196,7 +196,11 @@ where
                     }
                     match decide(this.request, *this.attempt, &error) {
                         Some(wait) => {
-                            this.request.receipt().update(|r| r.delays.push(wait));
+                            let reason = error.class().as_str();
+                            this.request.receipt().update(|r| {
+                                r.delays.push(wait);
+                                r.retry_reasons.push(reason);
+                            });
                             this.state.set(State::Waiting {
                                 sleep: tokio::time::sleep(wait),
                             });

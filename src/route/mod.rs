@@ -21,6 +21,8 @@ use tower::Service;
 
 use crate::call::Call;
 use crate::error::Error;
+use crate::observe::Metrics;
+use crate::observe::metrics::RuntimeState;
 use crate::policy::{
     BackendRef, Breaker, METHODS, Policy, PolicyError, PolicyErrors, Settings, Snapshot,
     UpstreamSpec,
@@ -153,6 +155,11 @@ impl Routes {
         })
     }
 
+    /// Whether `model` is routed.
+    pub fn has(&self, model: &str) -> bool {
+        self.models.contains_key(model)
+    }
+
     /// Every routed model, sorted by name.
     pub fn models(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
@@ -207,16 +214,22 @@ struct Registry {
 pub struct Router {
     embedded: Arc<Embedded>,
     max_message_size: usize,
+    metrics: Arc<Metrics>,
     registry: Mutex<Registry>,
     compiled: ArcSwapOption<Compiled>,
 }
 
 impl Router {
     /// A router over `embedded`; upstream channels are created lazily, in a Tokio runtime.
-    pub fn new(embedded: Arc<Embedded>, max_message_size: usize) -> Arc<Router> {
+    pub fn new(
+        embedded: Arc<Embedded>,
+        max_message_size: usize,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Router> {
         Arc::new(Router {
             embedded,
             max_message_size,
+            metrics,
             registry: Mutex::new(Registry::default()),
             compiled: ArcSwapOption::empty(),
         })
@@ -225,6 +238,37 @@ impl Router {
     /// The embedded backend.
     pub fn embedded(&self) -> &Arc<Embedded> {
         &self.embedded
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The resilience state kept across swaps, for the metrics scrape: breakers per
+    /// (model, upstream), endpoint breakers, and per-model in-flight and queued calls.
+    pub fn runtime_state(&self, into: &mut RuntimeState) {
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        for ((model, upstream), b) in &registry.breakers {
+            into.breakers.push((
+                model.clone(),
+                upstream.clone(),
+                b.state() as i64,
+                b.trips_total(),
+            ));
+        }
+        for (name, (_, up)) in &registry.upstreams {
+            for (endpoint, state) in up.endpoint_states() {
+                into.endpoint_breakers.push((name.clone(), endpoint, state));
+            }
+        }
+        for (model, l) in &registry.limiters {
+            into.models.push((
+                model.clone(),
+                i64::from(l.in_flight()),
+                i64::from(l.queued()),
+            ));
+        }
     }
 
     /// The routes of `snapshot`, compiled on first use of its revision.
@@ -348,7 +392,13 @@ impl Router {
         {
             return Some(up.clone());
         }
-        let up = GrpcUpstream::new(name, spec, self.max_message_size, &breaker);
+        let up = GrpcUpstream::new(
+            name,
+            spec,
+            self.max_message_size,
+            &breaker,
+            self.metrics.clone(),
+        );
         registry
             .upstreams
             .insert(name.to_string(), ((spec.clone(), breaker), up.clone()));
@@ -435,7 +485,7 @@ mod tests {
 
     #[tokio::test]
     async fn weighted_routes_split_by_request_id_deterministically() {
-        let router = Router::new(Embedded::new(), 1 << 20);
+        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
         let snap = snapshot(
             "[upstreams.canary]\nendpoints = [\"127.0.0.1:1\"]\n[models.simple]\nroutes = [{ backend = \"embedded\", weight = 90 }, { backend = \"canary\", weight = 10 }]\n",
         );
@@ -461,7 +511,7 @@ mod tests {
 
     #[tokio::test]
     async fn routes_are_compiled_once_per_revision_and_upstreams_survive_a_swap() {
-        let router = Router::new(Embedded::new(), 1 << 20);
+        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
         let a = snapshot(
             "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n[models.simple]\nbackend = \"u\"\n",
         );
@@ -492,7 +542,7 @@ mod tests {
 
     #[tokio::test]
     async fn versions_outside_the_list_are_not_found() {
-        let router = Router::new(Embedded::new(), 1 << 20);
+        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
         let snap = snapshot("[models.iris]\nbackend = \"embedded\"\nversions = [\"1\"]\n");
         let routes = router.routes(&snap);
         assert!(routes.route(INFER, "iris", "1", "r").is_ok());
@@ -510,7 +560,7 @@ mod tests {
 
     #[tokio::test]
     async fn breaker_state_survives_a_swap_unless_its_settings_change() {
-        let router = Router::new(Embedded::new(), 1 << 20);
+        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
         let store = Store::with_default();
         let admin = || crate::policy::Source::Admin {
             principal: "t".into(),

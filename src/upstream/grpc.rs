@@ -23,11 +23,16 @@ use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, Stat
 use crate::call::Call;
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
+use crate::observe::Metrics;
+use crate::observe::metrics::{ClientCodeLabels, ClientLabels};
 use crate::pb::{self, inference as proto};
 use crate::policy::Breaker;
 use crate::policy::UpstreamSpec;
 use crate::resilience::{Admission, BreakerCell, BreakerOpen, Failure, Handling, Pushback};
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+/// The service every upstream call is on.
+const SERVICE: &str = "inference.GRPCInferenceService";
 
 /// The header that carries the request id.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -51,6 +56,7 @@ pub struct GrpcUpstream {
     name: Arc<str>,
     targets: Vec<Target>,
     next: AtomicUsize,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for GrpcUpstream {
@@ -67,6 +73,7 @@ impl GrpcUpstream {
         spec: &UpstreamSpec,
         max_message_size: usize,
         breaker: &Breaker,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let targets = spec
             .endpoints
@@ -95,7 +102,19 @@ impl GrpcUpstream {
             name: name.into(),
             targets,
             next: AtomicUsize::new(0),
+            metrics,
         })
+    }
+
+    /// Each endpoint with its breaker's state (0 closed, 1 half-open, 2 open), for metrics.
+    pub fn endpoint_states(&self) -> Vec<(String, i64)> {
+        self.targets
+            .iter()
+            .filter_map(|t| {
+                let state = t.breaker.as_ref()?.state();
+                Some((t.addr.to_string(), state as i64))
+            })
+            .collect()
     }
 
     /// The next endpoint in turn whose breaker lets the call through.
@@ -131,6 +150,7 @@ impl GrpcUpstream {
     /// Runs one unary attempt on the next endpoint with the call's metadata and deadline.
     fn unary<Q, Req, Resp, Out, F, Fut>(
         &self,
+        method: &'static str,
         call: &Call<Q>,
         body: Req,
         send: F,
@@ -149,6 +169,7 @@ impl GrpcUpstream {
         let attempt = call.attempt;
         let attempt_deadline = call.attempt_deadline;
         let time = call.attempt_budget();
+        let metrics = self.metrics.clone();
         async move {
             let (target, admission) = target?;
             if time.is_zero() {
@@ -167,7 +188,31 @@ impl GrpcUpstream {
             }
             // Becomes the upstream's grpc-timeout.
             req.set_timeout(time);
-            let result = match send(target.client, req).await {
+            let labels = ClientLabels {
+                grpc_service: SERVICE,
+                grpc_method: method,
+                upstream: name.to_string(),
+            };
+            metrics.client_started.get_or_create(&labels).inc();
+            let start = Instant::now();
+            let answer = send(target.client, req).await;
+            let code = answer
+                .as_ref()
+                .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+            metrics
+                .client_handled
+                .get_or_create(&ClientCodeLabels {
+                    grpc_service: SERVICE,
+                    grpc_method: method,
+                    upstream: name.to_string(),
+                    grpc_code: crate::grpc_code::name(code),
+                })
+                .inc();
+            metrics
+                .client_handling
+                .get_or_create(&labels)
+                .observe(start.elapsed().as_secs_f64());
+            let result = match answer {
                 Ok(resp) => convert(resp.into_inner()).map_err(|detail| Error::UpstreamProtocol {
                     upstream: name.to_string(),
                     detail,
@@ -257,6 +302,7 @@ impl Backend for GrpcUpstream {
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
         let body = pb::infer_request_to_pb(&call.body);
         self.unary(
+            "ModelInfer",
             &call,
             body,
             |mut c, r| async move { c.model_infer(r).await },
@@ -270,6 +316,7 @@ impl Backend for GrpcUpstream {
             version: call.body.0.version.clone(),
         };
         self.unary(
+            "ModelReady",
             &call,
             body,
             |mut c, r| async move { c.model_ready(r).await },
@@ -283,6 +330,7 @@ impl Backend for GrpcUpstream {
             version: call.body.0.version.clone(),
         };
         self.unary(
+            "ModelMetadata",
             &call,
             body,
             |mut c, r| async move { c.model_metadata(r).await },
@@ -296,6 +344,7 @@ impl Backend for GrpcUpstream {
             version: call.body.0.version.clone(),
         };
         self.unary(
+            "ModelConfig",
             &call,
             body,
             |mut c, r| async move { c.model_config(r).await },
@@ -313,6 +362,7 @@ impl Backend for GrpcUpstream {
             version: call.body.0.version.clone(),
         };
         self.unary(
+            "ModelStatistics",
             &call,
             body,
             |mut c, r| async move { c.model_statistics(r).await },

@@ -44,6 +44,14 @@ pub trait Operation: Send + Sync + 'static {
     fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<Self::Response>
     where
         Self: Sized;
+    /// Input names, types and shapes for the request log (never tensor contents).
+    fn summary(&self) -> String {
+        String::new()
+    }
+    /// Bytes of tensor data sent.
+    fn payload_bytes(&self) -> usize {
+        0
+    }
 }
 
 impl Operation for InferRequest {
@@ -56,6 +64,17 @@ impl Operation for InferRequest {
     }
     fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<InferResponse> {
         backend.infer(call)
+    }
+    fn summary(&self) -> String {
+        let inputs: Vec<String> = self
+            .inputs
+            .iter()
+            .map(|t| format!("{}:{}{:?}", t.name(), t.dtype(), t.shape()))
+            .collect();
+        inputs.join(",")
+    }
+    fn payload_bytes(&self) -> usize {
+        self.inputs.iter().map(|t| t.data().len()).sum()
     }
 }
 

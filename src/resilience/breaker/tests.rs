@@ -41,6 +41,7 @@ async fn opens_after_five_consecutive_failures_then_half_opens_and_closes() {
     );
     fail(&cell, 1);
     assert_eq!(cell.state(), BreakerState::Open);
+    assert_eq!(cell.trips_total(), 1);
     let refused = cell.admit().unwrap_err();
     assert_eq!(refused.retry_after, Duration::from_secs(5));
 
@@ -68,6 +69,11 @@ async fn a_failed_probe_reopens_for_longer_up_to_the_cap() {
         cell.record(probe, false);
         assert_eq!(cell.state(), BreakerState::Open);
     }
+    assert_eq!(
+        cell.trips_total(),
+        5,
+        "the first trip and four failed probes"
+    );
 }
 
 #[tokio::test(start_paused = true)]

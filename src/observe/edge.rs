@@ -1,0 +1,245 @@
+//! Counts every RPC the server handles, under gRPC's conventional names
+//! (`grpc_server_started_total`, `grpc_server_handled_total`, `grpc_server_handling_seconds`),
+//! at the HTTP level so calls tonic answers itself (unknown methods, oversized messages)
+//! count too.
+//!
+//! The status is read from the response headers of a trailers-only answer, or from the
+//! trailers at the end of the body; a body dropped before its trailers counts as CANCELLED.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::metrics::{Metrics, ServerCodeLabels, ServerLabels};
+use crate::grpc_code;
+
+/// The methods the server knows, with their gRPC type; other paths count as `unknown`, so
+/// client input never creates a label.
+#[derive(Clone, Debug, Default)]
+pub struct KnownMethods(Arc<HashMap<String, &'static str>>);
+
+impl KnownMethods {
+    /// From `(service, method, client_streaming, server_streaming)` entries.
+    pub fn new(methods: impl IntoIterator<Item = (String, String, bool, bool)>) -> Self {
+        KnownMethods(Arc::new(
+            methods
+                .into_iter()
+                .map(|(s, m, cs, ss)| {
+                    let kind = match (cs, ss) {
+                        (false, false) => "unary",
+                        (true, false) => "client_stream",
+                        (false, true) => "server_stream",
+                        (true, true) => "bidi_stream",
+                    };
+                    (format!("/{s}/{m}"), kind)
+                })
+                .collect(),
+        ))
+    }
+
+    fn labels(&self, path: &str) -> ServerLabels {
+        match self.0.get(path) {
+            Some(kind) => {
+                let (service, method) = path[1..].split_once('/').unwrap_or(("unknown", "unknown"));
+                ServerLabels {
+                    grpc_type: kind,
+                    grpc_service: service.to_string(),
+                    grpc_method: method.to_string(),
+                }
+            }
+            None => ServerLabels {
+                grpc_type: "unknown",
+                grpc_service: "unknown".into(),
+                grpc_method: "unknown".into(),
+            },
+        }
+    }
+}
+
+/// Applies [`EdgeMetrics`].
+#[derive(Clone, Debug)]
+pub struct EdgeMetricsLayer {
+    metrics: Arc<Metrics>,
+    known: KnownMethods,
+}
+
+impl EdgeMetricsLayer {
+    /// Counts into `metrics`, labelling the `known` methods.
+    pub fn new(metrics: Arc<Metrics>, known: KnownMethods) -> Self {
+        EdgeMetricsLayer { metrics, known }
+    }
+}
+
+impl<S> Layer<S> for EdgeMetricsLayer {
+    type Service = EdgeMetrics<S>;
+    fn layer(&self, inner: S) -> EdgeMetrics<S> {
+        EdgeMetrics {
+            inner,
+            metrics: self.metrics.clone(),
+            known: self.known.clone(),
+        }
+    }
+}
+
+/// Counts RPCs and their outcomes.
+#[derive(Clone, Debug)]
+pub struct EdgeMetrics<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+    known: KnownMethods,
+}
+
+/// What a finished RPC records.
+struct Record {
+    metrics: Arc<Metrics>,
+    labels: ServerLabels,
+    start: Instant,
+}
+
+impl Record {
+    fn finish(self, code: &'static str) {
+        let ServerLabels {
+            grpc_type,
+            grpc_service,
+            grpc_method,
+        } = self.labels.clone();
+        self.metrics
+            .server_handled
+            .get_or_create(&ServerCodeLabels {
+                grpc_type,
+                grpc_service,
+                grpc_method,
+                grpc_code: code,
+            })
+            .inc();
+        self.metrics
+            .server_handling
+            .get_or_create(&self.labels)
+            .observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl<S, B, RB> Service<http::Request<B>> for EdgeMetrics<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<RB>>,
+{
+    type Response = http::Response<Observed<RB>>;
+    type Error = S::Error;
+    type Future = EdgeFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let labels = self.known.labels(req.uri().path());
+        self.metrics.server_started.get_or_create(&labels).inc();
+        EdgeFuture {
+            fut: self.inner.call(req),
+            record: Some(Record {
+                metrics: self.metrics.clone(),
+                labels,
+                start: Instant::now(),
+            }),
+        }
+    }
+}
+
+pin_project! {
+    /// The response future of [`EdgeMetrics`].
+    pub struct EdgeFuture<F> {
+        #[pin]
+        fut: F,
+        record: Option<Record>,
+    }
+}
+
+impl<F, RB, E> std::future::Future for EdgeFuture<F>
+where
+    F: std::future::Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = Result<http::Response<Observed<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = ready!(this.fut.poll(cx));
+        let record = this.record.take();
+        Poll::Ready(out.map(|res| {
+            let (parts, body) = res.into_parts();
+            // A trailers-only answer: the status is in the headers.
+            let record = match (record, parts.headers.get("grpc-status")) {
+                (Some(r), Some(status)) => {
+                    r.finish(grpc_code::name_of_status(status.as_bytes()));
+                    None
+                }
+                (r, _) => r,
+            };
+            http::Response::from_parts(
+                parts,
+                Observed {
+                    inner: body,
+                    record,
+                },
+            )
+        }))
+    }
+}
+
+pin_project! {
+    /// A response body that records its RPC when its trailers pass, or when dropped.
+    pub struct Observed<B> {
+        #[pin]
+        inner: B,
+        record: Option<Record>,
+    }
+
+    impl<B> PinnedDrop for Observed<B> {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(r) = this.project().record.take() {
+                r.finish("CANCELLED");
+            }
+        }
+    }
+}
+
+impl<B: Body> Body for Observed<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        match &frame {
+            Some(Ok(f)) => {
+                if let Some(status) = f.trailers_ref().and_then(|t| t.get("grpc-status"))
+                    && let Some(r) = this.record.take()
+                {
+                    r.finish(grpc_code::name_of_status(status.as_bytes()));
+                }
+            }
+            Some(Err(_)) | None => {
+                if let Some(r) = this.record.take() {
+                    r.finish(if frame.is_none() { "OK" } else { "UNKNOWN" });
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,498 @@
+//! Prometheus metrics: the gRPC edge and upstream metrics under the names existing gRPC
+//! dashboards use, and Keel's own, in base units.
+//!
+//! # Bounded labels
+//!
+//! Model and upstream labels come from the policy, never from client input: a call for a
+//! model the policy does not name is counted under `model="unknown"`.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// `grpc_type`, `grpc_service`, `grpc_method`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    /// `unary` or `bidi_stream`.
+    pub grpc_type: &'static str,
+    /// `inference.GRPCInferenceService`.
+    pub grpc_service: String,
+    /// `ModelInfer`.
+    pub grpc_method: String,
+}
+
+/// [`ServerLabels`] and the status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerCodeLabels {
+    /// `unary` or `bidi_stream`.
+    pub grpc_type: &'static str,
+    /// The service.
+    pub grpc_service: String,
+    /// The method.
+    pub grpc_method: String,
+    /// `OK`, `UNAVAILABLE`, ...
+    pub grpc_code: &'static str,
+}
+
+/// An upstream call's labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    /// The service.
+    pub grpc_service: &'static str,
+    /// The method.
+    pub grpc_method: &'static str,
+    /// The upstream's name from the policy.
+    pub upstream: String,
+}
+
+/// [`ClientLabels`] and the status code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientCodeLabels {
+    /// The service.
+    pub grpc_service: &'static str,
+    /// The method.
+    pub grpc_method: &'static str,
+    /// The upstream.
+    pub upstream: String,
+    /// The status code.
+    pub grpc_code: &'static str,
+}
+
+/// A finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The model (from policy) or `unknown`.
+    pub model: String,
+    /// `primary`, later `fallback_model`, `cache`, `static`.
+    pub tier: &'static str,
+    /// `ok` or the error class.
+    pub class: &'static str,
+}
+
+/// One model.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// The model.
+    pub model: String,
+}
+
+/// One model on one upstream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelUpstreamLabels {
+    /// The model.
+    pub model: String,
+    /// The upstream.
+    pub upstream: String,
+}
+
+/// A retry and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// The model.
+    pub model: String,
+    /// The upstream.
+    pub upstream: String,
+    /// The error class of the failed attempt.
+    pub reason: &'static str,
+}
+
+/// One upstream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// The upstream.
+    pub upstream: String,
+}
+
+/// A policy change and its outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `startup`, `file`, `sighup`, `admin`, `rollback`, `set_flag`.
+    pub source: &'static str,
+    /// `accepted`, `rejected`, `unchanged`.
+    pub result: &'static str,
+}
+
+/// A validation rule.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    /// `missing_input`, `raw_length`, ...
+    pub rule: &'static str,
+}
+
+/// An API version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// `v2` or `v1`.
+    pub api: &'static str,
+}
+
+/// State read from the running server at each scrape.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RuntimeState {
+    /// Per (model, upstream): breaker state (0 closed, 1 half-open, 2 open) and trips.
+    pub breakers: Vec<(String, String, i64, u64)>,
+    /// Per (upstream, endpoint): breaker state.
+    pub endpoint_breakers: Vec<(String, String, i64)>,
+    /// Per model: calls in flight and calls waiting for a slot.
+    pub models: Vec<(String, i64, i64)>,
+    /// Calls in flight, all models.
+    pub gateway_in_flight: i64,
+    /// The current policy revision.
+    pub policy_revision: i64,
+    /// 1 when ready, 0 while draining.
+    pub ready: i64,
+}
+
+/// Reads [`RuntimeState`] at scrape time.
+pub type RuntimeSource = Box<dyn Fn() -> RuntimeState + Send + Sync>;
+
+/// Every metric Keel records.
+pub struct Metrics {
+    registry: Registry,
+    runtime: Arc<OnceLock<RuntimeSource>>,
+    /// `grpc_server_started_total`.
+    pub server_started: Family<ServerLabels, Counter>,
+    /// `grpc_server_handled_total`.
+    pub server_handled: Family<ServerCodeLabels, Counter>,
+    /// `grpc_server_handling_seconds`.
+    pub server_handling: Family<ServerLabels, Histogram>,
+    /// `grpc_client_started_total`.
+    pub client_started: Family<ClientLabels, Counter>,
+    /// `grpc_client_handled_total`.
+    pub client_handled: Family<ClientCodeLabels, Counter>,
+    /// `grpc_client_handling_seconds`.
+    pub client_handling: Family<ClientLabels, Histogram>,
+    /// `keel_requests_total`.
+    pub requests: Family<RequestLabels, Counter>,
+    /// `keel_request_duration_seconds`.
+    pub request_duration: Family<ModelLabels, Histogram>,
+    /// `keel_attempts_total`.
+    pub attempts: Family<ModelUpstreamLabels, Counter>,
+    /// `keel_retries_total`.
+    pub retries: Family<RetryLabels, Counter>,
+    /// `keel_hedges_total`.
+    pub hedges: Family<ModelUpstreamLabels, Counter>,
+    /// `keel_retry_budget_exhausted_total`.
+    pub budget_exhausted: Family<UpstreamLabels, Counter>,
+    /// `keel_shed_total`.
+    pub shed: Family<ModelLabels, Counter>,
+    /// `keel_slow_requests_total`.
+    pub slow: Family<ModelLabels, Counter>,
+    /// `keel_policy_reloads_total`.
+    pub policy_reloads: Family<ReloadLabels, Counter>,
+    /// `keel_validation_rejections_total`.
+    pub validation_rejections: Family<RuleLabels, Counter>,
+    /// `keel_api_requests_total`.
+    pub api_requests: Family<ApiLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms to about 33 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 17))
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Every metric, registered. The gauges kept by the running server appear once
+    /// [`Metrics::set_runtime`] says where to read them.
+    pub fn new() -> Arc<Metrics> {
+        let runtime: Arc<OnceLock<RuntimeSource>> = Arc::default();
+        let mut registry = Registry::default();
+        let hist = || Family::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let m = Metrics {
+            server_started: Family::default(),
+            server_handled: Family::default(),
+            server_handling: Family::<ServerLabels, Histogram>::new_with_constructor(
+                latency_histogram,
+            ),
+            client_started: Family::default(),
+            client_handled: Family::default(),
+            client_handling: Family::<ClientLabels, Histogram>::new_with_constructor(
+                latency_histogram,
+            ),
+            requests: Family::default(),
+            request_duration: hist(),
+            attempts: Family::default(),
+            retries: Family::default(),
+            hedges: Family::default(),
+            budget_exhausted: Family::default(),
+            shed: Family::default(),
+            slow: Family::default(),
+            policy_reloads: Family::default(),
+            validation_rejections: Family::default(),
+            api_requests: Family::default(),
+            registry: Registry::default(),
+            runtime: runtime.clone(),
+        };
+        registry.register(
+            "grpc_server_started",
+            "RPCs started on the server",
+            m.server_started.clone(),
+        );
+        registry.register(
+            "grpc_server_handled",
+            "RPCs completed on the server, by code",
+            m.server_handled.clone(),
+        );
+        registry.register(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server",
+            m.server_handling.clone(),
+        );
+        registry.register(
+            "grpc_client_started",
+            "Attempts started on upstreams",
+            m.client_started.clone(),
+        );
+        registry.register(
+            "grpc_client_handled",
+            "Attempts completed by upstreams, by code",
+            m.client_handled.clone(),
+        );
+        registry.register(
+            "grpc_client_handling_seconds",
+            "Latency of attempts on upstreams",
+            m.client_handling.clone(),
+        );
+        registry.register(
+            "keel_requests",
+            "Per-model calls answered, by tier and class (ok or the error class)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "keel_request_duration_seconds",
+            "Per-model call latency",
+            m.request_duration.clone(),
+        );
+        registry.register(
+            "keel_attempts",
+            "Attempts made, the first included",
+            m.attempts.clone(),
+        );
+        registry.register(
+            "keel_retries",
+            "Retries, by the class of the failure retried",
+            m.retries.clone(),
+        );
+        registry.register("keel_hedges", "Hedged attempts", m.hedges.clone());
+        registry.register(
+            "keel_retry_budget_exhausted",
+            "Retries refused by an exhausted retry budget",
+            m.budget_exhausted.clone(),
+        );
+        registry.register(
+            "keel_shed",
+            "Calls shed because a model's slots and queue were full",
+            m.shed.clone(),
+        );
+        registry.register(
+            "keel_slow_requests",
+            "Calls that succeeded slower than slow_threshold",
+            m.slow.clone(),
+        );
+        registry.register(
+            "keel_policy_reloads",
+            "Policy changes, by source and result",
+            m.policy_reloads.clone(),
+        );
+        registry.register(
+            "keel_validation_rejections",
+            "Requests rejected by validation, by rule",
+            m.validation_rejections.clone(),
+        );
+        registry.register(
+            "keel_api_requests",
+            "Calls by API version",
+            m.api_requests.clone(),
+        );
+        registry.register_collector(Box::new(Runtime(runtime)));
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    /// Where the server's gauges are read at each scrape; only the first call counts.
+    pub fn set_runtime(&self, source: RuntimeSource) {
+        let _ = self.runtime.set(source);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Records one finished call.
+    pub fn observe_call(&self, model: &str, class: &'static str, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: model.to_string(),
+                tier: "primary",
+                class,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&ModelLabels {
+                model: model.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// Gauges and counters kept by the running server, read at scrape time.
+struct Runtime(Arc<OnceLock<RuntimeSource>>);
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Runtime")
+    }
+}
+
+#[derive(EncodeLabelSet, Debug, Clone, Hash, PartialEq, Eq)]
+struct EndpointLabels {
+    upstream: String,
+    endpoint: String,
+}
+
+impl Collector for Runtime {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(source) = self.0.get() else {
+            return Ok(());
+        };
+        let state = source();
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, value: i64| {
+            let g = ConstGauge::new(value);
+            let m = encoder.encode_descriptor(name, help, None, g.metric_type())?;
+            g.encode(m)
+        };
+        gauge(
+            &mut encoder,
+            "keel_policy_revision",
+            "The current policy revision",
+            state.policy_revision,
+        )?;
+        gauge(
+            &mut encoder,
+            "keel_ready",
+            "1 when Keel is ready, 0 while it drains",
+            state.ready,
+        )?;
+        gauge(
+            &mut encoder,
+            "keel_gateway_in_flight",
+            "Calls in flight, all models",
+            state.gateway_in_flight,
+        )?;
+
+        let mut family = encoder.encode_descriptor(
+            "keel_breaker_state",
+            "Breaker of each (model, upstream): 0 closed, 1 half-open, 2 open",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (model, upstream, s, _) in &state.breakers {
+            let labels = ModelUpstreamLabels {
+                model: model.clone(),
+                upstream: upstream.clone(),
+            };
+            ConstGauge::new(*s).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "keel_breaker_trips",
+            "Times each (model, upstream) breaker opened",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        for (model, upstream, _, trips) in &state.breakers {
+            let labels = ModelUpstreamLabels {
+                model: model.clone(),
+                upstream: upstream.clone(),
+            };
+            ConstCounter::new(*trips).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "keel_endpoint_breaker_state",
+            "Breaker of each upstream endpoint: 0 closed, 1 half-open, 2 open",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (upstream, endpoint, s) in &state.endpoint_breakers {
+            let labels = EndpointLabels {
+                upstream: upstream.clone(),
+                endpoint: endpoint.clone(),
+            };
+            ConstGauge::new(*s).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "keel_in_flight",
+            "Calls of each model in flight",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (model, in_flight, _) in &state.models {
+            ConstGauge::new(*in_flight).encode(family.encode_family(&ModelLabels {
+                model: model.clone(),
+            })?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "keel_queue_depth",
+            "Calls of each model waiting for a slot",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (model, _, queued) in &state.models {
+            ConstGauge::new(*queued).encode(family.encode_family(&ModelLabels {
+                model: model.clone(),
+            })?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_the_grpc_and_keel_names() {
+        let m = Metrics::new();
+        m.set_runtime(Box::new(|| RuntimeState {
+            breakers: vec![("simple".into(), "up".into(), 2, 3)],
+            policy_revision: 4,
+            ready: 1,
+            ..RuntimeState::default()
+        }));
+        m.server_started
+            .get_or_create(&ServerLabels {
+                grpc_type: "unary",
+                grpc_service: "inference.GRPCInferenceService".into(),
+                grpc_method: "ModelInfer".into(),
+            })
+            .inc();
+        m.observe_call("simple", "ok", Duration::from_millis(3));
+        let text = m.render();
+        for line in [
+            "grpc_server_started_total{grpc_type=\"unary\",grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\"} 1",
+            "keel_requests_total{model=\"simple\",tier=\"primary\",class=\"ok\"} 1",
+            "keel_request_duration_seconds_count{model=\"simple\"} 1",
+            "keel_policy_revision 4",
+            "keel_breaker_state{model=\"simple\",upstream=\"up\"} 2",
+            "keel_breaker_trips_total{model=\"simple\",upstream=\"up\"} 3",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+    }
+}

@@ -1,0 +1,180 @@
+//! `/metrics`, `/livez` and `/readyz` on the admin listener: after known traffic, the
+//! scrape shows exactly those counts under the gRPC and Keel names, with bounded labels.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn value(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+const INFER: &str = "grpc_type=\"unary\",grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\"";
+
+#[tokio::test]
+async fn a_scrape_after_known_traffic_shows_exactly_that_traffic() {
+    let keel = Keel::with_admin("[models.simple]\nbackend = \"embedded\"\n").await;
+    let admin = keel.admin.unwrap();
+    let mut client = keel.client().await;
+    for _ in 0..3 {
+        client.model_infer(simple_request()).await.unwrap();
+    }
+    let mut unknown = simple_request();
+    unknown.model_name = "resnet-from-a-client".into();
+    assert!(client.model_infer(unknown).await.is_err());
+    let mut invalid = simple_request();
+    invalid.raw_input_contents[0] = vec![0u8; 3].into();
+    assert!(client.model_infer(invalid).await.is_err());
+    let mut missing = simple_request();
+    missing.inputs.pop();
+    missing.raw_input_contents.pop();
+    assert!(client.model_infer(missing).await.is_err());
+
+    let (status, scrape) = get(admin, "/metrics").await;
+    assert_eq!(status, 200);
+    let expect = [
+        (format!("grpc_server_started_total{{{INFER}}}"), 6.0),
+        (
+            format!("grpc_server_handled_total{{{INFER},grpc_code=\"OK\"}}"),
+            3.0,
+        ),
+        (
+            format!("grpc_server_handled_total{{{INFER},grpc_code=\"NOT_FOUND\"}}"),
+            1.0,
+        ),
+        (
+            format!("grpc_server_handled_total{{{INFER},grpc_code=\"INVALID_ARGUMENT\"}}"),
+            2.0,
+        ),
+        (
+            format!("grpc_server_handling_seconds_count{{{INFER}}}"),
+            6.0,
+        ),
+        (
+            "keel_requests_total{model=\"simple\",tier=\"primary\",class=\"ok\"}".to_string(),
+            3.0,
+        ),
+        (
+            "keel_requests_total{model=\"simple\",tier=\"primary\",class=\"client_error\"}"
+                .to_string(),
+            2.0,
+        ),
+        (
+            "keel_requests_total{model=\"unknown\",tier=\"primary\",class=\"client_error\"}"
+                .to_string(),
+            1.0,
+        ),
+        (
+            "keel_validation_rejections_total{rule=\"tensor_content\"}".to_string(),
+            1.0,
+        ),
+        (
+            "keel_validation_rejections_total{rule=\"missing_input\"}".to_string(),
+            1.0,
+        ),
+        ("keel_api_requests_total{api=\"v2\"}".to_string(), 6.0),
+        (
+            "keel_attempts_total{model=\"simple\",upstream=\"embedded\"}".to_string(),
+            4.0,
+        ),
+        ("keel_policy_revision".to_string(), 1.0),
+        (
+            "keel_policy_reloads_total{source=\"startup\",result=\"accepted\"}".to_string(),
+            1.0,
+        ),
+        ("keel_ready".to_string(), 1.0),
+        (
+            "keel_breaker_state{model=\"simple\",upstream=\"embedded\"}".to_string(),
+            0.0,
+        ),
+        ("keel_in_flight{model=\"simple\"}".to_string(), 0.0),
+    ];
+    for (series, want) in expect {
+        assert_eq!(value(&scrape, &series), Some(want), "{series} in\n{scrape}");
+    }
+    assert!(
+        !scrape.contains("resnet-from-a-client"),
+        "client input never becomes a label"
+    );
+    assert!(scrape.ends_with("# EOF\n"));
+
+    let (status, body) = get(admin, "/livez").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _) = get(admin, "/readyz").await;
+    assert_eq!(status, 200);
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn policy_reloads_and_retries_are_counted() {
+    let up = ScriptedUpstream::new(Script::default());
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_admin(&simple_via(addr, "")).await;
+    let admin_addr = keel.admin.unwrap();
+    let mut client = keel.client().await;
+    up.plan("m1", vec![Step::Fail(tonic::Code::Unavailable, None)]);
+    let mut req = tonic::Request::new(simple_request());
+    req.metadata_mut()
+        .insert("x-request-id", "m1".parse().unwrap());
+    client.model_infer(req).await.unwrap();
+
+    let mut admin = keel.admin_client().await;
+    let bad = keel::pb::keel_admin::ApplyPolicyRequest {
+        toml: "[defaults]\ntimout = \"1s\"\n".into(),
+        expected_revision: None,
+    };
+    assert!(admin.apply_policy(bad).await.is_err());
+
+    let (_, scrape) = get(admin_addr, "/metrics").await;
+    for (series, want) in [
+        (
+            "keel_retries_total{model=\"simple\",upstream=\"up\",reason=\"transient\"}",
+            1.0,
+        ),
+        ("keel_attempts_total{model=\"simple\",upstream=\"up\"}", 2.0),
+        (
+            "keel_policy_reloads_total{source=\"admin\",result=\"rejected\"}",
+            1.0,
+        ),
+        (
+            "grpc_client_started_total{grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",upstream=\"up\"}",
+            2.0,
+        ),
+        (
+            "grpc_client_handled_total{grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",upstream=\"up\",grpc_code=\"UNAVAILABLE\"}",
+            1.0,
+        ),
+        (
+            "grpc_client_handled_total{grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",upstream=\"up\",grpc_code=\"OK\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(value(&scrape, series), Some(want), "{series} in\n{scrape}");
+    }
+    keel.stop().await.unwrap();
+}

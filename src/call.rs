@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
+use crate::observe::traces::CallSpan;
 use crate::policy::{Breaker, Retry, Snapshot};
 use crate::resilience::{
     BreakerCell, HasAttempt, HasBreaker, HasDeadline, HasLimit, HasRetry, Latency, Limiter,
@@ -33,6 +34,8 @@ pub struct CallContext {
     pub route: Route,
     /// What the resilience layers did, for the client.
     pub receipt: Receipt,
+    /// The call's SERVER span, when tracing is on; each upstream attempt is a child.
+    pub trace: Option<CallSpan>,
 }
 
 impl CallContext {
@@ -57,6 +60,7 @@ impl CallContext {
             snapshot,
             route,
             receipt: Receipt::default(),
+            trace: None,
         }))
     }
 

@@ -174,11 +174,18 @@ fn summary(
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let options = keel::Options {
         config: args.config,
         text: None,
         listen: args.listen,
         admin_listen: args.admin_listen,
+        // The standard OpenTelemetry variables turn tracing on.
+        otlp_endpoint: env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT")),
+        service_name: env("OTEL_SERVICE_NAME"),
+        old_span_names: env("OTEL_SEMCONV_STABILITY_OPT_IN")
+            .is_some_and(|v| v.split(',').any(|x| x.trim() == "rpc/dup")),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

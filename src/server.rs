@@ -30,10 +30,11 @@ use tower::ServiceBuilder;
 use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
-use crate::api::{CallService, InferenceApi, Stacks, oversize, receipt};
+use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, oversize, receipt};
 use crate::observe::Metrics;
 use crate::observe::edge::{EdgeMetricsLayer, KnownMethods};
 use crate::observe::metrics::{ReloadLabels, RuntimeState};
+use crate::observe::traces::Tracing;
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, read_file, watch};
@@ -55,6 +56,13 @@ pub struct Options {
     pub listen: Option<SocketAddr>,
     /// Overrides `server.admin_listen` (the `--admin-listen` flag), for every policy loaded.
     pub admin_listen: Option<SocketAddr>,
+    /// Where to export spans over OTLP/gRPC (`OTEL_EXPORTER_OTLP_ENDPOINT`); `None`: no
+    /// tracing.
+    pub otlp_endpoint: Option<String>,
+    /// The service name spans carry (`OTEL_SERVICE_NAME`); default `keel`.
+    pub service_name: Option<String>,
+    /// Also emit the pre-stable RPC span attributes (`OTEL_SEMCONV_STABILITY_OPT_IN=rpc/dup`).
+    pub old_span_names: bool,
 }
 
 impl Options {
@@ -82,6 +90,9 @@ pub enum ServeError {
     /// The listener's address could not be read.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// The OTLP exporter could not be built.
+    #[error("tracing: {0}")]
+    Tracing(String),
     /// `server.admin_token_env` names a variable that holds no usable token.
     #[error("{0}")]
     AdminToken(#[from] AdminTokenError),
@@ -98,6 +109,8 @@ pub struct Keel {
     config: Option<PathBuf>,
     /// Read once at startup: `server.admin_token_env` cannot change without a restart.
     admin_token: Option<AdminToken>,
+    /// Span export, when tracing is on.
+    tracing: Option<Arc<Tracing>>,
 }
 
 /// The tower stack of one per-model method, outermost layer first.
@@ -189,11 +202,22 @@ impl Keel {
             })
             .inc();
         let router = Router::new(embedded, server.max_message_size, metrics);
+        let tracing = match &options.otlp_endpoint {
+            None => None,
+            Some(endpoint) => {
+                let name = options.service_name.as_deref().unwrap_or("keel");
+                Some(
+                    Tracing::otlp(endpoint, name, options.old_span_names)
+                        .map_err(ServeError::Tracing)?,
+                )
+            }
+        };
         Ok(Keel {
             store,
             router,
             config: options.config,
             admin_token,
+            tracing,
         })
     }
 
@@ -281,10 +305,13 @@ impl Keel {
             stacks,
             self.store.clone(),
             self.router.clone(),
-            serving.clone(),
-            cut_rx,
-            gate,
-            max_in_flight,
+            Lifecycle {
+                serving: serving.clone(),
+                cut: cut_rx,
+                gate,
+                max_in_flight,
+            },
+            self.tracing.clone(),
         );
         let api = GrpcInferenceServiceServer::new(api)
             .max_decoding_message_size(max)
@@ -389,6 +416,11 @@ impl Keel {
             Ok::<(), ServeError>(())
         };
         let (traffic, admin) = tokio::join!(traffic, run_admin(admin_server, began_rx));
+        // Drained: send the spans still buffered before returning.
+        if let Some(t) = &self.tracing {
+            let t = t.clone();
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         traffic?;
         admin
     }

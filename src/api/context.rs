@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
 use crate::call::CallContext;
+use crate::observe::traces::CallSpan;
 use crate::policy::Snapshot;
 use crate::resilience::Receipt;
 use crate::route::Route;
@@ -85,7 +86,12 @@ impl EdgeContext {
     /// The context of one call starting now, under `snapshot`, taking `route`: its deadline
     /// is the smallest of the client's, the route's `timeout` and `max_timeout`, so no call
     /// is without one.
-    pub fn call(&self, snapshot: &Arc<Snapshot>, route: Route) -> CallContext {
+    pub fn call(
+        &self,
+        snapshot: &Arc<Snapshot>,
+        route: Route,
+        trace: Option<CallSpan>,
+    ) -> CallContext {
         let s = &route.settings;
         let now = Instant::now();
         let cap = s.timeout.min(s.max_timeout);
@@ -101,6 +107,7 @@ impl EdgeContext {
             snapshot: snapshot.clone(),
             route,
             receipt: Receipt::default(),
+            trace,
         }
     }
 }
@@ -240,6 +247,6 @@ mod tests {
             .routes(snapshot)
             .route(INFER, model, "", "r")
             .unwrap();
-        edge.call(snapshot, route)
+        edge.call(snapshot, route, None)
     }
 }

@@ -20,11 +20,14 @@ use super::{oversize, receipt, record, status};
 use crate::call::{Call, CallContext, ModelRef};
 use crate::error::Error;
 use crate::model::InferRequest;
+use crate::observe::traces::Tracing;
 use crate::pb::{self, inference as proto};
 use crate::policy::{Snapshot, Store};
+use crate::resilience::Failure as _;
 use crate::route::Router;
 use crate::upstream::grpc::REQUEST_ID;
 use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
+use opentelemetry::KeyValue;
 use proto::grpc_inference_service_server::GrpcInferenceService;
 
 /// A method's tower stack, from the edge to the backend.
@@ -63,6 +66,19 @@ const FINAL_RESPONSE: &str = "triton_final_response";
 /// of the requests.
 const STREAM_CONCURRENCY: usize = 16;
 
+/// What the server shares with the service about its life: readiness, the drain cut, and
+/// Keel-wide slots.
+pub struct Lifecycle {
+    /// False once shutdown begins: ServerReady answers false.
+    pub serving: Arc<AtomicBool>,
+    /// Becomes true when the drain timeout passes.
+    pub cut: watch::Receiver<bool>,
+    /// Keel-wide slots for calls in flight.
+    pub gate: Arc<Semaphore>,
+    /// Their number (`server.max_in_flight`).
+    pub max_in_flight: u32,
+}
+
 /// The service.
 pub struct InferenceApi {
     stacks: Stacks,
@@ -77,6 +93,8 @@ pub struct InferenceApi {
     /// Keel-wide slots for calls in flight (`server.max_in_flight`).
     gate: Arc<Semaphore>,
     max_in_flight: u32,
+    /// Span export, when tracing is on.
+    tracing: Option<Arc<Tracing>>,
 }
 
 /// Completes when `cut` becomes true (never, if its sender is dropped without cutting).
@@ -98,16 +116,21 @@ fn cut_status() -> Status {
 }
 
 impl InferenceApi {
-    /// The service over `stacks`, with policy from `store`.
+    /// The service over `stacks`, with policy from `store`, routes from `router`, and the
+    /// server's `lifecycle`.
     pub fn new(
         stacks: Stacks,
         store: Arc<Store>,
         router: Arc<Router>,
-        serving: Arc<AtomicBool>,
-        cut: watch::Receiver<bool>,
-        gate: Arc<Semaphore>,
-        max_in_flight: u32,
+        lifecycle: Lifecycle,
+        tracing: Option<Arc<Tracing>>,
     ) -> Self {
+        let Lifecycle {
+            serving,
+            cut,
+            gate,
+            max_in_flight,
+        } = lifecycle;
         InferenceApi {
             stacks,
             store,
@@ -116,6 +139,7 @@ impl InferenceApi {
             cut,
             gate,
             max_in_flight,
+            tracing,
         }
     }
 
@@ -141,7 +165,29 @@ impl InferenceApi {
         let body = Arc::new(body);
         let metrics = self.router.metrics();
         let policy = &edge.snapshot.policy;
+        let span = self.tracing.as_ref().map(|t| {
+            t.server_span(
+                method,
+                &edge.ctx.metadata,
+                vec![
+                    KeyValue::new("keel.model", body.model().to_string()),
+                    KeyValue::new("keel.request_id", edge.ctx.request_id.to_string()),
+                    KeyValue::new("keel.policy.revision", edge.snapshot.revision as i64),
+                ],
+            )
+        });
         let finished = |ctx: Option<&CallContext>, error: Option<&Error>| {
+            if let Some(span) = &span {
+                let receipt = ctx.map(|c| c.receipt.read()).unwrap_or_default();
+                let class = error.map_or("ok", |e| e.class().as_str());
+                span.set(vec![
+                    KeyValue::new("keel.class", class),
+                    KeyValue::new("keel.tier", "primary"),
+                    KeyValue::new("keel.attempts", i64::from(receipt.attempts)),
+                ]);
+                let code = error.map_or(tonic::Code::Ok, Error::code);
+                span.end(crate::grpc_code::name(code), code as i64);
+            }
             let f = record::Finished {
                 method,
                 request_id: &edge.ctx.request_id,
@@ -175,7 +221,7 @@ impl InferenceApi {
             finished(None, Some(&e));
             return Err(edge.status(&e, None));
         };
-        let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route));
+        let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route, span.clone()));
         let result = tokio::select! {
             r = svc.clone().oneshot(Call::shared(ctx.clone(), body.clone())) => r,
             () = cut_off(self.cut.clone()) => return Err(edge.tag(cut_status())),
@@ -385,7 +431,7 @@ impl GrpcInferenceService for InferenceApi {
                     let result = match (route, pb::infer_request_from_pb(msg)) {
                         (Ok(route), Ok(req)) => {
                             let form = req.form;
-                            let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route));
+                            let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route, None));
                             infer
                                 .oneshot(Call::new(ctx, req))
                                 .await

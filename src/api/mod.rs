@@ -12,4 +12,4 @@ pub mod receipt;
 mod record;
 pub mod status;
 
-pub use inference::{CallService, InferenceApi, POLICY_REVISION, Stacks};
+pub use inference::{CallService, InferenceApi, Lifecycle, POLICY_REVISION, Stacks};

@@ -1,8 +1,9 @@
-//! Logs and metrics (traces later). Depends on nothing else in the crate.
+//! Logs, metrics and traces. Depends on nothing else in the crate but the leaf `grpc_code`.
 
 pub mod edge;
 mod logs;
 pub mod metrics;
+pub mod traces;
 
 pub use logs::{LogFormat, init_logs};
 pub use metrics::Metrics;

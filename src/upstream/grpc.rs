@@ -29,6 +29,7 @@ use crate::pb::{self, inference as proto};
 use crate::policy::Breaker;
 use crate::policy::UpstreamSpec;
 use crate::resilience::{Admission, BreakerCell, BreakerOpen, Failure, Handling, Pushback};
+use opentelemetry::KeyValue;
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// The service every upstream call is on.
@@ -194,11 +195,33 @@ impl GrpcUpstream {
                 upstream: name.to_string(),
             };
             metrics.client_started.get_or_create(&labels).inc();
+            let span = ctx.trace.as_ref().map(|trace| {
+                let r = ctx.receipt.read();
+                let (host, port) = target.addr.rsplit_once(':').unwrap_or((&target.addr, ""));
+                let mut attrs = vec![
+                    KeyValue::new("keel.attempt", i64::from(attempt)),
+                    KeyValue::new("keel.upstream", name.to_string()),
+                    KeyValue::new("server.address", host.to_string()),
+                    KeyValue::new("server.port", port.parse::<i64>().unwrap_or(0)),
+                ];
+                if attempt > 1 {
+                    if let Some(reason) = r.retry_reasons.last() {
+                        attrs.push(KeyValue::new("keel.retry_reason", *reason));
+                    }
+                    if let Some(wait) = r.delays.last() {
+                        attrs.push(KeyValue::new("keel.backoff_ms", wait.as_millis() as i64));
+                    }
+                }
+                trace.attempt(&format!("{SERVICE}/{method}"), attrs, req.metadata_mut())
+            });
             let start = Instant::now();
             let answer = send(target.client, req).await;
             let code = answer
                 .as_ref()
                 .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+            if let Some(span) = span {
+                span.end(crate::grpc_code::name(code), code as i64);
+            }
             metrics
                 .client_handled
                 .get_or_create(&ClientCodeLabels {

@@ -56,6 +56,8 @@ pub enum BreakerState {
 #[derive(Debug)]
 pub struct BreakerCell {
     settings: Breaker,
+    /// What it guards, for log events (`simple@triton`, `triton/10.0.0.7:8001`).
+    name: Arc<str>,
     inner: Mutex<Inner>,
     /// Times it opened, for metrics.
     trips_total: std::sync::atomic::AtomicU64,
@@ -88,10 +90,16 @@ pub struct Admission {
 }
 
 impl BreakerCell {
-    /// A closed breaker.
+    /// A closed breaker, unnamed.
     pub fn new(settings: Breaker) -> Self {
+        BreakerCell::named(settings, "breaker")
+    }
+
+    /// A closed breaker named for its log events.
+    pub fn named(settings: Breaker, name: impl Into<Arc<str>>) -> Self {
         BreakerCell {
             settings,
+            name: name.into(),
             trips_total: std::sync::atomic::AtomicU64::new(0),
             inner: Mutex::new(Inner {
                 mode: Mode::Closed,
@@ -189,10 +197,12 @@ impl BreakerCell {
         match next {
             Next::Trip => {
                 inner.trip(s);
-                self.trips_total
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.tripped(&inner);
             }
-            Next::Close => inner.close(),
+            Next::Close => {
+                inner.close();
+                tracing::info!(breaker = %self.name, state = "closed", "breaker closed");
+            }
             Next::Nothing => {}
             Next::Count => {
                 inner.advance(s.window);
@@ -212,11 +222,24 @@ impl BreakerCell {
                         && failed as f64 >= s.failure_ratio * total as f64;
                     if inner.consecutive >= s.consecutive_failures || by_ratio {
                         inner.trip(s);
-                        self.trips_total
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.tripped(&inner);
                     }
                 }
             }
+        }
+    }
+}
+
+impl BreakerCell {
+    /// Counts and logs a trip.
+    fn tripped(&self, inner: &Inner) {
+        let trips = self
+            .trips_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if let Mode::Open { until } = inner.mode {
+            let open_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
+            tracing::warn!(breaker = %self.name, state = "open", open_ms, trips, "breaker opened");
         }
     }
 }

@@ -343,7 +343,12 @@ impl Router {
                         &mut registry.breakers,
                         key.clone(),
                         |b| b.settings() == &infer_settings.breaker,
-                        || BreakerCell::new(infer_settings.breaker.clone()),
+                        || {
+                            BreakerCell::named(
+                                infer_settings.breaker.clone(),
+                                format!("{name}@{upstream}"),
+                            )
+                        },
                     )
                 });
                 let latency = keep(&mut registry.latency, key, |_| true, Latency::default);

@@ -90,12 +90,16 @@ impl GrpcUpstream {
                 let addr = uri
                     .authority()
                     .map_or_else(|| uri.to_string(), ToString::to_string);
+                let cell = breaker.enabled.then(|| {
+                    Arc::new(BreakerCell::named(
+                        breaker.clone(),
+                        format!("{name}/{addr}"),
+                    ))
+                });
                 Target {
                     addr: addr.into(),
                     client,
-                    breaker: breaker
-                        .enabled
-                        .then(|| Arc::new(BreakerCell::new(breaker.clone()))),
+                    breaker: cell,
                 }
             })
             .collect();

@@ -553,7 +553,7 @@ fn http_routes(metrics: Arc<Metrics>, serving: Arc<AtomicBool>) -> axum::Router 
                     (
                         [(
                             header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            "text/plain; version=0.0.4; charset=utf-8",
                         )],
                         body,
                     )

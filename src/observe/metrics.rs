@@ -326,11 +326,40 @@ impl Metrics {
         let _ = self.runtime.set(source);
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Every metric in the Prometheus text format (version 0.0.4), which every Prometheus
+    /// and `promtool check metrics` read.
+    ///
+    /// The registry writes OpenMetrics, where a counter family is named without its
+    /// `_total` suffix; the classic format names it with the suffix, and has no `# EOF`.
     pub fn render(&self) -> String {
-        let mut out = String::new();
+        let mut open = String::new();
         // Encoding into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode(&mut open, &self.registry);
+        let lines: Vec<&str> = open.lines().collect();
+        let mut out = String::with_capacity(open.len() + 256);
+        for (i, line) in lines.iter().enumerate() {
+            if *line == "# EOF" {
+                continue;
+            }
+            let counter_family = |name: &str| {
+                lines
+                    .get(i..i + 2)
+                    .into_iter()
+                    .flatten()
+                    .any(|l| *l == format!("# TYPE {name} counter"))
+            };
+            let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+                let rest = line.strip_prefix(prefix)?;
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                (counter_family(name) && !name.ends_with("_total"))
+                    .then(|| format!("{prefix}{name}_total {tail}"))
+            });
+            match renamed {
+                Some(l) => out.push_str(l.trim_end()),
+                None => out.push_str(line),
+            }
+            out.push('\n');
+        }
         out
     }
 
@@ -493,6 +522,14 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line} in\n{text}");
         }
-        assert!(text.ends_with("# EOF\n"));
+        assert!(
+            text.contains("# TYPE keel_requests_total counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP keel_requests_total Per-model"),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -267,7 +267,8 @@ fn model(
         }
     };
     let versions = s.strings(p, "versions").unwrap_or_default();
-    let fallbacks = s.strings(p, "fallbacks").unwrap_or_default();
+    let fallback = super::fallback::read_ladder(&mut s, p, upstreams, flags);
+    let cache = super::fallback::read_cache(&mut s, p);
     let model_flags = s.strings(p, "flags").unwrap_or_default();
     for (i, f) in model_flags.iter().enumerate() {
         if !flags.contains_key(f) {
@@ -283,7 +284,8 @@ fn model(
         routes,
         versions,
         overrides,
-        fallbacks,
+        fallback,
+        cache,
         flags: model_flags,
     }
 }
@@ -335,8 +337,16 @@ fn weighted_routes(
 /// Fallbacks name models of this policy, not the model itself, and never lead back to it.
 fn check_fallbacks(models: &BTreeMap<String, ModelPolicy>, p: &mut Problems) {
     for (name, m) in models {
-        for (i, f) in m.fallbacks.iter().enumerate() {
-            let path = format!("{}[{i}]", join(&join("models", name), "fallbacks"));
+        for (i, f) in m
+            .fallback
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| match &f.tier {
+                super::Tier::Model(model) => Some((i, model)),
+                _ => None,
+            })
+        {
+            let path = format!("{}[{i}].model", join(&join("models", name), "fallback"));
             if f == name {
                 p.add(path, "a model cannot fall back to itself");
             } else if !models.contains_key(f) {
@@ -355,6 +365,14 @@ fn check_fallbacks(models: &BTreeMap<String, ModelPolicy>, p: &mut Problems) {
         let mut path = Vec::new();
         visit(models, start, &mut path, &mut state, p);
     }
+}
+
+/// The models a model's ladder names.
+fn fallback_models(m: &ModelPolicy) -> impl Iterator<Item = &String> {
+    m.fallback.iter().filter_map(|f| match &f.tier {
+        super::Tier::Model(name) => Some(name),
+        _ => None,
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -377,7 +395,7 @@ fn visit<'a>(
             let mut shown = path[at..].join(" → ");
             shown.push_str(&format!(" → {name}"));
             p.add(
-                join(&join("models", name), "fallbacks"),
+                join(&join("models", name), "fallback"),
                 format!("fallbacks form a cycle: {shown}"),
             );
             return;
@@ -389,7 +407,7 @@ fn visit<'a>(
     };
     state.insert(key.as_str(), Visit::InProgress);
     path.push(key.as_str());
-    for next in &model.fallbacks {
+    for next in fallback_models(model) {
         // A self-reference is reported on its own above.
         if next != name {
             visit(models, next.as_str(), path, state, p);

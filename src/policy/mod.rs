@@ -12,6 +12,7 @@
 
 mod audit;
 mod document;
+mod fallback;
 mod reader;
 mod settings;
 mod snapshot;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use audit::{AuditEntry, AuditLog, Outcome, rfc3339};
+pub use fallback::{CacheSpec, Fallback, StaticData, StaticTensor, Tier, Trigger};
 pub use settings::{
     Breaker, BreakerOverrides, Budget, BudgetOverrides, ErrorClass, Jitter, LimitOverrides, Limits,
     MAX_DURATION, Overrides, Retry, RetryOn, RetryOverrides, Settings,
@@ -167,8 +169,10 @@ pub struct ModelPolicy {
     pub versions: Vec<String>,
     /// Per-model settings, over the method's and the defaults.
     pub overrides: Overrides,
-    /// Models that may answer when this one cannot, in order.
-    pub fallbacks: Vec<String>,
+    /// What answers, in order, when this model cannot.
+    pub fallback: Vec<Fallback>,
+    /// The model's response cache, if any.
+    pub cache: Option<CacheSpec>,
     /// Flags this model reacts to.
     pub flags: Vec<String>,
 }

@@ -11,6 +11,9 @@
 //! A model with several weighted routes sends a call to the route chosen by a fixed hash
 //! (FNV-1a) of its request id, so the same request id always takes the same route.
 
+pub mod cache;
+pub mod ladder;
+
 use std::collections::BTreeMap;
 use std::marker::PhantomData;
 use std::sync::{Arc, Mutex};
@@ -24,8 +27,8 @@ use crate::error::Error;
 use crate::observe::Metrics;
 use crate::observe::metrics::RuntimeState;
 use crate::policy::{
-    BackendRef, Breaker, METHODS, Policy, PolicyError, PolicyErrors, Settings, Snapshot,
-    UpstreamSpec,
+    BackendRef, Breaker, Flag, METHODS, Policy, PolicyError, PolicyErrors, Settings, Snapshot,
+    Tier, UpstreamSpec,
 };
 use crate::resilience::{BreakerCell, Latency, Limiter, RetryBudget};
 use crate::upstream::embedded::Embedded;
@@ -53,6 +56,18 @@ pub fn check(policy: &Policy, embedded: &Embedded) -> Result<(), PolicyErrors> {
                         "there is no embedded model named {name:?} (embedded models: {})",
                         embedded.model_names().collect::<Vec<_>>().join(", ")
                     ),
+                });
+            }
+        }
+    }
+    for (name, m) in models {
+        for (i, f) in m.fallback.iter().enumerate() {
+            if let Tier::Static(outputs) = &f.tier
+                && let Err(message) = ladder::static_tensors(outputs)
+            {
+                problems.push(PolicyError {
+                    path: format!("models.{name}.fallback[{i}].static"),
+                    message,
                 });
             }
         }
@@ -95,6 +110,10 @@ pub struct Route {
 /// How one model's calls are routed.
 struct ModelRoutes {
     model: Arc<str>,
+    /// The fallback ladder, rungs whose flags are off left out.
+    ladder: Vec<ladder::Step>,
+    /// The response cache, if the model has one.
+    cache: Option<Arc<cache::ResponseCache>>,
     /// Targets with their weights; weights sum to 100.
     targets: Vec<(Arc<Target>, u8)>,
     /// Versions clients may ask for; empty allows any.
@@ -155,6 +174,27 @@ impl Routes {
         })
     }
 
+    /// The fallback ladder of `model`.
+    pub fn ladder(&self, model: &str) -> &[ladder::Step] {
+        self.models.get(model).map_or(&[], |m| &m.ladder)
+    }
+
+    /// The response cache of `model`, if any.
+    pub fn cache(&self, model: &str) -> Option<&Arc<cache::ResponseCache>> {
+        self.models.get(model)?.cache.as_ref()
+    }
+
+    /// The route of a call for `model` sent to a fallback `target` (another upstream).
+    pub fn route_to(&self, method: &str, model: &str, target: &Arc<Target>) -> Option<Route> {
+        let routes = self.models.get(model)?;
+        Some(Route {
+            model: routes.model.clone(),
+            target: target.clone(),
+            settings: routes.settings.get(method).cloned().unwrap_or_default(),
+            limiter: routes.limiter.clone(),
+        })
+    }
+
     /// Whether `model` is routed.
     pub fn has(&self, model: &str) -> bool {
         self.models.contains_key(model)
@@ -208,6 +248,7 @@ struct Registry {
     breakers: BTreeMap<(String, String), Arc<BreakerCell>>,
     latency: BTreeMap<(String, String), Arc<Latency>>,
     limiters: BTreeMap<String, Arc<Limiter>>,
+    caches: BTreeMap<String, Arc<cache::ResponseCache>>,
 }
 
 /// Compiles and caches the routes of each snapshot; owns the state that outlives them.
@@ -292,7 +333,6 @@ impl Router {
         // The infer method's settings govern the state shared by every method of a model.
         let infer = METHODS[0];
         let shared_budget = policy.resolve(infer, None).budget;
-        let embedded: Arc<dyn Backend> = self.embedded.clone();
         let wanted: Vec<Wanted> = match &policy.models {
             None => self
                 .embedded
@@ -326,47 +366,66 @@ impl Router {
             );
             let mut built = Vec::new();
             for (backend_ref, weight) in targets {
-                let (upstream, backend) = match &backend_ref {
-                    BackendRef::Embedded => ("embedded".to_string(), Some(embedded.clone())),
-                    BackendRef::Upstream(u) => (u.clone(), self.upstream(registry, u, policy)),
-                };
-                let Some(backend) = backend else { continue };
-                let budget = keep(
-                    &mut registry.budgets,
-                    upstream.clone(),
-                    |b| b.settings() == &shared_budget,
-                    || RetryBudget::new(shared_budget.clone()),
-                );
-                let key = (name.clone(), upstream.clone());
-                let breaker = infer_settings.breaker.enabled.then(|| {
-                    keep(
-                        &mut registry.breakers,
-                        key.clone(),
-                        |b| b.settings() == &infer_settings.breaker,
-                        || {
-                            BreakerCell::named(
-                                infer_settings.breaker.clone(),
-                                format!("{name}@{upstream}"),
-                            )
-                        },
-                    )
-                });
-                let latency = keep(&mut registry.latency, key, |_| true, Latency::default);
-                built.push((
-                    Arc::new(Target {
-                        backend,
-                        upstream: upstream.into(),
-                        breaker,
-                        latency,
-                        budget,
-                    }),
-                    weight,
-                ));
+                if let Some(t) = self.target(
+                    registry,
+                    policy,
+                    &name,
+                    &backend_ref,
+                    &infer_settings,
+                    &shared_budget,
+                ) {
+                    built.push((t, weight));
+                }
             }
+            let model_policy = policy.models.as_ref().and_then(|m| m.get(&name));
+            let ladder = model_policy
+                .map(|m| {
+                    m.fallback
+                        .iter()
+                        .filter(|f| {
+                            f.flag.as_ref().is_none_or(|flag| {
+                                policy.flags.get(flag) == Some(&Flag::Bool(true))
+                            })
+                        })
+                        .filter_map(|f| {
+                            let rung = match &f.tier {
+                                Tier::Model(other) => ladder::Rung::Model(other.clone()),
+                                Tier::Upstream(u) => ladder::Rung::Upstream(self.target(
+                                    registry,
+                                    policy,
+                                    &name,
+                                    &BackendRef::Upstream(u.clone()),
+                                    &infer_settings,
+                                    &shared_budget,
+                                )?),
+                                Tier::Cache => ladder::Rung::Cache,
+                                // Checked when the policy was applied (`check`).
+                                Tier::Static(outputs) => ladder::Rung::Static(Arc::new(
+                                    ladder::static_tensors(outputs).ok()?,
+                                )),
+                            };
+                            Some(ladder::Step {
+                                rung,
+                                on: f.on.clone(),
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let cache = model_policy.and_then(|m| m.cache.as_ref()).map(|spec| {
+                keep(
+                    &mut registry.caches,
+                    name.clone(),
+                    |c| c.spec() == spec,
+                    || cache::ResponseCache::new(spec.clone()),
+                )
+            });
             models.insert(
                 name.clone(),
                 ModelRoutes {
                     model: name.into(),
+                    ladder,
+                    cache,
                     targets: built,
                     versions,
                     limiter,
@@ -380,6 +439,54 @@ impl Router {
             .upstreams
             .retain(|name, _| policy.upstreams.contains_key(name));
         Routes { models }
+    }
+
+    /// The target of `model` on `backend`, with its resilience state from the registry.
+    fn target(
+        &self,
+        registry: &mut Registry,
+        policy: &Policy,
+        model: &str,
+        backend: &BackendRef,
+        infer_settings: &Settings,
+        shared_budget: &crate::policy::Budget,
+    ) -> Option<Arc<Target>> {
+        let (upstream, backend) = match backend {
+            BackendRef::Embedded => (
+                "embedded".to_string(),
+                Some(self.embedded.clone() as Arc<dyn Backend>),
+            ),
+            BackendRef::Upstream(u) => (u.clone(), self.upstream(registry, u, policy)),
+        };
+        let backend = backend?;
+        let budget = keep(
+            &mut registry.budgets,
+            upstream.clone(),
+            |b| b.settings() == shared_budget,
+            || RetryBudget::new(shared_budget.clone()),
+        );
+        let key = (model.to_string(), upstream.clone());
+        let breaker = infer_settings.breaker.enabled.then(|| {
+            keep(
+                &mut registry.breakers,
+                key.clone(),
+                |b| b.settings() == &infer_settings.breaker,
+                || {
+                    BreakerCell::named(
+                        infer_settings.breaker.clone(),
+                        format!("{model}@{upstream}"),
+                    )
+                },
+            )
+        });
+        let latency = keep(&mut registry.latency, key, |_| true, Latency::default);
+        Some(Arc::new(Target {
+            backend,
+            upstream: upstream.into(),
+            breaker,
+            latency,
+            budget,
+        }))
     }
 
     fn upstream(

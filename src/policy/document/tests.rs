@@ -55,7 +55,7 @@ fn a_full_document_parses() {
         [models.simple]
         routes = [{ backend = "triton", weight = 90 }, { backend = "canary", weight = 10 }]
         versions = ["1"]
-        fallbacks = ["iris"]
+        fallback = [{ model = "iris", on = ["breaker_open", "deadline"] }, { static = [{ name = "label", datatype = "INT64", shape = [1], data = [0] }] }]
         flags = ["use_cache"]
         timeout = "1s"
         [models.simple.retry]
@@ -199,32 +199,62 @@ fn fallbacks_must_exist_and_form_no_cycle() {
         r#"
         [models.a]
         backend = "embedded"
-        fallbacks = ["b"]
+        fallback = [{ model = "b" }]
         [models.b]
         backend = "embedded"
-        fallbacks = ["c", "zzz"]
+        fallback = [{ model = "c" }, { model = "zzz" }]
         [models.c]
         backend = "embedded"
-        fallbacks = ["a"]
+        fallback = [{ model = "a" }]
         [models.d]
         backend = "embedded"
-        fallbacks = ["d"]
+        fallback = [{ model = "d" }]
         "#,
     );
     let joined = errs.join("\n");
     assert!(
-        joined.contains("models.b.fallbacks[1]: unknown model \"zzz\""),
+        joined.contains("models.b.fallback[1].model: unknown model \"zzz\""),
         "{joined}"
     );
     assert!(
-        joined.contains("models.d.fallbacks[0]: a model cannot fall back to itself"),
+        joined.contains("models.d.fallback[0].model: a model cannot fall back to itself"),
         "{joined}"
     );
     assert!(
-        joined.contains("models.a.fallbacks: fallbacks form a cycle: a → b → c → a"),
+        joined.contains("models.a.fallback: fallbacks form a cycle: a → b → c → a"),
         "{joined}"
     );
     assert_eq!(errs.len(), 3, "one report per cycle: {joined}");
+}
+
+#[test]
+fn ladder_rungs_are_checked() {
+    let errs = errors(
+        r#"
+        [flags]
+        on = true
+        [models.m]
+        backend = "embedded"
+        fallback = [
+          { model = "x", cache = true },
+          { upstream = "nowhere", on = ["sometimes"] },
+          { static = [{ name = "y", datatype = "FP32", shape = [2], data = [1.0] }], flag = "off" },
+        ]
+        [models.m.cache]
+        entries = 0
+        "#,
+    );
+    let joined = errs.join("\n");
+    for e in [
+        "models.m.fallback[0]: set exactly one of model, upstream, cache = true, static",
+        "models.m.fallback[1].upstream: unknown upstream \"nowhere\"",
+        "models.m.fallback[1].on[0]: \"sometimes\" is not one of breaker_open",
+        "models.m.fallback[2].static[0].data: 1 elements but shape [2] needs 2",
+        "models.m.fallback[2].flag: unknown flag \"off\"",
+        "models.m.cache.entries: 0 is out of range",
+    ] {
+        assert!(joined.contains(e), "missing {e:?} in\n{joined}");
+    }
 }
 
 #[test]

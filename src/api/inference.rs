@@ -15,6 +15,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
 
+mod degrade;
+
 use super::context::EdgeContext;
 use super::{oversize, receipt, record, status};
 use crate::call::{Call, CallContext, ModelRef};
@@ -24,7 +26,7 @@ use crate::observe::traces::Tracing;
 use crate::pb::{self, inference as proto};
 use crate::policy::{Snapshot, Store};
 use crate::resilience::Failure as _;
-use crate::route::Router;
+use crate::route::{Route, Router};
 use crate::upstream::grpc::REQUEST_ID;
 use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
 use opentelemetry::KeyValue;
@@ -161,8 +163,23 @@ impl InferenceApi {
         method: &'static str,
         body: Op,
     ) -> Result<Answer<Op::Response>, Status> {
+        self.call_via(svc, edge, method, Arc::new(body), Via::Policy, None)
+            .await
+            .map_err(|f| edge.failed(f))
+    }
+
+    /// One call, routed by the policy or to a given route, with its deadline capped (a
+    /// fallback never gets more time than the call it stands in for).
+    pub(super) async fn call_via<Op: Operation>(
+        &self,
+        svc: &CallService<Op>,
+        edge: &Edge,
+        method: &'static str,
+        body: Arc<Op>,
+        via: Via,
+        deadline_cap: Option<tokio::time::Instant>,
+    ) -> Result<Answer<Op::Response>, Failed> {
         let start = tokio::time::Instant::now();
-        let body = Arc::new(body);
         let metrics = self.router.metrics();
         let policy = &edge.snapshot.policy;
         let span = self.tracing.as_ref().map(|t| {
@@ -205,12 +222,17 @@ impl InferenceApi {
             };
             record::finish(metrics, &f, || body.summary());
         };
-        let routes = self.router.routes(&edge.snapshot);
-        let route = match routes.route(method, body.model(), body.version(), &edge.ctx.request_id) {
-            Ok(route) => route,
-            Err(e) => {
-                finished(None, Some(&e));
-                return Err(edge.status(&e, None));
+        let route = match via {
+            Via::Route(route) => route,
+            Via::Policy => {
+                let routes = self.router.routes(&edge.snapshot);
+                match routes.route(method, body.model(), body.version(), &edge.ctx.request_id) {
+                    Ok(route) => route,
+                    Err(e) => {
+                        finished(None, Some(&e));
+                        return Err(Failed::Error(e, None));
+                    }
+                }
             }
         };
         // Keel's own bound, whatever the model: refuse at once rather than queue.
@@ -219,12 +241,19 @@ impl InferenceApi {
                 max_in_flight: self.max_in_flight,
             };
             finished(None, Some(&e));
-            return Err(edge.status(&e, None));
+            return Err(Failed::Error(e, None));
         };
-        let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route, span.clone()));
+        let mut call_ctx = edge.ctx.call(&edge.snapshot, route, span.clone());
+        if let Some(cap) = deadline_cap
+            && cap < call_ctx.deadline
+        {
+            call_ctx.deadline = cap;
+            call_ctx.budget = cap.saturating_duration_since(tokio::time::Instant::now());
+        }
+        let ctx = Arc::new(call_ctx);
         let result = tokio::select! {
             r = svc.clone().oneshot(Call::shared(ctx.clone(), body.clone())) => r,
-            () = cut_off(self.cut.clone()) => return Err(edge.tag(cut_status())),
+            () = cut_off(self.cut.clone()) => return Err(Failed::Cut),
         };
         if let (Ok(_), Some(slow)) = (&result, ctx.route.settings.slow_threshold)
             && start.elapsed() > slow
@@ -234,19 +263,35 @@ impl InferenceApi {
         finished(Some(&ctx), result.as_ref().err());
         match result {
             Ok(value) => Ok(Answer { value, ctx }),
-            Err(e) => Err(edge.status(&e, Some(&ctx))),
+            Err(e) => Err(Failed::Error(e, Some(ctx))),
         }
     }
 }
 
+/// How a call is routed.
+pub(super) enum Via {
+    /// By the policy's routes for its model.
+    Policy,
+    /// To this route (a fallback upstream).
+    Route(Route),
+}
+
+/// Why a call produced no answer.
+pub(super) enum Failed {
+    /// It failed, after getting as far as its context says.
+    Error(Error, Option<Arc<CallContext>>),
+    /// The drain timeout cut it.
+    Cut,
+}
+
 /// A successful call's answer and the context that produced it (for its receipt).
-struct Answer<T> {
-    value: T,
-    ctx: Arc<CallContext>,
+pub(super) struct Answer<T> {
+    pub(super) value: T,
+    pub(super) ctx: Arc<CallContext>,
 }
 
 /// What one call keeps from its start: its edge context, its policy snapshot and its peer.
-struct Edge {
+pub(super) struct Edge {
     ctx: EdgeContext,
     snapshot: Arc<Snapshot>,
     peer: Option<std::net::SocketAddr>,
@@ -287,8 +332,16 @@ impl Edge {
         status
     }
 
+    /// The status of a call that produced no answer.
+    pub(super) fn failed(&self, f: Failed) -> Status {
+        match f {
+            Failed::Error(e, ctx) => self.status(&e, ctx.as_deref()),
+            Failed::Cut => self.tag(cut_status()),
+        }
+    }
+
     /// The status for an error, tagged, with the call's receipt when it got that far.
-    fn status(&self, e: &Error, ctx: Option<&CallContext>) -> Status {
+    pub(super) fn status(&self, e: &Error, ctx: Option<&CallContext>) -> Status {
         let mut s = self.tag(status::to_status(e, ctx, self.snapshot.revision));
         if let Some(ctx) = ctx {
             receipt::write(s.metadata_mut(), ctx);
@@ -394,11 +447,7 @@ impl GrpcInferenceService for InferenceApi {
             record::rejected(self.router.metrics(), label, &invalid);
             edge.status(&invalid.into(), None)
         })?;
-        let form = req.form;
-        let a = self
-            .call(&self.stacks.infer, &edge, MODEL_INFER, req)
-            .await?;
-        Ok(edge.answer(a, |resp| pb::infer_response_to_pb(resp, form)))
+        self.infer(&edge, req).await
     }
 
     async fn model_stream_infer(

@@ -22,6 +22,16 @@ pub const ATTEMPTS: &str = "keel-attempts";
 pub const RETRY_DELAYS: &str = "keel-retry-delays-ms";
 /// Who answered the last attempt (`triton@10.0.0.7:8001`, `embedded`).
 pub const SERVED_BY: &str = "keel-served-by";
+/// Whether the answer is degraded (`true`, `false`).
+pub const DEGRADED: &str = "keel-degraded";
+/// Which tier answered: `primary`, `fallback_model`, `cache`, `static`.
+pub const TIER: &str = "keel-tier";
+/// The model and version that answered (`iris:1`).
+pub const SERVED_MODEL: &str = "keel-served-model";
+/// Why the answer is degraded (`breaker_open`, `deadline`, ...).
+pub const DEGRADED_REASON: &str = "keel-degraded-reason";
+/// The age of a cached answer, in milliseconds.
+pub const STALE_MS: &str = "keel-stale-ms";
 
 /// Writes a call's receipt into answer metadata.
 pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
@@ -42,7 +52,16 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
     let (mut parts, body) = res.into_parts();
     let mut extra = HeaderMap::new();
     if !parts.headers.contains_key("grpc-status") {
-        for key in [ATTEMPTS, RETRY_DELAYS, SERVED_BY] {
+        for key in [
+            ATTEMPTS,
+            RETRY_DELAYS,
+            SERVED_BY,
+            DEGRADED,
+            TIER,
+            SERVED_MODEL,
+            DEGRADED_REASON,
+            STALE_MS,
+        ] {
             if let Some(v) = parts.headers.remove(key) {
                 extra.insert(HeaderName::from_static(key), v);
             }

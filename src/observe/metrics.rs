@@ -103,6 +103,17 @@ pub struct RetryLabels {
     pub reason: &'static str,
 }
 
+/// A degraded answer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DegradedLabels {
+    /// The model asked for (from policy).
+    pub model: String,
+    /// The tier that answered: `fallback_model`, `cache`, `static`.
+    pub tier: &'static str,
+    /// The failure that made the call fall back.
+    pub reason: &'static str,
+}
+
 /// One upstream.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
@@ -183,6 +194,8 @@ pub struct Metrics {
     pub budget_exhausted: Family<UpstreamLabels, Counter>,
     /// `keel_shed_total`.
     pub shed: Family<ModelLabels, Counter>,
+    /// `keel_degraded_total`.
+    pub degraded: Family<DegradedLabels, Counter>,
     /// `keel_slow_requests_total`.
     pub slow: Family<ModelLabels, Counter>,
     /// `keel_policy_reloads_total`.
@@ -229,6 +242,7 @@ impl Metrics {
             hedges: Family::default(),
             budget_exhausted: Family::default(),
             shed: Family::default(),
+            degraded: Family::default(),
             slow: Family::default(),
             policy_reloads: Family::default(),
             validation_rejections: Family::default(),

@@ -1,0 +1,302 @@
+//! ModelInfer with graceful degradation: a fresh cached answer when the model's cache has
+//! one, else the primary call, else the model's fallback ladder, in order, within the time
+//! the call had. Every answer says what it is, in the response parameters and the trailing
+//! metadata: `keel.degraded`, `keel.tier`, `keel.served_by`, `keel.degraded_reason`,
+//! `keel.stale_ms`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Response, Status};
+
+use super::{Answer, Edge, Failed, InferenceApi, MODEL_INFER, Via};
+use crate::api::receipt;
+use crate::call::CallContext;
+use crate::model::{ContentForm, InferRequest, InferResponse, Param};
+use crate::observe::metrics::DegradedLabels;
+use crate::pb::{self, inference as proto};
+use crate::policy::Trigger;
+use crate::route::cache;
+use crate::route::ladder::{self, Rung};
+
+/// What an answer is.
+struct Labels {
+    tier: &'static str,
+    degraded: bool,
+    reason: Option<Trigger>,
+    stale: Option<Duration>,
+}
+
+const PRIMARY: Labels = Labels {
+    tier: "primary",
+    degraded: false,
+    reason: None,
+    stale: None,
+};
+
+impl Labels {
+    fn stale_ms(&self) -> Option<i64> {
+        self.stale
+            .map(|age| i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// Writes the labels into the answer's parameters; returns what served it.
+    fn to_parameters(&self, resp: &mut InferResponse) -> String {
+        let served_by = format!("{}:{}", resp.model, resp.version);
+        let p = &mut resp.parameters;
+        p.insert("keel.degraded".into(), Param::Bool(self.degraded));
+        p.insert("keel.tier".into(), Param::String(self.tier.into()));
+        p.insert("keel.served_by".into(), Param::String(served_by.clone()));
+        if let Some(reason) = self.reason {
+            p.insert(
+                "keel.degraded_reason".into(),
+                Param::String(reason.as_str().into()),
+            );
+        }
+        if let Some(ms) = self.stale_ms() {
+            p.insert("keel.stale_ms".into(), Param::Int64(ms));
+        }
+        served_by
+    }
+
+    /// Writes the labels into answer metadata (moved to the trailers).
+    fn to_metadata(&self, md: &mut MetadataMap, served_by: String) {
+        let degraded = if self.degraded { "true" } else { "false" };
+        md.insert(receipt::DEGRADED, MetadataValue::from_static(degraded));
+        md.insert(receipt::TIER, MetadataValue::from_static(self.tier));
+        if let Ok(v) = MetadataValue::try_from(served_by) {
+            md.insert(receipt::SERVED_MODEL, v);
+        }
+        if let Some(reason) = self.reason {
+            md.insert(
+                receipt::DEGRADED_REASON,
+                MetadataValue::from_static(reason.as_str()),
+            );
+        }
+        if let Some(ms) = self.stale_ms() {
+            md.insert(receipt::STALE_MS, MetadataValue::from(ms));
+        }
+    }
+}
+
+impl InferenceApi {
+    /// Answers a ModelInfer call, degrading through the model's ladder when it must.
+    pub(super) async fn infer(
+        &self,
+        edge: &Edge,
+        req: InferRequest,
+    ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        let form = req.form;
+        let req = Arc::new(req);
+        let routes = self.router.routes(&edge.snapshot);
+        let cache = routes.cache(&req.model).cloned();
+        let key = cache.as_ref().map(|_| cache::key(&req));
+        if let (Some(c), Some(k)) = (&cache, key)
+            && let Some((resp, age)) = c.fresh(k)
+        {
+            let labels = Labels {
+                tier: "cache",
+                degraded: false,
+                reason: None,
+                stale: Some(age),
+            };
+            return Ok(self.labelled(edge, resp, form, &labels, None));
+        }
+        let started = Instant::now();
+        let failure = match self
+            .call_via(
+                &self.stacks.infer,
+                edge,
+                MODEL_INFER,
+                req.clone(),
+                Via::Policy,
+                None,
+            )
+            .await
+        {
+            Ok(Answer { value, ctx }) => {
+                if let (Some(c), Some(k)) = (&cache, key)
+                    && ctx.route.settings.idempotent
+                {
+                    c.insert(k, &value);
+                }
+                return Ok(self.labelled(edge, value, form, &PRIMARY, Some(&ctx)));
+            }
+            Err(Failed::Cut) => return Err(edge.failed(Failed::Cut)),
+            Err(Failed::Error(e, ctx)) => (e, ctx),
+        };
+        let (error, ctx) = failure;
+        let budget_exhausted = ctx
+            .as_ref()
+            .is_some_and(|c| c.receipt.read().budget_exhausted);
+        let triggers = ladder::triggers(&error, budget_exhausted);
+        // A fallback never gets more time than the call it stands in for.
+        let deadline = ctx.as_ref().map_or_else(
+            || {
+                started
+                    + edge
+                        .snapshot
+                        .policy
+                        .resolve(MODEL_INFER, Some(&req.model))
+                        .timeout
+            },
+            |c| c.deadline,
+        );
+        for step in routes.ladder(&req.model) {
+            let Some(reason) = ladder::answers(step, &triggers) else {
+                continue;
+            };
+            let labels = |tier, stale| Labels {
+                tier,
+                degraded: true,
+                reason: Some(reason),
+                stale,
+            };
+            let answer = match &step.rung {
+                Rung::Model(other) => {
+                    let mut r = (*req).clone();
+                    r.model = other.clone();
+                    r.version.clear();
+                    let expected = routes
+                        .route(MODEL_INFER, other, "", &edge.ctx.request_id)
+                        .ok()
+                        .and_then(|r| r.target.latency.expected());
+                    if !self.may_fall_back(ctx.as_deref(), deadline, expected) {
+                        continue;
+                    }
+                    match self
+                        .call_via(
+                            &self.stacks.infer,
+                            edge,
+                            MODEL_INFER,
+                            Arc::new(r),
+                            Via::Policy,
+                            Some(deadline),
+                        )
+                        .await
+                    {
+                        Ok(a) => Some((a.value, labels(step.rung.tier(), None), Some(a.ctx))),
+                        Err(e) => {
+                            rung_failed(edge, step, &e);
+                            None
+                        }
+                    }
+                }
+                Rung::Upstream(target) => {
+                    let Some(route) = routes.route_to(MODEL_INFER, &req.model, target) else {
+                        continue;
+                    };
+                    if !self.may_fall_back(ctx.as_deref(), deadline, target.latency.expected()) {
+                        continue;
+                    }
+                    match self
+                        .call_via(
+                            &self.stacks.infer,
+                            edge,
+                            MODEL_INFER,
+                            req.clone(),
+                            Via::Route(route),
+                            Some(deadline),
+                        )
+                        .await
+                    {
+                        Ok(a) => Some((a.value, labels(step.rung.tier(), None), Some(a.ctx))),
+                        Err(e) => {
+                            rung_failed(edge, step, &e);
+                            None
+                        }
+                    }
+                }
+                Rung::Cache => match (&cache, key) {
+                    (Some(c), Some(k)) => c
+                        .get(k, c.spec().max_stale)
+                        .map(|(resp, age)| (resp, labels("cache", Some(age)), None)),
+                    _ => None,
+                },
+                Rung::Static(outputs) => Some((
+                    InferResponse {
+                        model: req.model.clone(),
+                        version: String::new(),
+                        id: req.id.clone(),
+                        parameters: Default::default(),
+                        outputs: outputs.as_ref().clone(),
+                    },
+                    labels("static", None),
+                    None,
+                )),
+            };
+            if let Some((mut resp, labels, answered_by)) = answer {
+                resp.id.clone_from(&req.id);
+                let model = ctx
+                    .as_ref()
+                    .map_or_else(|| "unknown".to_string(), |c| c.route.model.to_string());
+                self.router
+                    .metrics()
+                    .degraded
+                    .get_or_create(&DegradedLabels {
+                        model,
+                        tier: labels.tier,
+                        reason: reason.as_str(),
+                    })
+                    .inc();
+                tracing::info!(
+                    request_id = %edge.ctx.request_id,
+                    model = %req.model,
+                    tier = labels.tier,
+                    degraded_reason = reason.as_str(),
+                    "degraded answer"
+                );
+                return Ok(self.labelled(
+                    edge,
+                    resp,
+                    form,
+                    &labels,
+                    answered_by.as_deref().or(ctx.as_deref()),
+                ));
+            }
+        }
+        Err(edge.status(&error, ctx.as_deref()))
+    }
+
+    /// Whether a fallback that takes `expected` fits before `deadline`, and the primary's
+    /// retry budget grants it (fallbacks draw on the same budget as retries).
+    fn may_fall_back(
+        &self,
+        primary: Option<&CallContext>,
+        deadline: Instant,
+        expected: Option<Duration>,
+    ) -> bool {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || expected.is_some_and(|e| e > left) {
+            return false;
+        }
+        primary.is_none_or(|c| c.route.target.budget.withdraw())
+    }
+
+    /// A labelled answer, with the receipt of the call that produced it (if any).
+    fn labelled(
+        &self,
+        edge: &Edge,
+        mut resp: InferResponse,
+        form: ContentForm,
+        labels: &Labels,
+        ctx: Option<&CallContext>,
+    ) -> Response<proto::ModelInferResponse> {
+        let served_by = labels.to_parameters(&mut resp);
+        let mut out = edge.reply(pb::infer_response_to_pb(resp, form));
+        if let Some(ctx) = ctx {
+            receipt::write(out.metadata_mut(), ctx);
+        }
+        labels.to_metadata(out.metadata_mut(), served_by);
+        out
+    }
+}
+
+/// A rung that was tried and failed: the ladder goes on, and the log says why.
+fn rung_failed(edge: &Edge, step: &ladder::Step, failed: &Failed) {
+    if let Failed::Error(e, _) = failed {
+        tracing::debug!(request_id = %edge.ctx.request_id, tier = step.rung.tier(), error = %e, "fallback rung failed");
+    }
+}

@@ -1,0 +1,227 @@
+//! The fallback ladder over loopback: when the primary cannot answer, the next rung that
+//! may answer does, within the call's deadline, and every answer says what it is.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use keel::pb::inference as pb;
+use pb::infer_parameter::ParameterChoice;
+use tonic::Code;
+
+fn param(resp: &pb::ModelInferResponse, key: &str) -> Option<ParameterChoice> {
+    resp.parameters
+        .get(key)
+        .and_then(|p| p.parameter_choice.clone())
+}
+
+fn s(v: &str) -> Option<ParameterChoice> {
+    Some(ParameterChoice::StringParam(v.into()))
+}
+
+fn request(id: &str, first: i32) -> tonic::Request<pb::ModelInferRequest> {
+    let mut body = simple_request();
+    body.raw_input_contents[0] = i32_bytes(&[first; 16]);
+    let mut req = tonic::Request::new(body);
+    req.metadata_mut()
+        .insert("x-request-id", id.parse().unwrap());
+    req
+}
+
+#[tokio::test]
+async fn an_unavailable_primary_falls_back_to_another_model_then_the_breaker_keeps_it_there() {
+    let down = ScriptedUpstream::new(Script::failing(Code::Unavailable, "down"));
+    let (addr, _stop) = down.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nconsecutive_failures = 1\nopen_for = \"1m\"\n\
+         [upstreams.up]\nendpoints = [\"{addr}\"]\n\
+         [models.simple]\nbackend = \"up\"\nfallback = [{{ model = \"identity\" }}]\n\
+         [models.identity]\nbackend = \"embedded\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    // `identity` answers under the input names, so the call names no outputs: a fallback
+    // model must serve the outputs the client asks for.
+    let mut req = request("d1", 5);
+    req.get_mut().outputs.clear();
+    let resp = client.model_infer(req).await.unwrap();
+    assert_eq!(resp.metadata().get("keel-degraded").unwrap(), "true");
+    assert_eq!(resp.metadata().get("keel-tier").unwrap(), "fallback_model");
+    let resp = resp.into_inner();
+    assert_eq!(
+        param(&resp, "keel.degraded"),
+        Some(ParameterChoice::BoolParam(true))
+    );
+    assert_eq!(param(&resp, "keel.tier"), s("fallback_model"));
+    assert_eq!(param(&resp, "keel.served_by"), s("identity:1"));
+    assert_eq!(param(&resp, "keel.degraded_reason"), s("unavailable"));
+    assert_eq!(
+        i32s(&resp.raw_output_contents[0])[0],
+        5,
+        "identity echoed the inputs"
+    );
+
+    let mut req = request("d2", 6);
+    req.get_mut().outputs.clear();
+    let resp = client.model_infer(req).await.unwrap().into_inner();
+    assert_eq!(param(&resp, "keel.degraded_reason"), s("breaker_open"));
+    assert_eq!(
+        down.seen().len(),
+        1,
+        "the open breaker kept the primary from being called"
+    );
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_ladder_goes_from_a_failing_model_to_a_stale_cache_entry_to_a_static_answer() {
+    let up = ScriptedUpstream::new(Script::default());
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nenabled = false\n\
+         [upstreams.up]\nendpoints = [\"{addr}\"]\n\
+         [models.simple]\nbackend = \"up\"\n\
+         fallback = [{{ model = \"iris\" }}, {{ cache = true }}, \
+           {{ static = [{{ name = \"OUTPUT0\", datatype = \"INT32\", shape = [1, 2], data = [-1, -1] }}] }}]\n\
+         [models.simple.cache]\nentries = 10\nmax_stale = \"1m\"\n\
+         [models.iris]\nbackend = \"embedded\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    let fresh = client
+        .model_infer(request("c1", 3))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(param(&fresh, "keel.tier"), s("primary"));
+    assert_eq!(
+        param(&fresh, "keel.degraded"),
+        Some(ParameterChoice::BoolParam(false))
+    );
+
+    // The upstream goes down; iris cannot take simple's inputs (it fails too), so the
+    // cached answer for the same inputs is served, with its age.
+    up.script.lock().unwrap().fail = Some((Code::Internal, "broken".into()));
+    let stale = client.model_infer(request("c2", 3)).await.unwrap();
+    assert_eq!(stale.metadata().get("keel-tier").unwrap(), "cache");
+    assert!(stale.metadata().get("keel-stale-ms").is_some());
+    let stale = stale.into_inner();
+    assert_eq!(param(&stale, "keel.tier"), s("cache"));
+    assert_eq!(param(&stale, "keel.degraded_reason"), s("server_bug"));
+    assert!(
+        matches!(param(&stale, "keel.stale_ms"), Some(ParameterChoice::Int64Param(ms)) if ms >= 0)
+    );
+    assert_eq!(stale.raw_output_contents, fresh.raw_output_contents);
+    assert_eq!(stale.id, "req-1");
+
+    // Inputs never seen: nothing cached, so the static answer.
+    let fixed = client
+        .model_infer(request("c3", 9))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(param(&fixed, "keel.tier"), s("static"));
+    assert_eq!(fixed.outputs[0].name, "OUTPUT0");
+    assert_eq!(i32s(&fixed.raw_output_contents[0]), vec![-1, -1]);
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn client_errors_never_fall_back_and_without_a_ladder_the_error_stands() {
+    let up = ScriptedUpstream::new(Script::failing(Code::InvalidArgument, "bad input"));
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_config(&simple_via(addr, "")).await;
+    let mut client = keel.client().await;
+    let s = client.model_infer(request("e1", 1)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    up.script.lock().unwrap().fail = Some((Code::Unavailable, "down".into()));
+    let s = client.model_infer(request("e2", 1)).await.unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::Unavailable,
+        "no ladder configured: the classified error"
+    );
+
+    let keel2 = Keel::with_config(&format!(
+        "[upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n\
+         fallback = [{{ static = [{{ name = \"OUTPUT0\", datatype = \"INT32\", shape = [1], data = [0] }}] }}]\n"
+    ))
+    .await;
+    up.script.lock().unwrap().fail = Some((Code::InvalidArgument, "bad input".into()));
+    let mut client2 = keel2.client().await;
+    let s = client2.model_infer(request("e3", 1)).await.unwrap_err();
+    assert_eq!(
+        s.code(),
+        Code::InvalidArgument,
+        "a client error is never papered over"
+    );
+    keel.stop().await.unwrap();
+    keel2.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fallback_never_runs_past_the_calls_deadline() {
+    let hung = ScriptedUpstream::new(Script::slow(Duration::from_secs(60)));
+    let standby = ScriptedUpstream::new(Script::slow(Duration::from_secs(60)));
+    let (a, _sa) = hung.serve().await;
+    let (b, _sb) = standby.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[defaults]\ntimeout = \"300ms\"\n[upstreams.up]\nendpoints = [\"{a}\"]\n[upstreams.standby]\nendpoints = [\"{b}\"]\n\
+         [models.simple]\nbackend = \"up\"\n\
+         fallback = [{{ upstream = \"standby\" }}, \
+           {{ static = [{{ name = \"OUTPUT0\", datatype = \"INT32\", shape = [1], data = [7] }}] }}]\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    let start = tokio::time::Instant::now();
+    let resp = client
+        .model_infer(request("t1", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(param(&resp, "keel.tier"), s("static"));
+    assert_eq!(param(&resp, "keel.degraded_reason"), s("deadline"));
+    assert!(
+        standby.seen().is_empty(),
+        "no time was left for the standby upstream"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "answered at the deadline, not after the hang"
+    );
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_fresh_cache_entry_answers_without_calling_the_model() {
+    let up = ScriptedUpstream::new(Script::default());
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n\
+         [models.simple.cache]\nfresh_ttl = \"1m\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    client.model_infer(request("f1", 2)).await.unwrap();
+    let cached = client
+        .model_infer(request("f2", 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(param(&cached, "keel.tier"), s("cache"));
+    assert_eq!(
+        param(&cached, "keel.degraded"),
+        Some(ParameterChoice::BoolParam(false))
+    );
+    assert_eq!(
+        up.seen().len(),
+        1,
+        "the second call was answered from the cache"
+    );
+    client.model_infer(request("f3", 3)).await.unwrap();
+    assert_eq!(up.seen().len(), 2, "other inputs are not a hit");
+    keel.stop().await.unwrap();
+}

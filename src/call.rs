@@ -48,10 +48,12 @@ impl CallContext {
             1 << 20,
             crate::observe::Metrics::new(),
         );
-        let route =
-            router
-                .routes(&snapshot)
-                .route(crate::policy::METHODS[0], model, "", "standalone")?;
+        let route = router.routes(&snapshot).route(
+            crate::policy::METHODS[0],
+            model,
+            "",
+            &crate::route::Pick::by_id("standalone"),
+        )?;
         Ok(Arc::new(CallContext {
             request_id: "standalone".into(),
             deadline: Instant::now() + budget,

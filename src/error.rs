@@ -31,6 +31,24 @@ pub enum Error {
         /// Versions served.
         available: Vec<String>,
     },
+    /// A flag of the policy has switched the model off.
+    #[error("model '{model}' is switched off (flag condition {condition} does not hold)")]
+    ModelSwitchedOff {
+        /// The model.
+        model: String,
+        /// The condition that must hold for it to serve.
+        condition: String,
+    },
+    /// `keel-route` metadata names no route of the model.
+    #[error("keel-route {route:?} is not a route of model '{model}' (routes: {})", routes.join(", "))]
+    UnknownRoute {
+        /// The model.
+        model: String,
+        /// The route asked for.
+        route: String,
+        /// The model's routes.
+        routes: Vec<String>,
+    },
     /// The request breaks the protocol or the model's contract.
     #[error(transparent)]
     InvalidRequest(#[from] InvalidRequest),
@@ -96,6 +114,8 @@ impl Error {
         match self {
             Error::ModelNotFound { .. } => "MODEL_NOT_FOUND",
             Error::VersionNotFound { .. } => "MODEL_VERSION_NOT_FOUND",
+            Error::ModelSwitchedOff { .. } => "MODEL_SWITCHED_OFF",
+            Error::UnknownRoute { .. } => "UNKNOWN_ROUTE",
             Error::InvalidRequest(_) => "INVALID_REQUEST",
             Error::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             Error::UpstreamStatus { .. } => "UPSTREAM_ERROR",
@@ -112,6 +132,8 @@ impl Error {
         match self {
             Error::ModelNotFound { .. }
             | Error::VersionNotFound { .. }
+            | Error::ModelSwitchedOff { .. }
+            | Error::UnknownRoute { .. }
             | Error::InvalidRequest(_) => Origin::Request,
             Error::UpstreamUnavailable { .. } => Origin::Transport,
             Error::UpstreamStatus { code, .. } => Origin::Upstream(*code),
@@ -128,8 +150,10 @@ impl Error {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            Error::ModelNotFound { .. } | Error::VersionNotFound { .. } => Code::NotFound,
-            Error::InvalidRequest(_) => Code::InvalidArgument,
+            Error::ModelNotFound { .. }
+            | Error::VersionNotFound { .. }
+            | Error::ModelSwitchedOff { .. } => Code::NotFound,
+            Error::InvalidRequest(_) | Error::UnknownRoute { .. } => Code::InvalidArgument,
             Error::UpstreamUnavailable { .. } | Error::BreakerOpen(_) => Code::Unavailable,
             Error::UpstreamStatus { code, .. } => *code,
             Error::UpstreamProtocol { .. } => Code::Internal,
@@ -167,7 +191,10 @@ impl Error {
     /// The model involved, if any.
     pub fn model(&self) -> Option<&str> {
         match self {
-            Error::ModelNotFound { model } | Error::VersionNotFound { model, .. } => Some(model),
+            Error::ModelNotFound { model }
+            | Error::VersionNotFound { model, .. }
+            | Error::ModelSwitchedOff { model, .. }
+            | Error::UnknownRoute { model, .. } => Some(model),
             _ => None,
         }
     }

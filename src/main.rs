@@ -130,18 +130,11 @@ fn summary(
         }
         Some(models) => {
             for (name, m) in models {
-                let backend: Vec<String> = m
-                    .routes
-                    .iter()
-                    .map(|r| {
-                        if m.routes.len() == 1 {
-                            r.backend.to_string()
-                        } else {
-                            format!("{}% {}", r.weight, r.backend)
-                        }
-                    })
-                    .collect();
-                out.push_str(&model_line(name, backend.join(", ")));
+                let mut routes = m.describe_routes(&p.flags);
+                if let Some(w) = m.when.as_ref().filter(|w| !w.holds(&p.flags)) {
+                    routes = format!("switched off ({w}): {routes}");
+                }
+                out.push_str(&model_line(name, routes));
             }
         }
     }
@@ -232,7 +225,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         let shutdown = shutdown_signal();
-        let names: Vec<String> = keel.models().into_iter().map(|(m, _)| m).collect();
+        let names = keel.models();
         println!(
             "keel {} listening on {} (gRPC, OIP v2), admin on {}, serving models: {}",
             env!("CARGO_PKG_VERSION"),

@@ -202,6 +202,23 @@ impl Keel {
             })
             .inc();
         let router = Router::new(embedded, server.max_message_size, metrics);
+        let rollback_store = store.clone();
+        router.on_rollback(Box::new(move |verdict| {
+            match rollback_store.roll_back_canary(&verdict.model, &verdict.route) {
+                Ok(applied) => tracing::warn!(
+                    model = %verdict.model,
+                    route = %verdict.route,
+                    revision = applied.snapshot().revision,
+                    "canary rolled back: its weight is 0 in the new revision; apply policy to bring it back"
+                ),
+                Err(e) => tracing::error!(
+                    model = %verdict.model,
+                    route = %verdict.route,
+                    error = %e,
+                    "canary rollback refused"
+                ),
+            }
+        }));
         let tracing = match &options.otlp_endpoint {
             None => None,
             Some(endpoint) => {
@@ -221,9 +238,10 @@ impl Keel {
         })
     }
 
-    /// The served models with a description of their backends, sorted by name.
-    pub fn models(&self) -> Vec<(String, String)> {
-        self.router.routes(&self.store.current()).describe()
+    /// The served models, sorted by name.
+    pub fn models(&self) -> Vec<String> {
+        let routes = self.router.routes(&self.store.current());
+        routes.models().map(str::to_string).collect()
     }
 
     /// The policy store.
@@ -357,12 +375,9 @@ impl Keel {
                         // /metrics, /livez and /readyz are plain HTTP/1.1.
                         .accept_http1(true)
                         .add_routes(routes)
-                        .serve_with_incoming_shutdown(
-                            tokio_stream::wrappers::TcpListenerStream::new(listener),
-                            async move {
-                                stop.await;
-                            },
-                        ),
+                        .serve_with_incoming_shutdown(incoming(listener), async move {
+                            stop.await;
+                        }),
                 )
             }
             None => None,
@@ -385,10 +400,7 @@ impl Keel {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(api)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                signal,
-            );
+            .serve_with_incoming_shutdown(incoming(listener), signal);
         let began = began_rx.clone();
         let drain_deadline = async move {
             match shutdown_began(began).await {
@@ -585,4 +597,10 @@ impl Drop for AbortOnDrop {
             h.abort();
         }
     }
+}
+
+/// Accepted connections with TCP_NODELAY: small gRPC frames go out at once instead of
+/// waiting out the peer's delayed ACK (some 40ms on Linux).
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }

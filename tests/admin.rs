@@ -124,8 +124,8 @@ fn policy_in(audit: &std::path::Path, extra_server: &str, version: &str, timeout
          canary = false\n\
          tier = \"standard\"\n\
          [models.simple]\n\
-         backend = \"embedded\"\n\
-         flags = [\"canary\"]\n",
+         routes = [{{ backend = \"embedded\", weight = 90 }}, \
+           {{ name = \"canary\", backend = \"embedded\", weight = 10, flag = \"canary\" }}]\n",
         audit = audit.display()
     )
 }

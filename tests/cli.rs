@@ -40,9 +40,9 @@ fn validate_summarises_a_valid_policy_with_effective_settings() {
         "deploy/examples/policy.toml: valid (policy_version 2026-11-28.1)",
         "listen 127.0.0.1:8001, admin 127.0.0.1:8002",
         "  triton           127.0.0.1:9001",
-        "  simple           triton",
+        "  simple           95% triton v1, 5% triton v2 canary",
         "infer timeout 5s, 2 attempts",
-        "  simple_string    90% triton, 10% embedded",
+        "  simple_string    100% triton, 0% embedded (off: simple_string_color=green)",
         "  ModelInfer       timeout 10s (max 300s); retry 3 attempts on transient|overloaded|attempt_timeout",
         "  ModelMetadata    timeout 2s",
     ];

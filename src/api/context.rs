@@ -245,7 +245,7 @@ mod tests {
         );
         let route = router
             .routes(snapshot)
-            .route(INFER, model, "", "r")
+            .route(INFER, model, "", &crate::route::Pick::by_id("r"))
             .unwrap();
         edge.call(snapshot, route, None)
     }

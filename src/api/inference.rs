@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::model::InferRequest;
 use crate::observe::traces::Tracing;
 use crate::pb::{self, inference as proto};
-use crate::policy::{Snapshot, Store};
+use crate::policy::{ErrorClass, Snapshot, Store};
 use crate::resilience::Failure as _;
 use crate::route::{Route, Router};
 use crate::upstream::grpc::REQUEST_ID;
@@ -226,7 +226,7 @@ impl InferenceApi {
             Via::Route(route) => route,
             Via::Policy => {
                 let routes = self.router.routes(&edge.snapshot);
-                match routes.route(method, body.model(), body.version(), &edge.ctx.request_id) {
+                match routes.route(method, body.model(), body.version(), &edge.pick()) {
                     Ok(route) => route,
                     Err(e) => {
                         finished(None, Some(&e));
@@ -234,6 +234,11 @@ impl InferenceApi {
                     }
                 }
             }
+        };
+        // A route that sends its own version (a canary's, say) replaces the client's.
+        let sent = match &route.version {
+            Some(v) if **v != *body.version() => Arc::new(body.at_version(v)),
+            _ => body.clone(),
         };
         // Keel's own bound, whatever the model: refuse at once rather than queue.
         let Ok(_gate) = self.gate.clone().try_acquire_owned() else {
@@ -252,7 +257,7 @@ impl InferenceApi {
         }
         let ctx = Arc::new(call_ctx);
         let result = tokio::select! {
-            r = svc.clone().oneshot(Call::shared(ctx.clone(), body.clone())) => r,
+            r = svc.clone().oneshot(Call::shared(ctx.clone(), sent)) => r,
             () = cut_off(self.cut.clone()) => return Err(Failed::Cut),
         };
         if let (Ok(_), Some(slow)) = (&result, ctx.route.settings.slow_threshold)
@@ -261,6 +266,18 @@ impl InferenceApi {
             ctx.receipt.update(|r| r.slow = true);
         }
         finished(Some(&ctx), result.as_ref().err());
+        if matches!(method, MODEL_INFER | MODEL_STREAM_INFER)
+            && let Some((analysis, side)) = &ctx.route.canary
+        {
+            // A client's mistake says nothing about the route.
+            let ok = match &result {
+                Ok(_) => Some(true),
+                Err(e) => (e.class() != ErrorClass::ClientError).then_some(false),
+            };
+            if let Some(verdict) = ok.and_then(|ok| analysis.record(*side, ok, start.elapsed())) {
+                self.router.condemn(&verdict);
+            }
+        }
         match result {
             Ok(value) => Ok(Answer { value, ctx }),
             Err(e) => Err(Failed::Error(e, Some(ctx))),
@@ -298,6 +315,14 @@ pub(super) struct Edge {
 }
 
 impl Edge {
+    /// What picks the call's route: its request id and metadata.
+    fn pick(&self) -> crate::route::Pick<'_> {
+        crate::route::Pick {
+            request_id: &self.ctx.request_id,
+            metadata: Some(&self.ctx.metadata),
+        }
+    }
+
     /// The trace id of the client's W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
     fn trace_id(&self) -> Option<&str> {
         let tp = self.ctx.metadata.get("traceparent")?.to_str().ok()?;
@@ -475,8 +500,7 @@ impl GrpcInferenceService for InferenceApi {
                         msg.model_name.clone(),
                         msg.model_version.clone(),
                     );
-                    let route =
-                        routes.route(MODEL_STREAM_INFER, &model, &version, &edge.ctx.request_id);
+                    let route = routes.route(MODEL_STREAM_INFER, &model, &version, &edge.pick());
                     let result = match (route, pb::infer_request_from_pb(msg)) {
                         (Ok(route), Ok(req)) => {
                             let form = req.form;

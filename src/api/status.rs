@@ -59,6 +59,9 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
         }
     }
     let mut details = ErrorDetails::with_error_info(e.reason(), DOMAIN, info);
+    if let Error::UnknownRoute { .. } = e {
+        details.add_bad_request_violation("keel-route", e.to_string());
+    }
     if let Error::InvalidRequest(invalid) = e {
         details.add_bad_request_violation(invalid.field(), invalid.to_string());
     }

@@ -11,7 +11,7 @@ use super::reader::{Problems, Section, join};
 use super::settings::Settings;
 use super::{
     BackendRef, Flag, METHODS, ModelPolicy, Overrides, Policy, PolicyErrors, ServerSettings,
-    UpstreamSpec, WeightedRoute,
+    UpstreamSpec, WeightedRoute, rollout,
 };
 
 /// Parses `text`; on success also returns the TOML table, for the canonical form.
@@ -248,12 +248,11 @@ fn model(
     let backend = s.string(p, "backend");
     let routes_path = s.at("routes");
     let routes = s.array(p, "routes");
+    let mut resolve =
+        |name: &str, path: &str, p: &mut Problems| backend_ref(name, path, upstreams, p);
     let routes = match (backend, routes) {
-        (Some(b), None) => vec![WeightedRoute {
-            backend: backend_ref(&b, &s.at("backend"), upstreams, p),
-            weight: 100,
-        }],
-        (None, Some(list)) => weighted_routes(list, &routes_path, upstreams, p),
+        (Some(b), None) => vec![WeightedRoute::only(resolve(&b, &s.at("backend"), p))],
+        (None, Some(list)) => rollout::read_routes(list, &routes_path, flags, p, &mut resolve),
         (Some(_), Some(_)) => {
             p.add(s.path.clone(), "set either backend or routes, not both");
             vec![]
@@ -269,15 +268,18 @@ fn model(
     let versions = s.strings(p, "versions").unwrap_or_default();
     let fallback = super::fallback::read_ladder(&mut s, p, upstreams, flags);
     let cache = super::fallback::read_cache(&mut s, p);
-    let model_flags = s.strings(p, "flags").unwrap_or_default();
-    for (i, f) in model_flags.iter().enumerate() {
-        if !flags.contains_key(f) {
-            p.add(
-                format!("{}[{i}]", s.at("flags")),
-                format!("unknown flag {f:?}: define it under [flags]"),
-            );
-        }
+    let when = rollout::read_when(&mut s, p, "flag", flags);
+    let route_key = s.string(p, "route_key").map(|k| k.to_ascii_lowercase());
+    if let Some(k) = &route_key
+        && http::HeaderName::from_bytes(k.as_bytes()).is_err()
+    {
+        p.add(
+            s.at("route_key"),
+            format!("{k:?} is not a valid metadata key"),
+        );
     }
+    let route_override = s.boolean(p, "route_override").unwrap_or(false);
+    let rollback = rollout::read_rollback(&mut s, p, &routes);
     let overrides = Overrides::read(&mut s, p);
     s.finish(p);
     ModelPolicy {
@@ -286,52 +288,11 @@ fn model(
         overrides,
         fallback,
         cache,
-        flags: model_flags,
+        when,
+        route_key,
+        route_override,
+        rollback,
     }
-}
-
-fn weighted_routes(
-    list: &[Value],
-    path: &str,
-    upstreams: &BTreeMap<String, UpstreamSpec>,
-    p: &mut Problems,
-) -> Vec<WeightedRoute> {
-    let mut out = Vec::new();
-    let mut total = 0i64;
-    for (i, v) in list.iter().enumerate() {
-        let at = format!("{path}[{i}]");
-        let Value::Table(t) = v else {
-            p.add(
-                at,
-                "expected a table such as { backend = \"triton\", weight = 90 }",
-            );
-            continue;
-        };
-        let mut r = Section::new(at.clone(), t);
-        let backend = r.string(p, "backend");
-        let weight = r.integer(p, "weight", 0..=100);
-        r.finish(p);
-        match (backend, weight) {
-            (Some(b), Some(w)) => {
-                total += w;
-                out.push(WeightedRoute {
-                    backend: backend_ref(&b, &join(&at, "backend"), upstreams, p),
-                    weight: w as u8,
-                });
-            }
-            (None, _) => p.add(join(&at, "backend"), "is required"),
-            (_, None) => p.add(join(&at, "weight"), "is required: 0..=100"),
-        }
-    }
-    if list.is_empty() {
-        p.add(path, "needs at least one route");
-    } else if out.len() == list.len() && total != 100 {
-        p.add(
-            path,
-            format!("weights sum to {total}; they must sum to 100"),
-        );
-    }
-    out
 }
 
 /// Fallbacks name models of this policy, not the model itself, and never lead back to it.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use toml::Value;
 
 use super::reader::{Problems, Section, join};
-use super::{Flag, UpstreamSpec};
+use super::{Flag, UpstreamSpec, When};
 
 /// What made a call fall back: the `on` list of a fallback tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -107,8 +107,8 @@ pub struct Fallback {
     pub tier: Tier,
     /// What lets it answer.
     pub on: Vec<Trigger>,
-    /// A flag that must be true for the rung to be used.
-    pub flag: Option<String>,
+    /// The flag condition that turns the rung on; `None` is always on.
+    pub when: Option<When>,
 }
 
 /// A model's response cache.
@@ -173,15 +173,7 @@ pub(super) fn read_ladder(
                 })
                 .collect(),
         };
-        let flag = r.string(p, "flag");
-        if let Some(f) = &flag
-            && !flags.contains_key(f)
-        {
-            p.add(
-                join(&at, "flag"),
-                format!("unknown flag {f:?}: define it under [flags]"),
-            );
-        }
+        let when = super::rollout::read_when(&mut r, p, "flag", flags);
         r.finish(p);
         let tiers = [model.is_some(), upstream.is_some(), cache, statik.is_some()];
         let tier = match (model, upstream, cache, statik) {
@@ -203,7 +195,7 @@ pub(super) fn read_ladder(
             (_, _, _, Some(outputs)) => Tier::Static(outputs),
             _ => continue,
         };
-        out.push(Fallback { tier, on, flag });
+        out.push(Fallback { tier, on, when });
     }
     out
 }

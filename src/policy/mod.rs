@@ -14,6 +14,7 @@ mod audit;
 mod document;
 mod fallback;
 mod reader;
+mod rollout;
 mod settings;
 mod snapshot;
 mod store;
@@ -28,6 +29,7 @@ use std::time::Duration;
 
 pub use audit::{AuditEntry, AuditLog, Outcome, rfc3339};
 pub use fallback::{CacheSpec, Fallback, StaticData, StaticTensor, Tier, Trigger};
+pub use rollout::{RollbackSpec, WeightedRoute, When};
 pub use settings::{
     Breaker, BreakerOverrides, Budget, BudgetOverrides, ErrorClass, Jitter, LimitOverrides, Limits,
     MAX_DURATION, Overrides, Retry, RetryOn, RetryOverrides, Settings,
@@ -151,19 +153,10 @@ impl fmt::Display for BackendRef {
     }
 }
 
-/// One weighted target of a model.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WeightedRoute {
-    /// Where this share of calls goes.
-    pub backend: BackendRef,
-    /// Percent of calls, 0..=100; a model's weights sum to 100.
-    pub weight: u8,
-}
-
 /// What the policy says about one model.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ModelPolicy {
-    /// Where calls go: one backend at weight 100, or several whose weights sum to 100.
+    /// Where calls go: one backend, or several weighted routes (shares among those on).
     pub routes: Vec<WeightedRoute>,
     /// Versions clients may ask for; empty allows any. Others are NOT_FOUND.
     pub versions: Vec<String>,
@@ -173,8 +166,65 @@ pub struct ModelPolicy {
     pub fallback: Vec<Fallback>,
     /// The model's response cache, if any.
     pub cache: Option<CacheSpec>,
-    /// Flags this model reacts to.
-    pub flags: Vec<String>,
+    /// The flag condition that switches the model on; `None` is always on.
+    pub when: Option<When>,
+    /// Metadata key whose value picks the route (stickiness); the request id otherwise.
+    pub route_key: Option<String>,
+    /// Whether a call may choose its route by name with `keel-route` metadata (for tests).
+    pub route_override: bool,
+    /// When Keel rolls the canary route back by itself.
+    pub rollback: Option<RollbackSpec>,
+}
+
+impl ModelPolicy {
+    /// Where calls go under `flags`, in a few words: `triton`, or each route's share of
+    /// calls (`95% triton v1, 5% triton v2 canary, 0% embedded (off: color=green)`).
+    pub fn describe_routes(&self, flags: &BTreeMap<String, Flag>) -> String {
+        if let [only] = self.routes.as_slice()
+            && only.version.is_none()
+            && only.when.is_none()
+        {
+            return only.backend.to_string();
+        }
+        let total: u32 = self
+            .routes
+            .iter()
+            .filter(|r| r.is_on(flags))
+            .map(|r| u32::from(r.weight))
+            .sum();
+        let parts: Vec<String> = self
+            .routes
+            .iter()
+            .map(|r| {
+                let on = r.is_on(flags);
+                let share = if on {
+                    (u32::from(r.weight) * 100).checked_div(total).unwrap_or(0)
+                } else {
+                    0
+                };
+                let mut s = format!("{share}% {}", r.backend);
+                if let Some(v) = &r.version {
+                    s.push_str(&format!(" v{v}"));
+                }
+                if r.canary {
+                    s.push_str(" canary");
+                }
+                if let (false, Some(w)) = (on, &r.when) {
+                    s.push_str(&format!(" (off: {w})"));
+                }
+                s
+            })
+            .collect();
+        parts.join(", ")
+    }
+
+    /// A model served by `backend` alone, with nothing else set.
+    pub fn served_by(backend: BackendRef) -> ModelPolicy {
+        ModelPolicy {
+            routes: vec![WeightedRoute::only(backend)],
+            ..ModelPolicy::default()
+        }
+    }
 }
 
 /// A flag's value.

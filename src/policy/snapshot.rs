@@ -39,6 +39,13 @@ pub enum Source {
         /// The flag.
         flag: String,
     },
+    /// Keel took a misbehaving canary out of traffic.
+    AutoRollback {
+        /// The model.
+        model: String,
+        /// Its canary route.
+        route: String,
+    },
 }
 
 impl Source {
@@ -51,6 +58,7 @@ impl Source {
             Source::Admin { .. } => "admin",
             Source::Rollback { .. } => "rollback",
             Source::SetFlag { .. } => "set_flag",
+            Source::AutoRollback { .. } => "auto_rollback",
         }
     }
 }
@@ -65,6 +73,7 @@ impl fmt::Display for Source {
             Source::Admin { principal } => write!(f, "admin:{principal}"),
             Source::Rollback { principal, to } => write!(f, "rollback:{principal}:to={to}"),
             Source::SetFlag { principal, flag } => write!(f, "set-flag:{principal}:{flag}"),
+            Source::AutoRollback { model, route } => write!(f, "auto-rollback:{model}:{route}"),
         }
     }
 }

@@ -345,6 +345,59 @@ impl Store {
         if !current.policy.flags.contains_key(name) {
             return Err(self.refused(&source, ApplyError::UnknownFlag(name.to_string())));
         }
+        let item = match &value {
+            Flag::Bool(b) => toml_edit::value(*b),
+            Flag::String(s) => toml_edit::value(s.as_str()),
+        };
+        let expected = Some(expected_revision.unwrap_or(current.revision));
+        self.edit(&current, source, expected, |doc| {
+            doc["flags"][name] = item;
+            Ok(())
+        })
+    }
+
+    /// Takes the canary route `route` of `model` out of traffic: a new revision of the
+    /// current document with that route's weight set to 0, audited as `auto-rollback`.
+    pub fn roll_back_canary(&self, model: &str, route: &str) -> Result<Applied, ApplyError> {
+        let current = self.current();
+        let source = Source::AutoRollback {
+            model: model.to_string(),
+            route: route.to_string(),
+        };
+        let index = current
+            .policy
+            .models
+            .as_ref()
+            .and_then(|m| m.get(model))
+            .and_then(|m| m.routes.iter().position(|r| r.name == route && r.canary));
+        let Some(index) = index else {
+            let path = format!("models.{model}.routes");
+            let e = PolicyErrors::one(path, format!("has no canary route named {route:?}"));
+            return Err(self.refused(&source, ApplyError::Invalid(e)));
+        };
+        self.edit(&current, source, Some(current.revision), |doc| {
+            let weight = doc
+                .get_mut("models")
+                .and_then(|m| m.get_mut(model))
+                .and_then(|m| m.get_mut("routes"))
+                .and_then(|r| r.get_mut(index))
+                .and_then(|r| r.get_mut("weight"))
+                .ok_or_else(|| {
+                    format!("models.{model}.routes[{index}].weight is not in the document")
+                })?;
+            *weight = toml_edit::value(0);
+            Ok(())
+        })
+    }
+
+    /// Applies `change` to the text of `current`, keeping the rest of it, comments included.
+    fn edit(
+        &self,
+        current: &Snapshot,
+        source: Source,
+        expected_revision: Option<u64>,
+        change: impl FnOnce(&mut toml_edit::DocumentMut) -> Result<(), String>,
+    ) -> Result<Applied, ApplyError> {
         let mut doc: toml_edit::DocumentMut = match current.text.parse() {
             Ok(doc) => doc,
             Err(e) => {
@@ -352,16 +405,10 @@ impl Store {
                 return Err(self.refused(&source, e));
             }
         };
-        let item = match &value {
-            Flag::Bool(b) => toml_edit::value(*b),
-            Flag::String(s) => toml_edit::value(s.as_str()),
-        };
-        doc["flags"][name] = item;
-        self.apply(
-            &doc.to_string(),
-            source,
-            Some(expected_revision.unwrap_or(current.revision)),
-        )
+        if let Err(message) = change(&mut doc) {
+            return Err(self.refused(&source, ApplyError::Invalid(PolicyErrors::one("", message))));
+        }
+        self.apply(&doc.to_string(), source, expected_revision)
     }
 }
 

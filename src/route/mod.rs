@@ -9,9 +9,13 @@
 //! # Determinism
 //!
 //! A model with several weighted routes sends a call to the route chosen by a fixed hash
-//! (FNV-1a) of its request id, so the same request id always takes the same route.
+//! (FNV-1a, then a 64-bit finaliser) of its request id, or of the model's `route_key`
+//! metadata when the call has it: the same id (or user) always takes the same route, and a
+//! retried or replayed call stays where it went. Weights are shares among the routes that
+//! are on (weight above 0, flag condition holding).
 
 pub mod cache;
+pub mod canary;
 pub mod ladder;
 
 use std::collections::BTreeMap;
@@ -20,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use arc_swap::ArcSwapOption;
+use tonic::metadata::MetadataMap;
 use tower::Service;
 
 use crate::call::Call;
@@ -27,8 +32,8 @@ use crate::error::Error;
 use crate::observe::Metrics;
 use crate::observe::metrics::RuntimeState;
 use crate::policy::{
-    BackendRef, Breaker, Flag, METHODS, Policy, PolicyError, PolicyErrors, Settings, Snapshot,
-    Tier, UpstreamSpec,
+    BackendRef, Breaker, METHODS, ModelPolicy, Policy, PolicyError, PolicyErrors, Settings,
+    Snapshot, Tier, UpstreamSpec, When,
 };
 use crate::resilience::{BreakerCell, Latency, Limiter, RetryBudget};
 use crate::upstream::embedded::Embedded;
@@ -105,6 +110,48 @@ pub struct Route {
     pub settings: Arc<Settings>,
     /// The model's concurrency limiter.
     pub limiter: Arc<Limiter>,
+    /// The route's name (`name`, else its version, else its backend).
+    pub name: Arc<str>,
+    /// The model version the route sends, replacing the client's; `None` passes it on.
+    pub version: Option<Arc<str>>,
+    /// The canary analysis this call counts in, and on which side.
+    pub canary: Option<(Arc<canary::Analysis>, canary::Side)>,
+}
+
+/// What picks a call's route besides its model and version.
+#[derive(Clone, Copy, Debug)]
+pub struct Pick<'a> {
+    /// The call's request id: the hash key when there is no `route_key` value.
+    pub request_id: &'a str,
+    /// The call's metadata: the `route_key` value and the `keel-route` override.
+    pub metadata: Option<&'a MetadataMap>,
+}
+
+impl<'a> Pick<'a> {
+    /// A pick by request id alone.
+    pub fn by_id(request_id: &'a str) -> Self {
+        Pick {
+            request_id,
+            metadata: None,
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&'a str> {
+        self.metadata?.get(key)?.to_str().ok()
+    }
+}
+
+/// The metadata that chooses a route by name, where the policy allows it.
+pub const ROUTE_OVERRIDE: &str = "keel-route";
+
+/// One compiled route of a model.
+struct Entry {
+    name: Arc<str>,
+    target: Arc<Target>,
+    version: Option<Arc<str>>,
+    /// Zero when the route is off (weight 0 or its flag condition does not hold).
+    weight: u64,
+    canary: bool,
 }
 
 /// How one model's calls are routed.
@@ -114,13 +161,40 @@ struct ModelRoutes {
     ladder: Vec<ladder::Step>,
     /// The response cache, if the model has one.
     cache: Option<Arc<cache::ResponseCache>>,
-    /// Targets with their weights; weights sum to 100.
-    targets: Vec<(Arc<Target>, u8)>,
+    /// Every route, in policy order; those that are off have weight 0.
+    entries: Vec<Entry>,
     /// Versions clients may ask for; empty allows any.
     versions: Vec<String>,
     limiter: Arc<Limiter>,
     /// Effective settings per method, resolved once per revision.
     settings: BTreeMap<&'static str, Arc<Settings>>,
+    /// The flag condition that switched the model off, when it did.
+    switched_off: Option<When>,
+    /// Metadata whose value picks the route.
+    route_key: Option<String>,
+    /// Whether `keel-route` may pick the route.
+    route_override: bool,
+    /// The canary analysis, while the canary takes calls.
+    analysis: Option<Arc<canary::Analysis>>,
+}
+
+impl ModelRoutes {
+    fn route(&self, entry: &Entry, settings: Arc<Settings>) -> Route {
+        let side = if entry.canary {
+            canary::Side::Canary
+        } else {
+            canary::Side::Baseline
+        };
+        Route {
+            model: self.model.clone(),
+            target: entry.target.clone(),
+            settings,
+            limiter: self.limiter.clone(),
+            name: entry.name.clone(),
+            version: entry.version.clone(),
+            canary: self.analysis.clone().map(|a| (a, side)),
+        }
+    }
 }
 
 /// The routes of one policy revision.
@@ -129,26 +203,37 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// The route of a call to `method` for `model` (`version`) with `request_id`.
+    /// The route of a call to `method` for `model` (`version`, empty for any), picked as
+    /// `pick` says.
+    ///
+    /// A version the client pins goes to the routes that send that version, else to those
+    /// that pass the client's version on; `keel-route`, where allowed, names the route.
     pub fn route(
         &self,
         method: &str,
         model: &str,
         version: &str,
-        request_id: &str,
+        pick: &Pick<'_>,
     ) -> Result<Route, Error> {
         let routes = self.models.get(model).ok_or_else(|| Error::ModelNotFound {
             model: model.to_string(),
         })?;
+        if let Some(condition) = &routes.switched_off {
+            return Err(Error::ModelSwitchedOff {
+                model: model.to_string(),
+                condition: condition.to_string(),
+            });
+        }
+        let not_found = |available: Vec<String>| Error::VersionNotFound {
+            model: model.to_string(),
+            version: version.to_string(),
+            available,
+        };
         if !version.is_empty()
             && !routes.versions.is_empty()
             && !routes.versions.iter().any(|v| v == version)
         {
-            return Err(Error::VersionNotFound {
-                model: model.to_string(),
-                version: version.to_string(),
-                available: routes.versions.clone(),
-            });
+            return Err(not_found(routes.versions.clone()));
         }
         let settings = routes
             .settings
@@ -156,22 +241,51 @@ impl Routes {
             .or_else(|| routes.settings.get(METHODS[0]))
             .cloned()
             .unwrap_or_default();
-        let mut point = (fnv1a(request_id.as_bytes()) % 100) as u8;
-        for (target, weight) in &routes.targets {
-            if point < *weight {
-                return Ok(Route {
-                    model: routes.model.clone(),
-                    target: target.clone(),
-                    settings,
-                    limiter: routes.limiter.clone(),
-                });
-            }
-            point -= weight;
+        if routes.route_override
+            && let Some(name) = pick.get(ROUTE_OVERRIDE)
+        {
+            return match routes.entries.iter().find(|e| &*e.name == name) {
+                Some(entry) => Ok(routes.route(entry, settings)),
+                None => Err(Error::UnknownRoute {
+                    model: model.to_string(),
+                    route: name.to_string(),
+                    routes: routes.entries.iter().map(|e| e.name.to_string()).collect(),
+                }),
+            };
         }
-        // Unreachable while weights sum to 100, as validation ensures.
-        Err(Error::ModelNotFound {
-            model: model.to_string(),
-        })
+        let on = || routes.entries.iter().filter(|e| e.weight > 0);
+        let candidates: Vec<&Entry> = if version.is_empty() {
+            on().collect()
+        } else {
+            let sends = |e: &&Entry| e.version.as_deref() == Some(version);
+            if on().any(|e| sends(&e)) {
+                on().filter(sends).collect()
+            } else {
+                on().filter(|e| e.version.is_none()).collect()
+            }
+        };
+        let total: u64 = candidates.iter().map(|e| e.weight).sum();
+        if total == 0 {
+            let mut available: Vec<String> = on()
+                .filter_map(|e| e.version.as_deref().map(str::to_string))
+                .collect();
+            available.dedup();
+            return Err(not_found(available));
+        }
+        let key = routes
+            .route_key
+            .as_deref()
+            .and_then(|k| pick.get(k))
+            .unwrap_or(pick.request_id);
+        let mut point = share(key.as_bytes(), total);
+        for entry in candidates {
+            if point < entry.weight {
+                return Ok(routes.route(entry, settings));
+            }
+            point -= entry.weight;
+        }
+        // Unreachable: the point is below the total.
+        Err(not_found(vec![]))
     }
 
     /// The fallback ladder of `model`.
@@ -184,7 +298,8 @@ impl Routes {
         self.models.get(model)?.cache.as_ref()
     }
 
-    /// The route of a call for `model` sent to a fallback `target` (another upstream).
+    /// The route of a call for `model` sent to a fallback `target` (another upstream); it
+    /// counts in no canary analysis.
     pub fn route_to(&self, method: &str, model: &str, target: &Arc<Target>) -> Option<Route> {
         let routes = self.models.get(model)?;
         Some(Route {
@@ -192,6 +307,9 @@ impl Routes {
             target: target.clone(),
             settings: routes.settings.get(method).cloned().unwrap_or_default(),
             limiter: routes.limiter.clone(),
+            name: target.upstream.clone(),
+            version: None,
+            canary: None,
         })
     }
 
@@ -204,27 +322,6 @@ impl Routes {
     pub fn models(&self) -> impl Iterator<Item = &str> {
         self.models.keys().map(String::as_str)
     }
-
-    /// Every model with a description of its backends (`simple → upstream triton`).
-    pub fn describe(&self) -> Vec<(String, String)> {
-        self.models
-            .iter()
-            .map(|(m, r)| {
-                let targets: Vec<String> = r
-                    .targets
-                    .iter()
-                    .map(|(t, w)| {
-                        if r.targets.len() == 1 {
-                            t.backend.describe()
-                        } else {
-                            format!("{w}% {}", t.backend.describe())
-                        }
-                    })
-                    .collect();
-                (m.clone(), targets.join(", "))
-            })
-            .collect()
-    }
 }
 
 /// FNV-1a, 64 bits: a fixed, portable hash for deterministic choices.
@@ -232,6 +329,19 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
         (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
     })
+}
+
+/// A point in `0..total` for `key`: FNV-1a mixed by the murmur3 finaliser (FNV's low bits
+/// depend only on the low bits of the input), scaled by multiplication rather than a
+/// modulo, so every key spreads evenly.
+fn share(key: &[u8], total: u64) -> u64 {
+    let mut h = fnv1a(key);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    ((u128::from(h) * u128::from(total)) >> 64) as u64
 }
 
 struct Compiled {
@@ -249,7 +359,11 @@ struct Registry {
     latency: BTreeMap<(String, String), Arc<Latency>>,
     limiters: BTreeMap<String, Arc<Limiter>>,
     caches: BTreeMap<String, Arc<cache::ResponseCache>>,
+    analyses: BTreeMap<String, Arc<canary::Analysis>>,
 }
+
+/// What Keel does with a canary's verdict: the server takes the canary out of the policy.
+pub type RollbackSink = Box<dyn Fn(&canary::Verdict) + Send + Sync>;
 
 /// Compiles and caches the routes of each snapshot; owns the state that outlives them.
 pub struct Router {
@@ -258,6 +372,7 @@ pub struct Router {
     metrics: Arc<Metrics>,
     registry: Mutex<Registry>,
     compiled: ArcSwapOption<Compiled>,
+    rollback: std::sync::OnceLock<RollbackSink>,
 }
 
 impl Router {
@@ -273,7 +388,35 @@ impl Router {
             metrics,
             registry: Mutex::new(Registry::default()),
             compiled: ArcSwapOption::empty(),
+            rollback: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets what happens to a canary's verdict (once; later calls are ignored).
+    pub fn on_rollback(&self, sink: RollbackSink) {
+        let _ = self.rollback.set(sink);
+    }
+
+    /// Acts on a canary's verdict: says at WARN what was compared, then rolls it back.
+    pub fn condemn(&self, verdict: &canary::Verdict) {
+        tracing::warn!(
+            model = %verdict.model,
+            route = %verdict.route,
+            canary_calls = verdict.canary.calls,
+            canary_error_rate = verdict.canary.error_rate(),
+            canary_p99_ms = verdict.canary.p99.as_secs_f64() * 1000.0,
+            baseline_calls = verdict.baseline.calls,
+            baseline_error_rate = verdict.baseline.error_rate(),
+            baseline_p99_ms = verdict.baseline.p99.as_secs_f64() * 1000.0,
+            windows = verdict.windows,
+            "rolling back canary: {verdict}"
+        );
+        match self.rollback.get() {
+            Some(sink) => sink(verdict),
+            None => {
+                tracing::warn!(model = %verdict.model, "no rollback is wired: the canary keeps its weight")
+            }
+        }
     }
 
     /// The embedded backend.
@@ -330,115 +473,139 @@ impl Router {
     fn compile(&self, policy: &Policy) -> Routes {
         let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         let registry = &mut *registry;
-        // The infer method's settings govern the state shared by every method of a model.
-        let infer = METHODS[0];
-        let shared_budget = policy.resolve(infer, None).budget;
-        let wanted: Vec<Wanted> = match &policy.models {
-            None => self
-                .embedded
-                .model_names()
-                .map(|m| (m.to_string(), vec![(BackendRef::Embedded, 100)], vec![]))
-                .collect(),
-            Some(models) => models
-                .iter()
-                .map(|(name, m)| {
-                    let targets = m
-                        .routes
-                        .iter()
-                        .map(|r| (r.backend.clone(), r.weight))
-                        .collect();
-                    (name.clone(), targets, m.versions.clone())
-                })
-                .collect(),
+        let embedded_only;
+        let wanted: Vec<(&String, &ModelPolicy)> = match &policy.models {
+            Some(models) => models.iter().collect(),
+            None => {
+                let only = ModelPolicy::served_by(BackendRef::Embedded);
+                embedded_only = self
+                    .embedded
+                    .model_names()
+                    .map(|m| (m.to_string(), only.clone()))
+                    .collect::<Vec<_>>();
+                embedded_only.iter().map(|(n, m)| (n, m)).collect()
+            }
         };
         let mut models = BTreeMap::new();
-        for (name, targets, versions) in wanted {
-            let settings: BTreeMap<&'static str, Arc<Settings>> = METHODS
-                .iter()
-                .map(|m| (*m, Arc::new(policy.resolve(m, Some(&name)))))
-                .collect();
-            let infer_settings = settings.get(infer).cloned().unwrap_or_default();
-            let limiter = keep(
-                &mut registry.limiters,
-                name.clone(),
-                |l| l.settings() == &infer_settings.limits,
-                || Limiter::new(infer_settings.limits.clone()),
-            );
-            let mut built = Vec::new();
-            for (backend_ref, weight) in targets {
-                if let Some(t) = self.target(
-                    registry,
-                    policy,
-                    &name,
-                    &backend_ref,
-                    &infer_settings,
-                    &shared_budget,
-                ) {
-                    built.push((t, weight));
-                }
-            }
-            let model_policy = policy.models.as_ref().and_then(|m| m.get(&name));
-            let ladder = model_policy
-                .map(|m| {
-                    m.fallback
-                        .iter()
-                        .filter(|f| {
-                            f.flag.as_ref().is_none_or(|flag| {
-                                policy.flags.get(flag) == Some(&Flag::Bool(true))
-                            })
-                        })
-                        .filter_map(|f| {
-                            let rung = match &f.tier {
-                                Tier::Model(other) => ladder::Rung::Model(other.clone()),
-                                Tier::Upstream(u) => ladder::Rung::Upstream(self.target(
-                                    registry,
-                                    policy,
-                                    &name,
-                                    &BackendRef::Upstream(u.clone()),
-                                    &infer_settings,
-                                    &shared_budget,
-                                )?),
-                                Tier::Cache => ladder::Rung::Cache,
-                                // Checked when the policy was applied (`check`).
-                                Tier::Static(outputs) => ladder::Rung::Static(Arc::new(
-                                    ladder::static_tensors(outputs).ok()?,
-                                )),
-                            };
-                            Some(ladder::Step {
-                                rung,
-                                on: f.on.clone(),
-                            })
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            let cache = model_policy.and_then(|m| m.cache.as_ref()).map(|spec| {
-                keep(
-                    &mut registry.caches,
-                    name.clone(),
-                    |c| c.spec() == spec,
-                    || cache::ResponseCache::new(spec.clone()),
-                )
-            });
+        for (name, model) in wanted {
             models.insert(
                 name.clone(),
-                ModelRoutes {
-                    model: name.into(),
-                    ladder,
-                    cache,
-                    targets: built,
-                    versions,
-                    limiter,
-                    settings,
-                },
+                self.compile_model(registry, policy, name, model),
             );
         }
         // Upstreams no longer named are dropped from the registry; calls still using them
-        // hold their own reference until they finish.
+        // hold their own reference until they finish. So is the analysis of a canary that
+        // no longer takes calls: a canary brought back starts afresh.
         registry
             .upstreams
             .retain(|name, _| policy.upstreams.contains_key(name));
+        registry.analyses.retain(|model, _| {
+            models
+                .get(model)
+                .is_some_and(|m: &ModelRoutes| m.analysis.is_some())
+        });
         Routes { models }
+    }
+
+    fn compile_model(
+        &self,
+        registry: &mut Registry,
+        policy: &Policy,
+        name: &str,
+        model: &ModelPolicy,
+    ) -> ModelRoutes {
+        // The infer method's settings govern the state shared by every method of a model.
+        let infer = METHODS[0];
+        let shared_budget = policy.resolve(infer, None).budget;
+        let settings: BTreeMap<&'static str, Arc<Settings>> = METHODS
+            .iter()
+            .map(|m| (*m, Arc::new(policy.resolve(m, Some(name)))))
+            .collect();
+        let infer_settings = settings.get(infer).cloned().unwrap_or_default();
+        let limiter = keep(
+            &mut registry.limiters,
+            name.to_string(),
+            |l| l.settings() == &infer_settings.limits,
+            || Limiter::new(infer_settings.limits.clone()),
+        );
+        let target = |registry: &mut Registry, backend: &BackendRef| {
+            self.target(
+                registry,
+                policy,
+                name,
+                backend,
+                &infer_settings,
+                &shared_budget,
+            )
+        };
+        let mut entries = Vec::new();
+        for r in &model.routes {
+            if let Some(t) = target(registry, &r.backend) {
+                entries.push(Entry {
+                    name: r.name.as_str().into(),
+                    target: t,
+                    version: r.version.as_deref().map(Arc::from),
+                    weight: if r.is_on(&policy.flags) {
+                        u64::from(r.weight)
+                    } else {
+                        0
+                    },
+                    canary: r.canary,
+                });
+            }
+        }
+        let ladder = model
+            .fallback
+            .iter()
+            .filter(|f| f.when.as_ref().is_none_or(|w| w.holds(&policy.flags)))
+            .filter_map(|f| {
+                let rung = match &f.tier {
+                    Tier::Model(other) => ladder::Rung::Model(other.clone()),
+                    Tier::Upstream(u) => {
+                        ladder::Rung::Upstream(target(registry, &BackendRef::Upstream(u.clone()))?)
+                    }
+                    Tier::Cache => ladder::Rung::Cache,
+                    // Checked when the policy was applied (`check`).
+                    Tier::Static(outputs) => {
+                        ladder::Rung::Static(Arc::new(ladder::static_tensors(outputs).ok()?))
+                    }
+                };
+                Some(ladder::Step {
+                    rung,
+                    on: f.on.clone(),
+                })
+            })
+            .collect();
+        let cache = model.cache.as_ref().map(|spec| {
+            keep(
+                &mut registry.caches,
+                name.to_string(),
+                |c| c.spec() == spec,
+                || cache::ResponseCache::new(spec.clone()),
+            )
+        });
+        let canary_on = entries.iter().find(|e| e.canary && e.weight > 0);
+        let analysis = model.rollback.as_ref().zip(canary_on).map(|(spec, c)| {
+            keep(
+                &mut registry.analyses,
+                name.to_string(),
+                |a| a.spec() == spec && a.route() == &c.name,
+                || canary::Analysis::new(name.into(), c.name.clone(), spec.clone()),
+            )
+        });
+        ModelRoutes {
+            model: name.into(),
+            ladder,
+            cache,
+            entries,
+            versions: model.versions.clone(),
+            limiter,
+            settings,
+            switched_off: model.when.clone().filter(|w| !w.holds(&policy.flags)),
+            route_key: model.route_key.clone(),
+            route_override: model.route_override,
+            analysis,
+        }
     }
 
     /// The target of `model` on `backend`, with its resilience state from the registry.
@@ -518,9 +685,6 @@ impl Router {
     }
 }
 
-/// A model to compile: its name, weighted backends and allowed versions.
-type Wanted = (String, Vec<(BackendRef, u8)>, Vec<String>);
-
 /// The registry entry for `key` if `same` says its settings still hold, else a fresh one.
 fn keep<K: Ord, V>(
     map: &mut BTreeMap<K, Arc<V>>,
@@ -579,151 +743,4 @@ impl<Op: Operation> Service<Call<Op>> for Deliver<Op> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::policy::Store;
-
-    fn snapshot(text: &str) -> Arc<Snapshot> {
-        let store = Store::new(
-            Some(text.to_string()),
-            crate::policy::Source::Startup(None),
-            crate::policy::AuditLog::disabled(),
-            Box::new(|_| Ok(())),
-            Box::new(|_| {}),
-        )
-        .unwrap();
-        store.current()
-    }
-
-    #[tokio::test]
-    async fn weighted_routes_split_by_request_id_deterministically() {
-        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
-        let snap = snapshot(
-            "[upstreams.canary]\nendpoints = [\"127.0.0.1:1\"]\n[models.simple]\nroutes = [{ backend = \"embedded\", weight = 90 }, { backend = \"canary\", weight = 10 }]\n",
-        );
-        let routes = router.routes(&snap);
-        let mut canary = 0;
-        for i in 0..1000 {
-            let id = format!("req-{i}");
-            let b = routes.route(INFER, "simple", "", &id).unwrap();
-            let again = routes.route(INFER, "simple", "", &id).unwrap();
-            assert!(
-                Arc::ptr_eq(&b.target, &again.target),
-                "the same id takes the same route"
-            );
-            if &*b.target.upstream == "canary" {
-                canary += 1;
-            }
-        }
-        assert!(
-            (60..=140).contains(&canary),
-            "about 10% to the canary: {canary}"
-        );
-    }
-
-    #[tokio::test]
-    async fn routes_are_compiled_once_per_revision_and_upstreams_survive_a_swap() {
-        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
-        let a = snapshot(
-            "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n[models.simple]\nbackend = \"u\"\n",
-        );
-        let r1 = router.routes(&a);
-        assert!(
-            Arc::ptr_eq(&r1, &router.routes(&a)),
-            "cached for the revision"
-        );
-        let before = router.registry.lock().unwrap().upstreams["u"].1.clone();
-        // A later revision with the same upstream settings keeps the same upstream.
-        let store = Store::with_default();
-        store
-            .apply(
-                "[upstreams.u]\nendpoints = [\"127.0.0.1:1\"]\n[models.simple]\nbackend = \"u\"\n[models.iris]\nbackend = \"embedded\"\n",
-                crate::policy::Source::Admin { principal: "t".into() },
-                None,
-            )
-            .unwrap();
-        let r2 = router.routes(&store.current());
-        assert!(!Arc::ptr_eq(&r1, &r2));
-        assert_eq!(r2.models().collect::<Vec<_>>(), ["iris", "simple"]);
-        let after = router.registry.lock().unwrap().upstreams["u"].1.clone();
-        assert!(
-            Arc::ptr_eq(&before, &after),
-            "connections kept across the swap"
-        );
-    }
-
-    #[tokio::test]
-    async fn versions_outside_the_list_are_not_found() {
-        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
-        let snap = snapshot("[models.iris]\nbackend = \"embedded\"\nversions = [\"1\"]\n");
-        let routes = router.routes(&snap);
-        assert!(routes.route(INFER, "iris", "1", "r").is_ok());
-        assert!(routes.route(INFER, "iris", "", "r").is_ok());
-        let e = routes.route(INFER, "iris", "2", "r").err().unwrap();
-        assert_eq!(
-            e.to_string(),
-            "model 'iris' has no version '2' (versions: 1)"
-        );
-        let e = routes.route(INFER, "simple", "", "r").err().unwrap();
-        assert_eq!(e.to_string(), "unknown model 'simple'");
-    }
-
-    const INFER: &str = "inference.GRPCInferenceService/ModelInfer";
-
-    #[tokio::test]
-    async fn breaker_state_survives_a_swap_unless_its_settings_change() {
-        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
-        let store = Store::with_default();
-        let admin = || crate::policy::Source::Admin {
-            principal: "t".into(),
-        };
-        let route = |router: &Router, store: &Store| {
-            router
-                .routes(&store.current())
-                .route(INFER, "iris", "", "r")
-                .unwrap()
-        };
-        let first = route(&router, &store);
-        let breaker = first.target.breaker.clone().unwrap();
-        store
-            .apply("[defaults]\ntimeout = \"9s\"\n", admin(), None)
-            .unwrap();
-        let second = route(&router, &store);
-        assert_eq!(second.settings.timeout, std::time::Duration::from_secs(9));
-        assert!(
-            Arc::ptr_eq(&breaker, second.target.breaker.as_ref().unwrap()),
-            "kept"
-        );
-        assert!(Arc::ptr_eq(&first.limiter, &second.limiter), "kept");
-        store
-            .apply(
-                "[defaults]\ntimeout = \"9s\"\n[defaults.breaker]\nconsecutive_failures = 3\n",
-                admin(),
-                None,
-            )
-            .unwrap();
-        let third = route(&router, &store);
-        assert!(
-            !Arc::ptr_eq(&breaker, third.target.breaker.as_ref().unwrap()),
-            "reset"
-        );
-        assert!(
-            Arc::ptr_eq(&first.limiter, &third.limiter),
-            "other state kept"
-        );
-        store
-            .apply("[defaults.breaker]\nenabled = false\n", admin(), None)
-            .unwrap();
-        assert!(route(&router, &store).target.breaker.is_none());
-    }
-
-    #[test]
-    fn embedded_routes_must_name_embedded_models() {
-        let p = Policy::parse("[models.resnet]\nbackend = \"embedded\"\n").unwrap();
-        let e = check(&p, &Embedded::new()).unwrap_err();
-        assert!(
-            e.to_string()
-                .starts_with("models.resnet.backend: there is no embedded model named \"resnet\"")
-        );
-    }
-}
+mod tests;

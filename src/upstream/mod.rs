@@ -40,6 +40,10 @@ pub trait Operation: Send + Sync + 'static {
     fn model(&self) -> &str;
     /// The model version asked for; empty lets the backend choose.
     fn version(&self) -> &str;
+    /// The same call for another version of the model (a route that sends its own).
+    fn at_version(&self, version: &str) -> Self
+    where
+        Self: Sized;
     /// Sends the call to `backend`.
     fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<Self::Response>
     where
@@ -61,6 +65,12 @@ impl Operation for InferRequest {
     }
     fn version(&self) -> &str {
         &self.version
+    }
+    fn at_version(&self, version: &str) -> Self {
+        InferRequest {
+            version: version.to_string(),
+            ..self.clone()
+        }
     }
     fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<InferResponse> {
         backend.infer(call)
@@ -91,6 +101,9 @@ macro_rules! model_query {
             }
             fn version(&self) -> &str {
                 &self.0.version
+            }
+            fn at_version(&self, version: &str) -> Self {
+                $name(ModelRef { name: self.0.name.clone(), version: version.to_string() })
             }
             fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<$resp> {
                 backend.$method(call)

@@ -357,6 +357,8 @@ pub struct Seen {
     pub method: &'static str,
     pub metadata: tonic::metadata::MetadataMap,
     pub model: String,
+    /// The model version asked for (ModelInfer only; empty elsewhere).
+    pub version: String,
 }
 
 /// How the scripted upstream behaves.
@@ -424,7 +426,7 @@ impl ScriptedUpstream {
             tonic::transport::Server::builder()
                 .add_service(svc)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     async move {
                         let _ = rx.await;
                     },
@@ -497,6 +499,7 @@ impl GrpcInferenceService for ScriptedUpstream {
             method: "ModelInfer",
             metadata,
             model: req.model_name.clone(),
+            version: req.model_version.clone(),
         });
         self.arrived.notify_waiters();
         let step = self
@@ -536,7 +539,12 @@ impl GrpcInferenceService for ScriptedUpstream {
             .collect();
         Ok(Response::new(pb::ModelInferResponse {
             model_name: req.model_name,
-            model_version: "7".into(),
+            // The version asked for, else the upstream's own.
+            model_version: if req.model_version.is_empty() {
+                "7".into()
+            } else {
+                req.model_version
+            },
             id: req.id,
             parameters: Default::default(),
             outputs,
@@ -553,6 +561,7 @@ impl GrpcInferenceService for ScriptedUpstream {
             method: "ModelMetadata",
             metadata,
             model: req.name.clone(),
+            version: String::new(),
         });
         Ok(Response::new(pb::ModelMetadataResponse {
             name: req.name,

@@ -160,7 +160,7 @@ impl InferenceApi {
                     r.model = other.clone();
                     r.version.clear();
                     let expected = routes
-                        .route(MODEL_INFER, other, "", &edge.ctx.request_id)
+                        .route(MODEL_INFER, other, "", &edge.pick())
                         .ok()
                         .and_then(|r| r.target.latency.expected());
                     if !self.may_fall_back(ctx.as_deref(), deadline, expected) {

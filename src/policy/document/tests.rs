@@ -56,7 +56,7 @@ fn a_full_document_parses() {
         routes = [{ backend = "triton", weight = 90 }, { backend = "canary", weight = 10 }]
         versions = ["1"]
         fallback = [{ model = "iris", on = ["breaker_open", "deadline"] }, { static = [{ name = "label", datatype = "INT64", shape = [1], data = [0] }] }]
-        flags = ["use_cache"]
+        flag = "use_cache"
         timeout = "1s"
         [models.simple.retry]
         max_attempts = 2
@@ -130,9 +130,9 @@ fn every_problem_is_reported_at_once() {
         endpoints = ["127.0.0.1", "https://x:1"]
         [models.simple]
         backend = "nowhere"
-        flags = ["missing"]
+        flag = "missing"
         [models.split]
-        routes = [{ backend = "a", weight = 60 }, { backend = "embedded", weight = 30 }]
+        routes = [{ backend = "a", weight = 0 }, { backend = "embedded", weight = 0 }]
         "#,
     );
     let joined = errs.join("\n");
@@ -148,8 +148,8 @@ fn every_problem_is_reported_at_once() {
         "upstreams.a.endpoints[0]: \"127.0.0.1\" needs a port",
         "upstreams.a.endpoints[1]: \"https://x:1\": only http://",
         "models.simple.backend: unknown backend \"nowhere\": use \"embedded\" or an upstream name (a)",
-        "models.simple.flags[0]: unknown flag \"missing\"",
-        "models.split.routes: weights sum to 90; they must sum to 100",
+        "models.simple.flag: unknown flag \"missing\"",
+        "models.split.routes: no route is on",
     ];
     for e in expect {
         assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
@@ -317,4 +317,101 @@ fn every_example_policy_in_deploy_is_valid() {
         }
     }
     assert!(n >= 2);
+}
+
+#[test]
+fn routes_carry_versions_names_flags_and_one_canary() {
+    let p = Policy::parse(
+        r#"
+        [flags]
+        canary = true
+        color = "blue"
+        [upstreams.u]
+        endpoints = ["127.0.0.1:1"]
+        [models.simple]
+        routes = [
+          { backend = "u", version = "1", weight = 90 },
+          { backend = "u", version = "2", weight = 10, canary = true, flag = "canary" },
+          { name = "green", backend = "embedded", weight = 0, flag = "color=green" },
+        ]
+        route_key = "X-User-Id"
+        route_override = true
+        [models.simple.rollback]
+        window = "30s"
+        min_requests = 20
+        windows = 2
+        "#,
+    )
+    .unwrap();
+    let m = &p.models.as_ref().unwrap()["simple"];
+    let names: Vec<&str> = m.routes.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["1", "2", "green"]);
+    assert_eq!(m.routes[1].version.as_deref(), Some("2"));
+    assert!(m.routes[1].canary && m.routes[1].is_on(&p.flags));
+    assert!(
+        !m.routes[2].is_on(&p.flags),
+        "weight 0 and its flag does not hold"
+    );
+    assert_eq!(
+        m.route_key.as_deref(),
+        Some("x-user-id"),
+        "metadata keys are lower case"
+    );
+    assert!(m.route_override);
+    let r = m.rollback.as_ref().unwrap();
+    assert_eq!(
+        (r.window, r.min_requests, r.windows),
+        (Duration::from_secs(30), 20, 2)
+    );
+    assert_eq!(r.max_p99_ratio, 1.5, "the default");
+}
+
+#[test]
+fn route_mistakes_are_named() {
+    let errs = errors(
+        r#"
+        [flags]
+        on = true
+        color = "blue"
+        [models.a]
+        routes = [
+          { backend = "embedded", weight = 50, canary = true, flag = "color" },
+          { backend = "embedded", weight = 50, canary = true, flag = "on=yes" },
+          { backend = "embedded", version = "", flag = "off" },
+        ]
+        [models.a.rollback]
+        windows = 0
+        [models.b]
+        backend = "embedded"
+        route_key = "bad key"
+        flag = "!color"
+        [models.b.rollback]
+        window = "1m"
+        "#,
+    );
+    let joined = errs.join("\n");
+    let expect = [
+        "models.a.routes[0].flag: flag \"color\" is a string: write \"color=<value>\"",
+        "models.a.routes[1].flag: flag \"on\" is true or false",
+        "models.a.routes[1]: another route is also named \"embedded\"",
+        "models.a.routes[2].version: must not be empty when given",
+        "models.a.routes[2].flag: unknown flag \"off\"",
+        "models.a.routes[2].weight: is required",
+        "models.a.rollback.windows: 0 is out of range",
+        "models.a.rollback: needs routes with one canary = true route and at least one baseline",
+        "models.b.route_key: \"bad key\" is not a valid metadata key",
+        "models.b.flag: flag \"color\" is a string",
+        "models.b.rollback: needs routes with one canary = true route",
+    ];
+    for e in expect {
+        assert!(joined.contains(e), "missing {e:?} in:\n{joined}");
+    }
+    assert_eq!(errs.len(), expect.len(), "{joined}");
+    let errs = errors(
+        "[models.a]\nroutes = [{ backend = \"embedded\", weight = 50, canary = true }, { name = \"b\", backend = \"embedded\", weight = 50, canary = true }]\n",
+    );
+    assert_eq!(
+        errs,
+        ["models.a.routes: at most one route may be the canary"]
+    );
 }

@@ -298,3 +298,40 @@ fn refused_rollbacks_and_flag_changes_are_audited_too() {
         "flag \"nope\" is not defined under [flags]"
     );
 }
+
+#[test]
+fn an_auto_rollback_zeroes_the_canary_weight_in_a_new_audited_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let text = "[models.simple]\n# the canary\nroutes = [\n  { backend = \"embedded\", weight = 80 },\n  { name = \"v2\", backend = \"embedded\", weight = 20, canary = true },\n]\n";
+    let store = store_with(text, AuditLog::open(Some(&path)));
+    let applied = store.roll_back_canary("simple", "v2").unwrap();
+    let now = applied.snapshot();
+    assert_eq!(now.revision, 2);
+    assert_eq!(
+        now.source,
+        Source::AutoRollback {
+            model: "simple".into(),
+            route: "v2".into()
+        }
+    );
+    let routes = &now.policy.models.as_ref().unwrap()["simple"].routes;
+    assert_eq!((routes[0].weight, routes[1].weight), (80, 0));
+    assert!(
+        now.text.contains("# the canary"),
+        "the rest of the text is kept"
+    );
+    let audit = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        audit.contains("\"source\":\"auto-rollback:simple:v2\""),
+        "{audit}"
+    );
+    // A route that is not the canary is never touched.
+    let e = store.roll_back_canary("simple", "embedded").unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("has no canary route named \"embedded\""),
+        "{e}"
+    );
+    assert_eq!(store.current().revision, 2);
+}

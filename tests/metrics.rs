@@ -178,3 +178,52 @@ async fn policy_reloads_and_retries_are_counted() {
     }
     keel.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_request_answered_by_the_ladder_is_counted_once_by_the_tier_that_answered() {
+    let down = ScriptedUpstream::new(Script::failing(tonic::Code::Unavailable, "down"));
+    let (addr, _stop) = down.serve().await;
+    let keel = Keel::with_admin(&format!(
+        "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nenabled = false\n\
+         [upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n\
+         fallback = [{{ static = [{{ name = \"OUTPUT0\", datatype = \"INT32\", shape = [1], data = [0] }}] }}]\n\
+         [models.simple.cache]\nfresh_ttl = \"1m\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    for _ in 0..2 {
+        client.model_infer(simple_request()).await.unwrap();
+    }
+    down.script.lock().unwrap().fail = None;
+    let mut other = simple_request();
+    other.raw_input_contents[1] = i32_bytes(&[2; 16]);
+    client.model_infer(other.clone()).await.unwrap();
+    client.model_infer(other).await.unwrap();
+    let (_, scrape) = get(keel.admin.unwrap(), "/metrics").await;
+    let expect = [
+        (
+            "keel_requests_total{model=\"simple\",tier=\"static\",class=\"ok\"}",
+            2.0,
+        ),
+        (
+            "keel_requests_total{model=\"simple\",tier=\"primary\",class=\"ok\"}",
+            1.0,
+        ),
+        (
+            "keel_requests_total{model=\"simple\",tier=\"cache\",class=\"ok\"}",
+            1.0,
+        ),
+        (
+            "keel_degraded_total{model=\"simple\",tier=\"static\",reason=\"unavailable\"}",
+            2.0,
+        ),
+    ];
+    for (series, n) in expect {
+        assert_eq!(value(&scrape, series), Some(n), "{series} in:\n{scrape}");
+    }
+    assert!(
+        !scrape.contains("tier=\"primary\",class=\"transient\""),
+        "a failure the ladder answered is not a client-visible error:\n{scrape}"
+    );
+    keel.stop().await.unwrap();
+}

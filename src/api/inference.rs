@@ -18,6 +18,7 @@ use tower::util::BoxCloneSyncService;
 mod degrade;
 
 use super::context::EdgeContext;
+use super::record::Leg;
 use super::{oversize, receipt, record, status};
 use crate::call::{Call, CallContext, ModelRef};
 use crate::error::Error;
@@ -163,7 +164,7 @@ impl InferenceApi {
         method: &'static str,
         body: Op,
     ) -> Result<Answer<Op::Response>, Status> {
-        self.call_via(svc, edge, method, Arc::new(body), Via::Policy, None)
+        self.call_via(svc, edge, method, Arc::new(body), Plan::WHOLE)
             .await
             .map_err(|f| edge.failed(f))
     }
@@ -176,9 +177,13 @@ impl InferenceApi {
         edge: &Edge,
         method: &'static str,
         body: Arc<Op>,
-        via: Via,
-        deadline_cap: Option<tokio::time::Instant>,
+        plan: Plan,
     ) -> Result<Answer<Op::Response>, Failed> {
+        let Plan {
+            via,
+            leg,
+            deadline_cap,
+        } = plan;
         let start = tokio::time::Instant::now();
         let metrics = self.router.metrics();
         let policy = &edge.snapshot.policy;
@@ -199,7 +204,7 @@ impl InferenceApi {
                 let class = error.map_or("ok", |e| e.class().as_str());
                 span.set(vec![
                     KeyValue::new("keel.class", class),
-                    KeyValue::new("keel.tier", "primary"),
+                    KeyValue::new("keel.tier", leg.tier),
                     KeyValue::new("keel.attempts", i64::from(receipt.attempts)),
                 ]);
                 let code = error.map_or(tonic::Code::Ok, Error::code);
@@ -219,6 +224,7 @@ impl InferenceApi {
                 revision: edge.snapshot.revision,
                 policy_version: edge.snapshot.version(),
                 success_sample: policy.observability.success_log_sample,
+                leg,
             };
             record::finish(metrics, &f, || body.summary());
         };
@@ -283,6 +289,26 @@ impl InferenceApi {
             Err(e) => Err(Failed::Error(e, Some(ctx))),
         }
     }
+}
+
+/// How one call of a client's request is made.
+pub(super) struct Plan {
+    /// Where it goes.
+    pub(super) via: Via,
+    /// What it stands for in the request.
+    pub(super) leg: Leg,
+    /// A deadline it must not pass (a fallback never gets more time than the call it
+    /// stands in for).
+    pub(super) deadline_cap: Option<tokio::time::Instant>,
+}
+
+impl Plan {
+    /// A call that is the whole request, routed by the policy.
+    const WHOLE: Plan = Plan {
+        via: Via::Policy,
+        leg: Leg::WHOLE,
+        deadline_cap: None,
+    };
 }
 
 /// How a call is routed.
@@ -505,6 +531,10 @@ impl GrpcInferenceService for InferenceApi {
                         (Ok(route), Ok(req)) => {
                             let form = req.form;
                             let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route, None));
+                            let req = match ctx.route.version.as_deref() {
+                                Some(v) if v != req.version => req.at_version(v),
+                                _ => req,
+                            };
                             infer
                                 .oneshot(Call::new(ctx, req))
                                 .await

@@ -45,6 +45,27 @@ pub(super) struct Finished<'a> {
     pub policy_version: Option<&'a str>,
     /// Share of successes to log.
     pub success_sample: f64,
+    /// What the call stands for in the client's request, and whether it is the whole of it.
+    pub leg: Leg,
+}
+
+/// What one routed call is to the client's request: the tier it stands for, and whether its
+/// outcome is the request's (then it is counted in `keel_requests_total`) or one step of a
+/// request the caller counts once, at its end (the primary and rungs of a fallback ladder).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Leg {
+    /// `primary`, `fallback_model` or `fallback_upstream`.
+    pub tier: &'static str,
+    /// Whether this call's outcome is the request's.
+    pub counted: bool,
+}
+
+impl Leg {
+    /// A call that is the whole request.
+    pub(crate) const WHOLE: Leg = Leg {
+        tier: "primary",
+        counted: true,
+    };
 }
 
 /// The rule a validation error broke, as a bounded metrics label.
@@ -80,7 +101,7 @@ pub(super) fn rejected(metrics: &Metrics, model: &str, invalid: &InvalidRequest)
         .api_requests
         .get_or_create(&ApiLabels { api: "v2" })
         .inc();
-    metrics.observe_call(model, "client_error", Duration::ZERO);
+    metrics.observe_call(model, "primary", "client_error", Duration::ZERO);
     tracing::info!(model = model, rule = rule(invalid), error = %invalid, "request rejected");
 }
 
@@ -94,12 +115,14 @@ fn sampled(request_id: &str, rate: f64) -> bool {
 pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() -> String) {
     let class = f.error.map_or("ok", |e| e.class().as_str());
     let model_label = f.ctx.map_or("unknown", |c| &*c.route.model);
-    if f.method.ends_with("/ModelInfer") || f.method.ends_with("/ModelStreamInfer") {
+    if f.leg.counted
+        && (f.method.ends_with("/ModelInfer") || f.method.ends_with("/ModelStreamInfer"))
+    {
         metrics
             .api_requests
             .get_or_create(&ApiLabels { api: "v2" })
             .inc();
-        metrics.observe_call(model_label, class, f.took);
+        metrics.observe_call(model_label, f.leg.tier, class, f.took);
     }
     if let Some(Error::InvalidRequest(invalid)) = f.error {
         metrics
@@ -173,7 +196,7 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
                 method = f.method,
                 model = f.model,
                 version = f.version,
-                tier = "primary",
+                tier = f.leg.tier,
                 upstream,
                 served_by,
                 inputs = %inputs,

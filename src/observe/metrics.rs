@@ -70,7 +70,8 @@ pub struct ClientCodeLabels {
 pub struct RequestLabels {
     /// The model (from policy) or `unknown`.
     pub model: String,
-    /// `primary`, later `fallback_model`, `cache`, `static`.
+    /// What answered: `primary`, `cache` (fresh), `fallback_model`, `fallback_upstream`,
+    /// `cache` (stale, from the ladder) or `static`.
     pub tier: &'static str,
     /// `ok` or the error class.
     pub class: &'static str,
@@ -302,6 +303,11 @@ impl Metrics {
         );
         registry.register("keel_hedges", "Hedged attempts", m.hedges.clone());
         registry.register(
+            "keel_degraded",
+            "Answers from the fallback ladder, by the tier that answered and the failure that led there",
+            m.degraded.clone(),
+        );
+        registry.register(
             "keel_retry_budget_exhausted",
             "Retries refused by an exhausted retry budget",
             m.budget_exhausted.clone(),
@@ -377,12 +383,18 @@ impl Metrics {
         out
     }
 
-    /// Records one finished call.
-    pub fn observe_call(&self, model: &str, class: &'static str, took: Duration) {
+    /// Records one finished request: what answered it (`tier`) and how (`class`).
+    pub fn observe_call(
+        &self,
+        model: &str,
+        tier: &'static str,
+        class: &'static str,
+        took: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 model: model.to_string(),
-                tier: "primary",
+                tier,
                 class,
             })
             .inc();
@@ -524,7 +536,7 @@ mod tests {
                 grpc_method: "ModelInfer".into(),
             })
             .inc();
-        m.observe_call("simple", "ok", Duration::from_millis(3));
+        m.observe_call("simple", "primary", "ok", Duration::from_millis(3));
         let text = m.render();
         for line in [
             "grpc_server_started_total{grpc_type=\"unary\",grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\"} 1",

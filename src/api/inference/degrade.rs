@@ -11,13 +11,14 @@ use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Response, Status};
 
-use super::{Answer, Edge, Failed, InferenceApi, MODEL_INFER, Via};
+use super::{Answer, Edge, Failed, InferenceApi, Leg, MODEL_INFER, Plan, Via};
 use crate::api::receipt;
 use crate::call::CallContext;
 use crate::model::{ContentForm, InferRequest, InferResponse, Param};
-use crate::observe::metrics::DegradedLabels;
+use crate::observe::metrics::{ApiLabels, DegradedLabels};
 use crate::pb::{self, inference as proto};
 use crate::policy::Trigger;
+use crate::resilience::Failure as _;
 use crate::route::cache;
 use crate::route::ladder::{self, Rung};
 
@@ -102,17 +103,27 @@ impl InferenceApi {
                 reason: None,
                 stale: Some(age),
             };
+            self.count(&req.model, "cache", "ok", Duration::ZERO);
             return Ok(self.labelled(edge, resp, form, &labels, None));
         }
         let started = Instant::now();
+        // With a ladder, the request's outcome is known only at its end: counted there.
+        let ladder = routes.ladder(&req.model);
+        let primary = Leg {
+            tier: "primary",
+            counted: ladder.is_empty(),
+        };
         let failure = match self
             .call_via(
                 &self.stacks.infer,
                 edge,
                 MODEL_INFER,
                 req.clone(),
-                Via::Policy,
-                None,
+                Plan {
+                    via: Via::Policy,
+                    leg: primary,
+                    deadline_cap: None,
+                },
             )
             .await
         {
@@ -121,6 +132,9 @@ impl InferenceApi {
                     && ctx.route.settings.idempotent
                 {
                     c.insert(k, &value);
+                }
+                if !primary.counted {
+                    self.count(&req.model, "primary", "ok", started.elapsed());
                 }
                 return Ok(self.labelled(edge, value, form, &PRIMARY, Some(&ctx)));
             }
@@ -154,6 +168,10 @@ impl InferenceApi {
                 reason: Some(reason),
                 stale,
             };
+            let leg = Leg {
+                tier: step.rung.tier(),
+                counted: false,
+            };
             let answer = match &step.rung {
                 Rung::Model(other) => {
                     let mut r = (*req).clone();
@@ -172,8 +190,11 @@ impl InferenceApi {
                             edge,
                             MODEL_INFER,
                             Arc::new(r),
-                            Via::Policy,
-                            Some(deadline),
+                            Plan {
+                                via: Via::Policy,
+                                leg,
+                                deadline_cap: Some(deadline),
+                            },
                         )
                         .await
                     {
@@ -197,8 +218,11 @@ impl InferenceApi {
                             edge,
                             MODEL_INFER,
                             req.clone(),
-                            Via::Route(route),
-                            Some(deadline),
+                            Plan {
+                                via: Via::Route(route),
+                                leg,
+                                deadline_cap: Some(deadline),
+                            },
                         )
                         .await
                     {
@@ -229,14 +253,12 @@ impl InferenceApi {
             };
             if let Some((mut resp, labels, answered_by)) = answer {
                 resp.id.clone_from(&req.id);
-                let model = ctx
-                    .as_ref()
-                    .map_or_else(|| "unknown".to_string(), |c| c.route.model.to_string());
+                self.count(&req.model, labels.tier, "ok", started.elapsed());
                 self.router
                     .metrics()
                     .degraded
                     .get_or_create(&DegradedLabels {
-                        model,
+                        model: req.model.clone(),
                         tier: labels.tier,
                         reason: reason.as_str(),
                     })
@@ -257,7 +279,22 @@ impl InferenceApi {
                 ));
             }
         }
+        if !primary.counted {
+            let class = error.class().as_str();
+            self.count(&req.model, "primary", class, started.elapsed());
+        }
         Err(edge.status(&error, ctx.as_deref()))
+    }
+
+    /// Counts a ModelInfer request with a ladder or a cache once, by what answered it.
+    /// `model` is a policy name: only such models have a ladder or a cache.
+    fn count(&self, model: &str, tier: &'static str, class: &'static str, took: Duration) {
+        let metrics = self.router.metrics();
+        metrics
+            .api_requests
+            .get_or_create(&ApiLabels { api: "v2" })
+            .inc();
+        metrics.observe_call(model, tier, class, took);
     }
 
     /// Whether a fallback that takes `expected` fits before `deadline`, and the primary's

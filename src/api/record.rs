@@ -54,7 +54,7 @@ pub(super) struct Finished<'a> {
 /// request the caller counts once, at its end (the primary and rungs of a fallback ladder).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Leg {
-    /// `primary`, `fallback_model` or `fallback_upstream`.
+    /// `primary` or `fallback_model` (a rung's call to another model or upstream).
     pub tier: &'static str,
     /// Whether this call's outcome is the request's.
     pub counted: bool,

@@ -70,7 +70,7 @@ pub struct ClientCodeLabels {
 pub struct RequestLabels {
     /// The model (from policy) or `unknown`.
     pub model: String,
-    /// What answered: `primary`, `cache` (fresh), `fallback_model`, `fallback_upstream`,
+    /// What answered: `primary`, `cache` (fresh), `fallback_model` (another model or upstream),
     /// `cache` (stale, from the ladder) or `static`.
     pub tier: &'static str,
     /// `ok` or the error class.

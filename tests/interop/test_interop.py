@@ -29,6 +29,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -77,11 +78,14 @@ class KeelProcess:
     temporary file that is shown when something goes wrong.
     """
 
-    def __init__(self, binary: str):
+    def __init__(self, binary: str, config: str | None = None):
         self.log = tempfile.NamedTemporaryFile(prefix="keel-interop-", suffix=".log", delete=False)
+        # Ephemeral ports for both listeners, so parallel runs never collide.
+        args = [binary, "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
+        if config is not None:
+            args += ["--config", config]
         self.proc = subprocess.Popen(
-            # Ephemeral ports for both listeners, so parallel runs never collide.
-            [binary, "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"],
+            args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -190,9 +194,10 @@ class KeelProcess:
             pass
 
 
-def start_keel() -> KeelProcess:
-    """Starts Keel and waits until it is ready; kills it if it never gets ready."""
-    keel = KeelProcess(KEEL_BINARY)
+def start_keel(config: str | None = None) -> KeelProcess:
+    """Starts Keel (on `config`, else its embedded default) and waits until it is ready;
+    kills it if it never gets ready."""
+    keel = KeelProcess(KEEL_BINARY, config)
     try:
         keel.wait_ready()
     except BaseException:
@@ -460,6 +465,14 @@ class InteropTest(unittest.TestCase):
                                    request_id="req-7", headers={"x-request-id": "interop-1"})
         self.assert_simple_result(result, in0, in1)
         self.assertEqual(result.get_response().id, "req-7")
+
+    def test_answers_say_they_come_from_the_primary(self):
+        in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+        result = self.client.infer("simple", simple_inputs(in0, in0), outputs=simple_outputs())
+        params = result.get_response().parameters
+        self.assertFalse(params["keel.degraded"].bool_param)
+        self.assertEqual(params["keel.tier"].string_param, "primary")
+        self.assertEqual(params["keel.served_by"].string_param, "simple:1")
 
     def test_request_id_is_echoed_in_metadata(self):
         req = raw_simple_request()
@@ -769,6 +782,45 @@ class InteropTest(unittest.TestCase):
 # --------------------------------------------------------------------------------------
 
 
+class DegradationTest(unittest.TestCase):
+    """tritonclient reads the degraded labels of an answer from the fallback ladder."""
+
+    def test_a_static_fallback_answer_is_labelled_degraded(self):
+        # A port nothing listens on: the upstream refuses every connection.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(
+                f'[upstreams.down]\nendpoints = ["127.0.0.1:{dead}"]\n'
+                '[models.simple]\nbackend = "down"\n'
+                'fallback = [{ static = [{ name = "OUTPUT0", datatype = "INT32", shape = [1, 16], '
+                'data = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] }] }]\n'
+            )
+            config = f.name
+        keel = start_keel(config)
+        try:
+            client = grpcclient.InferenceServerClient(keel.address)
+            try:
+                in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+                result = client.infer("simple", simple_inputs(in0, in0),
+                                      outputs=[grpcclient.InferRequestedOutput("OUTPUT0")],
+                                      client_timeout=RPC_TIMEOUT)
+                params = result.get_response().parameters
+                self.assertTrue(params["keel.degraded"].bool_param)
+                self.assertEqual(params["keel.tier"].string_param, "static")
+                self.assertEqual(params["keel.degraded_reason"].string_param, "unavailable")
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"),
+                                              np.zeros((1, 16), dtype=np.int32))
+            finally:
+                client.close()
+        finally:
+            code, _ = keel.stop()
+            keel.close()
+            os.unlink(config)
+        self.assertEqual(code, 0)
+
+
 class ShutdownTest(unittest.TestCase):
     """SIGTERM: health turns NOT_SERVING, then Keel exits 0 within 15 s."""
 
@@ -841,6 +893,7 @@ def main() -> int:
         loader.testNamePatterns = [f"*{p}*" for p in args.pattern]
     # The shutdown test runs last, on its own Keel.
     suite = unittest.TestSuite([loader.loadTestsFromTestCase(InteropTest),
+                                loader.loadTestsFromTestCase(DegradationTest),
                                 loader.loadTestsFromTestCase(ShutdownTest)])
     runner = unittest.TextTestRunner(verbosity=2, resultclass=CountingResult, stream=sys.stdout)
     result = runner.run(suite)

@@ -183,6 +183,7 @@ impl InferenceApi {
             via,
             leg,
             deadline_cap,
+            leave_margin,
         } = plan;
         let start = tokio::time::Instant::now();
         let metrics = self.router.metrics();
@@ -255,11 +256,15 @@ impl InferenceApi {
             return Err(Failed::Error(e, None));
         };
         let mut call_ctx = edge.ctx.call(&edge.snapshot, route, span.clone());
-        if let Some(cap) = deadline_cap
-            && cap < call_ctx.deadline
-        {
-            call_ctx.deadline = cap;
-            call_ctx.budget = cap.saturating_duration_since(tokio::time::Instant::now());
+        let margin = call_ctx.route.settings.deadline_margin;
+        let mut cap = deadline_cap.unwrap_or(call_ctx.deadline);
+        if leave_margin {
+            cap = cap.checked_sub(margin).unwrap_or(cap);
+        }
+        if cap < call_ctx.deadline {
+            let now = tokio::time::Instant::now();
+            call_ctx.deadline = cap.max(now);
+            call_ctx.budget = cap.saturating_duration_since(now);
         }
         let ctx = Arc::new(call_ctx);
         let result = tokio::select! {
@@ -300,6 +305,9 @@ pub(super) struct Plan {
     /// A deadline it must not pass (a fallback never gets more time than the call it
     /// stands in for).
     pub(super) deadline_cap: Option<tokio::time::Instant>,
+    /// Give up `deadline_margin` before the deadline, so a fallback's answer still reaches
+    /// the client in time.
+    pub(super) leave_margin: bool,
 }
 
 impl Plan {
@@ -308,6 +316,7 @@ impl Plan {
         via: Via::Policy,
         leg: Leg::WHOLE,
         deadline_cap: None,
+        leave_margin: false,
     };
 }
 

@@ -122,6 +122,9 @@ pub struct CacheSpec {
     pub fresh_ttl: Option<Duration>,
     /// Oldest entry the `cache` rung of the ladder may serve.
     pub max_stale: Duration,
+    /// Serve a stale entry on any failure the ladder answers: adds a `cache` rung (before
+    /// any `static` one) when the ladder has none.
+    pub serve_stale_on_error: bool,
 }
 
 /// The datatypes a static response may use.
@@ -299,6 +302,7 @@ pub(super) fn read_cache(s: &mut Section<'_>, p: &mut Problems) -> Option<CacheS
         max_stale: c
             .duration(p, "max_stale", Duration::from_secs(7 * 24 * 3600))
             .unwrap_or(Duration::from_secs(300)),
+        serve_stale_on_error: c.boolean(p, "serve_stale_on_error").unwrap_or(false),
     };
     c.finish(p);
     Some(spec)

@@ -157,6 +157,7 @@ mod tests {
             bytes,
             fresh_ttl: Some(Duration::from_secs(10)),
             max_stale: Duration::from_secs(300),
+            serve_stale_on_error: false,
         }
     }
 

@@ -575,7 +575,23 @@ impl Router {
                     on: f.on.clone(),
                 })
             })
-            .collect();
+            .collect::<Vec<_>>();
+        let mut ladder = ladder;
+        if model.cache.as_ref().is_some_and(|c| c.serve_stale_on_error)
+            && !ladder.iter().any(|s| matches!(s.rung, ladder::Rung::Cache))
+        {
+            let at = ladder
+                .iter()
+                .position(|s| matches!(s.rung, ladder::Rung::Static(_)))
+                .unwrap_or(ladder.len());
+            ladder.insert(
+                at,
+                ladder::Step {
+                    rung: ladder::Rung::Cache,
+                    on: crate::policy::Trigger::ALL.to_vec(),
+                },
+            );
+        }
         let cache = model.cache.as_ref().map(|spec| {
             keep(
                 &mut registry.caches,

@@ -391,3 +391,25 @@ fn embedded_routes_must_name_embedded_models() {
             .starts_with("models.resnet.backend: there is no embedded model named \"resnet\"")
     );
 }
+
+#[tokio::test]
+async fn serve_stale_on_error_puts_a_cache_rung_before_the_static_answer() {
+    let rungs = |text: &str| -> Vec<&'static str> {
+        // A router per document: routers compile once per revision, and both are revision 1.
+        let router = Router::new(Embedded::new(), 1 << 20, Metrics::new());
+        let routes = router.routes(&snapshot(text));
+        routes
+            .ladder("simple")
+            .iter()
+            .map(|s| s.rung.tier())
+            .collect()
+    };
+    let base = "[models.simple]\nbackend = \"embedded\"\n\
+        fallback = [{ static = [{ name = \"OUTPUT0\", datatype = \"INT32\", shape = [1], data = [0] }] }]\n\
+        [models.simple.cache]\n";
+    assert_eq!(rungs(base), ["static"]);
+    assert_eq!(
+        rungs(&format!("{base}serve_stale_on_error = true\n")),
+        ["cache", "static"]
+    );
+}

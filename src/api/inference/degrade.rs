@@ -123,6 +123,7 @@ impl InferenceApi {
                     via: Via::Policy,
                     leg: primary,
                     deadline_cap: None,
+                    leave_margin: !ladder.is_empty(),
                 },
             )
             .await
@@ -194,6 +195,7 @@ impl InferenceApi {
                                 via: Via::Policy,
                                 leg,
                                 deadline_cap: Some(deadline),
+                                leave_margin: false,
                             },
                         )
                         .await
@@ -222,6 +224,7 @@ impl InferenceApi {
                                 via: Via::Route(route),
                                 leg,
                                 deadline_cap: Some(deadline),
+                                leave_margin: false,
                             },
                         )
                         .await

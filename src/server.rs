@@ -99,6 +99,11 @@ pub enum ServeError {
 }
 
 /// How long cut calls get to deliver their UNAVAILABLE answer before `serve` returns anyway.
+/// The `grpc.health.v1` name a liveness probe asks for: SERVING while the process answers.
+pub const LIVENESS: &str = "liveness";
+/// The `grpc.health.v1` name a readiness probe asks for: SERVING while Keel takes new calls.
+pub const READINESS: &str = "readiness";
+
 const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A Keel ready to serve: the policy store, and the router that compiles each snapshot's
@@ -278,8 +283,14 @@ impl Keel {
             .map(|path| AbortOnDrop(watch::reload_on_sighup(self.store.clone(), path).ok()));
 
         // One health service for both listeners, so both turn NOT_SERVING together.
+        // `liveness` stays SERVING while the process answers (a drain is not a reason to
+        // restart it); `readiness` and `""` follow whether Keel takes new calls.
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_service_status("", ServingStatus::Serving).await;
+        for name in ["", LIVENESS, READINESS] {
+            health
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
         health
             .set_serving::<GrpcInferenceServiceServer<InferenceApi>>()
             .await;
@@ -343,9 +354,11 @@ impl Keel {
         let signal = async move {
             shutdown.await;
             serving.store(false, Ordering::Release);
-            health
-                .set_service_status("", ServingStatus::NotServing)
-                .await;
+            for name in ["", READINESS] {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
             health
                 .set_not_serving::<GrpcInferenceServiceServer<InferenceApi>>()
                 .await;

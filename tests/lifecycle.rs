@@ -21,7 +21,12 @@ async fn health_reports_serving_for_the_server_and_the_inference_service() {
     let keel = Keel::embedded().await;
     let _ = keel.client().await; // waits until it accepts connections
     let mut health = HealthClient::new(keel.channel().await);
-    for service in ["", "inference.GRPCInferenceService"] {
+    for service in [
+        "",
+        "inference.GRPCInferenceService",
+        "liveness",
+        "readiness",
+    ] {
         let r = health.check(check(service)).await.unwrap().into_inner();
         assert_eq!(r.status, ServingStatus::Serving as i32, "{service:?}");
     }
@@ -72,7 +77,7 @@ async fn an_in_flight_call_finishes_after_shutdown_begins_and_health_goes_not_se
     let mut keel = Keel::with_config(&simple_via(addr, "")).await;
     let client = keel.client().await;
     let mut health = HealthClient::new(keel.channel().await);
-    let mut watch = health.watch(check("")).await.unwrap().into_inner();
+    let mut watch = health.watch(check("readiness")).await.unwrap().into_inner();
     assert_eq!(
         watch.message().await.unwrap().unwrap().status,
         ServingStatus::Serving as i32

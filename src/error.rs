@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use crate::model::InvalidRequest;
+use crate::model::{InvalidRequest, Rejection};
 use crate::resilience::{
     AttemptTimedOut, BreakerOpen, DeadlineExceeded, ErrorClass, Failure, Hopeless, Origin,
     Pushback, Shed, classify,
@@ -49,9 +49,9 @@ pub enum Error {
         /// The model's routes.
         routes: Vec<String>,
     },
-    /// The request breaks the protocol or the model's contract.
+    /// The request breaks the protocol or the model's contract (every broken rule).
     #[error(transparent)]
-    InvalidRequest(#[from] InvalidRequest),
+    InvalidRequest(#[from] Rejection),
     /// The upstream could not be reached (connection refused, reset, no endpoint).
     #[error("upstream '{upstream}' is unavailable: {detail}")]
     UpstreamUnavailable {
@@ -106,6 +106,12 @@ pub enum Error {
         /// The limit (`server.max_in_flight`).
         max_in_flight: u32,
     },
+}
+
+impl From<InvalidRequest> for Error {
+    fn from(problem: InvalidRequest) -> Self {
+        Error::InvalidRequest(problem.into())
+    }
 }
 
 impl Error {

@@ -71,7 +71,7 @@ async fn malformed_tensors_are_invalid_argument_naming_the_tensor_and_rule() {
         "input 'INPUT0': raw content is 60 bytes but shape [1, 16] of INT32 needs 64 bytes"
     );
     let bad = s.get_details_bad_request().unwrap();
-    assert_eq!(bad.field_violations[0].field, "inputs[INPUT0]");
+    assert_eq!(bad.field_violations[0].field, "raw_input_contents[0]");
 
     // Unknown dtype.
     let mut req = simple_request();
@@ -112,10 +112,20 @@ async fn malformed_tensors_are_invalid_argument_naming_the_tensor_and_rule() {
     req.raw_input_contents = vec![i32_bytes(&[0; 8]), i32_bytes(&[0; 8])];
     let s = infer_err(&mut client, req).await;
     assert_eq!(s.code(), Code::InvalidArgument);
+    // Every broken rule is reported, each at its field.
     assert_eq!(
         s.message(),
-        "input 'INPUT0': shape [1, 8] does not match the model's [-1, 16] (-1 is any size)"
+        "2 problems: inputs[0].shape: input 'INPUT0': shape [1, 8] does not match the model's [-1, 16] (-1 is any size); \
+         inputs[1].shape: input 'INPUT1': shape [1, 8] does not match the model's [-1, 16] (-1 is any size)"
     );
+    let fields: Vec<String> = s
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    assert_eq!(fields, ["inputs[0].shape", "inputs[1].shape"]);
 
     // Batch too large.
     let mut req = simple_request();

@@ -504,7 +504,7 @@ impl GrpcInferenceService for InferenceApi {
         let req = pb::infer_request_from_pb(msg).map_err(|invalid| {
             let known = self.router.routes(&edge.snapshot).has(&model);
             let label = if known { model.as_str() } else { "unknown" };
-            record::rejected(self.router.metrics(), label, &invalid);
+            record::rejected(self.router.metrics(), "v2", label, &invalid);
             edge.status(&invalid.into(), None)
         })?;
         self.infer(&edge, req).await

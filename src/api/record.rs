@@ -10,7 +10,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::call::CallContext;
 use crate::error::Error;
-use crate::model::InvalidRequest;
+use crate::model::Rejection;
 use crate::observe::Metrics;
 use crate::observe::metrics::{
     ApiLabels, ModelLabels, ModelUpstreamLabels, RetryLabels, RuleLabels, UpstreamLabels,
@@ -68,41 +68,17 @@ impl Leg {
     };
 }
 
-/// The rule a validation error broke, as a bounded metrics label.
-fn rule(e: &InvalidRequest) -> &'static str {
-    match e {
-        InvalidRequest::MissingModelName => "missing_model_name",
-        InvalidRequest::Tensor { .. } => "tensor_content",
-        InvalidRequest::UnknownDataType { .. } => "unknown_datatype",
-        InvalidRequest::RawCount { .. } => "raw_count",
-        InvalidRequest::MixedContents { .. } => "mixed_contents",
-        InvalidRequest::DuplicateInput { .. } => "duplicate_input",
-        InvalidRequest::UnknownInput { .. } => "unknown_input",
-        InvalidRequest::MissingInput { .. } => "missing_input",
-        InvalidRequest::InputDataType { .. } => "input_datatype",
-        InvalidRequest::InputShape { .. } => "input_shape",
-        InvalidRequest::BatchSize { .. } => "batch_size",
-        InvalidRequest::BatchMismatch { .. } => "batch_mismatch",
-        InvalidRequest::UnknownOutput { .. } => "unknown_output",
-        InvalidRequest::BadElement { .. } => "bad_element",
-    }
-}
-
 /// Records a request refused at the edge before it could be routed (it did not decode into
 /// a valid request); `model` is the routed model's name or `unknown`.
-pub(super) fn rejected(metrics: &Metrics, model: &str, invalid: &InvalidRequest) {
+pub(super) fn rejected(metrics: &Metrics, api: &'static str, model: &str, invalid: &Rejection) {
+    let rule = invalid.first().rule();
     metrics
         .validation_rejections
-        .get_or_create(&RuleLabels {
-            rule: rule(invalid),
-        })
+        .get_or_create(&RuleLabels { rule })
         .inc();
-    metrics
-        .api_requests
-        .get_or_create(&ApiLabels { api: "v2" })
-        .inc();
+    metrics.api_requests.get_or_create(&ApiLabels { api }).inc();
     metrics.observe_call(model, "primary", "client_error", Duration::ZERO);
-    tracing::info!(model = model, rule = rule(invalid), error = %invalid, "request rejected");
+    tracing::info!(model = model, rule, error = %invalid, "request rejected");
 }
 
 /// Whether a successful call with this request id is in the log sample.
@@ -128,7 +104,7 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
         metrics
             .validation_rejections
             .get_or_create(&RuleLabels {
-                rule: rule(invalid),
+                rule: invalid.first().rule(),
             })
             .inc();
     }

@@ -62,8 +62,10 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
     if let Error::UnknownRoute { .. } = e {
         details.add_bad_request_violation("keel-route", e.to_string());
     }
-    if let Error::InvalidRequest(invalid) = e {
-        details.add_bad_request_violation(invalid.field(), invalid.to_string());
+    if let Error::InvalidRequest(rejection) = e {
+        for v in rejection.violations() {
+            details.add_bad_request_violation(v.field.clone(), v.problem.to_string());
+        }
     }
     if let Some(after) = e.retry_after() {
         details.set_retry_info(Some(after));
@@ -79,7 +81,7 @@ mod tests {
 
     #[test]
     fn statuses_carry_the_reason_the_class_and_the_field() {
-        let e = Error::InvalidRequest(InvalidRequest::MissingInput {
+        let e = Error::from(InvalidRequest::MissingInput {
             model: "simple".into(),
             tensor: "INPUT1".into(),
         });

@@ -16,4 +16,6 @@ pub use spec::{BatchStats, ModelMetadata, ModelSpec, ModelStats, StatDuration, T
 pub use tensor::{
     Element, Tensor, TensorError, element_count, encode_byte_strings, split_bytes_elements,
 };
-pub use validate::{InvalidRequest, validate};
+pub use validate::{
+    Contract, InvalidRequest, Rejection, RequestLimits, Violation, check, validate,
+};

@@ -3,9 +3,12 @@
 //! # Errors
 //!
 //! Every [`InvalidRequest`] names the tensor (or field) and the rule it broke, so the client
-//! can fix the request from the message alone.
+//! can fix the request from the message alone; a [`Rejection`] holds every rule a request
+//! broke, each at its field path (`inputs[1].shape`), so one round trip shows them all.
 
-use super::{DataType, InferRequest, ModelSpec, TensorError, TensorSpec};
+use std::fmt;
+
+use super::{DataType, InferRequest, ModelMetadata, ModelSpec, TensorError, TensorSpec};
 
 /// Why a request is not a valid inference request (answered with INVALID_ARGUMENT).
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -125,6 +128,34 @@ pub enum InvalidRequest {
         /// The model's outputs.
         expected: Vec<String>,
     },
+    /// More tensor data than the policy allows in one request.
+    #[error(
+        "the request carries {bytes} bytes of tensor data, above the limit of {max} (limits.max_request_bytes)"
+    )]
+    TooManyBytes {
+        /// Bytes of tensor data sent.
+        bytes: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// More elements than the policy allows in one request.
+    #[error(
+        "the request carries {elements} tensor elements, above the limit of {max} (limits.max_elements)"
+    )]
+    TooManyElements {
+        /// Elements sent, over every input.
+        elements: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// A request the version adapter could not turn into the model's form.
+    #[error("input '{tensor}': {reason}")]
+    Adapter {
+        /// Tensor name, as the client sent it.
+        tensor: String,
+        /// What the adapter could not do.
+        reason: String,
+    },
     /// An element the model cannot interpret.
     #[error("input '{tensor}': element {index} {reason}")]
     BadElement {
@@ -154,112 +185,331 @@ impl InvalidRequest {
             | InvalidRequest::InputShape { tensor, .. }
             | InvalidRequest::BatchSize { tensor, .. }
             | InvalidRequest::BatchMismatch { tensor, .. }
+            | InvalidRequest::Adapter { tensor, .. }
             | InvalidRequest::BadElement { tensor, .. } => format!("inputs[{tensor}]"),
+            InvalidRequest::TooManyBytes { .. } | InvalidRequest::TooManyElements { .. } => {
+                "inputs".into()
+            }
+        }
+    }
+
+    /// The rule broken, as a bounded label for metrics and logs.
+    pub fn rule(&self) -> &'static str {
+        match self {
+            InvalidRequest::MissingModelName => "missing_model_name",
+            InvalidRequest::Tensor { .. } => "tensor_content",
+            InvalidRequest::UnknownDataType { .. } => "unknown_datatype",
+            InvalidRequest::RawCount { .. } => "raw_count",
+            InvalidRequest::MixedContents { .. } => "mixed_contents",
+            InvalidRequest::DuplicateInput { .. } => "duplicate_input",
+            InvalidRequest::UnknownInput { .. } => "unknown_input",
+            InvalidRequest::MissingInput { .. } => "missing_input",
+            InvalidRequest::InputDataType { .. } => "input_datatype",
+            InvalidRequest::InputShape { .. } => "input_shape",
+            InvalidRequest::BatchSize { .. } => "batch_size",
+            InvalidRequest::BatchMismatch { .. } => "batch_mismatch",
+            InvalidRequest::UnknownOutput { .. } => "unknown_output",
+            InvalidRequest::TooManyBytes { .. } => "max_request_bytes",
+            InvalidRequest::TooManyElements { .. } => "max_elements",
+            InvalidRequest::Adapter { .. } => "adapter",
+            InvalidRequest::BadElement { .. } => "bad_element",
+        }
+    }
+
+    /// This problem at `field`.
+    pub fn at(self, field: impl Into<String>) -> Violation {
+        Violation {
+            field: field.into(),
+            problem: self,
         }
     }
 }
 
-/// Checks `req` against `spec`; returns the batch size (1 for a model that does not batch).
+/// One broken rule, at the path of the request field it is in.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Violation {
+    /// The field path (`inputs[1].shape`, `raw_input_contents[0]`, `outputs[0].name`).
+    pub field: String,
+    /// What is wrong there.
+    pub problem: InvalidRequest,
+}
+
+/// Every rule a request broke; never empty. Answered with INVALID_ARGUMENT and one
+/// `google.rpc.BadRequest` field violation per entry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    violations: Vec<Violation>,
+}
+
+impl Rejection {
+    /// The rejection for `violations`, or `None` when there are none.
+    pub fn of(violations: Vec<Violation>) -> Option<Rejection> {
+        (!violations.is_empty()).then_some(Rejection { violations })
+    }
+
+    /// Every violation, in request order.
+    pub fn violations(&self) -> &[Violation] {
+        &self.violations
+    }
+
+    /// The first problem (for a one-word metrics label).
+    pub fn first(&self) -> &InvalidRequest {
+        &self.violations[0].problem
+    }
+}
+
+impl From<InvalidRequest> for Rejection {
+    fn from(problem: InvalidRequest) -> Self {
+        let field = problem.field();
+        Rejection {
+            violations: vec![problem.at(field)],
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.violations.as_slice() {
+            [one] => write!(f, "{}", one.problem),
+            many => {
+                write!(f, "{} problems: ", many.len())?;
+                for (i, v) in many.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("; ")?;
+                    }
+                    write!(f, "{}: {}", v.field, v.problem)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+/// What a request is checked against: a model's tensors with full shapes (a batching
+/// model's first dimension is the batch), from its configuration or its OIP metadata.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Contract {
+    /// Model name.
+    pub model: String,
+    /// Inputs, full shapes, -1 any size.
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs, full shapes.
+    pub outputs: Vec<TensorSpec>,
+    /// The largest batch, when known: 0 for a model that does not batch; `None` when only
+    /// metadata is known (its -1 first dimension then stands for any batch).
+    pub max_batch_size: Option<u32>,
+    /// Accepts any inputs (the `identity` model): inputs and outputs are not enforced.
+    pub any_inputs: bool,
+}
+
+impl Contract {
+    /// The contract of a model configuration (complete: batching known).
+    pub fn of_spec(spec: &ModelSpec) -> Contract {
+        let meta = spec.metadata();
+        Contract {
+            model: meta.name,
+            inputs: meta.inputs,
+            outputs: meta.outputs,
+            max_batch_size: Some(spec.max_batch_size),
+            any_inputs: spec.any_inputs,
+        }
+    }
+
+    /// The contract of a model's OIP metadata, with its `max_batch_size` when a model
+    /// configuration gave it.
+    pub fn of_metadata(meta: ModelMetadata, max_batch_size: Option<u32>) -> Contract {
+        Contract {
+            model: meta.name,
+            inputs: meta.inputs,
+            outputs: meta.outputs,
+            max_batch_size,
+            any_inputs: false,
+        }
+    }
+
+    /// The input named `name`.
+    pub fn input(&self, name: &str) -> Option<&TensorSpec> {
+        self.inputs.iter().find(|t| t.name == name)
+    }
+
+    /// The output named `name`.
+    pub fn output(&self, name: &str) -> Option<&TensorSpec> {
+        self.outputs.iter().find(|t| t.name == name)
+    }
+}
+
+/// Size limits on one request, from policy (`limits.max_request_bytes`, `limits.max_elements`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Bytes of tensor data, over every input.
+    pub max_bytes: u64,
+    /// Elements, over every input.
+    pub max_elements: u64,
+}
+
+impl RequestLimits {
+    /// No limits.
+    pub const NONE: RequestLimits = RequestLimits {
+        max_bytes: u64::MAX,
+        max_elements: u64::MAX,
+    };
+}
+
+/// Checks `req` against `spec` (an embedded model's configuration); returns the batch size
+/// (1 for a model that does not batch).
+pub fn validate(req: &InferRequest, spec: &ModelSpec) -> Result<u64, Rejection> {
+    check(req, &Contract::of_spec(spec), RequestLimits::NONE)
+}
+
+/// Checks `req` against `contract` and `limits`, collecting every broken rule; returns the
+/// batch size (1 when the model does not batch or batching is unknown).
 ///
-/// 1. Every input is known (unless the model takes any), appears once and has the right type.
-/// 2. Every declared input is present.
-/// 3. Shapes match the contract, -1 matching any size; for a batching model the first
+/// 1. Tensor data within `limits` (sums in `u64`, saturating: no overflow).
+/// 2. Every input is known (unless the model takes any), appears once and has the right type.
+/// 3. Every declared input is present.
+/// 4. Shapes match the contract, -1 matching any size; for a batching model the first
 ///    dimension is the batch, the same for every input and within `1..=max_batch_size`.
-/// 4. Every requested output exists.
-pub fn validate(req: &InferRequest, spec: &ModelSpec) -> Result<u64, InvalidRequest> {
+/// 5. Every requested output exists.
+pub fn check(
+    req: &InferRequest,
+    contract: &Contract,
+    limits: RequestLimits,
+) -> Result<u64, Rejection> {
+    let mut out = Vec::new();
+    let (bytes, elements) = req.inputs.iter().fold((0u64, 0u64), |(b, e), t| {
+        (
+            b.saturating_add(t.data().len() as u64),
+            e.saturating_add(t.element_count() as u64),
+        )
+    });
+    if bytes > limits.max_bytes {
+        out.push(
+            InvalidRequest::TooManyBytes {
+                bytes,
+                max: limits.max_bytes,
+            }
+            .at("inputs"),
+        );
+    }
+    if elements > limits.max_elements {
+        out.push(
+            InvalidRequest::TooManyElements {
+                elements,
+                max: limits.max_elements,
+            }
+            .at("inputs"),
+        );
+    }
+    let batching = contract.max_batch_size.filter(|&m| m > 0);
     let mut batch: Option<(&str, i64)> = None;
     for (i, input) in req.inputs.iter().enumerate() {
         let name = input.name();
         if req.inputs[..i].iter().any(|t| t.name() == name) {
-            return Err(InvalidRequest::DuplicateInput {
-                tensor: name.to_string(),
-            });
-        }
-        if spec.any_inputs {
+            out.push(
+                InvalidRequest::DuplicateInput {
+                    tensor: name.to_string(),
+                }
+                .at(format!("inputs[{i}].name")),
+            );
             continue;
         }
-        let Some(want) = spec.inputs.iter().find(|s| s.name == name) else {
-            return Err(InvalidRequest::UnknownInput {
-                model: spec.name.clone(),
-                tensor: name.to_string(),
-                expected: names(&spec.inputs),
-            });
+        if contract.any_inputs {
+            continue;
+        }
+        let Some(want) = contract.input(name) else {
+            out.push(
+                InvalidRequest::UnknownInput {
+                    model: contract.model.clone(),
+                    tensor: name.to_string(),
+                    expected: names(&contract.inputs),
+                }
+                .at(format!("inputs[{i}].name")),
+            );
+            continue;
         };
         if input.dtype() != want.dtype {
-            return Err(InvalidRequest::InputDataType {
-                tensor: name.to_string(),
-                expected: want.dtype,
-                actual: input.dtype(),
-            });
+            out.push(
+                InvalidRequest::InputDataType {
+                    tensor: name.to_string(),
+                    expected: want.dtype,
+                    actual: input.dtype(),
+                }
+                .at(format!("inputs[{i}].datatype")),
+            );
         }
         let shape = input.shape();
-        let (dims, this_batch) = if spec.max_batch_size > 0 {
-            match shape.split_first() {
-                Some((&b, rest)) => (rest, Some(b)),
-                None => (shape, None),
-            }
-        } else {
-            (shape, None)
-        };
-        let matches = dims.len() == want.dims.len()
-            && dims.iter().zip(&want.dims).all(|(&d, &w)| w < 0 || d == w)
-            && (spec.max_batch_size == 0 || this_batch.is_some());
+        let matches = shape.len() == want.dims.len()
+            && shape.iter().zip(&want.dims).all(|(&d, &w)| w < 0 || d == w);
         if !matches {
-            let mut expected = Vec::with_capacity(want.dims.len() + 1);
-            if spec.max_batch_size > 0 {
-                expected.push(-1);
-            }
-            expected.extend_from_slice(&want.dims);
-            return Err(InvalidRequest::InputShape {
-                tensor: name.to_string(),
-                expected,
-                actual: shape.to_vec(),
-            });
-        }
-        if let Some(b) = this_batch {
-            if b < 1 || b > i64::from(spec.max_batch_size) {
-                return Err(InvalidRequest::BatchSize {
+            out.push(
+                InvalidRequest::InputShape {
                     tensor: name.to_string(),
-                    batch: b,
-                    max: spec.max_batch_size,
-                });
+                    expected: want.dims.clone(),
+                    actual: shape.to_vec(),
+                }
+                .at(format!("inputs[{i}].shape")),
+            );
+            continue;
+        }
+        if let (Some(max), Some(&b)) = (batching, shape.first()) {
+            if b < 1 || b > i64::from(max) {
+                out.push(
+                    InvalidRequest::BatchSize {
+                        tensor: name.to_string(),
+                        batch: b,
+                        max,
+                    }
+                    .at(format!("inputs[{i}].shape")),
+                );
             }
             match batch {
-                Some((first, first_batch)) if first_batch != b => {
-                    return Err(InvalidRequest::BatchMismatch {
+                Some((first, first_batch)) if first_batch != b => out.push(
+                    InvalidRequest::BatchMismatch {
                         tensor: name.to_string(),
                         batch: b,
                         first: first.to_string(),
                         first_batch,
-                    });
-                }
+                    }
+                    .at(format!("inputs[{i}].shape")),
+                ),
                 Some(_) => {}
                 None => batch = Some((name, b)),
             }
         }
     }
-    if !spec.any_inputs {
-        if let Some(missing) = spec
+    if !contract.any_inputs {
+        for missing in contract
             .inputs
             .iter()
-            .find(|s| !req.inputs.iter().any(|t| t.name() == s.name))
+            .filter(|s| !req.inputs.iter().any(|t| t.name() == s.name))
         {
-            return Err(InvalidRequest::MissingInput {
-                model: spec.name.clone(),
-                tensor: missing.name.clone(),
-            });
+            out.push(
+                InvalidRequest::MissingInput {
+                    model: contract.model.clone(),
+                    tensor: missing.name.clone(),
+                }
+                .at("inputs"),
+            );
         }
-        for out in &req.outputs {
-            if !spec.outputs.iter().any(|s| s.name == out.name) {
-                return Err(InvalidRequest::UnknownOutput {
-                    model: spec.name.clone(),
-                    output: out.name.clone(),
-                    expected: names(&spec.outputs),
-                });
+        for (j, o) in req.outputs.iter().enumerate() {
+            if contract.output(&o.name).is_none() {
+                out.push(
+                    InvalidRequest::UnknownOutput {
+                        model: contract.model.clone(),
+                        output: o.name.clone(),
+                        expected: names(&contract.outputs),
+                    }
+                    .at(format!("outputs[{j}].name")),
+                );
             }
         }
     }
-    Ok(batch.map_or(1, |(_, b)| b.unsigned_abs()))
+    match Rejection::of(out) {
+        Some(r) => Err(r),
+        None => Ok(batch.map_or(1, |(_, b)| b.unsigned_abs())),
+    }
 }
 
 fn names(specs: &[TensorSpec]) -> Vec<String> {
@@ -313,6 +563,54 @@ mod tests {
     }
 
     #[test]
+    fn every_broken_rule_is_reported_at_its_field() {
+        let s = Contract::of_spec(&spec());
+        let f = Tensor::from_values("A", vec![2, 5], &[0f32; 10]).unwrap();
+        let mut r = req(vec![f, t("C", vec![1]), t("A", vec![1, 4])]);
+        r.outputs.push(RequestedOutput {
+            name: "Z".into(),
+            parameters: Parameters::new(),
+        });
+        let limits = RequestLimits {
+            max_bytes: 16,
+            max_elements: 1_000,
+        };
+        let e = check(&r, &s, limits).unwrap_err();
+        let fields: Vec<&str> = e.violations().iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "inputs",
+                "inputs[0].datatype",
+                "inputs[0].shape",
+                "inputs[1].name",
+                "inputs[2].name",
+                "inputs",
+                "outputs[0].name"
+            ]
+        );
+        assert!(
+            e.to_string()
+                .starts_with("7 problems: inputs: the request carries 60 bytes"),
+            "{e}"
+        );
+        assert_eq!(e.first().rule(), "max_request_bytes");
+    }
+
+    #[test]
+    fn metadata_without_batching_treats_the_first_dimension_as_any_size() {
+        let s = Contract::of_metadata(spec().metadata(), None);
+        assert_eq!(
+            check(
+                &req(vec![t("A", vec![100, 4]), t("B", vec![3, 1])]),
+                &s,
+                RequestLimits::NONE
+            ),
+            Ok(1)
+        );
+    }
+
+    #[test]
     fn each_broken_rule_is_named() {
         let s = spec();
         let e = validate(&req(vec![t("A", vec![1, 4])]), &s).unwrap_err();
@@ -337,7 +635,7 @@ mod tests {
         );
         let e = validate(&req(vec![t("A", vec![9, 4]), t("B", vec![9, 1])]), &s).unwrap_err();
         assert!(matches!(
-            e,
+            e.first(),
             InvalidRequest::BatchSize {
                 batch: 9,
                 max: 8,
@@ -346,7 +644,7 @@ mod tests {
         ));
         let e = validate(&req(vec![t("A", vec![2, 4]), t("B", vec![3, 1])]), &s).unwrap_err();
         assert!(matches!(
-            e,
+            e.first(),
             InvalidRequest::BatchMismatch {
                 batch: 3,
                 first_batch: 2,
@@ -354,7 +652,10 @@ mod tests {
             }
         ));
         let e = validate(&req(vec![t("A", vec![4]), t("B", vec![1, 1])]), &s).unwrap_err();
-        assert!(matches!(e, InvalidRequest::InputShape { .. }), "{e}");
+        assert!(
+            matches!(e.first(), InvalidRequest::InputShape { .. }),
+            "{e}"
+        );
         let f = Tensor::from_values("A", vec![1, 4], &[0f32; 4]).unwrap();
         let e = validate(&req(vec![f, t("B", vec![1, 1])]), &s).unwrap_err();
         assert_eq!(
@@ -362,7 +663,7 @@ mod tests {
             "input 'A': datatype FP32 does not match the model's INT32"
         );
         let e = validate(&req(vec![t("A", vec![1, 4]), t("A", vec![1, 4])]), &s).unwrap_err();
-        assert_eq!(e.field(), "inputs[A]");
+        assert_eq!(e.violations()[0].field, "inputs[1].name");
         let mut r = req(vec![t("A", vec![1, 4]), t("B", vec![1, 1])]);
         r.outputs.push(RequestedOutput {
             name: "Z".into(),

@@ -13,7 +13,8 @@ use super::inference::model_infer_response::InferOutputTensor;
 use super::inference::model_metadata_response::TensorMetadata;
 use crate::model::{
     BatchStats, ContentForm, DataType, InferRequest, InferResponse, InvalidRequest, ModelMetadata,
-    ModelSpec, ModelStats, Param, Parameters, RequestedOutput, StatDuration, Tensor, TensorSpec,
+    ModelSpec, ModelStats, Param, Parameters, Rejection, RequestedOutput, StatDuration, Tensor,
+    TensorError, TensorSpec,
 };
 
 fn params_from_pb(p: HashMap<String, pb::InferParameter>) -> Parameters {
@@ -53,7 +54,7 @@ fn params_to_pb(p: Parameters) -> HashMap<String, pb::InferParameter> {
 
 /// A client's ModelInferRequest as a domain request, checking every tensor's data against
 /// its shape and data type.
-pub fn infer_request_from_pb(msg: pb::ModelInferRequest) -> Result<InferRequest, InvalidRequest> {
+pub fn infer_request_from_pb(msg: pb::ModelInferRequest) -> Result<InferRequest, Rejection> {
     let pb::ModelInferRequest {
         model_name,
         model_version,
@@ -63,23 +64,29 @@ pub fn infer_request_from_pb(msg: pb::ModelInferRequest) -> Result<InferRequest,
         outputs,
         raw_input_contents,
     } = msg;
+    let mut problems = Vec::new();
     if model_name.is_empty() {
-        return Err(InvalidRequest::MissingModelName);
+        problems.push(InvalidRequest::MissingModelName.at("model_name"));
     }
     let form = if raw_input_contents.is_empty() {
         ContentForm::Typed
     } else {
         ContentForm::Raw
     };
-    if form == ContentForm::Raw && raw_input_contents.len() != inputs.len() {
-        return Err(InvalidRequest::RawCount {
-            inputs: inputs.len(),
-            raw: raw_input_contents.len(),
-        });
+    // Without one raw entry per input, no input can be paired with its data.
+    let paired = form == ContentForm::Typed || raw_input_contents.len() == inputs.len();
+    if !paired {
+        problems.push(
+            InvalidRequest::RawCount {
+                inputs: inputs.len(),
+                raw: raw_input_contents.len(),
+            }
+            .at("raw_input_contents"),
+        );
     }
     let mut raw = raw_input_contents.into_iter();
     let mut tensors = Vec::with_capacity(inputs.len());
-    for input in inputs {
+    for (i, input) in inputs.into_iter().enumerate().filter(|_| paired) {
         let InferInputTensor {
             name,
             datatype,
@@ -87,28 +94,57 @@ pub fn infer_request_from_pb(msg: pb::ModelInferRequest) -> Result<InferRequest,
             parameters,
             contents,
         } = input;
+        let raw_data = raw.next();
         let Some(dtype) = DataType::parse(&datatype) else {
-            return Err(InvalidRequest::UnknownDataType {
-                tensor: name,
-                datatype,
-            });
+            problems.push(
+                InvalidRequest::UnknownDataType {
+                    tensor: name,
+                    datatype,
+                }
+                .at(format!("inputs[{i}].datatype")),
+            );
+            continue;
         };
-        let data = match (form, raw.next(), contents) {
+        let data = match (form, raw_data, contents) {
             (ContentForm::Raw, _, Some(c)) if has_data(&c) => {
-                return Err(InvalidRequest::MixedContents { tensor: name });
+                problems.push(
+                    InvalidRequest::MixedContents { tensor: name }
+                        .at(format!("inputs[{i}].contents")),
+                );
+                continue;
             }
             (ContentForm::Raw, Some(bytes), _) => Ok(bytes),
             (_, _, c) => typed_to_raw(dtype, c.unwrap_or_default()),
         };
-        let tensor = data
-            .and_then(|data| Tensor::new(name.clone(), dtype, shape, data))
-            .map_err(|problem| InvalidRequest::Tensor {
-                tensor: name,
-                problem,
-            })?;
-        let mut tensor = tensor;
-        tensor.parameters = params_from_pb(parameters);
-        tensors.push(tensor);
+        match data.and_then(|data| Tensor::new(name.clone(), dtype, shape, data)) {
+            Ok(mut tensor) => {
+                tensor.parameters = params_from_pb(parameters);
+                tensors.push(tensor);
+            }
+            Err(problem) => {
+                let field = match (&problem, form) {
+                    (
+                        TensorError::NegativeDimension { .. } | TensorError::TooManyElements { .. },
+                        _,
+                    ) => {
+                        format!("inputs[{i}].shape")
+                    }
+                    (TensorError::DataType { .. }, _) => format!("inputs[{i}].datatype"),
+                    (_, ContentForm::Raw) => format!("raw_input_contents[{i}]"),
+                    (_, ContentForm::Typed) => format!("inputs[{i}].contents"),
+                };
+                problems.push(
+                    InvalidRequest::Tensor {
+                        tensor: name,
+                        problem,
+                    }
+                    .at(field),
+                );
+            }
+        }
+    }
+    if let Some(rejection) = Rejection::of(problems) {
+        return Err(rejection);
     }
     let outputs = outputs
         .into_iter()
@@ -583,13 +619,46 @@ mod tests {
         };
         assert_eq!(
             infer_request_from_pb(msg).unwrap_err(),
-            InvalidRequest::RawCount { inputs: 2, raw: 1 }
+            InvalidRequest::RawCount { inputs: 2, raw: 1 }.into()
         );
         let msg = pb::ModelInferRequest::default();
         assert_eq!(
             infer_request_from_pb(msg).unwrap_err(),
-            InvalidRequest::MissingModelName
+            InvalidRequest::MissingModelName.into()
         );
+    }
+
+    #[test]
+    fn every_bad_input_is_reported_at_its_path() {
+        let msg = pb::ModelInferRequest {
+            model_name: "simple".into(),
+            inputs: vec![
+                input("A", "FLOAT", vec![1]),
+                input("B", "INT32", vec![2]),
+                input("C", "INT32", vec![1 << 40, 1 << 40]),
+                input("D", "BYTES", vec![1]),
+            ],
+            raw_input_contents: vec![
+                Bytes::new(),
+                Bytes::from(vec![0u8; 7]),
+                Bytes::new(),
+                Bytes::from_static(&[9, 0, 0, 0, b'x']),
+            ],
+            ..Default::default()
+        };
+        let e = infer_request_from_pb(msg).unwrap_err();
+        let fields: Vec<&str> = e.violations().iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "inputs[0].datatype",
+                "raw_input_contents[1]",
+                "inputs[2].shape",
+                "raw_input_contents[3]"
+            ]
+        );
+        assert!(e.to_string().contains("needs 8 bytes"), "{e}");
+        assert!(e.to_string().contains("too many elements"), "{e}");
     }
 
     #[test]

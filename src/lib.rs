@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod call;
+pub mod contract;
 pub mod error;
 pub mod grpc_code;
 pub mod model;

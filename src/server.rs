@@ -31,6 +31,7 @@ use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
 use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, oversize, receipt};
+use crate::contract::ValidateLayer;
 use crate::observe::Metrics;
 use crate::observe::edge::{EdgeMetricsLayer, KnownMethods};
 use crate::observe::metrics::{ReloadLabels, RuntimeState};
@@ -124,6 +125,10 @@ fn stack<Op: Operation>() -> CallService<Op> {
         // Outermost, so the whole call (queueing, every attempt and every wait) shares the
         // client's one deadline, and the client hears DEADLINE_EXCEEDED, not CANCELLED.
         .layer(DeadlineLayer)
+        // Before anything is spent on it: a request that breaks its model's contract or the
+        // size limits never takes a slot, an attempt or a breaker's count. Inside the
+        // deadline, which bounds the first fetch of a model's contract.
+        .layer(ValidateLayer)
         // A slot of the model is held across retries: retries never add concurrency.
         .layer(LimitLayer)
         // Retry sees BreakerOpen as a local rejection and does not retry it.

@@ -133,16 +133,30 @@ async fn answers_through_a_second_keel_are_identical_to_direct_ones() {
         s.model_stats[0].inference_count, 2,
         "one direct call and one forwarded"
     );
-    // Errors from the upstream keep their code and message.
+    // The front Keel learned `simple`'s contract from the upstream's metadata, so it turns
+    // a malformed request away itself: the upstream never sees it.
     let mut bad = simple_request();
     bad.inputs.pop();
     bad.raw_input_contents.pop();
     let s = via.model_infer(bad).await.unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
-    assert_eq!(
-        s.message(),
-        "upstream 'up': input 'INPUT1' of model 'simple' is missing"
-    );
+    assert_eq!(s.message(), "input 'INPUT1' of model 'simple' is missing");
+    let fail = |s: pb::ModelStatisticsResponse| {
+        s.model_stats[0]
+            .inference_stats
+            .as_ref()
+            .and_then(|i| i.fail.as_ref())
+            .map_or(0, |f| f.count)
+    };
+    let stats = via
+        .model_statistics(pb::ModelStatisticsRequest {
+            name: "simple".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fail(stats), 0, "the upstream saw no failed request");
     front.stop().await.unwrap();
     upstream.stop().await.unwrap();
 }

@@ -318,14 +318,15 @@ impl Contract {
     }
 
     /// The contract of a model's OIP metadata, with its `max_batch_size` when a model
-    /// configuration gave it.
+    /// configuration gave it. Metadata that lists no inputs describes nothing (no real model
+    /// takes none), so such a contract checks no tensors.
     pub fn of_metadata(meta: ModelMetadata, max_batch_size: Option<u32>) -> Contract {
         Contract {
             model: meta.name,
+            any_inputs: meta.inputs.is_empty(),
             inputs: meta.inputs,
             outputs: meta.outputs,
             max_batch_size,
-            any_inputs: false,
         }
     }
 

@@ -215,6 +215,10 @@ group! {
         max_queue: u32,
         /// Longest wait for a slot before the call is shed.
         queue_timeout: Duration,
+        /// Bytes of tensor data one inference request may carry, over every input.
+        max_request_bytes: u64,
+        /// Tensor elements one inference request may carry, over every input.
+        max_elements: u64,
     }
 }
 
@@ -313,6 +317,8 @@ impl Default for Settings {
                 max_in_flight: 1024,
                 max_queue: 1024,
                 queue_timeout: Duration::from_millis(100),
+                max_request_bytes: 64 << 20,
+                max_elements: 64 << 20,
             },
         }
     }
@@ -431,6 +437,10 @@ impl Overrides {
                 max_in_flight: l.count(p, "max_in_flight", 1..=1_000_000),
                 max_queue: l.count(p, "max_queue", 0..=1_000_000),
                 queue_timeout: l.duration(p, "queue_timeout", MAX_DURATION),
+                max_request_bytes: l.size(p, "max_request_bytes").map(|n| n as u64),
+                max_elements: l
+                    .integer(p, "max_elements", 1..=i64::MAX)
+                    .map(i64::unsigned_abs),
             };
             l.finish(p);
         }

@@ -208,6 +208,7 @@ mod tests {
             max_in_flight,
             max_queue,
             queue_timeout: Duration::from_millis(100),
+            ..crate::policy::Settings::default().limits
         }))
     }
 

@@ -28,6 +28,7 @@ use tonic::metadata::MetadataMap;
 use tower::Service;
 
 use crate::call::Call;
+use crate::contract::Contracts;
 use crate::error::Error;
 use crate::observe::Metrics;
 use crate::observe::metrics::RuntimeState;
@@ -97,6 +98,8 @@ pub struct Target {
     pub latency: Arc<Latency>,
     /// The retry budget of the upstream, shared by every model on it.
     pub budget: Arc<RetryBudget>,
+    /// The model's contract on this backend, fetched and cached for validation.
+    pub contracts: Arc<Contracts>,
 }
 
 /// Where one call goes and under which settings: what the edge puts in the call context.
@@ -357,6 +360,7 @@ struct Registry {
     budgets: BTreeMap<String, Arc<RetryBudget>>,
     breakers: BTreeMap<(String, String), Arc<BreakerCell>>,
     latency: BTreeMap<(String, String), Arc<Latency>>,
+    contracts: BTreeMap<(String, String), Arc<Contracts>>,
     limiters: BTreeMap<String, Arc<Limiter>>,
     caches: BTreeMap<String, Arc<cache::ResponseCache>>,
     analyses: BTreeMap<String, Arc<canary::Analysis>>,
@@ -525,7 +529,13 @@ impl Router {
         let limiter = keep(
             &mut registry.limiters,
             name.to_string(),
-            |l| l.settings() == &infer_settings.limits,
+            // Size limits are read per call from the settings; only concurrency needs a
+            // fresh limiter.
+            |l| {
+                let (a, b) = (l.settings(), &infer_settings.limits);
+                (a.max_in_flight, a.max_queue, a.queue_timeout)
+                    == (b.max_in_flight, b.max_queue, b.queue_timeout)
+            },
             || Limiter::new(infer_settings.limits.clone()),
         );
         let target = |registry: &mut Registry, backend: &BackendRef| {
@@ -662,13 +672,25 @@ impl Router {
                 },
             )
         });
-        let latency = keep(&mut registry.latency, key, |_| true, Latency::default);
+        let latency = keep(
+            &mut registry.latency,
+            key.clone(),
+            |_| true,
+            Latency::default,
+        );
+        let contracts = keep(
+            &mut registry.contracts,
+            key,
+            |c| c.serves(&backend),
+            || Contracts::new(backend.clone(), model.into()),
+        );
         Some(Arc::new(Target {
             backend,
             upstream: upstream.into(),
             breaker,
             latency,
             budget,
+            contracts,
         }))
     }
 

@@ -253,9 +253,16 @@ impl GrpcUpstream {
                 )),
             };
             if let (Some(breaker), Some(admission)) = (&target.breaker, admission) {
-                let healthy = result
-                    .as_ref()
-                    .map_or_else(|e| !e.class().trips_breaker(), |_| true);
+                // A server without ModelConfig (a KServe runtime) answers UNIMPLEMENTED: it
+                // is up, and Keel asks for the config to learn batching.
+                let healthy = match &result {
+                    Ok(_) => true,
+                    Err(Error::UpstreamStatus {
+                        code: tonic::Code::Unimplemented,
+                        ..
+                    }) if method == "ModelConfig" => true,
+                    Err(e) => !e.class().trips_breaker(),
+                };
                 breaker.record(admission, healthy);
             }
             result

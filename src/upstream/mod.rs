@@ -6,11 +6,13 @@
 pub mod embedded;
 pub mod grpc;
 
+use std::sync::Arc;
+
 use futures::future::BoxFuture;
 
 use crate::call::{Call, ModelRef};
 use crate::error::Error;
-use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
+use crate::model::{Contract, InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
 
 /// The result of a backend call.
 pub type BackendFuture<T> = BoxFuture<'static, Result<T, Error>>;
@@ -30,6 +32,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>>;
     /// A short description for logs and the startup line (`embedded`, `upstream triton`).
     fn describe(&self) -> String;
+    /// The model's contract, to check requests against before they are sent: its OIP
+    /// metadata, with `max_batch_size` from its configuration where the backend has one
+    /// (Triton does; a KServe runtime without ModelConfig leaves batching unknown).
+    fn contract(&self, call: Call<MetadataQuery>) -> BackendFuture<Contract> {
+        let config = self.model_config(call.with_body(Arc::new(ConfigQuery(call.body.0.clone()))));
+        let metadata = self.model_metadata(call);
+        Box::pin(async move {
+            let (metadata, config) = futures::future::join(metadata, config).await;
+            let batch = config.ok().map(|c| c.max_batch_size);
+            Ok(Contract::of_metadata(metadata?, batch))
+        })
+    }
 }
 
 /// One kind of per-model call, sent to the backend that serves its model.
@@ -55,6 +69,11 @@ pub trait Operation: Send + Sync + 'static {
     /// Bytes of tensor data sent.
     fn payload_bytes(&self) -> usize {
         0
+    }
+    /// The request to check against the model's contract before it is sent; only an
+    /// inference request has one.
+    fn checked(&self) -> Option<&InferRequest> {
+        None
     }
 }
 
@@ -85,6 +104,9 @@ impl Operation for InferRequest {
     }
     fn payload_bytes(&self) -> usize {
         self.inputs.iter().map(|t| t.data().len()).sum()
+    }
+    fn checked(&self) -> Option<&InferRequest> {
+        Some(self)
     }
 }
 

@@ -443,7 +443,7 @@ impl ScriptedUpstream {
             .insert(request_id.to_string(), steps.into());
     }
 
-    /// The calls seen for `request_id`.
+    /// The ModelInfer calls seen for `request_id`.
     pub fn seen_for(&self, request_id: &str) -> Vec<Seen> {
         self.seen()
             .into_iter()
@@ -455,7 +455,16 @@ impl ScriptedUpstream {
             .collect()
     }
 
+    /// The ModelInfer calls seen (Keel also asks for metadata, to validate requests).
     pub fn seen(&self) -> Vec<Seen> {
+        self.seen_all()
+            .into_iter()
+            .filter(|s| s.method == "ModelInfer")
+            .collect()
+    }
+
+    /// Every call seen, whatever the method.
+    pub fn seen_all(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
 

@@ -23,8 +23,8 @@ use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, Stat
 use crate::call::{Call, ModelRef};
 use crate::error::Error;
 use crate::model::{
-    BatchStats, InferRequest, InferResponse, InvalidRequest, ModelMetadata, ModelSpec, ModelStats,
-    Tensor, validate,
+    BatchStats, Contract, InferRequest, InferResponse, InvalidRequest, ModelMetadata, ModelSpec,
+    ModelStats, Tensor, validate,
 };
 
 /// The only version of every embedded model.
@@ -257,6 +257,13 @@ impl Backend for Embedded {
 
     fn model_config(&self, call: Call<ConfigQuery>) -> BackendFuture<ModelSpec> {
         let out = self.entry(&call.body.0).map(|e| e.model.spec().clone());
+        futures::future::ready(out).boxed()
+    }
+
+    fn contract(&self, call: Call<MetadataQuery>) -> BackendFuture<Contract> {
+        let out = self
+            .entry(&call.body.0)
+            .map(|e| Contract::of_spec(e.model.spec()));
         futures::future::ready(out).boxed()
     }
 

@@ -1,0 +1,206 @@
+//! What Keel knows of each model's contract (inputs, outputs, batching), fetched from the
+//! backend that serves it and cached, so a malformed request is turned away before it costs
+//! the model server anything.
+//!
+//! One [`Contracts`] cache belongs to each (model, upstream) target and outlives policy
+//! swaps. A contract is fetched on the first call that needs it (within that call's
+//! deadline), used for [`REFRESH`], then re-fetched in the background while the old one keeps
+//! serving. A failed fetch never blocks a call: validation then checks only what it can (the
+//! size limits) and says so in a debug log, and the fetch is tried again after [`RETRY`].
+
+mod layer;
+
+pub use layer::{ValidateLayer, ValidateService};
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use futures::future::{BoxFuture, Shared};
+use tokio::time::Instant;
+
+use crate::call::{Call, CallContext, ModelRef};
+use crate::model::Contract;
+use crate::resilience::Receipt;
+use crate::upstream::{Backend, MetadataQuery};
+
+/// How long a fetched contract is used before it is fetched again.
+pub const REFRESH: Duration = Duration::from_secs(60);
+/// How long after a failed fetch the next one may be tried.
+pub const RETRY: Duration = Duration::from_secs(5);
+/// The longest one fetch may take (the first call's deadline bounds it further).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(2);
+
+type Fetch = Shared<BoxFuture<'static, Option<Arc<Contract>>>>;
+
+/// What is known of one version's contract.
+enum Slot {
+    /// Fetched at `at`; `refreshing` while a background fetch is under way.
+    Known {
+        contract: Arc<Contract>,
+        at: Instant,
+        refreshing: bool,
+    },
+    /// The last fetch failed at `at`.
+    Failed { at: Instant },
+    /// The first fetch is under way; callers wait for it.
+    Fetching(Fetch),
+}
+
+/// What [`Contracts::lookup`] found.
+pub enum Lookup {
+    /// The contract (possibly being refreshed in the background).
+    Known(Arc<Contract>),
+    /// No contract, and no fetch is due: check what can be checked without one.
+    Unknown,
+    /// A fetch is under way or due: wait for it.
+    Fetch(Fetch),
+}
+
+/// The contracts of one model on one backend, per version asked for.
+pub struct Contracts {
+    backend: Arc<dyn Backend>,
+    model: Arc<str>,
+    slots: Mutex<HashMap<String, Slot>>,
+}
+
+impl std::fmt::Debug for Contracts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Contracts")
+            .field("model", &self.model)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Contracts {
+    /// An empty cache for `model` on `backend`.
+    pub fn new(backend: Arc<dyn Backend>, model: Arc<str>) -> Contracts {
+        Contracts {
+            backend,
+            model,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether this cache asks `backend` (a swap that replaces the backend starts afresh).
+    pub fn serves(&self, backend: &Arc<dyn Backend>) -> bool {
+        Arc::ptr_eq(&self.backend, backend)
+    }
+
+    /// The contract of `version` for a call under `ctx`: known, unknown, or a fetch to wait
+    /// for. Starts a fetch when one is due; a stale contract is refreshed in the background
+    /// and served meanwhile.
+    pub fn lookup(self: &Arc<Self>, version: &str, ctx: &CallContext) -> Lookup {
+        let now = Instant::now();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        match slots.get_mut(version) {
+            Some(Slot::Known {
+                contract,
+                at,
+                refreshing,
+            }) => {
+                if now.saturating_duration_since(*at) >= REFRESH && !*refreshing {
+                    *refreshing = true;
+                    tokio::spawn(self.fetch(version, ctx, now + FETCH_TIMEOUT));
+                }
+                Lookup::Known(contract.clone())
+            }
+            Some(Slot::Failed { at }) if now.saturating_duration_since(*at) < RETRY => {
+                Lookup::Unknown
+            }
+            Some(Slot::Fetching(f)) => Lookup::Fetch(f.clone()),
+            _ => {
+                let deadline = ctx.deadline.min(now + FETCH_TIMEOUT);
+                let fetch = self.fetch(version, ctx, deadline).boxed().shared();
+                slots.insert(version.to_string(), Slot::Fetching(fetch.clone()));
+                Lookup::Fetch(fetch)
+            }
+        }
+    }
+
+    /// Fetches the contract of `version` by `deadline` and records the outcome.
+    fn fetch(
+        self: &Arc<Self>,
+        version: &str,
+        ctx: &CallContext,
+        deadline: Instant,
+    ) -> impl Future<Output = Option<Arc<Contract>>> + Send + 'static {
+        // A context of its own: the fetch must not write the client's receipt, and a
+        // background refresh outlives the call that started it.
+        let fetch_ctx = Arc::new(CallContext {
+            request_id: ctx.request_id.clone(),
+            deadline,
+            budget: deadline.saturating_duration_since(Instant::now()),
+            metadata: ctx.metadata.clone(),
+            snapshot: ctx.snapshot.clone(),
+            route: ctx.route.clone(),
+            receipt: Receipt::default(),
+            trace: None,
+        });
+        let query = MetadataQuery(ModelRef {
+            name: self.model.to_string(),
+            version: version.to_string(),
+        });
+        let future = self.backend.contract(Call::new(fetch_ctx, query));
+        let this = self.clone();
+        let version = version.to_string();
+        async move {
+            let result = tokio::time::timeout_at(deadline, future).await;
+            let now = Instant::now();
+            let mut slots = this.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let stale = match slots.remove(&version) {
+                Some(Slot::Known { contract, .. }) => Some(contract),
+                _ => None,
+            };
+            match result {
+                Ok(Ok(contract)) => {
+                    let contract = Arc::new(contract);
+                    slots.insert(
+                        version,
+                        Slot::Known {
+                            contract: contract.clone(),
+                            at: now,
+                            refreshing: false,
+                        },
+                    );
+                    Some(contract)
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "timed out".to_string(),
+                    };
+                    tracing::debug!(
+                        model = %this.model,
+                        version = %version,
+                        error = %why,
+                        "model metadata unavailable; requests are checked only against the size limits until it is fetched"
+                    );
+                    // A stale contract keeps serving; try again after RETRY.
+                    match stale {
+                        Some(contract) => {
+                            let at = now.checked_sub(REFRESH - RETRY).unwrap_or(now);
+                            slots.insert(
+                                version,
+                                Slot::Known {
+                                    contract: contract.clone(),
+                                    at,
+                                    refreshing: false,
+                                },
+                            );
+                            Some(contract)
+                        }
+                        None => {
+                            slots.insert(version, Slot::Failed { at: now });
+                            None
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

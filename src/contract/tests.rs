@@ -1,0 +1,191 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::FutureExt as _;
+use tower::{Layer as _, Service, ServiceExt as _};
+
+use super::*;
+use crate::call::Call;
+use crate::error::Error;
+use crate::model::{
+    ContentForm, DataType, InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats,
+    Parameters, Tensor, TensorSpec,
+};
+use crate::upstream::{BackendFuture, ConfigQuery, ReadyQuery, StatisticsQuery};
+
+/// A backend whose contract fetches are counted and may be made to fail.
+#[derive(Debug, Default)]
+struct Fake {
+    fetches: AtomicU32,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+fn unused<T: Send + 'static>() -> BackendFuture<T> {
+    futures::future::pending().boxed()
+}
+
+impl Backend for Fake {
+    fn infer(&self, _: Call<InferRequest>) -> BackendFuture<InferResponse> {
+        unused()
+    }
+    fn model_ready(&self, _: Call<ReadyQuery>) -> BackendFuture<bool> {
+        unused()
+    }
+    fn model_metadata(&self, _: Call<MetadataQuery>) -> BackendFuture<ModelMetadata> {
+        unused()
+    }
+    fn model_config(&self, _: Call<ConfigQuery>) -> BackendFuture<ModelSpec> {
+        unused()
+    }
+    fn model_statistics(&self, _: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>> {
+        unused()
+    }
+    fn describe(&self) -> String {
+        "fake".into()
+    }
+    fn contract(&self, _: Call<MetadataQuery>) -> BackendFuture<Contract> {
+        self.fetches.fetch_add(1, Ordering::SeqCst);
+        let failing = self.failing.load(Ordering::SeqCst);
+        async move {
+            // Takes a while, so concurrent first calls overlap.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if failing {
+                return Err(Error::UpstreamUnavailable {
+                    upstream: "fake".into(),
+                    detail: "down".into(),
+                    never_sent: true,
+                });
+            }
+            Ok(Contract::of_metadata(
+                ModelMetadata {
+                    name: "m".into(),
+                    versions: vec!["1".into()],
+                    platform: "fake".into(),
+                    inputs: vec![TensorSpec::new("x", DataType::Fp32, &[-1, 4])],
+                    outputs: vec![TensorSpec::new("y", DataType::Fp32, &[-1, 3])],
+                },
+                None,
+            ))
+        }
+        .boxed()
+    }
+}
+
+fn cache() -> (Arc<Fake>, Arc<Contracts>) {
+    let fake = Arc::new(Fake::default());
+    let contracts = Arc::new(Contracts::new(fake.clone(), "m".into()));
+    (fake, contracts)
+}
+
+async fn get(contracts: &Arc<Contracts>) -> Option<Arc<Contract>> {
+    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    match contracts.lookup("", &ctx) {
+        Lookup::Known(c) => Some(c),
+        Lookup::Unknown => None,
+        Lookup::Fetch(f) => f.await,
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_first_calls_share_one_fetch_and_later_calls_use_the_cache() {
+    let (fake, contracts) = cache();
+    let (a, b) = futures::future::join(get(&contracts), get(&contracts)).await;
+    assert_eq!(a.unwrap().inputs[0].name, "x");
+    assert!(b.is_some());
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 1);
+    assert!(get(&contracts).await.is_some());
+    assert_eq!(
+        fake.fetches.load(Ordering::SeqCst),
+        1,
+        "served from the cache"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stale_contract_keeps_serving_while_it_is_refreshed_in_the_background() {
+    let (fake, contracts) = cache();
+    get(&contracts).await.unwrap();
+    tokio::time::advance(REFRESH).await;
+    fake.failing.store(true, Ordering::SeqCst);
+    // Due for a refresh: the old contract answers at once, the refresh runs aside.
+    assert!(get(&contracts).await.is_some());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+    // The refresh failed: the stale contract still serves, and is tried again after RETRY.
+    assert!(get(&contracts).await.is_some());
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+    tokio::time::advance(RETRY).await;
+    assert!(get(&contracts).await.is_some());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_fetch_leaves_the_contract_unknown_until_the_retry_is_due() {
+    let (fake, contracts) = cache();
+    fake.failing.store(true, Ordering::SeqCst);
+    assert!(get(&contracts).await.is_none());
+    assert!(get(&contracts).await.is_none());
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 1, "no fetch per call");
+    fake.failing.store(false, Ordering::SeqCst);
+    tokio::time::advance(RETRY).await;
+    assert!(get(&contracts).await.is_some());
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+}
+
+/// The inner service of the layer tests: counts the calls that reach it.
+#[derive(Clone, Default)]
+struct Counting(Arc<AtomicU32>);
+
+impl Service<Call<InferRequest>> for Counting {
+    type Response = ();
+    type Error = Error;
+    type Future = futures::future::Ready<Result<(), Error>>;
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+    fn call(&mut self, _: Call<InferRequest>) -> Self::Future {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        futures::future::ready(Ok(()))
+    }
+}
+
+fn simple(inputs: &[&str]) -> InferRequest {
+    InferRequest {
+        model: "simple".into(),
+        version: String::new(),
+        id: String::new(),
+        parameters: Parameters::new(),
+        inputs: inputs
+            .iter()
+            .map(|n| Tensor::from_values(*n, vec![1, 16], &[0i32; 16]).unwrap())
+            .collect(),
+        outputs: vec![],
+        form: ContentForm::Raw,
+    }
+}
+
+#[tokio::test]
+async fn a_request_that_breaks_the_contract_never_reaches_the_inner_service() {
+    let ctx = CallContext::standalone("simple", Duration::from_secs(60)).unwrap();
+    let inner = Counting::default();
+    let mut svc = ValidateLayer.layer(inner.clone());
+    let good = Call::new(ctx.clone(), simple(&["INPUT0", "INPUT1"]));
+    svc.ready().await.unwrap().call(good).await.unwrap();
+    assert_eq!(inner.0.load(Ordering::SeqCst), 1);
+
+    let bad = Call::new(ctx.clone(), simple(&["INPUT0", "INPUT9"]));
+    let e = svc.ready().await.unwrap().call(bad).await.unwrap_err();
+    let Error::InvalidRequest(r) = &e else {
+        panic!("{e}")
+    };
+    let fields: Vec<&str> = r.violations().iter().map(|v| v.field.as_str()).collect();
+    assert_eq!(fields, ["inputs[1].name", "inputs"]);
+    assert_eq!(
+        inner.0.load(Ordering::SeqCst),
+        1,
+        "the inner service was not called"
+    );
+}

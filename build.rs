@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "inference/grpc_service.proto",
     "inference/model_config.proto",
     "keel/admin/v1/admin.proto",
+    "keel/inference/v1/prediction.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

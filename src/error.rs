@@ -49,6 +49,17 @@ pub enum Error {
         /// The model's routes.
         routes: Vec<String>,
     },
+    /// A version adapter of the policy names tensors the target model does not have, so
+    /// no request for that version can be adapted until the policy is fixed.
+    #[error("the policy's adapter for model '{model}' version {version:?} does not fit the model: {}", problems.join("; "))]
+    AdapterMismatch {
+        /// The model.
+        model: String,
+        /// The version clients ask for.
+        version: String,
+        /// Each problem, with the policy path that causes it.
+        problems: Vec<String>,
+    },
     /// The request breaks the protocol or the model's contract (every broken rule).
     #[error(transparent)]
     InvalidRequest(#[from] Rejection),
@@ -123,6 +134,7 @@ impl Error {
             Error::ModelSwitchedOff { .. } => "MODEL_SWITCHED_OFF",
             Error::UnknownRoute { .. } => "UNKNOWN_ROUTE",
             Error::InvalidRequest(_) => "INVALID_REQUEST",
+            Error::AdapterMismatch { .. } => "ADAPTER_MISMATCH",
             Error::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             Error::UpstreamStatus { .. } => "UPSTREAM_ERROR",
             Error::UpstreamProtocol { .. } => "UPSTREAM_PROTOCOL",
@@ -140,6 +152,7 @@ impl Error {
             | Error::VersionNotFound { .. }
             | Error::ModelSwitchedOff { .. }
             | Error::UnknownRoute { .. }
+            | Error::AdapterMismatch { .. }
             | Error::InvalidRequest(_) => Origin::Request,
             Error::UpstreamUnavailable { .. } => Origin::Transport,
             Error::UpstreamStatus { code, .. } => Origin::Upstream(*code),
@@ -160,6 +173,7 @@ impl Error {
             | Error::VersionNotFound { .. }
             | Error::ModelSwitchedOff { .. } => Code::NotFound,
             Error::InvalidRequest(_) | Error::UnknownRoute { .. } => Code::InvalidArgument,
+            Error::AdapterMismatch { .. } => Code::FailedPrecondition,
             Error::UpstreamUnavailable { .. } | Error::BreakerOpen(_) => Code::Unavailable,
             Error::UpstreamStatus { code, .. } => *code,
             Error::UpstreamProtocol { .. } => Code::Internal,

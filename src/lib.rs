@@ -15,6 +15,7 @@
 //! - [`grpc_code`]: gRPC status codes by name (a leaf, shared by policy and metrics).
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
 
+pub mod adapt;
 pub mod api;
 pub mod call;
 pub mod contract;

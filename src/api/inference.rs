@@ -507,7 +507,9 @@ impl GrpcInferenceService for InferenceApi {
             record::rejected(self.router.metrics(), "v2", label, &invalid);
             edge.status(&invalid.into(), None)
         })?;
-        self.infer(&edge, req).await
+        let form = req.form;
+        let resp = self.infer(&edge, req).await?;
+        Ok(resp.map(|r| pb::infer_response_to_pb(r, form)))
     }
 
     async fn model_stream_infer(

@@ -4,6 +4,7 @@
 //! The edges (`api`, `upstream`) convert generated proto types into these; everything in
 //! between works on them.
 
+pub mod cast;
 mod dtype;
 mod request;
 mod spec;

@@ -156,6 +156,15 @@ pub enum InvalidRequest {
         /// What the adapter could not do.
         reason: String,
     },
+    /// A legacy v1 request that does not fit the model (`instances[3]: expected 4
+    /// numbers, got 3`).
+    #[error("{field}: {message}")]
+    V1 {
+        /// The v1 field (`instances[3]`, `instances[0].petal_width`).
+        field: String,
+        /// What is wrong there.
+        message: String,
+    },
     /// An element the model cannot interpret.
     #[error("input '{tensor}': element {index} {reason}")]
     BadElement {
@@ -190,6 +199,7 @@ impl InvalidRequest {
             InvalidRequest::TooManyBytes { .. } | InvalidRequest::TooManyElements { .. } => {
                 "inputs".into()
             }
+            InvalidRequest::V1 { field, .. } => field.clone(),
         }
     }
 
@@ -212,6 +222,7 @@ impl InvalidRequest {
             InvalidRequest::TooManyBytes { .. } => "max_request_bytes",
             InvalidRequest::TooManyElements { .. } => "max_elements",
             InvalidRequest::Adapter { .. } => "adapter",
+            InvalidRequest::V1 { .. } => "v1_instances",
             InvalidRequest::BadElement { .. } => "bad_element",
         }
     }
@@ -247,6 +258,11 @@ impl Rejection {
         (!violations.is_empty()).then_some(Rejection { violations })
     }
 
+    /// `Err` with `violations` when there are any.
+    pub fn check(violations: Vec<Violation>) -> Result<(), Rejection> {
+        Rejection::of(violations).map_or(Ok(()), Err)
+    }
+
     /// Every violation, in request order.
     pub fn violations(&self) -> &[Violation] {
         &self.violations
@@ -277,7 +293,13 @@ impl fmt::Display for Rejection {
                     if i > 0 {
                         f.write_str("; ")?;
                     }
-                    write!(f, "{}: {}", v.field, v.problem)?;
+                    let text = v.problem.to_string();
+                    // A problem that names its field already is not prefixed again.
+                    if text.starts_with(&v.field) {
+                        f.write_str(&text)?;
+                    } else {
+                        write!(f, "{}: {text}", v.field)?;
+                    }
                 }
                 Ok(())
             }

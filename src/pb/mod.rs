@@ -23,5 +23,11 @@ pub mod keel_admin {
     tonic::include_proto!("keel.admin.v1");
 }
 
+/// `keel.inference.v1`: the legacy PredictionService (generated).
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+pub mod keel_inference_v1 {
+    tonic::include_proto!("keel.inference.v1");
+}
+
 /// Encoded descriptors of every Keel proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keel_descriptor");

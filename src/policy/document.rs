@@ -98,6 +98,7 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
         }
         None => super::Observability::default(),
     };
+    let api = super::adapters::read_api(&mut root, &mut p);
     let models = root.named_tables(&mut p, "models").map(|models| {
         models
             .into_iter()
@@ -118,6 +119,7 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
         models,
         flags,
         observability,
+        api,
     };
     check_combinations(&policy, &mut p);
     p.into_result(policy)
@@ -280,6 +282,8 @@ fn model(
     }
     let route_override = s.boolean(p, "route_override").unwrap_or(false);
     let rollback = rollout::read_rollback(&mut s, p, &routes);
+    let v1 = super::adapters::read_v1(&mut s, p);
+    let adapters = super::adapters::read_adapters(&mut s, p);
     let overrides = Overrides::read(&mut s, p);
     s.finish(p);
     ModelPolicy {
@@ -292,6 +296,8 @@ fn model(
         route_key,
         route_override,
         rollback,
+        v1,
+        adapters,
     }
 }
 

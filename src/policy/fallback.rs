@@ -203,7 +203,7 @@ pub(super) fn read_ladder(
     out
 }
 
-fn read_static(outputs: &[Value], path: &str, p: &mut Problems) -> Vec<StaticTensor> {
+pub(super) fn read_static(outputs: &[Value], path: &str, p: &mut Problems) -> Vec<StaticTensor> {
     let mut out = Vec::new();
     for (i, v) in outputs.iter().enumerate() {
         let at = format!("{path}[{i}]");

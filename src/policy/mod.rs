@@ -10,6 +10,7 @@
 //! (`models.resnet.retry.max_atempts: unknown key, did you mean max_attempts?`), and all
 //! problems are reported at once rather than stopping at the first.
 
+mod adapters;
 mod audit;
 mod document;
 mod fallback;
@@ -27,6 +28,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use adapters::{LegacyApi, Predict, V1Mapping, VersionAdapter};
 pub use audit::{AuditEntry, AuditLog, Outcome, rfc3339};
 pub use fallback::{CacheSpec, Fallback, StaticData, StaticTensor, Tier, Trigger};
 pub use rollout::{RollbackSpec, WeightedRoute, When};
@@ -71,6 +73,8 @@ pub struct Policy {
     pub flags: BTreeMap<String, Flag>,
     /// What Keel reports about its calls.
     pub observability: Observability,
+    /// `[api.v1]`: the legacy API's status.
+    pub api: LegacyApi,
 }
 
 /// `[observability]`: request logs (metrics and traces need no settings here).
@@ -174,6 +178,10 @@ pub struct ModelPolicy {
     pub route_override: bool,
     /// When Keel rolls the canary route back by itself.
     pub rollback: Option<RollbackSpec>,
+    /// How the legacy v1 API maps the model (`[models.<name>.v1]`).
+    pub v1: Option<V1Mapping>,
+    /// Adapters by the version a client asks for (`[models.<name>.adapters."<version>"]`).
+    pub adapters: BTreeMap<String, VersionAdapter>,
 }
 
 impl ModelPolicy {

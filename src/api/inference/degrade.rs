@@ -14,9 +14,8 @@ use tonic::{Response, Status};
 use super::{Answer, Edge, Failed, InferenceApi, Leg, MODEL_INFER, Plan, Via};
 use crate::api::receipt;
 use crate::call::CallContext;
-use crate::model::{ContentForm, InferRequest, InferResponse, Param};
+use crate::model::{InferRequest, InferResponse, Param};
 use crate::observe::metrics::{ApiLabels, DegradedLabels};
-use crate::pb::{self, inference as proto};
 use crate::policy::Trigger;
 use crate::resilience::Failure as _;
 use crate::route::cache;
@@ -84,12 +83,11 @@ impl Labels {
 
 impl InferenceApi {
     /// Answers a ModelInfer call, degrading through the model's ladder when it must.
-    pub(super) async fn infer(
+    pub(in crate::api) async fn infer(
         &self,
         edge: &Edge,
         req: InferRequest,
-    ) -> Result<Response<proto::ModelInferResponse>, Status> {
-        let form = req.form;
+    ) -> Result<Response<InferResponse>, Status> {
         let req = Arc::new(req);
         let routes = self.router.routes(&edge.snapshot);
         let cache = routes.cache(&req.model).cloned();
@@ -104,7 +102,7 @@ impl InferenceApi {
                 stale: Some(age),
             };
             self.count(&req.model, "cache", "ok", Duration::ZERO);
-            return Ok(self.labelled(edge, resp, form, &labels, None));
+            return Ok(self.labelled(edge, resp, &labels, None));
         }
         let started = Instant::now();
         // With a ladder, the request's outcome is known only at its end: counted there.
@@ -137,7 +135,7 @@ impl InferenceApi {
                 if !primary.counted {
                     self.count(&req.model, "primary", "ok", started.elapsed());
                 }
-                return Ok(self.labelled(edge, value, form, &PRIMARY, Some(&ctx)));
+                return Ok(self.labelled(edge, value, &PRIMARY, Some(&ctx)));
             }
             Err(Failed::Cut) => return Err(edge.failed(Failed::Cut)),
             Err(Failed::Error(e, ctx)) => (e, ctx),
@@ -276,7 +274,6 @@ impl InferenceApi {
                 return Ok(self.labelled(
                     edge,
                     resp,
-                    form,
                     &labels,
                     answered_by.as_deref().or(ctx.as_deref()),
                 ));
@@ -320,12 +317,11 @@ impl InferenceApi {
         &self,
         edge: &Edge,
         mut resp: InferResponse,
-        form: ContentForm,
         labels: &Labels,
         ctx: Option<&CallContext>,
-    ) -> Response<proto::ModelInferResponse> {
+    ) -> Response<InferResponse> {
         let served_by = labels.to_parameters(&mut resp);
-        let mut out = edge.reply(pb::infer_response_to_pb(resp, form));
+        let mut out = edge.reply(resp);
         if let Some(ctx) = ctx {
             receipt::write(out.metadata_mut(), ctx);
         }

@@ -30,6 +30,7 @@ use tower::ServiceBuilder;
 use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
+use crate::api::legacy::LegacyApi;
 use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, oversize, receipt};
 use crate::contract::ValidateLayer;
 use crate::observe::Metrics;
@@ -38,6 +39,7 @@ use crate::observe::metrics::{ReloadLabels, RuntimeState};
 use crate::observe::traces::Tracing;
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
+use crate::pb::keel_inference_v1::prediction_service_server::PredictionServiceServer;
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, read_file, watch};
 use crate::resilience::DeadlineLayer;
 use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
@@ -299,6 +301,7 @@ impl Keel {
         health
             .set_serving::<GrpcInferenceServiceServer<InferenceApi>>()
             .await;
+        health.set_serving::<PredictionServiceServer<LegacyApi>>().await;
         let has_admin = admin.is_some();
         if has_admin {
             health.set_serving::<AdminService>().await;
@@ -347,10 +350,17 @@ impl Keel {
             },
             self.tracing.clone(),
         );
-        let api = GrpcInferenceServiceServer::new(api)
+        // The legacy v1 API shares the v2 service's state: after its upgrade, a v1 call is a
+        // v2 call.
+        let api = Arc::new(api);
+        let legacy = PredictionServiceServer::new(LegacyApi::new(api.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let (reflection, reflection_alpha) = reflection_for(&[name_of(&api), health_name])?;
+        let api = GrpcInferenceServiceServer::from_arc(api)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let (reflection, reflection_alpha) =
+            reflection_for(&[name_of(&api), name_of(&legacy), health_name])?;
 
         // Set when shutdown begins, to the drain timeout; both listeners watch it.
         let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
@@ -366,6 +376,9 @@ impl Keel {
             }
             health
                 .set_not_serving::<GrpcInferenceServiceServer<InferenceApi>>()
+                .await;
+            health
+                .set_not_serving::<PredictionServiceServer<LegacyApi>>()
                 .await;
             if has_admin {
                 health.set_not_serving::<AdminService>().await;
@@ -418,6 +431,7 @@ impl Keel {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(api)
+            .add_service(legacy)
             .serve_with_incoming_shutdown(incoming(listener), signal);
         let began = began_rx.clone();
         let drain_deadline = async move {

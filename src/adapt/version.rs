@@ -10,27 +10,34 @@ use crate::policy::VersionAdapter;
 use crate::route::ladder::static_tensors;
 
 /// The problems of `adapter` (at policy path `at`) against the contract of the version it
-/// targets: every input and output it names must exist there. Empty when it fits.
-pub fn check(adapter: &VersionAdapter, contract: &Contract, at: &str) -> Vec<String> {
+/// targets, as (policy path, message): every input and output it names must exist there.
+/// Empty when it fits.
+pub fn check(adapter: &VersionAdapter, contract: &Contract, at: &str) -> Vec<(String, String)> {
     if contract.any_inputs {
         return Vec::new();
     }
     let mut out = Vec::new();
     for (name, path) in adapter.model_inputs(at) {
         if contract.input(&name).is_none() {
-            out.push(format!(
-                "{path}: model '{}' has no input '{name}' (inputs: {})",
-                contract.model,
-                names(&contract.inputs)
+            out.push((
+                path,
+                format!(
+                    "model '{}' has no input '{name}' (inputs: {})",
+                    contract.model,
+                    names(&contract.inputs)
+                ),
             ));
         }
     }
     for (name, path) in adapter.model_outputs(at) {
         if contract.output(&name).is_none() {
-            out.push(format!(
-                "{path}: model '{}' has no output '{name}' (outputs: {})",
-                contract.model,
-                names(&contract.outputs)
+            out.push((
+                path,
+                format!(
+                    "model '{}' has no output '{name}' (outputs: {})",
+                    contract.model,
+                    names(&contract.outputs)
+                ),
             ));
         }
     }

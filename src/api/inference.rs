@@ -16,6 +16,7 @@ use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
 
 mod degrade;
+mod versions;
 
 use super::context::EdgeContext;
 use super::record::Leg;
@@ -147,11 +148,12 @@ impl InferenceApi {
     }
 
     /// Reads the edge context and takes the policy snapshot for one call.
-    fn begin<T>(&self, request: &Request<T>) -> Edge {
+    pub(super) fn begin<T>(&self, request: &Request<T>) -> Edge {
         Edge {
             ctx: EdgeContext::from_metadata(request.metadata()),
             snapshot: self.store.current(),
             peer: request.remote_addr(),
+            api: "v2",
         }
     }
 
@@ -226,6 +228,7 @@ impl InferenceApi {
                 policy_version: edge.snapshot.version(),
                 success_sample: policy.observability.success_log_sample,
                 leg,
+                api: edge.api,
             };
             record::finish(metrics, &f, || body.summary());
         };
@@ -296,6 +299,36 @@ impl InferenceApi {
     }
 }
 
+impl InferenceApi {
+    /// Whether `name` (`version`) is ready; as Triton does, an unknown model is simply not
+    /// ready.
+    pub(super) async fn ready(
+        &self,
+        edge: &Edge,
+        name: String,
+        version: String,
+    ) -> Result<bool, Status> {
+        let q = ReadyQuery(model_ref(name, version));
+        match self.call(&self.stacks.ready, edge, MODEL_READY, q).await {
+            Ok(a) => Ok(a.value),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(s),
+        }
+    }
+
+    /// The versions clients may ask `model` for under the edge's policy.
+    pub(super) fn versions(&self, edge: &Edge, model: &str) -> Vec<String> {
+        self.router.routes(&edge.snapshot).versions(model)
+    }
+
+    /// Records a request refused before it was routed.
+    pub(super) fn rejected(&self, edge: &Edge, model: &str, r: &crate::model::Rejection) {
+        let known = self.router.routes(&edge.snapshot).has(model);
+        let label = if known { model } else { "unknown" };
+        record::rejected(self.router.metrics(), edge.api, label, r);
+    }
+}
+
 /// How one call of a client's request is made.
 pub(super) struct Plan {
     /// Where it goes.
@@ -344,14 +377,16 @@ pub(super) struct Answer<T> {
 
 /// What one call keeps from its start: its edge context, its policy snapshot and its peer.
 pub(super) struct Edge {
-    ctx: EdgeContext,
-    snapshot: Arc<Snapshot>,
+    pub(super) ctx: EdgeContext,
+    pub(super) snapshot: Arc<Snapshot>,
     peer: Option<std::net::SocketAddr>,
+    /// The API the client used: `v2`, or `v1` for the legacy PredictionService.
+    pub(super) api: &'static str,
 }
 
 impl Edge {
     /// What picks the call's route: its request id and metadata.
-    fn pick(&self) -> crate::route::Pick<'_> {
+    pub(super) fn pick(&self) -> crate::route::Pick<'_> {
         crate::route::Pick {
             request_id: &self.ctx.request_id,
             metadata: Some(&self.ctx.metadata),
@@ -365,7 +400,7 @@ impl Edge {
     }
 
     /// A successful answer, tagged.
-    fn reply<T>(&self, value: T) -> Response<T> {
+    pub(super) fn reply<T>(&self, value: T) -> Response<T> {
         let mut resp = Response::new(value);
         tag(
             resp.metadata_mut(),
@@ -401,7 +436,7 @@ impl Edge {
     }
 
     /// The status for an error, tagged, with the call's receipt when it got that far.
-    pub(super) fn status(&self, e: &Error, ctx: Option<&CallContext>) -> Status {
+    pub(in crate::api) fn status(&self, e: &Error, ctx: Option<&CallContext>) -> Status {
         let mut s = self.tag(status::to_status(e, ctx, self.snapshot.revision));
         if let Some(ctx) = ctx {
             receipt::write(s.metadata_mut(), ctx);
@@ -456,15 +491,8 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
         let edge = self.begin(&request);
         let proto::ModelReadyRequest { name, version } = request.into_inner();
-        let q = ReadyQuery(model_ref(name, version));
-        match self.call(&self.stacks.ready, &edge, MODEL_READY, q).await {
-            Ok(a) => Ok(edge.answer(a, |ready| proto::ModelReadyResponse { ready })),
-            // As Triton does, an unknown model is simply not ready.
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                Ok(edge.reply(proto::ModelReadyResponse { ready: false }))
-            }
-            Err(s) => Err(s),
-        }
+        let ready = self.ready(&edge, name, version).await?;
+        Ok(edge.reply(proto::ModelReadyResponse { ready }))
     }
 
     async fn server_metadata(
@@ -508,7 +536,7 @@ impl GrpcInferenceService for InferenceApi {
             edge.status(&invalid.into(), None)
         })?;
         let form = req.form;
-        let resp = self.infer(&edge, req).await?;
+        let resp = self.infer_adapted(&edge, req).await?;
         Ok(resp.map(|r| pb::infer_response_to_pb(r, form)))
     }
 

@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod context;
 mod inference;
+pub mod legacy;
 pub mod oversize;
 pub mod receipt;
 mod record;

@@ -32,6 +32,8 @@ pub const SERVED_MODEL: &str = "keel-served-model";
 pub const DEGRADED_REASON: &str = "keel-degraded-reason";
 /// The age of a cached answer, in milliseconds.
 pub const STALE_MS: &str = "keel-stale-ms";
+/// On legacy v1 answers when the policy deprecates v1: what to move to.
+pub const DEPRECATION: &str = "keel-deprecation";
 
 /// Writes a call's receipt into answer metadata.
 pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
@@ -61,6 +63,7 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
             SERVED_MODEL,
             DEGRADED_REASON,
             STALE_MS,
+            DEPRECATION,
         ] {
             if let Some(v) = parts.headers.remove(key) {
                 extra.insert(HeaderName::from_static(key), v);

@@ -47,6 +47,8 @@ pub(super) struct Finished<'a> {
     pub success_sample: f64,
     /// What the call stands for in the client's request, and whether it is the whole of it.
     pub leg: Leg,
+    /// The API the client used (`v2`, `v1`), for `keel_api_requests_total`.
+    pub api: &'static str,
 }
 
 /// What one routed call is to the client's request: the tier it stands for, and whether its
@@ -96,7 +98,7 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
     {
         metrics
             .api_requests
-            .get_or_create(&ApiLabels { api: "v2" })
+            .get_or_create(&ApiLabels { api: f.api })
             .inc();
         metrics.observe_call(model_label, f.leg.tier, class, f.took);
     }

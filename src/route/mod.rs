@@ -78,6 +78,35 @@ pub fn check(policy: &Policy, embedded: &Embedded) -> Result<(), PolicyErrors> {
             }
         }
     }
+    // Adapters and v1 mappings of models served only by embedded models are checked
+    // against their contracts now; an upstream's contract is known at the first call.
+    for (name, m) in models {
+        let embedded_only = m.routes.iter().all(|r| r.backend == BackendRef::Embedded);
+        let Some(contract) = embedded.contract(name).filter(|_| embedded_only) else {
+            continue;
+        };
+        for (version, a) in &m.adapters {
+            let at = format!("models.{name}.adapters.{version:?}");
+            for (path, message) in crate::adapt::version::check(a, &contract, &at) {
+                problems.push(PolicyError { path, message });
+            }
+        }
+        if let Some(v1) = &m.v1 {
+            let at = format!("models.{name}.v1");
+            if let Some(input) = v1.input.as_deref().filter(|i| contract.input(i).is_none()) {
+                problems.push(PolicyError {
+                    path: format!("{at}.input"),
+                    message: format!("model {name:?} has no input {input:?}"),
+                });
+            }
+            if let Some(output) = v1.output.as_deref().filter(|o| contract.output(o).is_none()) {
+                problems.push(PolicyError {
+                    path: format!("{at}.output"),
+                    message: format!("model {name:?} has no output {output:?}"),
+                });
+            }
+        }
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -314,6 +343,28 @@ impl Routes {
             version: None,
             canary: None,
         })
+    }
+
+    /// The versions clients may ask `model` for: the policy's `versions`, else those its
+    /// routes send; empty when any version passes through.
+    pub fn versions(&self, model: &str) -> Vec<String> {
+        let Some(m) = self.models.get(model) else {
+            return vec![];
+        };
+        if !m.versions.is_empty() {
+            return m.versions.clone();
+        }
+        let mut sent: Vec<String> = m
+            .entries
+            .iter()
+            .filter_map(|e| e.version.as_deref().map(str::to_string))
+            .collect();
+        sent.sort();
+        sent.dedup();
+        if m.entries.iter().any(|e| e.version.is_none()) {
+            return vec![];
+        }
+        sent
     }
 
     /// Whether `model` is routed.

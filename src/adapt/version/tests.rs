@@ -187,7 +187,10 @@ fn an_adapter_naming_what_the_model_lacks_is_reported_with_its_policy_path() {
         max_batch_size: None,
         any_inputs: false,
     };
-    let problems = check(&a, &contract, "models.m.adapters.\"1\"");
+    let problems: Vec<String> = check(&a, &contract, "models.m.adapters.\"1\"")
+        .into_iter()
+        .map(|(path, message)| format!("{path}: {message}"))
+        .collect();
     assert_eq!(
         problems,
         [

@@ -101,7 +101,7 @@ impl InferenceApi {
                 reason: None,
                 stale: Some(age),
             };
-            self.count(&req.model, "cache", "ok", Duration::ZERO);
+            self.count(edge, &req.model, "cache", "ok", Duration::ZERO);
             return Ok(self.labelled(edge, resp, &labels, None));
         }
         let started = Instant::now();
@@ -133,7 +133,7 @@ impl InferenceApi {
                     c.insert(k, &value);
                 }
                 if !primary.counted {
-                    self.count(&req.model, "primary", "ok", started.elapsed());
+                    self.count(edge, &req.model, "primary", "ok", started.elapsed());
                 }
                 return Ok(self.labelled(edge, value, &PRIMARY, Some(&ctx)));
             }
@@ -254,7 +254,7 @@ impl InferenceApi {
             };
             if let Some((mut resp, labels, answered_by)) = answer {
                 resp.id.clone_from(&req.id);
-                self.count(&req.model, labels.tier, "ok", started.elapsed());
+                self.count(edge, &req.model, labels.tier, "ok", started.elapsed());
                 self.router
                     .metrics()
                     .degraded
@@ -281,18 +281,25 @@ impl InferenceApi {
         }
         if !primary.counted {
             let class = error.class().as_str();
-            self.count(&req.model, "primary", class, started.elapsed());
+            self.count(edge, &req.model, "primary", class, started.elapsed());
         }
         Err(edge.status(&error, ctx.as_deref()))
     }
 
     /// Counts a ModelInfer request with a ladder or a cache once, by what answered it.
     /// `model` is a policy name: only such models have a ladder or a cache.
-    fn count(&self, model: &str, tier: &'static str, class: &'static str, took: Duration) {
+    fn count(
+        &self,
+        edge: &Edge,
+        model: &str,
+        tier: &'static str,
+        class: &'static str,
+        took: Duration,
+    ) {
         let metrics = self.router.metrics();
         metrics
             .api_requests
-            .get_or_create(&ApiLabels { api: "v2" })
+            .get_or_create(&ApiLabels { api: edge.api })
             .inc();
         metrics.observe_call(model, tier, class, took);
     }

@@ -301,7 +301,9 @@ impl Keel {
         health
             .set_serving::<GrpcInferenceServiceServer<InferenceApi>>()
             .await;
-        health.set_serving::<PredictionServiceServer<LegacyApi>>().await;
+        health
+            .set_serving::<PredictionServiceServer<LegacyApi>>()
+            .await;
         let has_admin = admin.is_some();
         if has_admin {
             health.set_serving::<AdminService>().await;

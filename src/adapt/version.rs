@@ -52,6 +52,42 @@ fn names(specs: &[crate::model::TensorSpec]) -> String {
         .join(", ")
 }
 
+/// The contract as a client of the adapted version sees it: inputs and outputs under the
+/// client's names, without the inputs the adapter fills with defaults. Types and shapes are
+/// the model's (a cast or reshape of the adapter then changes nothing), so the legacy v1 API
+/// can build an old client's request from it.
+pub fn client_contract(adapter: &VersionAdapter, contract: &Contract) -> Contract {
+    let client_input = |model: &str| {
+        adapter
+            .rename_inputs
+            .iter()
+            .find(|(_, m)| *m == model)
+            .map_or(model.to_string(), |(c, _)| c.clone())
+    };
+    let inputs = contract
+        .inputs
+        .iter()
+        .filter(|t| !adapter.defaults.iter().any(|d| d.name == t.name))
+        .map(|t| crate::model::TensorSpec {
+            name: client_input(&t.name),
+            ..t.clone()
+        })
+        .collect();
+    let outputs = contract
+        .outputs
+        .iter()
+        .map(|t| crate::model::TensorSpec {
+            name: adapter.client_output(&t.name).to_string(),
+            ..t.clone()
+        })
+        .collect();
+    Contract {
+        inputs,
+        outputs,
+        ..contract.clone()
+    }
+}
+
 /// `t` with the shape `dims`, where one -1 stands for what is left; the element count must
 /// stay the same.
 pub fn reshape(t: &Tensor, dims: &[i64]) -> Result<Tensor, String> {

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use super::inference::{Edge, InferenceApi};
 use super::receipt::DEPRECATION;
 use crate::adapt::v1::{self, Value};
+use crate::adapt::version;
 use crate::error::Error;
 use crate::model::Parameters;
 use crate::pb::keel_inference_v1 as proto;
@@ -42,12 +43,9 @@ fn from_pb(v: prost_types::Value) -> Value {
         Some(Kind::NumberValue(n)) => Value::Number(n),
         Some(Kind::StringValue(s)) => Value::String(s),
         Some(Kind::ListValue(l)) => Value::List(l.values.into_iter().map(from_pb).collect()),
-        Some(Kind::StructValue(s)) => Value::Struct(
-            s.fields
-                .into_iter()
-                .map(|(k, v)| (k, from_pb(v)))
-                .collect(),
-        ),
+        Some(Kind::StructValue(s)) => {
+            Value::Struct(s.fields.into_iter().map(|(k, v)| (k, from_pb(v))).collect())
+        }
     }
 }
 
@@ -129,8 +127,16 @@ impl PredictionService for LegacyApi {
         };
         let (model, instances) = (req.model.clone(), req.instances.len());
         let map = edge.v1_mapping(&model);
-        let contract = match self.api.contract_for(&edge, &model, &req.version).await {
-            Ok(Some(c)) => c,
+        // A version the policy adapts is built against the contract its clients know.
+        let adapter = edge.adapter(&model, &req.version);
+        let target = adapter
+            .as_ref()
+            .map_or(req.version.as_str(), |a| a.to.as_str());
+        let contract = match self.api.contract_for(&edge, &model, target).await {
+            Ok(Some(c)) => match &adapter {
+                Some(a) => Arc::new(version::client_contract(a, &c)),
+                None => c,
+            },
             Ok(None) => {
                 return Err(edge.deprecate_status(Status::unavailable(format!(
                     "model '{model}' has not described its inputs yet (its metadata could not be fetched); the v1 API needs them to build the request"
@@ -162,9 +168,8 @@ impl PredictionService for LegacyApi {
             model_name: answer.model,
             model_version: answer.version,
             predictions: predictions.into_iter().map(to_pb).collect(),
-            parameters: (!parameters.is_empty()).then_some(prost_types::Struct {
-                fields: parameters,
-            }),
+            parameters: (!parameters.is_empty())
+                .then_some(prost_types::Struct { fields: parameters }),
             id: answer.id,
         };
         Ok(edge.deprecate(Response::from_parts(md, out, ext)))

@@ -99,7 +99,11 @@ pub fn check(policy: &Policy, embedded: &Embedded) -> Result<(), PolicyErrors> {
                     message: format!("model {name:?} has no input {input:?}"),
                 });
             }
-            if let Some(output) = v1.output.as_deref().filter(|o| contract.output(o).is_none()) {
+            if let Some(output) = v1
+                .output
+                .as_deref()
+                .filter(|o| contract.output(o).is_none())
+            {
                 problems.push(PolicyError {
                     path: format!("{at}.output"),
                     message: format!("model {name:?} has no output {output:?}"),

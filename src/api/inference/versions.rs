@@ -10,6 +10,21 @@ use crate::adapt::version;
 use crate::contract::Lookup;
 use crate::error::Error;
 use crate::model::{Contract, InferRequest, InferResponse};
+use crate::policy::VersionAdapter;
+
+impl Edge {
+    /// The policy's adapter for clients of `model` that ask for `version`.
+    pub(in crate::api) fn adapter(&self, model: &str, version: &str) -> Option<VersionAdapter> {
+        self.snapshot
+            .policy
+            .models
+            .as_ref()?
+            .get(model)?
+            .adapters
+            .get(version)
+            .cloned()
+    }
+}
 
 impl InferenceApi {
     /// The contract of the route a call for `model` (`version`) takes: fetched on first use,
@@ -40,15 +55,7 @@ impl InferenceApi {
         edge: &Edge,
         req: InferRequest,
     ) -> Result<Response<InferResponse>, Status> {
-        let adapter = edge
-            .snapshot
-            .policy
-            .models
-            .as_ref()
-            .and_then(|m| m.get(&req.model))
-            .and_then(|m| m.adapters.get(&req.version))
-            .cloned();
-        let Some(adapter) = adapter else {
+        let Some(adapter) = edge.adapter(&req.model, &req.version) else {
             return self.infer(edge, req).await;
         };
         let (model, asked) = (req.model.clone(), req.version.clone());

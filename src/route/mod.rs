@@ -93,17 +93,23 @@ pub fn check(policy: &Policy, embedded: &Embedded) -> Result<(), PolicyErrors> {
         }
         if let Some(v1) = &m.v1 {
             let at = format!("models.{name}.v1");
-            if let Some(input) = v1.input.as_deref().filter(|i| contract.input(i).is_none()) {
+            // A name may be the model's, or what an adapted version's clients call it.
+            let views: Vec<_> = std::iter::once(contract.clone())
+                .chain(
+                    m.adapters
+                        .values()
+                        .map(|a| crate::adapt::version::client_contract(a, &contract)),
+                )
+                .collect();
+            let has_input = |i: &str| views.iter().any(|c| c.input(i).is_some());
+            let has_output = |o: &str| views.iter().any(|c| c.output(o).is_some());
+            if let Some(input) = v1.input.as_deref().filter(|i| !has_input(i)) {
                 problems.push(PolicyError {
                     path: format!("{at}.input"),
                     message: format!("model {name:?} has no input {input:?}"),
                 });
             }
-            if let Some(output) = v1
-                .output
-                .as_deref()
-                .filter(|o| contract.output(o).is_none())
-            {
+            if let Some(output) = v1.output.as_deref().filter(|o| !has_output(o)) {
                 problems.push(PolicyError {
                     path: format!("{at}.output"),
                     message: format!("model {name:?} has no output {output:?}"),

@@ -725,4 +725,98 @@ mod tests {
         assert_eq!(pbc.input[0].data_type, 13, "BYTES is TYPE_STRING");
         assert_eq!(spec_from_pb(pbc).unwrap(), spec);
     }
+
+    mod never_panics {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::model::{Contract, RequestLimits, TensorSpec, check};
+
+        fn dimension() -> impl Strategy<Value = i64> {
+            prop_oneof![
+                0i64..5,
+                Just(-1i64),
+                Just(i64::MIN),
+                Just(i64::MAX),
+                Just(1i64 << 40),
+                any::<i64>(),
+            ]
+        }
+
+        fn tensor() -> impl Strategy<Value = (InferInputTensor, Bytes)> {
+            let datatype = prop_oneof![
+                Just("INT32"),
+                Just("FP32"),
+                Just("BYTES"),
+                Just("FP16"),
+                Just("BOOL"),
+                Just("UINT64"),
+                Just("FLOAT"),
+                Just(""),
+            ];
+            (
+                prop_oneof![Just("a"), Just("b"), Just("c")],
+                datatype,
+                prop::collection::vec(dimension(), 0..4),
+                prop::collection::vec(any::<u8>(), 0..48),
+            )
+                .prop_map(|(name, datatype, shape, raw)| {
+                    (
+                        InferInputTensor {
+                            name: name.into(),
+                            datatype: datatype.into(),
+                            shape,
+                            parameters: Default::default(),
+                            contents: None,
+                        },
+                        Bytes::from(raw),
+                    )
+                })
+        }
+
+        fn contract() -> Contract {
+            Contract {
+                model: "m".into(),
+                inputs: vec![
+                    TensorSpec::new("a", DataType::Int32, &[-1, 2]),
+                    TensorSpec::new("b", DataType::Bytes, &[-1]),
+                ],
+                outputs: vec![TensorSpec::new("y", DataType::Int32, &[-1, 2])],
+                max_batch_size: Some(4),
+                any_inputs: false,
+            }
+        }
+
+        proptest! {
+            /// Arbitrary shapes, datatypes and byte lengths: decoding and checking answer
+            /// with a rejection or a request that fits, never a panic.
+            #[test]
+            fn decoding_and_checking_never_panic(
+                tensors in prop::collection::vec(tensor(), 0..4),
+                raw in any::<bool>(),
+                max_bytes in prop_oneof![Just(u64::MAX), 0u64..64],
+                max_elements in prop_oneof![Just(u64::MAX), 0u64..16],
+            ) {
+                let (inputs, contents): (Vec<_>, Vec<_>) = tensors.into_iter().unzip();
+                let msg = pb::ModelInferRequest {
+                    model_name: "m".into(),
+                    inputs,
+                    raw_input_contents: if raw { contents } else { vec![] },
+                    ..Default::default()
+                };
+                match infer_request_from_pb(msg) {
+                    Err(r) => prop_assert!(!r.violations().is_empty()),
+                    Ok(req) => {
+                        let limits = RequestLimits { max_bytes, max_elements };
+                        if check(&req, &contract(), limits).is_ok() {
+                            for t in &req.inputs {
+                                let want = contract().input(t.name()).cloned();
+                                prop_assert!(want.is_some_and(|w| w.dtype == t.dtype() && w.dims.len() == t.shape().len()));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

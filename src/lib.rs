@@ -21,6 +21,7 @@ pub mod call;
 pub mod contract;
 pub mod error;
 pub mod grpc_code;
+pub mod load;
 pub mod model;
 pub mod observe;
 pub mod pb;

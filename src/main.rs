@@ -1,4 +1,4 @@
-//! The `keel` command line: `keel serve`, `keel validate`, `keel --version`.
+//! The `keel` command line: `keel serve`, `keel validate`, `keel load`, `keel --version`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +33,48 @@ enum Command {
         /// The TOML file to check.
         file: PathBuf,
     },
+    /// Drive an OIP server (Keel or another) with inference load and report what it did.
+    Load(LoadArgs),
+}
+
+#[derive(clap::Args)]
+struct LoadArgs {
+    /// The server, host:port; only loopback unless --allow-remote.
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    target: String,
+    /// The model; by default the payload's (simple, iris, identity).
+    #[arg(long)]
+    model: Option<String>,
+    /// Requests in flight at once (closed loop), or at most (with --rate).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// HTTP/2 connections, used in turn.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// How long to run (`10s`, `500ms`); the default when --requests is not given.
+    #[arg(long, conflicts_with = "requests")]
+    duration: Option<String>,
+    /// How many requests to send.
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Requests per second, open loop: latency counts from each request's intended send time.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// simple, iris, or identity:BYTES (identity:4MiB).
+    #[arg(long, default_value = "simple")]
+    payload: String,
+    /// The deadline each request sends (`500ms`).
+    #[arg(long)]
+    deadline: Option<String>,
+    /// Write the summary as JSON to this file too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// v2 (OIP ModelInfer) or v1 (Keel's legacy Predict).
+    #[arg(long, default_value = "v2")]
+    api: String,
+    /// Allow a target that is not loopback.
+    #[arg(long)]
+    allow_remote: bool,
 }
 
 #[derive(clap::Args, Default)]
@@ -54,6 +96,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
         Command::Validate { file } => validate(&file),
+        Command::Load(args) => load(args),
     }
 }
 
@@ -72,6 +115,112 @@ fn validate(file: &std::path::Path) -> ExitCode {
             for e in errors.0 {
                 eprintln!("{}: {e}", file.display());
             }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Parses the load plan from the command line; every problem names its flag.
+fn load_plan(args: &LoadArgs) -> Result<keel::load::Plan, String> {
+    use keel::load::{Api, Payload, Plan, Stop};
+    let duration =
+        |flag: &str, v: &str| keel::policy::parse_duration(v).map_err(|e| format!("--{flag}: {e}"));
+    keel::load::check_target(&args.target, args.allow_remote).map_err(|e| e.to_string())?;
+    let payload: Payload = args
+        .payload
+        .parse()
+        .map_err(|e| format!("--payload: {e}"))?;
+    let stop = match (args.requests, &args.duration) {
+        (Some(0), _) => return Err("--requests must be at least 1".into()),
+        (Some(n), _) => Stop::Requests(n),
+        (None, Some(d)) => Stop::Duration(duration("duration", d)?),
+        (None, None) => Stop::Duration(std::time::Duration::from_secs(10)),
+    };
+    if let Stop::Duration(d) = stop
+        && d > std::time::Duration::from_secs(24 * 3600)
+    {
+        return Err("--duration: at most 24h".into());
+    }
+    let api = match args.api.as_str() {
+        "v2" => Api::V2,
+        "v1" => Api::V1,
+        other => return Err(format!("--api: {other:?} is not v2 or v1")),
+    };
+    Ok(Plan {
+        target: args.target.clone(),
+        model: args
+            .model
+            .clone()
+            .unwrap_or_else(|| payload.model().to_string()),
+        concurrency: args.concurrency,
+        connections: args.connections,
+        stop,
+        rate: args.rate,
+        payload,
+        deadline: args
+            .deadline
+            .as_deref()
+            .map(|d| duration("deadline", d))
+            .transpose()?,
+        api,
+    })
+}
+
+fn load(args: LoadArgs) -> ExitCode {
+    use std::io::{IsTerminal as _, Write as _};
+    let plan = match load_plan(&args) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("keel load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("keel load: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let tty = std::io::stderr().is_terminal();
+    let progress = move |t: keel::load::Tick| {
+        let line = format!(
+            "{:>6.1}s  {:>9} done  {:>9.0} req/s  {} errors",
+            t.elapsed.as_secs_f64(),
+            t.done,
+            t.done as f64 / t.elapsed.as_secs_f64().max(1e-9),
+            t.errors
+        );
+        if tty {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else if t.elapsed.as_secs().is_multiple_of(5) {
+            eprintln!("{line}");
+        }
+    };
+    let report = runtime.block_on(keel::load::run(plan, progress));
+    if tty {
+        eprintln!();
+    }
+    match report {
+        Ok(r) => {
+            print!("{r}");
+            if let Some(path) = &args.json {
+                let written = serde_json::to_string_pretty(&r)
+                    .map_err(|e| e.to_string())
+                    .and_then(|j| std::fs::write(path, j + "\n").map_err(|e| e.to_string()));
+                if let Err(e) = written {
+                    eprintln!("keel load: cannot write {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keel load: {e}");
             ExitCode::FAILURE
         }
     }

@@ -85,6 +85,15 @@ pub enum Error {
         /// What the upstream said about retrying (`grpc-retry-pushback-ms`).
         pushback: Pushback,
     },
+    /// An error answer injected by the policy's `fault.abort` (or a request's `keel-fault`),
+    /// standing for what a sick backend would answer.
+    #[error("fault injected: {}", crate::grpc_code::name(*code))]
+    FaultInjected {
+        /// The code answered.
+        code: tonic::Code,
+        /// The wait it asks for (`fault.pushback_ms`).
+        pushback: Pushback,
+    },
     /// The upstream answered something Keel cannot use (a malformed tensor, for example).
     #[error("upstream '{upstream}' sent an invalid answer: {detail}")]
     UpstreamProtocol {
@@ -138,6 +147,7 @@ impl Error {
             Error::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             Error::UpstreamStatus { .. } => "UPSTREAM_ERROR",
             Error::UpstreamProtocol { .. } => "UPSTREAM_PROTOCOL",
+            Error::FaultInjected { .. } => "FAULT_INJECTED",
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => "DEADLINE_EXCEEDED",
             Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
             Error::BreakerOpen(_) => "BREAKER_OPEN",
@@ -155,7 +165,9 @@ impl Error {
             | Error::AdapterMismatch { .. }
             | Error::InvalidRequest(_) => Origin::Request,
             Error::UpstreamUnavailable { .. } => Origin::Transport,
-            Error::UpstreamStatus { code, .. } => Origin::Upstream(*code),
+            Error::UpstreamStatus { code, .. } | Error::FaultInjected { code, .. } => {
+                Origin::Upstream(*code)
+            }
             Error::UpstreamProtocol { .. } => Origin::Protocol,
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Origin::Deadline,
             Error::AttemptTimeout(_) => Origin::AttemptTimeout,
@@ -175,7 +187,7 @@ impl Error {
             Error::InvalidRequest(_) | Error::UnknownRoute { .. } => Code::InvalidArgument,
             Error::AdapterMismatch { .. } => Code::FailedPrecondition,
             Error::UpstreamUnavailable { .. } | Error::BreakerOpen(_) => Code::Unavailable,
-            Error::UpstreamStatus { code, .. } => *code,
+            Error::UpstreamStatus { code, .. } | Error::FaultInjected { code, .. } => *code,
             Error::UpstreamProtocol { .. } => Code::Internal,
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Code::DeadlineExceeded,
             // An attempt's timeout that ends the call: the upstream did not answer in time.
@@ -191,6 +203,10 @@ impl Error {
             Error::Overloaded(shed) => Some(shed.retry_after),
             Error::GatewayOverloaded { .. } => Some(Duration::from_millis(100)),
             Error::UpstreamStatus {
+                pushback: Pushback::After(d),
+                ..
+            }
+            | Error::FaultInjected {
                 pushback: Pushback::After(d),
                 ..
             } => Some(*d),
@@ -227,6 +243,9 @@ impl Failure for Error {
             Error::UpstreamStatus {
                 pushback: Pushback::After(_) | Pushback::Stop,
                 ..
+            } | Error::FaultInjected {
+                pushback: Pushback::After(_) | Pushback::Stop,
+                ..
             }
         );
         classify(self.origin(), pushback)
@@ -238,7 +257,9 @@ impl Failure for Error {
 
     fn pushback(&self) -> Pushback {
         match self {
-            Error::UpstreamStatus { pushback, .. } => *pushback,
+            Error::UpstreamStatus { pushback, .. } | Error::FaultInjected { pushback, .. } => {
+                *pushback
+            }
             _ => Pushback::None,
         }
     }

@@ -20,6 +20,7 @@ pub mod api;
 pub mod call;
 pub mod contract;
 pub mod error;
+pub mod fault;
 pub mod grpc_code;
 pub mod load;
 pub mod model;

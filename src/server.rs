@@ -33,6 +33,7 @@ use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenE
 use crate::api::legacy::LegacyApi;
 use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, oversize, receipt};
 use crate::contract::ValidateLayer;
+use crate::fault::FaultLayer;
 use crate::observe::Metrics;
 use crate::observe::edge::{EdgeMetricsLayer, KnownMethods};
 use crate::observe::metrics::{ReloadLabels, RuntimeState};
@@ -140,8 +141,10 @@ fn stack<Op: Operation>() -> CallService<Op> {
         .layer(HedgeLayer)
         // Per attempt, so each attempt's outcome feeds the breaker.
         .layer(BreakerLayer)
-        // Innermost: bounds one attempt and measures it for the latency estimate.
+        // Bounds one attempt and measures it for the latency estimate.
         .layer(AttemptLayer)
+        // Innermost: an injected fault looks to every layer above like the backend's answer.
+        .layer(FaultLayer)
         .service(Deliver::<Op>::new());
     BoxCloneSyncService::new(svc)
 }

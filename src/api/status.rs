@@ -58,6 +58,9 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
             _ => {}
         }
     }
+    if matches!(e, Error::FaultInjected { .. }) {
+        info.insert("injected".to_string(), "true".to_string());
+    }
     let mut details = ErrorDetails::with_error_info(e.reason(), DOMAIN, info);
     if let Error::UnknownRoute { .. } = e {
         details.add_bad_request_violation("keel-route", e.to_string());
@@ -70,7 +73,17 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
     if let Some(after) = e.retry_after() {
         details.set_retry_info(Some(after));
     }
-    Status::with_error_details(e.code(), message, details)
+    let mut status = Status::with_error_details(e.code(), message, details);
+    // An injected fault looks like a sick server to whoever calls Keel, pushback included.
+    if let Error::FaultInjected {
+        pushback: crate::resilience::Pushback::After(d),
+        ..
+    } = e
+        && let Ok(v) = tonic::metadata::MetadataValue::try_from(d.as_millis().to_string())
+    {
+        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+    }
+    status
 }
 
 #[cfg(test)]

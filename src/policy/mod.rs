@@ -14,6 +14,7 @@ mod adapters;
 mod audit;
 mod document;
 mod fallback;
+mod fault;
 mod reader;
 mod rollout;
 mod settings;
@@ -31,6 +32,7 @@ use std::time::Duration;
 pub use adapters::{LegacyApi, Predict, V1Mapping, VersionAdapter};
 pub use audit::{AuditEntry, AuditLog, Outcome, rfc3339};
 pub use fallback::{CacheSpec, Fallback, StaticData, StaticTensor, Tier, Trigger};
+pub use fault::{Abort, Delay, Fault, parse_code};
 pub use rollout::{RollbackSpec, WeightedRoute, When};
 pub use settings::{
     Breaker, BreakerOverrides, Budget, BudgetOverrides, ErrorClass, Jitter, LimitOverrides, Limits,

@@ -247,6 +247,8 @@ pub struct Settings {
     pub breaker: Breaker,
     /// Limits.
     pub limits: Limits,
+    /// Faults to inject; `None`: none.
+    pub fault: Option<super::Fault>,
 }
 
 /// What one policy layer (`[defaults]`, a method, a model) sets.
@@ -272,6 +274,8 @@ pub struct Overrides {
     pub breaker: BreakerOverrides,
     /// `[limits]`.
     pub limits: LimitOverrides,
+    /// `[fault]`: replaces a less specific layer's as a whole.
+    pub fault: Option<super::Fault>,
 }
 
 impl Default for Settings {
@@ -320,6 +324,7 @@ impl Default for Settings {
                 max_request_bytes: 64 << 20,
                 max_elements: 64 << 20,
             },
+            fault: None,
         }
     }
 }
@@ -349,6 +354,9 @@ impl Overrides {
         self.budget.apply_to(&mut s.budget);
         self.breaker.apply_to(&mut s.breaker);
         self.limits.apply_to(&mut s.limits);
+        if let Some(f) = &self.fault {
+            s.fault = Some(f.clone());
+        }
     }
 
     /// Reads the settings keys of a layer's section; other keys are left to the caller.
@@ -432,6 +440,7 @@ impl Overrides {
             };
             b.finish(p);
         }
+        o.fault = super::fault::read(s, p);
         if let Some(mut l) = s.table(p, "limits") {
             o.limits = LimitOverrides {
                 max_in_flight: l.count(p, "max_in_flight", 1..=1_000_000),

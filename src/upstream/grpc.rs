@@ -122,8 +122,9 @@ impl GrpcUpstream {
             .collect()
     }
 
-    /// The next endpoint in turn whose breaker lets the call through.
-    fn pick(&self) -> Result<(Target, Option<Admission>), Error> {
+    /// The next endpoint in turn whose breaker lets the call through, other than `avoid`
+    /// (the endpoint that just failed this call) unless no other can take it.
+    fn pick(&self, avoid: Option<&str>) -> Result<(Target, Option<Admission>), Error> {
         let n = self.targets.len();
         if n == 0 {
             return Err(Error::UpstreamUnavailable {
@@ -134,8 +135,14 @@ impl GrpcUpstream {
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         let mut soonest: Option<BreakerOpen> = None;
-        for k in 0..n {
-            let target = &self.targets[(start + k) % n];
+        let order = (0..n).map(|k| (start + k) % n);
+        // The endpoint to avoid goes last, so it is tried only when every other is refused.
+        let order = order
+            .clone()
+            .filter(|&i| Some(&*self.targets[i].addr) != avoid)
+            .chain(order.filter(|&i| Some(&*self.targets[i].addr) == avoid));
+        for i in order {
+            let target = &self.targets[i];
             match target.breaker.as_ref().map(|b| b.admit()) {
                 None => return Ok((target.clone(), None)),
                 Some(Ok(admission)) => return Ok((target.clone(), Some(admission))),
@@ -169,7 +176,14 @@ impl GrpcUpstream {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>> + Send + 'static,
     {
         let name = self.name.clone();
-        let target = self.pick();
+        // A retry goes elsewhere than the attempt before it, where it can.
+        let previous = (call.attempt > 1)
+            .then(|| call.ctx.receipt.read().served_by)
+            .flatten();
+        let avoid = previous
+            .as_deref()
+            .and_then(|s| s.strip_prefix(&*self.name)?.strip_prefix('@'));
+        let target = self.pick(avoid);
         let ctx = call.ctx.clone();
         let attempt = call.attempt;
         let attempt_deadline = call.attempt_deadline;
@@ -317,7 +331,16 @@ fn status_error(
             .get(PUSHBACK)
             .and_then(|v| v.to_str().ok()),
     );
+    // A status tonic made from a transport failure (a connection reset or closed mid-call,
+    // an HTTP/2 error) carries its cause; one the upstream answered does not. The former
+    // says nothing of the model, whatever code tonic chose for it.
+    let transport = status.source().is_some();
     match status.code() {
+        _ if transport && pushback == Pushback::None => Error::UpstreamUnavailable {
+            upstream: name.to_string(),
+            detail: format!("{addr}: {}", status.message()),
+            never_sent: refused(&status),
+        },
         tonic::Code::Unavailable if pushback == Pushback::None => Error::UpstreamUnavailable {
             upstream: name.to_string(),
             detail: format!("{addr}: {}", status.message()),

@@ -34,7 +34,12 @@ pub struct Keel {
 
 impl Keel {
     pub async fn start(options: keel::Options) -> Keel {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Keel::start_on(options, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A Keel on `addr` (an address a stopped Keel used, to restart it in place).
+    pub async fn start_on(options: keel::Options, addr: SocketAddr) -> Keel {
+        let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(keel::serve(options, listener, async move {

@@ -1,0 +1,103 @@
+//! Micro-benchmarks of the pieces every call goes through: taking the policy snapshot,
+//! resolving settings, classifying an error, a backoff, a breaker admission and record,
+//! decoding and validating a 1 MiB tensor, and upgrading a v1 request.
+//!
+//! `cargo bench --bench hot_path`; figures are recorded in docs/benchmarks.md.
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{Criterion, criterion_group, criterion_main};
+use keel::adapt::v1;
+use keel::model::{Contract, DataType, RequestLimits, TensorSpec, check};
+use keel::pb::inference as pb;
+use keel::policy::{METHODS, Policy, Store, V1Mapping};
+use keel::resilience::{BreakerCell, Origin, backoff_delay, classify};
+
+fn policy(c: &mut Criterion) {
+    let store = Store::with_default();
+    c.bench_function("policy snapshot load", |b| b.iter(|| black_box(store.current())));
+    let p = Policy::parse(
+        "[defaults]\ntimeout = \"10s\"\n[methods.\"inference.GRPCInferenceService/ModelInfer\"]\ntimeout = \"5s\"\n\
+         [models.simple]\nbackend = \"embedded\"\ntimeout = \"2s\"\n",
+    )
+    .unwrap();
+    c.bench_function("settings resolution (model > method > defaults)", |b| {
+        b.iter(|| black_box(p.resolve(black_box(METHODS[0]), Some("simple"))))
+    });
+}
+
+fn resilience(c: &mut Criterion) {
+    c.bench_function("classify", |b| {
+        b.iter(|| classify(black_box(Origin::Upstream(tonic::Code::Unavailable)), false))
+    });
+    let retry = Policy::parse("").unwrap().resolve(METHODS[0], None).retry;
+    c.bench_function("backoff (deterministic jitter)", |b| {
+        b.iter(|| backoff_delay(&retry, black_box(2), "req-1", 7))
+    });
+    let breaker = BreakerCell::new(Policy::parse("").unwrap().resolve(METHODS[0], None).breaker);
+    c.bench_function("breaker admit + record", |b| {
+        b.iter(|| {
+            let a = breaker.admit().unwrap();
+            breaker.record(a, true);
+        })
+    });
+}
+
+fn validation(c: &mut Criterion) {
+    let n = (1 << 20) / 4;
+    let msg = pb::ModelInferRequest {
+        model_name: "m".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor {
+            name: "x".into(),
+            datatype: "FP32".into(),
+            shape: vec![1, n],
+            ..Default::default()
+        }],
+        raw_input_contents: vec![Bytes::from(vec![0u8; 1 << 20])],
+        ..Default::default()
+    };
+    let contract = Contract {
+        model: "m".into(),
+        inputs: vec![TensorSpec::new("x", DataType::Fp32, &[-1, -1])],
+        outputs: vec![],
+        max_batch_size: Some(8),
+        any_inputs: false,
+    };
+    c.bench_function("decode + validate a 1 MiB FP32 tensor (raw)", |b| {
+        b.iter(|| {
+            let req = keel::pb::infer_request_from_pb(black_box(msg.clone())).unwrap();
+            check(&req, &contract, RequestLimits::NONE).unwrap()
+        })
+    });
+}
+
+fn legacy(c: &mut Criterion) {
+    let iris = Contract {
+        model: "iris".into(),
+        inputs: vec![TensorSpec::new("features", DataType::Fp32, &[-1, 4])],
+        outputs: vec![],
+        max_batch_size: Some(0),
+        any_inputs: false,
+    };
+    let row = v1::Value::List([5.1, 3.5, 1.4, 0.2].map(v1::Value::Number).to_vec());
+    let request = |n: usize| v1::Request {
+        model: "iris".into(),
+        version: String::new(),
+        id: String::new(),
+        instances: vec![row.clone(); n],
+        parameters: Default::default(),
+    };
+    let map = V1Mapping::default();
+    for n in [1, 64] {
+        let r = request(n);
+        c.bench_function(&format!("v1 upgrade, {n} iris instance(s)"), |b| {
+            b.iter(|| v1::upgrade(black_box(r.clone()), &iris, &map).unwrap())
+        });
+    }
+}
+
+criterion_group!(benches, policy, resilience, validation, legacy);
+criterion_main!(benches);

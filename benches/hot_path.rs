@@ -18,7 +18,9 @@ use keel::resilience::{BreakerCell, Origin, backoff_delay, classify};
 
 fn policy(c: &mut Criterion) {
     let store = Store::with_default();
-    c.bench_function("policy snapshot load", |b| b.iter(|| black_box(store.current())));
+    c.bench_function("policy snapshot load", |b| {
+        b.iter(|| black_box(store.current()))
+    });
     let p = Policy::parse(
         "[defaults]\ntimeout = \"10s\"\n[methods.\"inference.GRPCInferenceService/ModelInfer\"]\ntimeout = \"5s\"\n\
          [models.simple]\nbackend = \"embedded\"\ntimeout = \"2s\"\n",

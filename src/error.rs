@@ -120,12 +120,38 @@ pub enum Error {
     /// Too many calls for the model: shed. The edge names the model.
     #[error("{0}")]
     Overloaded(Shed),
+    /// The caller gave no valid API key (the policy defines tenants).
+    #[error("{0}")]
+    Unauthenticated(#[from] crate::auth::Unauthenticated),
+    /// The tenant may not call the model.
+    #[error("tenant '{tenant}' may not call model '{model}'")]
+    PermissionDenied {
+        /// The tenant.
+        tenant: String,
+        /// The model asked for.
+        model: String,
+    },
+    /// The tenant is over one of its rate limits or has all of its calls in flight.
+    #[error("{0}")]
+    TenantLimited(crate::auth::Refused),
     /// Keel as a whole has too many calls in flight.
     #[error("Keel is at its limit of {max_in_flight} calls in flight")]
     GatewayOverloaded {
         /// The limit (`server.max_in_flight`).
         max_in_flight: u32,
     },
+}
+
+impl From<crate::auth::Refused> for Error {
+    /// A hidden model is refused exactly as an unknown one; a denied one names the tenant.
+    fn from(r: crate::auth::Refused) -> Self {
+        use crate::auth::Refused;
+        match r {
+            Refused::Hidden { model } => Error::ModelNotFound { model },
+            Refused::Denied { tenant, model } => Error::PermissionDenied { tenant, model },
+            limited => Error::TenantLimited(limited),
+        }
+    }
 }
 
 impl From<InvalidRequest> for Error {
@@ -152,6 +178,10 @@ impl Error {
             Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
             Error::BreakerOpen(_) => "BREAKER_OPEN",
             Error::Overloaded(_) | Error::GatewayOverloaded { .. } => "OVERLOADED",
+            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::PermissionDenied { .. } => "PERMISSION_DENIED",
+            Error::TenantLimited(crate::auth::Refused::Quota { .. }) => "TENANT_QUOTA_EXCEEDED",
+            Error::TenantLimited(_) => "RATE_LIMITED",
         }
     }
 
@@ -163,7 +193,9 @@ impl Error {
             | Error::ModelSwitchedOff { .. }
             | Error::UnknownRoute { .. }
             | Error::AdapterMismatch { .. }
-            | Error::InvalidRequest(_) => Origin::Request,
+            | Error::InvalidRequest(_)
+            | Error::Unauthenticated(_)
+            | Error::PermissionDenied { .. } => Origin::Request,
             Error::UpstreamUnavailable { .. } => Origin::Transport,
             Error::UpstreamStatus { code, .. } | Error::FaultInjected { code, .. } => {
                 Origin::Upstream(*code)
@@ -171,9 +203,10 @@ impl Error {
             Error::UpstreamProtocol { .. } => Origin::Protocol,
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Origin::Deadline,
             Error::AttemptTimeout(_) => Origin::AttemptTimeout,
-            Error::BreakerOpen(_) | Error::Overloaded(_) | Error::GatewayOverloaded { .. } => {
-                Origin::LocalRejection
-            }
+            Error::BreakerOpen(_)
+            | Error::Overloaded(_)
+            | Error::GatewayOverloaded { .. }
+            | Error::TenantLimited(_) => Origin::LocalRejection,
         }
     }
 
@@ -192,7 +225,11 @@ impl Error {
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Code::DeadlineExceeded,
             // An attempt's timeout that ends the call: the upstream did not answer in time.
             Error::AttemptTimeout(_) => Code::Unavailable,
-            Error::Overloaded(_) | Error::GatewayOverloaded { .. } => Code::ResourceExhausted,
+            Error::Overloaded(_) | Error::GatewayOverloaded { .. } | Error::TenantLimited(_) => {
+                Code::ResourceExhausted
+            }
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::PermissionDenied { .. } => Code::PermissionDenied,
         }
     }
 
@@ -202,6 +239,7 @@ impl Error {
             Error::BreakerOpen(open) => Some(open.retry_after),
             Error::Overloaded(shed) => Some(shed.retry_after),
             Error::GatewayOverloaded { .. } => Some(Duration::from_millis(100)),
+            Error::TenantLimited(r) => r.retry_after(),
             Error::UpstreamStatus {
                 pushback: Pushback::After(d),
                 ..
@@ -224,13 +262,29 @@ impl Error {
         }
     }
 
+    /// The tenant refused, if any.
+    pub fn tenant(&self) -> Option<&str> {
+        use crate::auth::Refused;
+        match self {
+            Error::PermissionDenied { tenant, .. }
+            | Error::TenantLimited(Refused::RateLimited { tenant, .. })
+            | Error::TenantLimited(Refused::Quota { tenant, .. })
+            | Error::TenantLimited(Refused::Denied { tenant, .. }) => Some(tenant),
+            _ => None,
+        }
+    }
+
     /// The model involved, if any.
     pub fn model(&self) -> Option<&str> {
         match self {
             Error::ModelNotFound { model }
             | Error::VersionNotFound { model, .. }
             | Error::ModelSwitchedOff { model, .. }
-            | Error::UnknownRoute { model, .. } => Some(model),
+            | Error::UnknownRoute { model, .. }
+            | Error::PermissionDenied { model, .. } => Some(model),
+            Error::TenantLimited(crate::auth::Refused::RateLimited {
+                model: Some(model), ..
+            }) => Some(model),
             _ => None,
         }
     }

@@ -3,6 +3,7 @@
 //! The crate map, one line per module, in the order a request meets them:
 //!
 //! - [`api`]: the gRPC edge: OIP v2 service, PolicyAdmin, call context, error → status.
+//! - [`auth`]: tenants at the edge: API keys, model access, rate limits, in-flight quotas.
 //! - [`route`]: each snapshot's model → backend routes; the dispatching tower service.
 //! - [`resilience`]: tower layers that keep calls calm (deadline so far).
 //! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams.
@@ -17,6 +18,7 @@
 
 pub mod adapt;
 pub mod api;
+pub mod auth;
 pub mod call;
 pub mod contract;
 pub mod error;

@@ -1,4 +1,5 @@
-//! The `keel` command line: `keel serve`, `keel validate`, `keel load`, `keel --version`.
+//! The `keel` command line: `keel serve`, `keel validate`, `keel load`, `keel hash-key`,
+//! `keel --version`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +36,9 @@ enum Command {
     },
     /// Drive an OIP server (Keel or another) with inference load and report what it did.
     Load(LoadArgs),
+    /// Read an API key from stdin and print its `sha256:<hex>` hash for a tenant's
+    /// `api_keys` (the policy holds hashes only, never keys).
+    HashKey,
 }
 
 #[derive(clap::Args)]
@@ -97,7 +101,35 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Validate { file } => validate(&file),
         Command::Load(args) => load(args),
+        Command::HashKey => hash_key(),
     }
+}
+
+/// Reads one key from stdin (its line end dropped, nothing else, so the hash is of the key
+/// exactly as clients send it) and prints its hash.
+fn hash_key() -> ExitCode {
+    use std::io::Read as _;
+    let mut input = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut input) {
+        eprintln!("keel hash-key: cannot read the key from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let key = input
+        .strip_suffix('\n')
+        .map(|k| k.strip_suffix('\r').unwrap_or(k))
+        .unwrap_or(&input);
+    if key.is_empty() {
+        eprintln!("keel hash-key: no key on stdin (try: printf %s \"$KEY\" | keel hash-key)");
+        return ExitCode::FAILURE;
+    }
+    if key.contains(['\n', '\r']) || key.trim() != key {
+        eprintln!(
+            "keel hash-key: the key has line breaks or spaces at its ends; clients could not send it in `authorization: Bearer <key>`"
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("{}", keel::auth::hash_key(key));
+    ExitCode::SUCCESS
 }
 
 fn validate(file: &std::path::Path) -> ExitCode {

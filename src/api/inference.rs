@@ -21,6 +21,7 @@ mod versions;
 use super::context::EdgeContext;
 use super::record::Leg;
 use super::{oversize, receipt, record, status};
+use crate::auth::{AUTHORIZATION, Caller, Guard, Pass};
 use crate::call::{Call, CallContext, ModelRef};
 use crate::error::Error;
 use crate::model::InferRequest;
@@ -99,6 +100,8 @@ pub struct InferenceApi {
     max_in_flight: u32,
     /// Span export, when tracing is on.
     tracing: Option<Arc<Tracing>>,
+    /// Tenants' buckets and slots, kept across policy swaps.
+    guard: Arc<Guard>,
 }
 
 /// Completes when `cut` becomes true (never, if its sender is dropped without cutting).
@@ -144,17 +147,89 @@ impl InferenceApi {
             gate,
             max_in_flight,
             tracing,
+            guard: Arc::new(Guard::new()),
         }
     }
 
-    /// Reads the edge context and takes the policy snapshot for one call.
-    pub(super) fn begin<T>(&self, request: &Request<T>) -> Edge {
+    /// Reads the edge context and takes the policy snapshot for one call of `api`, without
+    /// asking who calls (ServerLive and ServerReady, which probes call without a key).
+    fn open<T>(&self, request: &Request<T>, api: &'static str) -> Edge {
         Edge {
             ctx: EdgeContext::from_metadata(request.metadata()),
             snapshot: self.store.current(),
             peer: request.remote_addr(),
-            api: "v2",
+            api,
+            caller: None,
         }
+    }
+
+    /// [`Self::open`], then authenticates the caller when the policy defines tenants:
+    /// UNAUTHENTICATED without a valid key. The key is Keel's, so it is not forwarded.
+    pub(super) fn begin<T>(&self, request: &Request<T>, api: &'static str) -> Result<Edge, Status> {
+        let mut edge = self.open(request, api);
+        let presented = request.metadata().get(AUTHORIZATION).map(|v| v.as_bytes());
+        let policy = &edge.snapshot.policy;
+        match self
+            .guard
+            .authenticate(policy, edge.snapshot.revision, presented)
+        {
+            Ok(None) => Ok(edge),
+            Ok(Some(caller)) => {
+                edge.ctx.metadata.remove(AUTHORIZATION);
+                edge.caller = Some(caller);
+                Ok(edge)
+            }
+            Err(e) => {
+                let reason = match e {
+                    crate::auth::Unauthenticated::Missing => "missing",
+                    crate::auth::Unauthenticated::Malformed => "malformed",
+                    crate::auth::Unauthenticated::UnknownKey => "unknown_key",
+                };
+                self.router
+                    .metrics()
+                    .auth_failures
+                    .get_or_create(&crate::observe::metrics::AuthFailureLabels { reason })
+                    .inc();
+                tracing::info!(
+                    request_id = %edge.ctx.request_id,
+                    api,
+                    peer = %edge.peer.map(|p| p.to_string()).unwrap_or_default(),
+                    reason,
+                    "call refused: no valid API key"
+                );
+                Err(edge.status(&e.into(), None))
+            }
+        }
+    }
+
+    /// Lets one request of the edge's tenant in (for `model` when it names one), or refuses
+    /// it with the status to answer; `method` says whether it counts as an inference
+    /// request in `keel_tenant_requests_total`.
+    pub(super) fn admit(
+        &self,
+        edge: &Edge,
+        method: &'static str,
+        model: Option<&str>,
+    ) -> Result<Option<Pass>, Error> {
+        let Some(caller) = &edge.caller else {
+            return Ok(None);
+        };
+        caller.admit(model).map(Some).map_err(|refused| {
+            let e = Error::from(refused);
+            if is_inference(method) {
+                record::tenant_request(self.router.metrics(), caller.name(), e.code());
+            }
+            tracing::info!(
+                request_id = %edge.ctx.request_id,
+                api = edge.api,
+                tenant = caller.name(),
+                method,
+                model = model.unwrap_or(""),
+                error = %e,
+                "call refused for its tenant"
+            );
+            e
+        })
     }
 
     /// Routes one call to `method` under the edge's snapshot and sends it through `svc`;
@@ -229,6 +304,7 @@ impl InferenceApi {
                 success_sample: policy.observability.success_log_sample,
                 leg,
                 api: edge.api,
+                tenant: edge.caller.as_ref().map(Caller::name),
             };
             record::finish(metrics, &f, || body.summary());
         };
@@ -308,6 +384,12 @@ impl InferenceApi {
         name: String,
         version: String,
     ) -> Result<bool, Status> {
+        // A model hidden from the tenant is not ready, exactly as an unknown one.
+        let _pass = match self.admit(edge, MODEL_READY, Some(&name)) {
+            Ok(pass) => pass,
+            Err(Error::ModelNotFound { .. }) => return Ok(false),
+            Err(e) => return Err(edge.status(&e, None)),
+        };
         let q = ReadyQuery(model_ref(name, version));
         match self.call(&self.stacks.ready, edge, MODEL_READY, q).await {
             Ok(a) => Ok(a.value),
@@ -316,8 +398,12 @@ impl InferenceApi {
         }
     }
 
-    /// The versions clients may ask `model` for under the edge's policy.
+    /// The versions clients may ask `model` for under the edge's policy (none for a model
+    /// the tenant may not call).
     pub(super) fn versions(&self, edge: &Edge, model: &str) -> Vec<String> {
+        if !edge.may_call(model) {
+            return Vec::new();
+        }
         self.router.routes(&edge.snapshot).versions(model)
     }
 
@@ -382,9 +468,16 @@ pub(super) struct Edge {
     peer: Option<std::net::SocketAddr>,
     /// The API the client used: `v2`, or `v1` for the legacy PredictionService.
     pub(super) api: &'static str,
+    /// The authenticated tenant; `None` when the policy defines no tenants.
+    pub(super) caller: Option<Caller>,
 }
 
 impl Edge {
+    /// Whether the caller may see and call `model` (anyone may without tenants).
+    pub(super) fn may_call(&self, model: &str) -> bool {
+        self.caller.as_ref().is_none_or(|c| c.may_call(model))
+    }
+
     /// What picks the call's route: its request id and metadata.
     pub(super) fn pick(&self) -> crate::route::Pick<'_> {
         crate::route::Pick {
@@ -453,6 +546,14 @@ fn tag(md: &mut MetadataMap, request_id: &str, revision: u64) {
     md.insert(POLICY_REVISION, MetadataValue::from(revision));
 }
 
+/// Whether `method` is an inference request (counted per tenant).
+fn is_inference(method: &str) -> bool {
+    matches!(method, MODEL_INFER | MODEL_STREAM_INFER | PREDICT)
+}
+
+/// The legacy API's inference method, for the tenant counter.
+pub(super) const PREDICT: &str = "keel.inference.v1.PredictionService/Predict";
+
 fn model_ref(name: String, version: String) -> ModelRef {
     ModelRef { name, version }
 }
@@ -472,7 +573,8 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ServerLiveRequest>,
     ) -> Result<Response<proto::ServerLiveResponse>, Status> {
-        let edge = self.begin(&request);
+        // Open to probes: it says nothing but that Keel answers.
+        let edge = self.open(&request, "v2");
         Ok(edge.reply(proto::ServerLiveResponse { live: true }))
     }
 
@@ -480,7 +582,8 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ServerReadyRequest>,
     ) -> Result<Response<proto::ServerReadyResponse>, Status> {
-        let edge = self.begin(&request);
+        // Open to probes and load balancers, as ServerLive.
+        let edge = self.open(&request, "v2");
         let ready = self.serving.load(Ordering::Acquire);
         Ok(edge.reply(proto::ServerReadyResponse { ready }))
     }
@@ -489,7 +592,7 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ModelReadyRequest>,
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
-        let edge = self.begin(&request);
+        let edge = self.begin(&request, "v2")?;
         let proto::ModelReadyRequest { name, version } = request.into_inner();
         let ready = self.ready(&edge, name, version).await?;
         Ok(edge.reply(proto::ModelReadyResponse { ready }))
@@ -499,7 +602,10 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ServerMetadataRequest>,
     ) -> Result<Response<proto::ServerMetadataResponse>, Status> {
-        let edge = self.begin(&request);
+        let edge = self.begin(&request, "v2")?;
+        let _pass = self
+            .admit(&edge, "ServerMetadata", None)
+            .map_err(|e| edge.status(&e, None))?;
         Ok(edge.reply(proto::ServerMetadataResponse {
             name: "keel".to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -513,8 +619,11 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ModelMetadataRequest>,
     ) -> Result<Response<proto::ModelMetadataResponse>, Status> {
-        let edge = self.begin(&request);
+        let edge = self.begin(&request, "v2")?;
         let proto::ModelMetadataRequest { name, version } = request.into_inner();
+        let _pass = self
+            .admit(&edge, MODEL_METADATA, Some(&name))
+            .map_err(|e| edge.status(&e, None))?;
         let q = MetadataQuery(model_ref(name, version));
         let a = self
             .call(&self.stacks.metadata, &edge, MODEL_METADATA, q)
@@ -526,9 +635,12 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
-        let edge = self.begin(&request);
+        let edge = self.begin(&request, "v2")?;
         let msg = request.into_inner();
         let model = msg.model_name.clone();
+        let _pass = self
+            .admit(&edge, MODEL_INFER, Some(&model))
+            .map_err(|e| edge.status(&e, None))?;
         let req = pb::infer_request_from_pb(msg).map_err(|invalid| {
             let known = self.router.routes(&edge.snapshot).has(&model);
             let label = if known { model.as_str() } else { "unknown" };
@@ -546,10 +658,11 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<StreamOut>, Status> {
         // One snapshot for the whole stream: it is one call, and its revision is reported
         // once, in the response headers.
-        let edge = Arc::new(self.begin(&request));
+        let edge = Arc::new(self.begin(&request, "v2")?);
         let infer = self.stacks.infer.clone();
         let routes = self.router.routes(&edge.snapshot);
         let per_request = edge.clone();
+        let metrics = self.router.metrics().clone();
         // One unary call per streamed request, so upstreams need not speak Triton's stream
         // dialect; `buffered` keeps answers in request order.
         let answers = request
@@ -558,6 +671,7 @@ impl GrpcInferenceService for InferenceApi {
                 let infer = infer.clone();
                 let edge = per_request.clone();
                 let routes = routes.clone();
+                let metrics = metrics.clone();
                 async move {
                     let msg = item.map_err(oversize::fix_status)?;
                     let (id, model, version) = (
@@ -565,9 +679,16 @@ impl GrpcInferenceService for InferenceApi {
                         msg.model_name.clone(),
                         msg.model_version.clone(),
                     );
+                    // Each streamed request is admitted on its own: it names its model, and
+                    // takes a token and a slot as a unary call would.
+                    let admitted = match &edge.caller {
+                        None => Ok(None),
+                        Some(c) => c.admit(Some(&model)).map(Some).map_err(Error::from),
+                    };
                     let route = routes.route(MODEL_STREAM_INFER, &model, &version, &edge.pick());
-                    let result = match (route, pb::infer_request_from_pb(msg)) {
-                        (Ok(route), Ok(req)) => {
+                    let result = match (admitted, route, pb::infer_request_from_pb(msg)) {
+                        (Err(e), _, _) => Err(e),
+                        (Ok(_pass), Ok(route), Ok(req)) => {
                             let form = req.form;
                             let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route, None));
                             let req = match ctx.route.version.as_deref() {
@@ -579,9 +700,13 @@ impl GrpcInferenceService for InferenceApi {
                                 .await
                                 .map(|resp| pb::infer_response_to_pb(resp, form))
                         }
-                        (Err(e), _) => Err(e),
-                        (_, Err(e)) => Err(Error::from(e)),
+                        (Ok(_), Err(e), _) => Err(e),
+                        (Ok(_), _, Err(e)) => Err(Error::from(e)),
                     };
+                    if let Some(c) = &edge.caller {
+                        let code = result.as_ref().err().map_or(tonic::Code::Ok, Error::code);
+                        record::tenant_request(&metrics, c.name(), code);
+                    }
                     let (error_message, mut resp) = match result {
                         Ok(resp) => (String::new(), resp),
                         // The stream goes on; the error names the request it belongs to.
@@ -625,8 +750,11 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ModelConfigRequest>,
     ) -> Result<Response<proto::ModelConfigResponse>, Status> {
-        let edge = self.begin(&request);
+        let edge = self.begin(&request, "v2")?;
         let proto::ModelConfigRequest { name, version } = request.into_inner();
+        let _pass = self
+            .admit(&edge, MODEL_CONFIG, Some(&name))
+            .map_err(|e| edge.status(&e, None))?;
         let q = ConfigQuery(model_ref(name, version));
         let a = self
             .call(&self.stacks.config, &edge, MODEL_CONFIG, q)
@@ -640,12 +768,16 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::ModelStatisticsRequest>,
     ) -> Result<Response<proto::ModelStatisticsResponse>, Status> {
-        let edge = self.begin(&request);
+        let edge = self.begin(&request, "v2")?;
         let proto::ModelStatisticsRequest { name, version } = request.into_inner();
+        let named = (!name.is_empty()).then_some(name.as_str());
+        let _pass = self
+            .admit(&edge, MODEL_STATISTICS, named)
+            .map_err(|e| edge.status(&e, None))?;
         let mut model_stats = Vec::new();
         if name.is_empty() {
             let routes = self.router.routes(&edge.snapshot);
-            for model in routes.models() {
+            for model in routes.models().filter(|m| edge.may_call(m)) {
                 let q = StatisticsQuery(model_ref(model.to_string(), version.clone()));
                 match self
                     .call(&self.stacks.statistics, &edge, MODEL_STATISTICS, q)
@@ -677,11 +809,15 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::RepositoryIndexRequest>,
     ) -> Result<Response<proto::RepositoryIndexResponse>, Status> {
-        let edge = self.begin(&request);
+        let edge = self.begin(&request, "v2")?;
+        let _pass = self
+            .admit(&edge, "RepositoryIndex", None)
+            .map_err(|e| edge.status(&e, None))?;
         let only_ready = request.get_ref().ready;
         let routes = self.router.routes(&edge.snapshot);
         let mut models = Vec::new();
-        for model in routes.models() {
+        // A tenant's index lists the models it may call.
+        for model in routes.models().filter(|m| edge.may_call(m)) {
             let q = ReadyQuery(model_ref(model.to_string(), String::new()));
             let answer = self.call(&self.stacks.ready, &edge, MODEL_READY, q).await;
             let (state, reason) = match answer.map(|a| a.value) {
@@ -707,71 +843,81 @@ impl GrpcInferenceService for InferenceApi {
 
     async fn repository_model_load(
         &self,
-        _request: Request<proto::RepositoryModelLoadRequest>,
+        request: Request<proto::RepositoryModelLoadRequest>,
     ) -> Result<Response<proto::RepositoryModelLoadResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("RepositoryModelLoad"))
     }
 
     async fn repository_model_unload(
         &self,
-        _request: Request<proto::RepositoryModelUnloadRequest>,
+        request: Request<proto::RepositoryModelUnloadRequest>,
     ) -> Result<Response<proto::RepositoryModelUnloadResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("RepositoryModelUnload"))
     }
 
     async fn system_shared_memory_status(
         &self,
-        _request: Request<proto::SystemSharedMemoryStatusRequest>,
+        request: Request<proto::SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<proto::SystemSharedMemoryStatusResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("System shared memory"))
     }
 
     async fn system_shared_memory_register(
         &self,
-        _request: Request<proto::SystemSharedMemoryRegisterRequest>,
+        request: Request<proto::SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<proto::SystemSharedMemoryRegisterResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("System shared memory"))
     }
 
     async fn system_shared_memory_unregister(
         &self,
-        _request: Request<proto::SystemSharedMemoryUnregisterRequest>,
+        request: Request<proto::SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<proto::SystemSharedMemoryUnregisterResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("System shared memory"))
     }
 
     async fn cuda_shared_memory_status(
         &self,
-        _request: Request<proto::CudaSharedMemoryStatusRequest>,
+        request: Request<proto::CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<proto::CudaSharedMemoryStatusResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("CUDA shared memory"))
     }
 
     async fn cuda_shared_memory_register(
         &self,
-        _request: Request<proto::CudaSharedMemoryRegisterRequest>,
+        request: Request<proto::CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<proto::CudaSharedMemoryRegisterResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("CUDA shared memory"))
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
-        _request: Request<proto::CudaSharedMemoryUnregisterRequest>,
+        request: Request<proto::CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<proto::CudaSharedMemoryUnregisterResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("CUDA shared memory"))
     }
 
     async fn trace_setting(
         &self,
-        _request: Request<proto::TraceSettingRequest>,
+        request: Request<proto::TraceSettingRequest>,
     ) -> Result<Response<proto::TraceSettingResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("TraceSetting"))
     }
 
     async fn log_settings(
         &self,
-        _request: Request<proto::LogSettingsRequest>,
+        request: Request<proto::LogSettingsRequest>,
     ) -> Result<Response<proto::LogSettingsResponse>, Status> {
+        self.begin(&request, "v2")?;
         Err(unsupported("LogSettings"))
     }
 }

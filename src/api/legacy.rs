@@ -115,9 +115,12 @@ impl PredictionService for LegacyApi {
         &self,
         request: Request<proto::PredictRequest>,
     ) -> Result<Response<proto::PredictResponse>, Status> {
-        let mut edge = self.api.begin(&request);
-        edge.api = "v1";
+        let edge = self.api.begin(&request, "v1")?;
         let msg = request.into_inner();
+        let _pass = self
+            .api
+            .admit(&edge, super::inference::PREDICT, Some(&msg.model_name))
+            .map_err(|e| edge.deprecate_status(edge.status(&e, None)))?;
         let req = v1::Request {
             model: msg.model_name,
             version: msg.model_version,
@@ -179,8 +182,7 @@ impl PredictionService for LegacyApi {
         &self,
         request: Request<proto::ModelStatusRequest>,
     ) -> Result<Response<proto::ModelStatusResponse>, Status> {
-        let mut edge = self.api.begin(&request);
-        edge.api = "v1";
+        let edge = self.api.begin(&request, "v1")?;
         let proto::ModelStatusRequest {
             model_name,
             model_version,

@@ -13,7 +13,8 @@ use crate::error::Error;
 use crate::model::Rejection;
 use crate::observe::Metrics;
 use crate::observe::metrics::{
-    ApiLabels, ModelLabels, ModelUpstreamLabels, RetryLabels, RuleLabels, UpstreamLabels,
+    ApiLabels, ModelLabels, ModelUpstreamLabels, RetryLabels, RuleLabels, TenantCodeLabels,
+    UpstreamLabels,
 };
 use crate::resilience::Failure;
 
@@ -49,6 +50,8 @@ pub(super) struct Finished<'a> {
     pub leg: Leg,
     /// The API the client used (`v2`, `v1`), for `keel_api_requests_total`.
     pub api: &'static str,
+    /// The calling tenant, when the policy defines tenants.
+    pub tenant: Option<&'a str>,
 }
 
 /// What one routed call is to the client's request: the tier it stands for, and whether its
@@ -83,6 +86,17 @@ pub(super) fn rejected(metrics: &Metrics, api: &'static str, model: &str, invali
     tracing::info!(model = model, rule, error = %invalid, "request rejected");
 }
 
+/// Counts one inference request of `tenant` (a policy name, so a bounded label).
+pub(super) fn tenant_request(metrics: &Metrics, tenant: &str, code: tonic::Code) {
+    metrics
+        .tenant_requests
+        .get_or_create(&TenantCodeLabels {
+            tenant: tenant.to_string(),
+            code: crate::grpc_code::name(code),
+        })
+        .inc();
+}
+
 /// Whether a successful call with this request id is in the log sample.
 fn sampled(request_id: &str, rate: f64) -> bool {
     rate >= 1.0 || (xxh3_64(request_id.as_bytes()) as f64 / u64::MAX as f64) < rate
@@ -101,6 +115,10 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
             .get_or_create(&ApiLabels { api: f.api })
             .inc();
         metrics.observe_call(model_label, f.leg.tier, class, f.took);
+        if let Some(tenant) = f.tenant {
+            let code = f.error.map_or(tonic::Code::Ok, Error::code);
+            tenant_request(metrics, tenant, code);
+        }
     }
     if let Some(Error::InvalidRequest(invalid)) = f.error {
         metrics
@@ -170,7 +188,8 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
     tracing::info!(
                 request_id = f.request_id,
                 trace_id = f.trace_id.unwrap_or(""),
-                api = "v2",
+                api = f.api,
+                tenant = f.tenant.unwrap_or(""),
                 method = f.method,
                 model = f.model,
                 version = f.version,

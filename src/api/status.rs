@@ -28,6 +28,9 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
     if let Some(u) = e.upstream().or(ctx.map(|c| &*c.route.target.upstream)) {
         info.insert("upstream".to_string(), u.to_string());
     }
+    if let Some(t) = e.tenant() {
+        info.insert("tenant".to_string(), t.to_string());
+    }
     let mut message = e.to_string();
     if let Some(ctx) = ctx {
         let r = ctx.receipt.read();

@@ -145,6 +145,22 @@ pub struct ApiLabels {
     pub api: &'static str,
 }
 
+/// One tenant's call and its outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantCodeLabels {
+    /// The tenant, from policy.
+    pub tenant: String,
+    /// `OK` or the status code.
+    pub code: &'static str,
+}
+
+/// Why credentials were refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthFailureLabels {
+    /// `missing`, `malformed` or `unknown_key`.
+    pub reason: &'static str,
+}
+
 /// State read from the running server at each scrape.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RuntimeState {
@@ -205,6 +221,10 @@ pub struct Metrics {
     pub validation_rejections: Family<RuleLabels, Counter>,
     /// `keel_api_requests_total`.
     pub api_requests: Family<ApiLabels, Counter>,
+    /// `keel_tenant_requests_total`.
+    pub tenant_requests: Family<TenantCodeLabels, Counter>,
+    /// `keel_auth_failures_total`.
+    pub auth_failures: Family<AuthFailureLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -248,6 +268,8 @@ impl Metrics {
             policy_reloads: Family::default(),
             validation_rejections: Family::default(),
             api_requests: Family::default(),
+            tenant_requests: Family::default(),
+            auth_failures: Family::default(),
             registry: Registry::default(),
             runtime: runtime.clone(),
         };
@@ -336,6 +358,16 @@ impl Metrics {
             "keel_api_requests",
             "Calls by API version",
             m.api_requests.clone(),
+        );
+        registry.register(
+            "keel_tenant_requests",
+            "Inference requests by tenant and status code, refusals at the edge included",
+            m.tenant_requests.clone(),
+        );
+        registry.register(
+            "keel_auth_failures",
+            "Calls refused for missing, malformed or unknown API keys",
+            m.auth_failures.clone(),
         );
         registry.register_collector(Box::new(Runtime(runtime)));
         Arc::new(Metrics { registry, ..m })

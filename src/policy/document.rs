@@ -105,6 +105,8 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
             .map(|(name, s)| (name, model(s, &upstreams, &flags, &mut p)))
             .collect::<BTreeMap<_, _>>()
     });
+    let auth = super::tenants::read_auth(&mut root, &mut p);
+    let tenants = super::tenants::read_tenants(&mut root, &mut p, models.as_ref());
     root.finish(&mut p);
 
     if let Some(models) = &models {
@@ -120,6 +122,8 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
         flags,
         observability,
         api,
+        tenants,
+        auth,
     };
     check_combinations(&policy, &mut p);
     p.into_result(policy)

@@ -20,6 +20,7 @@ mod rollout;
 mod settings;
 mod snapshot;
 mod store;
+mod tenants;
 mod units;
 pub mod watch;
 
@@ -40,6 +41,9 @@ pub use settings::{
 };
 pub use snapshot::{Change, Snapshot, Source};
 pub use store::{Adjust, Applied, ApplyError, Check, HISTORY, Listener, Store};
+pub use tenants::{
+    AuthSettings, MAX_TENANT_NAME, ModelAccess, Priority, RateLimit, Tenant, parse_key_hash,
+};
 pub use units::{format_duration, parse_duration, parse_size};
 
 /// Where Keel listens for traffic unless told otherwise: Triton's gRPC port on loopback.
@@ -77,6 +81,11 @@ pub struct Policy {
     pub observability: Observability,
     /// `[api.v1]`: the legacy API's status.
     pub api: LegacyApi,
+    /// `[tenants.<name>]`: who may call which models, and their fair-use limits. Empty:
+    /// authentication is off.
+    pub tenants: BTreeMap<String, Tenant>,
+    /// `[auth]`: how authentication refusals look.
+    pub auth: AuthSettings,
 }
 
 /// `[observability]`: request logs (metrics and traces need no settings here).

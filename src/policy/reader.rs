@@ -88,6 +88,11 @@ impl<'t> Section<'t> {
         join(&self.path, key)
     }
 
+    /// Whether the table has `key` at all (a getter's `None` also means "invalid").
+    pub(super) fn has(&self, key: &str) -> bool {
+        self.table.contains_key(key)
+    }
+
     fn get(&mut self, key: &'static str) -> Option<&'t Value> {
         self.known.push(key);
         self.table.get(key)

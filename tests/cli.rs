@@ -88,6 +88,43 @@ fn validate_names_every_error_by_its_path_and_exits_1() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
 }
 
+/// Runs `keel hash-key` with `stdin`.
+fn hash_key(stdin: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = Command::new(KEEL)
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn hash_key_prints_the_sha256_of_the_key_without_its_line_end() {
+    let want = "sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae\n";
+    for input in ["foo", "foo\n", "foo\r\n"] {
+        let out = hash_key(input);
+        assert!(out.status.success(), "{input:?}");
+        assert_eq!(String::from_utf8(out.stdout).unwrap(), want, "{input:?}");
+    }
+    let empty = hash_key("");
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(
+        String::from_utf8(empty.stderr)
+            .unwrap()
+            .contains("no key on stdin")
+    );
+    assert_eq!(hash_key(" foo ").status.code(), Some(1));
+}
+
 #[test]
 fn version_is_printed() {
     let out = keel(&["--version"]);

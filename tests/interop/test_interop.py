@@ -12,6 +12,9 @@ with unmodified client code:
   model, INVALID_ARGUMENT naming the tensor for a malformed one), and Keel keeps serving;
 * requests built from tritonclient's raw protobuf stubs (typed `contents`, malformed raw
   tensors) are understood: the wire format is Triton's;
+* a tenant's API key sent with tritonclient's `headers={"authorization": "Bearer ..."}` lets
+  it in (hashed by `keel hash-key`); no key is UNAUTHENTICATED, another model
+  PERMISSION_DENIED;
 * `grpc.health.v1.Health` answers as grpcio-health-checking expects;
 * gRPC reflection lists the services, and every message, field and RPC Keel describes is
   wire-compatible with tritonclient's own descriptors (Keel's fields are a subset);
@@ -25,6 +28,7 @@ Run it through tests/interop/run.sh, or directly:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import queue
 import re
@@ -812,6 +816,41 @@ class DegradationTest(unittest.TestCase):
                 self.assertEqual(params["keel.degraded_reason"].string_param, "unavailable")
                 np.testing.assert_array_equal(result.as_numpy("OUTPUT0"),
                                               np.zeros((1, 16), dtype=np.int32))
+            finally:
+                client.close()
+        finally:
+            code, _ = keel.stop()
+            keel.close()
+            os.unlink(config)
+        self.assertEqual(code, 0)
+
+
+class TenantTest(unittest.TestCase):
+    """tritonclient sends a tenant's API key as `authorization: Bearer <key>` metadata."""
+
+    def test_a_bearer_header_lets_a_tenant_in_and_no_header_is_unauthenticated(self):
+        key = "interop-tenant-key"
+        hashed = subprocess.run([KEEL_BINARY, "hash-key"], input=key, capture_output=True,
+                                text=True, timeout=RPC_TIMEOUT, check=True).stdout.strip()
+        self.assertEqual(hashed, "sha256:" + hashlib.sha256(key.encode()).hexdigest())
+        with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
+            f.write(f'[tenants.interop]\napi_keys = ["{hashed}"]\nmodels = ["simple"]\n')
+            config = f.name
+        keel = start_keel(config)
+        try:
+            client = grpcclient.InferenceServerClient(keel.address)
+            try:
+                in0 = np.arange(16, dtype=np.int32).reshape(1, 16)
+                result = client.infer("simple", simple_inputs(in0, in0), outputs=simple_outputs(),
+                                      client_timeout=RPC_TIMEOUT,
+                                      headers={"authorization": f"Bearer {key}"})
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), in0 + in0)
+                with self.assertRaises(InferenceServerException) as caught:
+                    client.infer("simple", simple_inputs(in0, in0), client_timeout=RPC_TIMEOUT)
+                self.assertEqual(caught.exception.status(), "StatusCode.UNAUTHENTICATED")
+                with self.assertRaises(InferenceServerException) as caught:
+                    client.get_model_metadata("iris", headers={"authorization": f"Bearer {key}"})
+                self.assertEqual(caught.exception.status(), "StatusCode.PERMISSION_DENIED")
             finally:
                 client.close()
         finally:

@@ -933,6 +933,7 @@ def main() -> int:
     # The shutdown test runs last, on its own Keel.
     suite = unittest.TestSuite([loader.loadTestsFromTestCase(InteropTest),
                                 loader.loadTestsFromTestCase(DegradationTest),
+                                loader.loadTestsFromTestCase(TenantTest),
                                 loader.loadTestsFromTestCase(ShutdownTest)])
     runner = unittest.TextTestRunner(verbosity=2, resultclass=CountingResult, stream=sys.stdout)
     result = runner.run(suite)

@@ -67,6 +67,8 @@ pub struct Options {
     pub service_name: Option<String>,
     /// Also emit the pre-stable RPC span attributes (`OTEL_SEMCONV_STABILITY_OPT_IN=rpc/dup`).
     pub old_span_names: bool,
+    /// Overrides `server.drain_grace`, for every policy loaded (tests that stop Keel often).
+    pub drain_grace: Option<Duration>,
 }
 
 impl Options {
@@ -179,7 +181,8 @@ impl Keel {
         let audit = audit_log(&first, options.config.as_deref());
         let embedded = Embedded::new();
         let checked = embedded.clone();
-        let (listen, admin_listen) = (options.listen, options.admin_listen);
+        let (listen, admin_listen, drain_grace) =
+            (options.listen, options.admin_listen, options.drain_grace);
         let store = Store::new(
             text,
             Source::Startup(options.config.clone()),
@@ -191,6 +194,9 @@ impl Keel {
                 }
                 if let Some(a) = admin_listen {
                     p.server.admin_listen = a;
+                }
+                if let Some(g) = drain_grace {
+                    p.server.drain_grace = g;
                 }
             }),
         )?;
@@ -387,6 +393,12 @@ impl Keel {
                 .await;
             if has_admin {
                 health.set_not_serving::<AdminService>().await;
+            }
+            // Not ready, but still serving: load balancers take a moment to stop sending.
+            let grace = store.current().policy.server.drain_grace;
+            if !grace.is_zero() {
+                tracing::info!(drain_grace = ?grace, "shutdown: readiness is NOT_SERVING; still taking calls for drain_grace");
+                tokio::time::sleep(grace).await;
             }
             // Read now: drain_timeout may have changed since startup.
             let drain_timeout = store.current().policy.server.drain_timeout;

@@ -166,6 +166,9 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
     if listen == admin_listen && listen.port() != 0 {
         p.add(s.at("admin_listen"), "must differ from server.listen");
     }
+    let drain_grace = s
+        .duration(p, "drain_grace", Duration::from_secs(3600))
+        .unwrap_or(d.drain_grace);
     let drain_timeout = s
         .duration(p, "drain_timeout", super::MAX_DURATION)
         .unwrap_or(d.drain_timeout);
@@ -183,6 +186,7 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         listen,
         admin_listen,
         admin_token_env,
+        drain_grace,
         drain_timeout,
         max_message_size,
         audit_log,

@@ -302,16 +302,17 @@ impl InferenceApi {
 impl InferenceApi {
     /// Whether `name` (`version`) is ready; as Triton does, an unknown model is simply not
     /// ready.
-    pub(super) async fn ready(
+    pub(super) async fn ready<T>(
         &self,
         edge: &Edge,
         name: String,
         version: String,
-    ) -> Result<bool, Status> {
+        answer: impl FnOnce(bool) -> T,
+    ) -> Result<Response<T>, Status> {
         let q = ReadyQuery(model_ref(name, version));
         match self.call(&self.stacks.ready, edge, MODEL_READY, q).await {
-            Ok(a) => Ok(a.value),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Ok(a) => Ok(edge.answer(a, answer)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(edge.reply(answer(false))),
             Err(s) => Err(s),
         }
     }
@@ -491,8 +492,10 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
         let edge = self.begin(&request);
         let proto::ModelReadyRequest { name, version } = request.into_inner();
-        let ready = self.ready(&edge, name, version).await?;
-        Ok(edge.reply(proto::ModelReadyResponse { ready }))
+        self.ready(&edge, name, version, |ready| proto::ModelReadyResponse {
+            ready,
+        })
+        .await
     }
 
     async fn server_metadata(

@@ -22,6 +22,7 @@ pub mod contract;
 pub mod error;
 pub mod fault;
 pub mod grpc_code;
+pub mod health;
 pub mod load;
 pub mod model;
 pub mod observe;

@@ -6,7 +6,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{Stream, StreamExt as _};
 use tokio::sync::{Semaphore, watch};
@@ -73,8 +72,8 @@ const STREAM_CONCURRENCY: usize = 16;
 /// What the server shares with the service about its life: readiness, the drain cut, and
 /// Keel-wide slots.
 pub struct Lifecycle {
-    /// False once shutdown begins: ServerReady answers false.
-    pub serving: Arc<AtomicBool>,
+    /// Whether Keel is ready (no shutdown, every required model can answer): ServerReady.
+    pub readiness: Arc<crate::health::Readiness>,
     /// Becomes true when the drain timeout passes.
     pub cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight.
@@ -90,8 +89,8 @@ pub struct InferenceApi {
     store: Arc<Store>,
     /// Routes of each snapshot, for RepositoryIndex and ModelStatistics without a name.
     router: Arc<Router>,
-    /// False once shutdown begins: ServerReady answers false.
-    serving: Arc<AtomicBool>,
+    /// Whether Keel is ready: ServerReady.
+    readiness: Arc<crate::health::Readiness>,
     /// Becomes true when the drain timeout passes: calls still running are cut.
     cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight (`server.max_in_flight`).
@@ -130,7 +129,7 @@ impl InferenceApi {
         tracing: Option<Arc<Tracing>>,
     ) -> Self {
         let Lifecycle {
-            serving,
+            readiness,
             cut,
             gate,
             max_in_flight,
@@ -139,7 +138,7 @@ impl InferenceApi {
             stacks,
             store,
             router,
-            serving,
+            readiness,
             cut,
             gate,
             max_in_flight,
@@ -482,7 +481,7 @@ impl GrpcInferenceService for InferenceApi {
         request: Request<proto::ServerReadyRequest>,
     ) -> Result<Response<proto::ServerReadyResponse>, Status> {
         let edge = self.begin(&request);
-        let ready = self.serving.load(Ordering::Acquire);
+        let ready = self.readiness.ready();
         Ok(edge.reply(proto::ServerReadyResponse { ready }))
     }
 

@@ -287,6 +287,7 @@ fn model(
     let route_override = s.boolean(p, "route_override").unwrap_or(false);
     let rollback = rollout::read_rollback(&mut s, p, &routes);
     let v1 = super::adapters::read_v1(&mut s, p);
+    let required = s.boolean(p, "required").unwrap_or(false);
     let adapters = super::adapters::read_adapters(&mut s, p);
     let overrides = Overrides::read(&mut s, p);
     s.finish(p);
@@ -302,6 +303,7 @@ fn model(
         rollback,
         v1,
         adapters,
+        required,
     }
 }
 

@@ -188,6 +188,8 @@ pub struct ModelPolicy {
     pub v1: Option<V1Mapping>,
     /// Adapters by the version a client asks for (`[models.<name>.adapters."<version>"]`).
     pub adapters: BTreeMap<String, VersionAdapter>,
+    /// Keel is ready only while this model can answer (a healthy route or a fallback).
+    pub required: bool,
 }
 
 impl ModelPolicy {

@@ -427,6 +427,14 @@ impl Backend for GrpcUpstream {
         )
     }
 
+    fn healthy(&self) -> bool {
+        self.targets.iter().any(|t| {
+            t.breaker
+                .as_ref()
+                .is_none_or(|b| b.state() != crate::resilience::BreakerState::Open)
+        })
+    }
+
     fn describe(&self) -> String {
         let addrs: Vec<&str> = self.targets.iter().map(|t| &*t.addr).collect();
         format!("upstream {} ({})", self.name, addrs.join(", "))

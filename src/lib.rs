@@ -26,6 +26,7 @@ pub mod health;
 pub mod load;
 pub mod model;
 pub mod observe;
+pub mod passthrough;
 pub mod pb;
 pub mod policy;
 pub mod resilience;

@@ -614,3 +614,15 @@ pub fn value(scrape: &str, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// The field paths of an INVALID_ARGUMENT's `BadRequest` details, checking the code first.
+pub fn violation_fields(s: &Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    s.get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}

@@ -7,6 +7,7 @@
 //! (half-open counts: it lets probes through), or a fallback ladder. `liveness` does not
 //! depend on any of this. The view is recomputed every second from the router's state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -57,9 +58,23 @@ impl Readiness {
     }
 }
 
-/// Recomputes the view every [`INTERVAL`] and publishes it to `reporter`, until the task is
-/// dropped. After shutdown begins it leaves the readiness names alone (the shutdown sets
-/// them NOT_SERVING) and keeps the per-model names current.
+/// Sets `name` to `status` unless that is what was last published, so Watch streams hear
+/// of changes only.
+async fn publish(
+    reporter: &HealthReporter,
+    published: &mut HashMap<String, ServingStatus>,
+    name: &str,
+    status: ServingStatus,
+) {
+    if published.get(name) != Some(&status) {
+        reporter.set_service_status(name, status).await;
+        published.insert(name.to_string(), status);
+    }
+}
+
+/// Recomputes the view every [`INTERVAL`] and publishes its changes to `reporter`, until the
+/// task is dropped. After shutdown begins it leaves the readiness names alone (the shutdown
+/// sets them NOT_SERVING) and keeps the per-model names current.
 pub async fn watch(
     readiness: Arc<Readiness>,
     router: Arc<Router>,
@@ -68,7 +83,11 @@ pub async fn watch(
     ready_names: Vec<String>,
 ) {
     let mut ticker = tokio::time::interval(INTERVAL);
-    let mut was_ready = true;
+    // The server publishes the readiness names as SERVING at startup.
+    let mut published: HashMap<String, ServingStatus> = ready_names
+        .iter()
+        .map(|n| (n.clone(), ServingStatus::Serving))
+        .collect();
     loop {
         ticker.tick().await;
         let routes = router.routes(&store.current());
@@ -88,30 +107,27 @@ pub async fn watch(
             } else {
                 ServingStatus::NotServing
             };
-            reporter
-                .set_service_status(model_service(&h.model), status)
-                .await;
+            publish(&reporter, &mut published, &model_service(&h.model), status).await;
         }
         readiness.failing.store(Arc::new(failing));
         if !readiness.serving.load(Ordering::Acquire) {
             continue;
         }
         let ready = readiness.ready();
-        if ready != was_ready {
-            if ready {
-                tracing::info!("ready: every required model can answer");
-            } else {
-                tracing::warn!(reasons = ?readiness.reasons(), "not ready");
-            }
-            was_ready = ready;
-        }
         let status = if ready {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
+        if ready_names.first().and_then(|n| published.get(n)) != Some(&status) {
+            if ready {
+                tracing::info!("ready: every required model can answer");
+            } else {
+                tracing::warn!(reasons = ?readiness.reasons(), "not ready");
+            }
+        }
         for name in &ready_names {
-            reporter.set_service_status(name.as_str(), status).await;
+            publish(&reporter, &mut published, name, status).await;
         }
         // Shutdown may have begun meanwhile; its NOT_SERVING must be the last word.
         if !readiness.serving.load(Ordering::Acquire) {

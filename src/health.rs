@@ -58,39 +58,45 @@ impl Readiness {
     }
 }
 
-/// Sets `name` to `status` unless that is what was last published, so Watch streams hear
-/// of changes only.
-async fn publish(
-    reporter: &HealthReporter,
-    published: &mut HashMap<String, ServingStatus>,
-    name: &str,
-    status: ServingStatus,
-) {
-    if published.get(name) != Some(&status) {
-        reporter.set_service_status(name, status).await;
-        published.insert(name.to_string(), status);
-    }
-}
-
-/// Recomputes the view every [`INTERVAL`] and publishes its changes to `reporter`, until the
-/// task is dropped. After shutdown begins it leaves the readiness names alone (the shutdown
-/// sets them NOT_SERVING) and keeps the per-model names current.
-pub async fn watch(
+/// Publishes the view to a [`HealthReporter`]: the per-model names and the readiness names.
+pub struct Publisher {
     readiness: Arc<Readiness>,
     router: Arc<Router>,
     store: Arc<Store>,
     reporter: HealthReporter,
     ready_names: Vec<String>,
-) {
-    let mut ticker = tokio::time::interval(INTERVAL);
-    // The server publishes the readiness names as SERVING at startup.
-    let mut published: HashMap<String, ServingStatus> = ready_names
-        .iter()
-        .map(|n| (n.clone(), ServingStatus::Serving))
-        .collect();
-    loop {
-        ticker.tick().await;
-        let routes = router.routes(&store.current());
+    published: HashMap<String, ServingStatus>,
+}
+
+impl Publisher {
+    /// A publisher for `reporter`, where the server has already set `ready_names` SERVING.
+    pub fn new(
+        readiness: Arc<Readiness>,
+        router: Arc<Router>,
+        store: Arc<Store>,
+        reporter: HealthReporter,
+        ready_names: Vec<String>,
+    ) -> Publisher {
+        let published = ready_names
+            .iter()
+            .map(|n| (n.clone(), ServingStatus::Serving))
+            .collect();
+        Publisher {
+            readiness,
+            router,
+            store,
+            reporter,
+            ready_names,
+            published,
+        }
+    }
+
+    /// Recomputes the view once and publishes what changed. The server calls it before it
+    /// accepts a connection, so every model's name is known from the first call. After
+    /// shutdown begins it leaves the readiness names alone (the shutdown sets them
+    /// NOT_SERVING) and keeps the per-model names current.
+    pub async fn refresh(&mut self) {
+        let routes = self.router.routes(&self.store.current());
         let health = routes.health();
         let failing: Vec<String> = health
             .iter()
@@ -107,35 +113,66 @@ pub async fn watch(
             } else {
                 ServingStatus::NotServing
             };
-            publish(&reporter, &mut published, &model_service(&h.model), status).await;
+            publish(
+                &self.reporter,
+                &mut self.published,
+                &model_service(&h.model),
+                status,
+            )
+            .await;
         }
-        readiness.failing.store(Arc::new(failing));
-        if !readiness.serving.load(Ordering::Acquire) {
-            continue;
+        self.readiness.failing.store(Arc::new(failing));
+        if !self.readiness.serving.load(Ordering::Acquire) {
+            return;
         }
-        let ready = readiness.ready();
+        let ready = self.readiness.ready();
         let status = if ready {
             ServingStatus::Serving
         } else {
             ServingStatus::NotServing
         };
-        if ready_names.first().and_then(|n| published.get(n)) != Some(&status) {
+        let was = self.ready_names.first().and_then(|n| self.published.get(n));
+        if was != Some(&status) {
             if ready {
                 tracing::info!("ready: every required model can answer");
             } else {
-                tracing::warn!(reasons = ?readiness.reasons(), "not ready");
+                tracing::warn!(reasons = ?self.readiness.reasons(), "not ready");
             }
         }
-        for name in &ready_names {
-            publish(&reporter, &mut published, name, status).await;
+        for name in &self.ready_names {
+            publish(&self.reporter, &mut self.published, name, status).await;
         }
         // Shutdown may have begun meanwhile; its NOT_SERVING must be the last word.
-        if !readiness.serving.load(Ordering::Acquire) {
-            for name in &ready_names {
-                reporter
+        if !self.readiness.serving.load(Ordering::Acquire) {
+            for name in &self.ready_names {
+                self.reporter
                     .set_service_status(name.as_str(), ServingStatus::NotServing)
                     .await;
             }
         }
+    }
+
+    /// Refreshes every [`INTERVAL`] until the task is dropped.
+    pub async fn run(mut self) {
+        let mut ticker = tokio::time::interval(INTERVAL);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            self.refresh().await;
+        }
+    }
+}
+
+/// Sets `name` to `status` unless that is what was last published, so Watch streams hear of
+/// changes only.
+async fn publish(
+    reporter: &HealthReporter,
+    published: &mut HashMap<String, ServingStatus>,
+    name: &str,
+    status: ServingStatus,
+) {
+    if published.get(name) != Some(&status) {
+        reporter.set_service_status(name, status).await;
+        published.insert(name.to_string(), status);
     }
 }

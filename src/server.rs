@@ -378,8 +378,9 @@ impl Keel {
         let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
         let store = self.store.clone();
         let readiness_for_admin = readiness.clone();
-        // The health view: per-model names, and readiness from the required models.
-        let _health_watch = AbortOnDrop(Some(tokio::spawn(crate::health::watch(
+        // The health view: per-model names, and readiness from the required models. The
+        // first refresh happens before any listener accepts, so no name is ever missing.
+        let mut publisher = crate::health::Publisher::new(
             readiness.clone(),
             self.router.clone(),
             self.store.clone(),
@@ -390,7 +391,9 @@ impl Keel {
                 name_of(&api).to_string(),
                 name_of(&legacy).to_string(),
             ],
-        ))));
+        );
+        publisher.refresh().await;
+        let _health_watch = AbortOnDrop(Some(tokio::spawn(publisher.run())));
         let signal = async move {
             shutdown.await;
             serving.store(false, Ordering::Release);

@@ -7,18 +7,16 @@
 //! so a run is replayable, and a retry of an aborted attempt is a fresh draw. A Keel on its
 //! embedded backend with a fault policy is thus a sick model server for another Keel.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::future::BoxFuture;
 use tonic::metadata::MetadataMap;
 use tower::{Layer, Service};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::call::Call;
 use crate::error::Error;
+use crate::passthrough::Passthrough;
 use crate::policy::{Abort, Delay, Fault, parse_code};
 use crate::resilience::Pushback;
 
@@ -154,7 +152,7 @@ where
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = FaultFuture<S::Future, S::Response>;
+    type Future = Passthrough<S::Future, S::Response>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
@@ -164,15 +162,11 @@ where
         let ctx = &call.ctx;
         let fault = ctx.route.settings.fault.as_ref();
         if fault.is_none() {
-            return FaultFuture::Inner {
-                fut: self.inner.call(call),
-            };
+            return Passthrough::inner(self.inner.call(call));
         }
         let decision = decide(fault, &ctx.metadata, &ctx.request_id, call.attempt);
         if decision.is_none() {
-            return FaultFuture::Inner {
-                fut: self.inner.call(call),
-            };
+            return Passthrough::inner(self.inner.call(call));
         }
         tracing::debug!(
             request_id = %ctx.request_id,
@@ -184,52 +178,15 @@ where
         );
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        FaultFuture::Injected {
-            fut: Box::pin(async move {
-                if let Some(d) = decision.delay {
-                    tokio::time::sleep(d).await;
-                }
-                match decision.abort {
-                    Some((code, pushback)) => Err(Error::FaultInjected { code, pushback }),
-                    None => inner.call(call).await,
-                }
-            }),
-        }
-    }
-}
-
-pub use future::FaultFuture;
-
-/// The future, apart: the projection `pin_project!` generates has no docs of its own.
-#[allow(missing_docs)]
-mod future {
-    use pin_project_lite::pin_project;
-
-    use super::*;
-
-    pin_project! {
-        /// The response future of [`FaultService`].
-        #[project = Projected]
-        pub enum FaultFuture<F, T> {
-            /// No fault: the inner call.
-            Inner { #[pin] fut: F },
-            /// A delay, an abort, or both.
-            Injected { fut: BoxFuture<'static, Result<T, Error>> },
-        }
-    }
-
-    impl<F, T> Future for FaultFuture<F, T>
-    where
-        F: Future<Output = Result<T, Error>>,
-    {
-        type Output = Result<T, Error>;
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            match self.project() {
-                Projected::Inner { fut } => fut.poll(cx),
-                Projected::Injected { fut } => fut.as_mut().poll(cx),
+        Passthrough::own(async move {
+            if let Some(d) = decision.delay {
+                tokio::time::sleep(d).await;
             }
-        }
+            match decision.abort {
+                Some((code, pushback)) => Err(Error::FaultInjected { code, pushback }),
+                None => inner.call(call).await,
+            }
+        })
     }
 }
 

@@ -360,6 +360,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         service_name: env("OTEL_SERVICE_NAME"),
         old_span_names: env("OTEL_SEMCONV_STABILITY_OPT_IN")
             .is_some_and(|v| v.split(',').any(|x| x.trim() == "rpc/dup")),
+        drain_grace: None,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -424,32 +425,38 @@ fn serve(args: ServeArgs) -> ExitCode {
     })
 }
 
-/// Completes on Ctrl-C or SIGTERM. The handlers are installed when this is called, not when
-/// the future is first polled, so a signal that arrives right after the startup line is
-/// never missed.
+/// Completes on Ctrl-C or SIGTERM; a second one exits the process at once. The handlers are
+/// installed when this is called, not when the future is first polled, so a signal that
+/// arrives right after the startup line is never missed.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
+        /// The next delivery of `s`, or never when its handler could not be installed.
+        async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
         let mut term = signal(SignalKind::terminate()).ok();
         let mut int = signal(SignalKind::interrupt()).ok();
         async move {
-            let term = async {
-                match term.as_mut() {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
-            let int = async {
-                match int.as_mut() {
-                    Some(s) => s.recv().await,
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
-                _ = int => tracing::info!("received Ctrl-C (SIGINT)"),
-                _ = term => tracing::info!("received SIGTERM"),
+                () = next(&mut int) => tracing::info!("received Ctrl-C (SIGINT)"),
+                () = next(&mut term) => tracing::info!("received SIGTERM"),
             }
+            // A second signal means now: no grace, no drain.
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = next(&mut int) => {}
+                    () = next(&mut term) => {}
+                }
+                eprintln!("keel: second shutdown signal: exiting without draining");
+                std::process::exit(1);
+            });
         }
     }
     #[cfg(not(unix))]

@@ -67,6 +67,8 @@ pub struct Options {
     pub service_name: Option<String>,
     /// Also emit the pre-stable RPC span attributes (`OTEL_SEMCONV_STABILITY_OPT_IN=rpc/dup`).
     pub old_span_names: bool,
+    /// Overrides `server.drain_grace`, for every policy loaded (tests that stop Keel often).
+    pub drain_grace: Option<Duration>,
 }
 
 impl Options {
@@ -179,7 +181,8 @@ impl Keel {
         let audit = audit_log(&first, options.config.as_deref());
         let embedded = Embedded::new();
         let checked = embedded.clone();
-        let (listen, admin_listen) = (options.listen, options.admin_listen);
+        let (listen, admin_listen, drain_grace) =
+            (options.listen, options.admin_listen, options.drain_grace);
         let store = Store::new(
             text,
             Source::Startup(options.config.clone()),
@@ -191,6 +194,9 @@ impl Keel {
                 }
                 if let Some(a) = admin_listen {
                     p.server.admin_listen = a;
+                }
+                if let Some(g) = drain_grace {
+                    p.server.drain_grace = g;
                 }
             }),
         )?;
@@ -314,6 +320,7 @@ impl Keel {
         let health_name = name_of(&health_service);
 
         let serving = Arc::new(AtomicBool::new(true));
+        let readiness = crate::health::Readiness::new(serving.clone());
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let stacks = Stacks {
             infer: stack(),
@@ -326,17 +333,17 @@ impl Keel {
         let gate = Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize));
         let metrics = self.router.metrics().clone();
         {
-            let (router, store, serving, gate) = (
+            let (router, store, readiness_for_metrics, gate) = (
                 self.router.clone(),
                 self.store.clone(),
-                serving.clone(),
+                readiness.clone(),
                 gate.clone(),
             );
             metrics.set_runtime(Box::new(move || {
                 let mut state = RuntimeState {
                     gateway_in_flight: i64::from(max_in_flight) - gate.available_permits() as i64,
                     policy_revision: store.current().revision as i64,
-                    ready: i64::from(serving.load(Ordering::Acquire)),
+                    ready: i64::from(readiness_for_metrics.ready()),
                     ..RuntimeState::default()
                 };
                 router.runtime_state(&mut state);
@@ -348,7 +355,7 @@ impl Keel {
             self.store.clone(),
             self.router.clone(),
             Lifecycle {
-                serving: serving.clone(),
+                readiness: readiness.clone(),
                 cut: cut_rx,
                 gate,
                 max_in_flight,
@@ -370,7 +377,23 @@ impl Keel {
         // Set when shutdown begins, to the drain timeout; both listeners watch it.
         let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
         let store = self.store.clone();
-        let serving_for_admin = serving.clone();
+        let readiness_for_admin = readiness.clone();
+        // The health view: per-model names, and readiness from the required models. The
+        // first refresh happens before any listener accepts, so no name is ever missing.
+        let mut publisher = crate::health::Publisher::new(
+            readiness.clone(),
+            self.router.clone(),
+            self.store.clone(),
+            health.clone(),
+            vec![
+                String::new(),
+                READINESS.to_string(),
+                name_of(&api).to_string(),
+                name_of(&legacy).to_string(),
+            ],
+        );
+        publisher.refresh().await;
+        let _health_watch = AbortOnDrop(Some(tokio::spawn(publisher.run())));
         let signal = async move {
             shutdown.await;
             serving.store(false, Ordering::Release);
@@ -388,6 +411,12 @@ impl Keel {
             if has_admin {
                 health.set_not_serving::<AdminService>().await;
             }
+            // Not ready, but still serving: load balancers take a moment to stop sending.
+            let grace = store.current().policy.server.drain_grace;
+            if !grace.is_zero() {
+                tracing::info!(drain_grace = ?grace, "shutdown: readiness is NOT_SERVING; still taking calls for drain_grace");
+                tokio::time::sleep(grace).await;
+            }
             // Read now: drain_timeout may have changed since startup.
             let drain_timeout = store.current().policy.server.drain_timeout;
             tracing::info!(drain_timeout = ?drain_timeout, "shutdown: draining in-flight calls");
@@ -404,7 +433,7 @@ impl Keel {
                     .add_service(reflection)
                     .add_service(reflection_alpha)
                     .add_service(service);
-                let http = http_routes(metrics.clone(), serving_for_admin);
+                let http = http_routes(metrics.clone(), readiness_for_admin);
                 let routes = tonic::service::Routes::from(routes.into_axum_router().merge(http));
                 Some(
                     Server::builder()
@@ -590,7 +619,7 @@ fn known_methods() -> KnownMethods {
 }
 
 /// The admin listener's plain HTTP endpoints: `/metrics` (Prometheus), `/livez`, `/readyz`.
-fn http_routes(metrics: Arc<Metrics>, serving: Arc<AtomicBool>) -> axum::Router {
+fn http_routes(metrics: Arc<Metrics>, readiness: Arc<crate::health::Readiness>) -> axum::Router {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
     axum::Router::new()
@@ -613,12 +642,12 @@ fn http_routes(metrics: Arc<Metrics>, serving: Arc<AtomicBool>) -> axum::Router 
         .route(
             "/readyz",
             get(move || {
-                let ready = serving.load(Ordering::Acquire);
+                let reasons = readiness.reasons();
                 async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
+                    if reasons.is_empty() {
+                        (StatusCode::OK, "ready\n".to_string())
                     } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                        (StatusCode::SERVICE_UNAVAILABLE, reasons.join("\n") + "\n")
                     }
                 }
             }),

@@ -7,7 +7,7 @@
 //! installs; the exposed ports are the container ports, the Services' target ports, the
 //! probes' port and the policy's listeners, and Keel's defaults; the pod runs as the image's
 //! numeric user, non-root, read-only, without privileges; the grace period outlasts the
-//! preStop sleep plus the policy's drain timeout; the probes are gRPC probes of `liveness` and
+//! preStop sleep plus the policy's drain grace and drain timeout; the probes are gRPC probes of `liveness` and
 //! `readiness`; the policy is mounted as a directory; the admin token comes from a Secret;
 //! the ServiceMonitor scrapes the admin port as job "keel" and the PrometheusRule holds the
 //! alerting rules of `deploy/observability/prometheus/alerts.yml`.
@@ -353,10 +353,10 @@ fn problems(inputs: &Inputs) -> Vec<String> {
         let sleep = c["lifecycle"]["preStop"]["sleep"]["seconds"]
             .as_u64()
             .unwrap_or(0);
-        let drain = s.drain_timeout.as_secs_f64();
+        let drain = (s.drain_grace + s.drain_timeout).as_secs_f64();
         if (grace as f64) <= sleep as f64 + drain {
             p.push(format!(
-                "terminationGracePeriodSeconds {grace} is not longer than the preStop sleep {sleep}s plus server.drain_timeout {drain}s"
+                "terminationGracePeriodSeconds {grace} is not longer than the preStop sleep {sleep}s plus server.drain_grace and server.drain_timeout ({drain}s)"
             ));
         }
     }

@@ -118,14 +118,7 @@ async fn malformed_tensors_are_invalid_argument_naming_the_tensor_and_rule() {
         "2 problems: inputs[0].shape: input 'INPUT0': shape [1, 8] does not match the model's [-1, 16] (-1 is any size); \
          inputs[1].shape: input 'INPUT1': shape [1, 8] does not match the model's [-1, 16] (-1 is any size)"
     );
-    let fields: Vec<String> = s
-        .get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect();
-    assert_eq!(fields, ["inputs[0].shape", "inputs[1].shape"]);
+    assert_eq!(violation_fields(&s), ["inputs[0].shape", "inputs[1].shape"]);
 
     // Batch too large.
     let mut req = simple_request();

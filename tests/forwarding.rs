@@ -309,3 +309,55 @@ async fn calls_are_spread_over_every_endpoint_in_turn() {
     assert_eq!(b.seen().len(), 2);
     front.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_calls_go_to_the_fast_endpoint_when_one_is_slow() {
+    let slow = Keel::with_config(
+        "[models.simple]\nbackend = \"embedded\"\n[models.simple.fault.delay]\npercent = 100\nduration = \"100ms\"\n",
+    )
+    .await;
+    let fast = Keel::embedded().await;
+    let gateway = Keel::with_config(&format!(
+        "[upstreams.pool]\nendpoints = [\"{}\", \"{}\"]\n[models.simple]\nbackend = \"pool\"\n",
+        slow.addr, fast.addr
+    ))
+    .await;
+    let plan = keel::load::Plan {
+        target: gateway.addr.to_string(),
+        model: "simple".into(),
+        concurrency: 8,
+        connections: 2,
+        stop: keel::load::Stop::Requests(400),
+        rate: None,
+        payload: keel::load::Payload::Simple,
+        deadline: Some(Duration::from_secs(5)),
+        api: keel::load::Api::V2,
+    };
+    let report = keel::load::run(plan, |_| {}).await.unwrap();
+    assert_eq!(report.ok, 400);
+    let served = |keel: &Keel| {
+        let addr = keel.addr;
+        async move {
+            connect(addr)
+                .await
+                .model_statistics(pb::ModelStatisticsRequest {
+                    name: "simple".into(),
+                    version: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .model_stats[0]
+                .inference_count
+        }
+    };
+    let (s, f) = (served(&slow).await, served(&fast).await);
+    let share = f as f64 / (s + f) as f64;
+    assert!(
+        share > 0.8,
+        "fast endpoint share {share:.2} (slow {s}, fast {f})"
+    );
+    for k in [gateway, slow, fast] {
+        k.stop().await.unwrap();
+    }
+}

@@ -192,16 +192,8 @@ async fn errors_name_the_instance_and_field_and_keel_keeps_serving() {
             .predict(predict("iris", vec![good.clone(), bad]))
             .await
             .unwrap_err();
-        assert_eq!(s.code(), Code::InvalidArgument);
         assert_eq!(s.message(), message);
-        let fields: Vec<String> = s
-            .get_details_bad_request()
-            .unwrap()
-            .field_violations
-            .into_iter()
-            .map(|v| v.field)
-            .collect();
-        assert_eq!(fields, [field]);
+        assert_eq!(violation_fields(&s), [field]);
         // Still serving.
         let ok = v1c
             .predict(predict("iris", vec![good.clone()]))
@@ -287,4 +279,48 @@ rename_outputs = { probabilities = "scores" }
         "{names:?}"
     );
     keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_adapter_that_does_not_fit_is_refused_at_load_or_at_the_first_call() {
+    // Embedded: the model's contract is known when the policy loads.
+    let bad = "[models.iris]\nbackend = \"embedded\"\n[models.iris.adapters.\"0\"]\nto = \"1\"\n\
+               rename_inputs = { x = \"petals\" }\n";
+    let policy = keel::policy::Policy::parse(bad).unwrap();
+    let errors = keel::route::check(&policy, &keel::upstream::embedded::Embedded::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        errors.contains("models.iris.adapters.\"0\".rename_inputs.x")
+            && errors.contains("has no input 'petals'"),
+        "{errors}"
+    );
+
+    // Upstream: known at the first call, which is refused naming the policy path.
+    let upstream = Keel::embedded().await;
+    let front = Keel::with_config(&format!(
+        "[upstreams.up]\nendpoints = [\"{}\"]\n[models.iris]\nbackend = \"up\"\n\
+         [models.iris.adapters.\"0\"]\nto = \"1\"\nrename_inputs = {{ x = \"petals\" }}\n",
+        upstream.addr
+    ))
+    .await;
+    let mut client = front.client().await;
+    let s = client
+        .model_infer(keel::pb::inference::ModelInferRequest {
+            model_name: "iris".into(),
+            model_version: "0".into(),
+            inputs: vec![input("x", "FP32", &[1, 4])],
+            raw_input_contents: vec![vec![0u8; 16].into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "ADAPTER_MISMATCH"
+    );
+    assert!(s.message().contains("rename_inputs.x"), "{}", s.message());
+    front.stop().await.unwrap();
+    upstream.stop().await.unwrap();
 }

@@ -139,3 +139,58 @@ async fn the_drain_is_bounded_by_drain_timeout() {
     assert_eq!(s.code(), tonic::Code::Unavailable);
     assert!(s.message().contains("drain timeout"), "{}", s.message());
 }
+
+#[tokio::test]
+async fn readiness_flips_first_then_keel_serves_for_the_grace_then_refuses() {
+    let mut keel = Keel::start(keel::Options {
+        drain_grace: Some(Duration::from_secs(2)),
+        ..keel::Options::default()
+    })
+    .await;
+    let mut client = keel.client().await;
+    let mut health = HealthClient::new(keel.channel().await);
+    let mut watch = health.watch(check("readiness")).await.unwrap().into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status,
+        ServingStatus::Serving as i32
+    );
+    keel.begin_shutdown();
+    let status = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("readiness changes within 10s")
+        .unwrap()
+        .unwrap()
+        .status;
+    assert_eq!(
+        status,
+        ServingStatus::NotServing as i32,
+        "readiness flips first"
+    );
+    drop(watch);
+    // During the grace: not ready, still alive, still serving.
+    for (service, want) in [
+        ("readiness", ServingStatus::NotServing),
+        ("liveness", ServingStatus::Serving),
+    ] {
+        let r = health.check(check(service)).await.unwrap().into_inner();
+        assert_eq!(r.status, want as i32, "{service:?} during the grace");
+    }
+    client
+        .model_infer(simple_request())
+        .await
+        .expect("a call during the grace is served");
+    // After the grace the listener closes: calls are refused (polled, bounded).
+    let mut refused = None;
+    for _ in 0..200 {
+        match client.model_infer(simple_request()).await {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(s) => {
+                refused = Some(s);
+                break;
+            }
+        }
+    }
+    let s = refused.expect("calls are refused once the grace is over");
+    assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}");
+    keel.stop().await.unwrap();
+}

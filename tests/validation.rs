@@ -9,19 +9,6 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use keel::pb::inference as pb;
-use tonic::Code;
-use tonic_types::StatusExt as _;
-
-/// The field paths of a rejection, checking its code first.
-fn fields(s: &tonic::Status) -> Vec<String> {
-    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    s.get_details_bad_request()
-        .unwrap()
-        .field_violations
-        .into_iter()
-        .map(|v| v.field)
-        .collect()
-}
 
 async fn still_serving(client: &mut Client) {
     let ok = client
@@ -41,7 +28,7 @@ async fn each_rule_is_reported_at_its_field_and_keel_keeps_serving() {
     let mut req = simple_request();
     req.inputs[0].shape = vec![1 << 40, 1 << 40];
     let s = client.model_infer(req).await.unwrap_err();
-    assert_eq!(fields(&s), ["inputs[0].shape"]);
+    assert_eq!(violation_fields(&s), ["inputs[0].shape"]);
     assert!(s.message().contains("too many elements"), "{}", s.message());
     still_serving(&mut client).await;
 
@@ -50,7 +37,7 @@ async fn each_rule_is_reported_at_its_field_and_keel_keeps_serving() {
     req.raw_input_contents = vec![Bytes::from(vec![0u8; 63]), Bytes::from(vec![0u8; 65])];
     let s = client.model_infer(req).await.unwrap_err();
     assert_eq!(
-        fields(&s),
+        violation_fields(&s),
         ["raw_input_contents[0]", "raw_input_contents[1]"]
     );
     still_serving(&mut client).await;
@@ -69,7 +56,7 @@ async fn each_rule_is_reported_at_its_field_and_keel_keeps_serving() {
         ..Default::default()
     };
     let s = client.model_infer(req).await.unwrap_err();
-    assert_eq!(fields(&s), ["raw_input_contents[0]"]);
+    assert_eq!(violation_fields(&s), ["raw_input_contents[0]"]);
     assert!(
         s.message().contains("BYTES content is malformed"),
         "{}",
@@ -85,7 +72,7 @@ async fn each_rule_is_reported_at_its_field_and_keel_keeps_serving() {
     req.outputs[1].name = "OUTPUT7".into();
     let s = client.model_infer(req).await.unwrap_err();
     assert_eq!(
-        fields(&s),
+        violation_fields(&s),
         [
             "inputs[0].datatype",
             "inputs[1].name",
@@ -103,7 +90,7 @@ async fn each_rule_is_reported_at_its_field_and_keel_keeps_serving() {
     }
     req.raw_input_contents = vec![i32_bytes(&[0; 144]), i32_bytes(&[0; 144])];
     let s = client.model_infer(req).await.unwrap_err();
-    assert_eq!(fields(&s), ["inputs[0].shape", "inputs[1].shape"]);
+    assert_eq!(violation_fields(&s), ["inputs[0].shape", "inputs[1].shape"]);
     still_serving(&mut client).await;
     keel.stop().await.unwrap();
 }
@@ -117,7 +104,7 @@ async fn the_policys_size_limits_turn_large_requests_away() {
     .await;
     let mut client = keel.client().await;
     let s = client.model_infer(simple_request()).await.unwrap_err();
-    assert_eq!(fields(&s), ["inputs"]);
+    assert_eq!(violation_fields(&s), ["inputs"]);
     assert_eq!(
         s.message(),
         "the request carries 128 bytes of tensor data, above the limit of 100 (limits.max_request_bytes)"
@@ -154,7 +141,7 @@ async fn an_upstream_model_is_checked_against_its_metadata_and_never_sees_a_bad_
         ..Default::default()
     };
     let s = client.model_infer(bad).await.unwrap_err();
-    assert_eq!(fields(&s), ["inputs[0].shape"]);
+    assert_eq!(violation_fields(&s), ["inputs[0].shape"]);
     assert_eq!(
         s.message(),
         "input 'features': shape [1, 5] does not match the model's [-1, 4] (-1 is any size)"

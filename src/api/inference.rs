@@ -6,7 +6,6 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::{Stream, StreamExt as _};
 use tokio::sync::{Semaphore, watch};
@@ -74,8 +73,8 @@ const STREAM_CONCURRENCY: usize = 16;
 /// What the server shares with the service about its life: readiness, the drain cut, and
 /// Keel-wide slots.
 pub struct Lifecycle {
-    /// False once shutdown begins: ServerReady answers false.
-    pub serving: Arc<AtomicBool>,
+    /// Whether Keel is ready (no shutdown, every required model can answer): ServerReady.
+    pub readiness: Arc<crate::health::Readiness>,
     /// Becomes true when the drain timeout passes.
     pub cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight.
@@ -91,8 +90,8 @@ pub struct InferenceApi {
     store: Arc<Store>,
     /// Routes of each snapshot, for RepositoryIndex and ModelStatistics without a name.
     router: Arc<Router>,
-    /// False once shutdown begins: ServerReady answers false.
-    serving: Arc<AtomicBool>,
+    /// Whether Keel is ready: ServerReady.
+    readiness: Arc<crate::health::Readiness>,
     /// Becomes true when the drain timeout passes: calls still running are cut.
     cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight (`server.max_in_flight`).
@@ -133,7 +132,7 @@ impl InferenceApi {
         tracing: Option<Arc<Tracing>>,
     ) -> Self {
         let Lifecycle {
-            serving,
+            readiness,
             cut,
             gate,
             max_in_flight,
@@ -142,7 +141,7 @@ impl InferenceApi {
             stacks,
             store,
             router,
-            serving,
+            readiness,
             cut,
             gate,
             max_in_flight,
@@ -378,22 +377,23 @@ impl InferenceApi {
 impl InferenceApi {
     /// Whether `name` (`version`) is ready; as Triton does, an unknown model is simply not
     /// ready.
-    pub(super) async fn ready(
+    pub(super) async fn ready<T>(
         &self,
         edge: &Edge,
         name: String,
         version: String,
-    ) -> Result<bool, Status> {
+        answer: impl FnOnce(bool) -> T,
+    ) -> Result<Response<T>, Status> {
         // A model hidden from the tenant is not ready, exactly as an unknown one.
         let _pass = match self.admit(edge, MODEL_READY, Some(&name)) {
             Ok(pass) => pass,
-            Err(Error::ModelNotFound { .. }) => return Ok(false),
+            Err(Error::ModelNotFound { .. }) => return Ok(edge.reply(answer(false))),
             Err(e) => return Err(edge.status(&e, None)),
         };
         let q = ReadyQuery(model_ref(name, version));
         match self.call(&self.stacks.ready, edge, MODEL_READY, q).await {
-            Ok(a) => Ok(a.value),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Ok(a) => Ok(edge.answer(a, answer)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(edge.reply(answer(false))),
             Err(s) => Err(s),
         }
     }
@@ -584,7 +584,7 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<proto::ServerReadyResponse>, Status> {
         // Open to probes and load balancers, as ServerLive.
         let edge = self.open(&request, "v2");
-        let ready = self.serving.load(Ordering::Acquire);
+        let ready = self.readiness.ready();
         Ok(edge.reply(proto::ServerReadyResponse { ready }))
     }
 
@@ -594,8 +594,10 @@ impl GrpcInferenceService for InferenceApi {
     ) -> Result<Response<proto::ModelReadyResponse>, Status> {
         let edge = self.begin(&request, "v2")?;
         let proto::ModelReadyRequest { name, version } = request.into_inner();
-        let ready = self.ready(&edge, name, version).await?;
-        Ok(edge.reply(proto::ModelReadyResponse { ready }))
+        self.ready(&edge, name, version, |ready| proto::ModelReadyResponse {
+            ready,
+        })
+        .await
     }
 
     async fn server_metadata(

@@ -187,16 +187,19 @@ impl PredictionService for LegacyApi {
             model_name,
             model_version,
         } = request.into_inner();
-        let ready = self
+        let versions = self.api.versions(&edge, &model_name);
+        let name = model_name.clone();
+        let resp = self
             .api
-            .ready(&edge, model_name.clone(), model_version)
+            .ready(&edge, model_name, model_version, |ready| {
+                proto::ModelStatusResponse {
+                    model_name: name,
+                    ready,
+                    versions,
+                }
+            })
             .await
             .map_err(|s| edge.deprecate_status(s))?;
-        let versions = self.api.versions(&edge, &model_name);
-        Ok(edge.deprecate(edge.reply(proto::ModelStatusResponse {
-            model_name,
-            ready,
-            versions,
-        })))
+        Ok(edge.deprecate(resp))
     }
 }

@@ -1,18 +1,15 @@
 //! Turns away an inference request that breaks its model's contract or the policy's size
 //! limits, before it takes a slot, an attempt or a breaker's count.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
-use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
 use super::Lookup;
 use crate::call::Call;
 use crate::error::Error;
 use crate::model::{Contract, InferRequest, RequestLimits, check};
+use crate::passthrough::Passthrough;
 use crate::upstream::Operation;
 
 /// Applies [`ValidateService`].
@@ -70,7 +67,7 @@ where
 {
     type Response = S::Response;
     type Error = Error;
-    type Future = ValidateFuture<S::Future, S::Response>;
+    type Future = Passthrough<S::Future, S::Response>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         self.inner.poll_ready(cx)
@@ -78,9 +75,7 @@ where
 
     fn call(&mut self, call: Call<Op>) -> Self::Future {
         let Some(req) = call.body.checked() else {
-            return ValidateFuture::Inner {
-                fut: self.inner.call(call),
-            };
+            return Passthrough::inner(self.inner.call(call));
         };
         let contracts = &call.ctx.route.target.contracts;
         let known = match contracts.lookup(&req.version, &call.ctx) {
@@ -90,52 +85,18 @@ where
                 // The service that was polled ready goes with the call; a clone stays.
                 let clone = self.inner.clone();
                 let mut inner = std::mem::replace(&mut self.inner, clone);
-                return ValidateFuture::Fetching {
-                    fut: Box::pin(async move {
-                        let contract = fetch.await;
-                        if let Some(req) = call.body.checked() {
-                            verdict(&call, req, contract.as_deref())?;
-                        }
-                        inner.call(call).await
-                    }),
-                };
+                return Passthrough::own(async move {
+                    let contract = fetch.await;
+                    if let Some(req) = call.body.checked() {
+                        verdict(&call, req, contract.as_deref())?;
+                    }
+                    inner.call(call).await
+                });
             }
         };
         match verdict(&call, req, known.as_deref()) {
-            Ok(()) => ValidateFuture::Inner {
-                fut: self.inner.call(call),
-            },
-            Err(e) => ValidateFuture::Rejected {
-                fut: std::future::ready(Err(e)),
-            },
-        }
-    }
-}
-
-pin_project! {
-    /// The response future of [`ValidateService`].
-    #[project = Projected]
-    pub enum ValidateFuture<F, T> {
-        /// The request passed (or has nothing to check): the inner call.
-        Inner { #[pin] fut: F },
-        /// The request broke its contract.
-        Rejected { #[pin] fut: std::future::Ready<Result<T, Error>> },
-        /// The contract is being fetched first.
-        Fetching { fut: BoxFuture<'static, Result<T, Error>> },
-    }
-}
-
-impl<F, T> Future for ValidateFuture<F, T>
-where
-    F: Future<Output = Result<T, Error>>,
-{
-    type Output = Result<T, Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            Projected::Inner { fut } => fut.poll(cx),
-            Projected::Rejected { fut } => fut.poll(cx),
-            Projected::Fetching { fut } => fut.as_mut().poll(cx),
+            Ok(()) => Passthrough::inner(self.inner.call(call)),
+            Err(e) => Passthrough::own(std::future::ready(Err(e))),
         }
     }
 }

@@ -231,7 +231,13 @@ pub fn f32_to_f16(x: f32) -> u16 {
     let exp = ((bits >> 23) & 0xff) as i32;
     let man = bits & 0x7f_ffff;
     if exp == 0xff {
-        let nan = if man != 0 { 0x200 } else { 0 };
+        // Infinity, or a NaN keeping its payload's top bits (and never becoming infinity).
+        let payload = (man >> 13) as u16;
+        let nan = match (man, payload) {
+            (0, _) => 0,
+            (_, 0) => 0x200,
+            (_, p) => p,
+        };
         return sign | 0x7c00 | nan;
     }
     let e = exp - 127 + 15;
@@ -269,7 +275,9 @@ pub fn bf16_to_f32(h: u16) -> f32 {
 pub fn f32_to_bf16(x: f32) -> u16 {
     let bits = x.to_bits();
     if x.is_nan() {
-        return ((bits >> 16) | 0x40) as u16;
+        // Keep the payload's top bits; a payload that would vanish becomes a quiet NaN.
+        let h = (bits >> 16) as u16;
+        return if h & 0x7f == 0 { h | 0x40 } else { h };
     }
     let round = 0x7fff + ((bits >> 16) & 1);
     (bits.wrapping_add(round) >> 16) as u16
@@ -318,6 +326,14 @@ mod tests {
         assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
         assert_eq!(f32_to_f16(65520.0), 0x7c00, "overflows to infinity");
         assert_eq!(f32_to_bf16(1.0), 0x3f80);
+        // NaNs stay NaNs with their payloads: FP16/BF16 → FP32 → back is exact.
+        for h in [0x7c01u16, 0xfe00, 0x7fff, 0x7d55] {
+            assert_eq!(f32_to_f16(f16_to_f32(h)), h, "{h:#x}");
+        }
+        for h in [0x7f81u16, 0xffc0, 0x7fff] {
+            assert_eq!(f32_to_bf16(bf16_to_f32(h)), h, "{h:#x}");
+        }
+        assert!(f16_to_f32(f32_to_f16(f32::from_bits(0x7f80_0001))).is_nan());
         assert_eq!(bf16_to_f32(0x4049), 3.140625);
     }
 

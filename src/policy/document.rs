@@ -170,6 +170,9 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
     if listen == admin_listen && listen.port() != 0 {
         p.add(s.at("admin_listen"), "must differ from server.listen");
     }
+    let drain_grace = s
+        .duration(p, "drain_grace", Duration::from_secs(3600))
+        .unwrap_or(d.drain_grace);
     let drain_timeout = s
         .duration(p, "drain_timeout", super::MAX_DURATION)
         .unwrap_or(d.drain_timeout);
@@ -187,6 +190,7 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         listen,
         admin_listen,
         admin_token_env,
+        drain_grace,
         drain_timeout,
         max_message_size,
         audit_log,
@@ -287,6 +291,7 @@ fn model(
     let route_override = s.boolean(p, "route_override").unwrap_or(false);
     let rollback = rollout::read_rollback(&mut s, p, &routes);
     let v1 = super::adapters::read_v1(&mut s, p);
+    let required = s.boolean(p, "required").unwrap_or(false);
     let adapters = super::adapters::read_adapters(&mut s, p);
     let overrides = Overrides::read(&mut s, p);
     s.finish(p);
@@ -302,6 +307,7 @@ fn model(
         rollback,
         v1,
         adapters,
+        required,
     }
 }
 

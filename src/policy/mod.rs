@@ -113,7 +113,10 @@ pub struct ServerSettings {
     pub admin_listen: SocketAddr,
     /// Environment variable holding the admin bearer token; required off loopback.
     pub admin_token_env: Option<String>,
-    /// How long in-flight calls may run after shutdown begins before they are cut.
+    /// How long Keel keeps taking new calls after shutdown begins, with readiness already
+    /// NOT_SERVING, so load balancers stop sending before the listener closes.
+    pub drain_grace: Duration,
+    /// How long in-flight calls may run after the listener closes before they are cut.
     pub drain_timeout: Duration,
     /// Largest request or response message, in bytes; larger ones get RESOURCE_EXHAUSTED.
     pub max_message_size: usize,
@@ -132,6 +135,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8002)),
             admin_token_env: None,
+            drain_grace: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             max_message_size: 64 << 20,
             audit_log: None,
@@ -193,6 +197,8 @@ pub struct ModelPolicy {
     pub v1: Option<V1Mapping>,
     /// Adapters by the version a client asks for (`[models.<name>.adapters."<version>"]`).
     pub adapters: BTreeMap<String, VersionAdapter>,
+    /// Keel is ready only while this model can answer (a healthy route or a fallback).
+    pub required: bool,
 }
 
 impl ModelPolicy {

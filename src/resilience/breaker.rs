@@ -15,7 +15,8 @@
 //!    breaker closes, and one failure opens it again.
 //!
 //! Only failures that say something about the upstream's health count (see
-//! [`Handling::trips_breaker`]): a client error is a healthy answer.
+//! [`Handling::trips_breaker`]): a client error is a healthy answer, and so is a refused
+//! connection (one endpoint down; the endpoint breakers and retries deal with it).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -370,9 +371,13 @@ where
                 admission,
             } => {
                 let out = std::task::ready!(fut.poll(cx));
+                // A refused connection never reached the model: it says one endpoint is
+                // down, which that endpoint's own breaker tracks, and a retry goes to
+                // another. Counting it here would shut the model off while other
+                // endpoints answer.
                 let healthy = match &out {
                     Ok(_) => true,
-                    Err(e) => !e.class().trips_breaker(),
+                    Err(e) => !e.class().trips_breaker() || e.never_sent(),
                 };
                 cell.record(*admission, healthy);
                 Poll::Ready(out)

@@ -160,6 +160,17 @@ pub struct Route {
     pub canary: Option<(Arc<canary::Analysis>, canary::Side)>,
 }
 
+/// How one model stands, for health checks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelHealth {
+    /// The model.
+    pub model: String,
+    /// Whether Keel's readiness depends on it.
+    pub required: bool,
+    /// Why it cannot answer now; `None` when it can.
+    pub problem: Option<String>,
+}
+
 /// What picks a call's route besides its model and version.
 #[derive(Clone, Copy, Debug)]
 pub struct Pick<'a> {
@@ -218,6 +229,8 @@ struct ModelRoutes {
     route_override: bool,
     /// The canary analysis, while the canary takes calls.
     analysis: Option<Arc<canary::Analysis>>,
+    /// Keel is ready only while this model can answer.
+    required: bool,
 }
 
 impl ModelRoutes {
@@ -375,6 +388,40 @@ impl Routes {
             return vec![];
         }
         sent
+    }
+
+    /// How each routed model stands: whether a call could be answered now (a route on a
+    /// target whose breakers are not all open, or a fallback ladder), and why not.
+    pub fn health(&self) -> Vec<ModelHealth> {
+        self.models
+            .iter()
+            .map(|(name, m)| {
+                let up = |t: &Target| {
+                    t.backend.healthy()
+                        && t.breaker
+                            .as_ref()
+                            .is_none_or(|b| b.state() != crate::resilience::BreakerState::Open)
+                };
+                let problem = if let Some(w) = &m.switched_off {
+                    Some(format!("switched off ({w})"))
+                } else if m.entries.iter().any(|e| e.weight > 0 && up(&e.target)) {
+                    None
+                } else if !m.ladder.is_empty() {
+                    // Degraded, but answering.
+                    None
+                } else {
+                    Some(
+                        "no route can take calls: every upstream endpoint or breaker is open"
+                            .into(),
+                    )
+                };
+                ModelHealth {
+                    model: name.clone(),
+                    required: m.required,
+                    problem,
+                }
+            })
+            .collect()
     }
 
     /// Whether `model` is routed.
@@ -692,6 +739,7 @@ impl Router {
             route_key: model.route_key.clone(),
             route_override: model.route_override,
             analysis,
+            required: model.required,
         }
     }
 

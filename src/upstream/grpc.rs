@@ -50,6 +50,24 @@ struct Target {
     client: GrpcInferenceServiceClient<Channel>,
     /// This endpoint's own breaker: an open one is skipped while others can answer.
     breaker: Option<Arc<BreakerCell>>,
+    /// Attempts sent here and not yet answered: the load the balancer compares.
+    pending: Arc<AtomicUsize>,
+}
+
+/// Counts an attempt as pending on its endpoint until dropped.
+struct Pending(Arc<AtomicUsize>);
+
+impl Pending {
+    fn start(counter: &Arc<AtomicUsize>) -> Pending {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Pending(counter.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A named upstream and its endpoints.
@@ -100,6 +118,7 @@ impl GrpcUpstream {
                     addr: addr.into(),
                     client,
                     breaker: cell,
+                    pending: Arc::new(AtomicUsize::new(0)),
                 }
             })
             .collect();
@@ -137,10 +156,31 @@ impl GrpcUpstream {
         let mut soonest: Option<BreakerOpen> = None;
         let order = (0..n).map(|k| (start + k) % n);
         // The endpoint to avoid goes last, so it is tried only when every other is refused.
-        let order = order
+        let mut order: Vec<usize> = order
             .clone()
             .filter(|&i| Some(&*self.targets[i].addr) != avoid)
-            .chain(order.filter(|&i| Some(&*self.targets[i].addr) == avoid));
+            .chain(order.filter(|&i| Some(&*self.targets[i].addr) == avoid))
+            .collect();
+        // Power of two choices: of the next two endpoints in turn that are not open (and not
+        // to be avoided), the one with fewer attempts pending goes first, so a slow or stuck
+        // endpoint gets less traffic. Taking them in turn keeps the choice deterministic.
+        let takes = |i: &usize| {
+            let t = &self.targets[*i];
+            Some(&*t.addr) != avoid
+                && t.breaker
+                    .as_ref()
+                    .is_none_or(|b| b.state() != crate::resilience::BreakerState::Open)
+        };
+        let mut pair = order.iter().copied().filter(takes).take(2);
+        if let (Some(a), Some(b)) = (pair.next(), pair.next()) {
+            let load = |i: usize| self.targets[i].pending.load(Ordering::Relaxed);
+            if load(b) < load(a)
+                && let Some(at) = order.iter().position(|&i| i == b)
+            {
+                order.remove(at);
+                order.insert(0, b);
+            }
+        }
         for i in order {
             let target = &self.targets[i];
             match target.breaker.as_ref().map(|b| b.admit()) {
@@ -191,6 +231,7 @@ impl GrpcUpstream {
         let metrics = self.metrics.clone();
         async move {
             let (target, admission) = target?;
+            let _pending = Pending::start(&target.pending);
             if time.is_zero() {
                 return Err(Error::DeadlineExceeded { budget: ctx.budget });
             }
@@ -425,6 +466,14 @@ impl Backend for GrpcUpstream {
             |mut c, r| async move { c.model_statistics(r).await },
             |r| Ok(r.model_stats.into_iter().map(pb::stats_from_pb).collect()),
         )
+    }
+
+    fn healthy(&self) -> bool {
+        self.targets.iter().any(|t| {
+            t.breaker
+                .as_ref()
+                .is_none_or(|b| b.state() != crate::resilience::BreakerState::Open)
+        })
     }
 
     fn describe(&self) -> String {

@@ -32,6 +32,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>>;
     /// A short description for logs and the startup line (`embedded`, `upstream triton`).
     fn describe(&self) -> String;
+    /// Whether some endpoint may take calls now (not every endpoint breaker open).
+    fn healthy(&self) -> bool {
+        true
+    }
     /// The model's contract, to check requests against before they are sent: its OIP
     /// metadata, with `max_batch_size` from its configuration where the backend has one
     /// (Triton does; a KServe runtime without ModelConfig leaves batching unknown).

@@ -37,8 +37,10 @@ impl Keel {
         Keel::start_on(options, "127.0.0.1:0".parse().unwrap()).await
     }
 
-    /// A Keel on `addr` (an address a stopped Keel used, to restart it in place).
-    pub async fn start_on(options: keel::Options, addr: SocketAddr) -> Keel {
+    /// A Keel on `addr` (an address a stopped Keel used, to restart it in place). Without a
+    /// `drain_grace` of its own, it stops without one, so tests do not wait 5 s each.
+    pub async fn start_on(mut options: keel::Options, addr: SocketAddr) -> Keel {
+        options.drain_grace.get_or_insert(Duration::ZERO);
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
@@ -55,7 +57,8 @@ impl Keel {
 
     /// A Keel with an admin listener on `127.0.0.1:0` too. Startup errors (say, a missing
     /// admin token) come back from `stop`.
-    pub async fn start_with_admin(options: keel::Options) -> Keel {
+    pub async fn start_with_admin(mut options: keel::Options) -> Keel {
+        options.drain_grace.get_or_insert(Duration::ZERO);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -610,4 +613,16 @@ pub fn value(scrape: &str, series: &str) -> Option<f64> {
         .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// The field paths of an INVALID_ARGUMENT's `BadRequest` details, checking the code first.
+pub fn violation_fields(s: &Status) -> Vec<String> {
+    use tonic_types::StatusExt as _;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    s.get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
 }

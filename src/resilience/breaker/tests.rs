@@ -125,6 +125,8 @@ async fn old_failures_leave_the_window() {
 enum E {
     Upstream(ErrorClass),
     Open(BreakerOpen),
+    /// A refused connection: transient, and the upstream never saw it.
+    Refused,
 }
 
 impl std::fmt::Display for E {
@@ -138,10 +140,14 @@ impl Failure for E {
         match self {
             E::Upstream(c) => *c,
             E::Open(_) => ErrorClass::LocalRejection,
+            E::Refused => ErrorClass::Transient,
         }
     }
     fn code(&self) -> tonic::Code {
         tonic::Code::Unavailable
+    }
+    fn never_sent(&self) -> bool {
+        matches!(self, E::Refused)
     }
 }
 
@@ -217,5 +223,26 @@ async fn the_layer_fails_fast_when_open_and_client_errors_do_not_count() {
         none,
         Err(E::Upstream(ErrorClass::ClientError)),
         "no breaker: passes"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_connections_do_not_open_the_models_breaker() {
+    let cell = Arc::new(BreakerCell::new(settings()));
+    let mut refused =
+        BreakerLayer.layer(service_fn(|_r: Req| async { Err::<&str, _>(E::Refused) }));
+    for _ in 0..20 {
+        let out = refused
+            .ready()
+            .await
+            .unwrap()
+            .call(Req(Some(cell.clone()), settings()))
+            .await;
+        assert_eq!(out, Err(E::Refused));
+    }
+    assert_eq!(
+        cell.state(),
+        BreakerState::Closed,
+        "one endpoint down is the endpoint breakers' business"
     );
 }

@@ -1,0 +1,178 @@
+//! Keel's own health, one view for every way it is asked: `grpc.health.v1` (`readiness`,
+//! `""`, the service names, and `keel.model.<name>` per model), OIP ServerReady and the admin
+//! `/readyz`.
+//!
+//! Keel is ready while it takes new calls (no shutdown has begun) and every model marked
+//! `required` can answer: a route whose upstream has an endpoint whose breaker is not open
+//! (half-open counts: it lets probes through), or a fallback ladder. `liveness` does not
+//! depend on any of this. The view is recomputed every second from the router's state.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::policy::Store;
+use crate::route::Router;
+
+/// How often the view is recomputed.
+pub const INTERVAL: Duration = Duration::from_secs(1);
+
+/// The health name of one model.
+pub fn model_service(model: &str) -> String {
+    format!("keel.model.{model}")
+}
+
+/// Whether Keel is ready, and why not.
+pub struct Readiness {
+    serving: Arc<AtomicBool>,
+    failing: ArcSwap<Vec<String>>,
+}
+
+impl Readiness {
+    /// Ready, taking calls while `serving` holds.
+    pub fn new(serving: Arc<AtomicBool>) -> Arc<Readiness> {
+        Arc::new(Readiness {
+            serving,
+            failing: ArcSwap::from_pointee(Vec::new()),
+        })
+    }
+
+    /// Whether Keel takes new calls and every required model can answer.
+    pub fn ready(&self) -> bool {
+        self.serving.load(Ordering::Acquire) && self.failing.load().is_empty()
+    }
+
+    /// One line per reason Keel is not ready; empty when it is.
+    pub fn reasons(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.serving.load(Ordering::Acquire) {
+            out.push("draining: shutdown has begun".to_string());
+        }
+        out.extend(self.failing.load().iter().cloned());
+        out
+    }
+}
+
+/// Publishes the view to a [`HealthReporter`]: the per-model names and the readiness names.
+pub struct Publisher {
+    readiness: Arc<Readiness>,
+    router: Arc<Router>,
+    store: Arc<Store>,
+    reporter: HealthReporter,
+    ready_names: Vec<String>,
+    published: HashMap<String, ServingStatus>,
+}
+
+impl Publisher {
+    /// A publisher for `reporter`, where the server has already set `ready_names` SERVING.
+    pub fn new(
+        readiness: Arc<Readiness>,
+        router: Arc<Router>,
+        store: Arc<Store>,
+        reporter: HealthReporter,
+        ready_names: Vec<String>,
+    ) -> Publisher {
+        let published = ready_names
+            .iter()
+            .map(|n| (n.clone(), ServingStatus::Serving))
+            .collect();
+        Publisher {
+            readiness,
+            router,
+            store,
+            reporter,
+            ready_names,
+            published,
+        }
+    }
+
+    /// Recomputes the view once and publishes what changed. The server calls it before it
+    /// accepts a connection, so every model's name is known from the first call. After
+    /// shutdown begins it leaves the readiness names alone (the shutdown sets them
+    /// NOT_SERVING) and keeps the per-model names current.
+    pub async fn refresh(&mut self) {
+        let routes = self.router.routes(&self.store.current());
+        let health = routes.health();
+        let failing: Vec<String> = health
+            .iter()
+            .filter(|h| h.required)
+            .filter_map(|h| {
+                h.problem
+                    .as_ref()
+                    .map(|p| format!("model {}: {p}", h.model))
+            })
+            .collect();
+        for h in &health {
+            let status = if h.problem.is_none() {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            publish(
+                &self.reporter,
+                &mut self.published,
+                &model_service(&h.model),
+                status,
+            )
+            .await;
+        }
+        self.readiness.failing.store(Arc::new(failing));
+        if !self.readiness.serving.load(Ordering::Acquire) {
+            return;
+        }
+        let ready = self.readiness.ready();
+        let status = if ready {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        let was = self.ready_names.first().and_then(|n| self.published.get(n));
+        if was != Some(&status) {
+            if ready {
+                tracing::info!("ready: every required model can answer");
+            } else {
+                tracing::warn!(reasons = ?self.readiness.reasons(), "not ready");
+            }
+        }
+        for name in &self.ready_names {
+            publish(&self.reporter, &mut self.published, name, status).await;
+        }
+        // Shutdown may have begun meanwhile; its NOT_SERVING must be the last word.
+        if !self.readiness.serving.load(Ordering::Acquire) {
+            for name in &self.ready_names {
+                self.reporter
+                    .set_service_status(name.as_str(), ServingStatus::NotServing)
+                    .await;
+            }
+        }
+    }
+
+    /// Refreshes every [`INTERVAL`] until the task is dropped.
+    pub async fn run(mut self) {
+        let mut ticker = tokio::time::interval(INTERVAL);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            self.refresh().await;
+        }
+    }
+}
+
+/// Sets `name` to `status` unless that is what was last published, so Watch streams hear of
+/// changes only.
+async fn publish(
+    reporter: &HealthReporter,
+    published: &mut HashMap<String, ServingStatus>,
+    name: &str,
+    status: ServingStatus,
+) {
+    if published.get(name) != Some(&status) {
+        reporter.set_service_status(name, status).await;
+        published.insert(name.to_string(), status);
+    }
+}

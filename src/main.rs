@@ -283,15 +283,34 @@ fn summary(
         let _ = writeln!(out, "  (none)");
     }
     for (name, u) in &p.upstreams {
-        let endpoints: Vec<String> = u
-            .endpoints
-            .iter()
-            .map(|e| {
-                e.authority()
-                    .map_or_else(|| e.to_string(), ToString::to_string)
+        let endpoints: Vec<String> = match &u.endpoints {
+            keel::policy::Endpoints::Static(uris) => uris
+                .iter()
+                .map(|e| {
+                    e.authority()
+                        .map_or_else(|| e.to_string(), ToString::to_string)
+                })
+                .collect(),
+            keel::policy::Endpoints::Dns {
+                host,
+                port,
+                interval,
+            } => vec![format!(
+                "dns {host}:{port} (every {})",
+                keel::policy::format_duration(*interval)
+            )],
+        };
+        let check = u
+            .health_check
+            .as_ref()
+            .map(|c| {
+                format!(
+                    ", checked every {}",
+                    keel::policy::format_duration(c.interval)
+                )
             })
-            .collect();
-        let _ = writeln!(out, "  {name:<16} {}", endpoints.join(", "));
+            .unwrap_or_default();
+        let _ = writeln!(out, "  {name:<16} {}{check}", endpoints.join(", "));
     }
     let _ = writeln!(out, "models:");
     let infer = "inference.GRPCInferenceService/ModelInfer";

@@ -60,8 +60,8 @@ async fn readiness_follows_a_required_model_and_liveness_stays_serving() {
     };
     let keel = Keel::with_admin(&format!(
         "[defaults.retry]\nmax_attempts = 1\n\
-         [defaults.breaker]\nconsecutive_failures = 2\nopen_for = \"1s\"\nmax_open_for = \"1s\"\n\
          [upstreams.up]\nendpoints = [\"{dead}\"]\n\
+         [upstreams.up.outlier]\nconsecutive_failures = 2\nbase_ejection = \"1s\"\n\
          [models.simple]\nbackend = \"up\"\nrequired = true\n\
          [models.iris]\nbackend = \"embedded\"\n"
     ))
@@ -70,7 +70,7 @@ async fn readiness_follows_a_required_model_and_liveness_stays_serving() {
     let mut client = keel.client().await;
     until(&mut health, "readiness", ServingStatus::Serving).await;
 
-    // Two refused calls open the endpoint's breaker: the required model cannot answer.
+    // Two refused calls eject the only endpoint: the required model cannot answer.
     for _ in 0..2 {
         assert!(client.model_infer(simple_request()).await.is_err());
     }
@@ -95,12 +95,58 @@ async fn readiness_follows_a_required_model_and_liveness_stays_serving() {
     assert_eq!(code, 503);
     assert!(body.contains("model simple:"), "{body}");
 
-    // The upstream comes up; once the breaker lets a probe through, Keel is ready again.
+    // The upstream comes up; once the ejection ends, Keel is ready again.
     let upstream = Keel::start_on(keel::Options::default(), dead).await;
     until(&mut health, "readiness", ServingStatus::Serving).await;
     let (code, _) = get(keel.admin.unwrap(), "/readyz").await;
     assert_eq!(code, 200);
     client.model_infer(simple_request()).await.unwrap();
+    upstream.stop().await.unwrap();
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn active_checks_take_readiness_down_and_back_without_traffic() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let upstream = Keel::start_on(keel::Options::default(), port).await;
+    let keel = Keel::with_admin(&format!(
+        "[upstreams.up]\nendpoints = [\"{port}\"]\n\
+         [upstreams.up.health_check]\nkind = \"grpc_health\"\nservice = \"readiness\"\n\
+         interval = \"100ms\"\ntimeout = \"100ms\"\nunhealthy_threshold = 1\nhealthy_threshold = 2\n\
+         [models.simple]\nbackend = \"up\"\nrequired = true\n"
+    ))
+    .await;
+    let mut health = HealthClient::new(keel.channel().await);
+    until(&mut health, "readiness", ServingStatus::Serving).await;
+
+    // The upstream goes away; no call is made, the checks notice.
+    upstream.stop().await.unwrap();
+    until(&mut health, "readiness", ServingStatus::NotServing).await;
+    let (_, metrics) = get(keel.admin.unwrap(), "/metrics").await;
+    assert_eq!(
+        value(
+            &metrics,
+            &format!("keel_endpoint_state{{upstream=\"up\",endpoint=\"{port}\"}}")
+        ),
+        Some(1.0),
+        "failing checks: {metrics}"
+    );
+    assert_eq!(
+        status(&mut health, "liveness").await,
+        ServingStatus::Serving as i32
+    );
+
+    // Back, and ready once it passes two checks in a row.
+    let upstream = Keel::start_on(keel::Options::default(), port).await;
+    until(&mut health, "readiness", ServingStatus::Serving).await;
+    keel.client()
+        .await
+        .model_infer(simple_request())
+        .await
+        .unwrap();
     upstream.stop().await.unwrap();
     keel.stop().await.unwrap();
 }

@@ -64,7 +64,7 @@ async fn failures_are_counted_by_code_and_reason() {
     let (addr, _stop) = down.serve().await;
     let keel = Keel::with_config(&simple_via(
         addr,
-        "[defaults.retry]\nmax_attempts = 2\ninitial_backoff = \"1ms\"\n[defaults.breaker]\nenabled = false",
+        "[defaults.retry]\nmax_attempts = 2\ninitial_backoff = \"1ms\"\n[defaults.breaker]\nenabled = false\n[upstreams.up.outlier]\nenabled = false",
     ))
     .await;
     let report = run(plan(&keel, Payload::Simple, Stop::Requests(40)), |_| {})

@@ -227,7 +227,7 @@ async fn the_retry_budget_caps_retries_against_an_upstream_that_always_fails() {
     let (addr, _stop) = up.serve().await;
     let keel = Keel::with_config(&simple_via(
         addr,
-        "[defaults.retry]\nmax_attempts = 5\ninitial_backoff = \"1ms\"\nmax_backoff = \"1ms\"\n[defaults.retry.budget]\nratio = 0.1\nmin_per_sec = 0\n[defaults.breaker]\nenabled = false",
+        "[defaults.retry]\nmax_attempts = 5\ninitial_backoff = \"1ms\"\nmax_backoff = \"1ms\"\n[defaults.retry.budget]\nratio = 0.1\nmin_per_sec = 0\n[defaults.breaker]\nenabled = false\n[upstreams.up.outlier]\nenabled = false",
     ))
     .await;
     let mut client = keel.client().await;
@@ -324,23 +324,23 @@ async fn a_slow_endpoint_is_hedged_on_the_next_one() {
 }
 
 #[tokio::test]
-async fn a_failing_endpoint_is_skipped_by_its_own_breaker() {
+async fn a_failing_endpoint_is_ejected_while_the_other_answers() {
     let sick = ScriptedUpstream::new(Script::failing(Code::Internal, "broken"));
     let healthy = ScriptedUpstream::new(Script::default());
     let (a, _sa) = sick.serve().await;
     let (b, _sb) = healthy.serve().await;
     let keel = Keel::with_config(&format!(
-        "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nconsecutive_failures = 2\nmin_requests = 1000\nopen_for = \"1m\"\n[upstreams.up]\nendpoints = [\"{a}\", \"{b}\"]\n[models.simple]\nbackend = \"up\"\n"
+        "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nenabled = false\n[upstreams.up]\nendpoints = [\"{a}\", \"{b}\"]\n[upstreams.up.outlier]\nconsecutive_failures = 2\nbase_ejection = \"1m\"\n[models.simple]\nbackend = \"up\"\n"
     ))
     .await;
     let mut client = keel.client().await;
-    // Endpoints alternate: the sick one fails twice, then its breaker opens.
+    // Endpoints alternate: the sick one fails twice, then it is ejected.
     let mut outcomes = Vec::new();
     for i in 0..10 {
         outcomes.push(client.model_infer(request(&format!("e{i}"))).await.is_ok());
     }
     assert_eq!(outcomes[..4], [false, true, false, true]);
     assert!(outcomes[4..].iter().all(|ok| *ok), "{outcomes:?}");
-    assert_eq!(sick.seen().len(), 2, "no calls after its breaker opened");
+    assert_eq!(sick.seen().len(), 2, "no calls after its ejection");
     keel.stop().await.unwrap();
 }

@@ -166,8 +166,8 @@ pub struct AuthFailureLabels {
 pub struct RuntimeState {
     /// Per (model, upstream): breaker state (0 closed, 1 half-open, 2 open) and trips.
     pub breakers: Vec<(String, String, i64, u64)>,
-    /// Per (upstream, endpoint): breaker state.
-    pub endpoint_breakers: Vec<(String, String, i64)>,
+    /// Per (upstream, endpoint): its standing in the pool.
+    pub endpoints: Vec<(String, String, i64)>,
     /// Per model: calls in flight and calls waiting for a slot.
     pub models: Vec<(String, i64, i64)>,
     /// Calls in flight, all models.
@@ -510,12 +510,12 @@ impl Collector for Runtime {
             ConstCounter::new(*trips).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
-            "keel_endpoint_breaker_state",
-            "Breaker of each upstream endpoint: 0 closed, 1 half-open, 2 open",
+            "keel_endpoint_state",
+            "How each upstream endpoint stands: 0 serving, 1 failing its health checks, 2 ejected",
             None,
             ConstGauge::new(0i64).metric_type(),
         )?;
-        for (upstream, endpoint, s) in &state.endpoint_breakers {
+        for (upstream, endpoint, s) in &state.endpoints {
             let labels = EndpointLabels {
                 upstream: upstream.clone(),
                 endpoint: endpoint.clone(),

@@ -71,7 +71,7 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
                 "\"embedded\" names the built-in backend; choose another name",
             );
         }
-        upstreams.insert(name, upstream(s, &mut p));
+        upstreams.insert(name, super::upstreams::read_upstream(s, &mut p));
     }
     let mut flags = BTreeMap::new();
     for (name, value, path) in root.entries(&mut p, "flags").unwrap_or_default() {
@@ -196,30 +196,6 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         audit_log,
         watch,
         max_in_flight,
-    }
-}
-
-fn upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpec {
-    let mut endpoints = Vec::new();
-    match s.strings(p, "endpoints") {
-        None => p.add(s.at("endpoints"), "is required: a list of \"host:port\""),
-        Some(list) if list.is_empty() => p.add(s.at("endpoints"), "needs at least one endpoint"),
-        Some(list) => {
-            for (i, e) in list.iter().enumerate() {
-                match parse_endpoint(e) {
-                    Ok(uri) => endpoints.push(uri),
-                    Err(msg) => p.add(format!("{}[{i}]", s.at("endpoints")), msg),
-                }
-            }
-        }
-    }
-    let connect_timeout = s
-        .duration(p, "connect_timeout", Duration::from_secs(60))
-        .unwrap_or(Duration::from_secs(1));
-    s.finish(p);
-    UpstreamSpec {
-        endpoints,
-        connect_timeout,
     }
 }
 
@@ -430,30 +406,6 @@ fn check_combinations(policy: &Policy, p: &mut Problems) {
             );
         }
     }
-}
-
-/// Accepts `host:port` or `http://host:port`; TLS to upstreams is a later feature.
-fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
-    let with_scheme = if s.contains("://") {
-        s.to_string()
-    } else {
-        format!("http://{s}")
-    };
-    let uri: http::Uri = with_scheme
-        .parse()
-        .map_err(|e| format!("{s:?} is not a valid endpoint: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!(
-            "{s:?}: only http:// (plaintext) endpoints are supported"
-        ));
-    }
-    if uri.port_u16().is_none() {
-        return Err(format!("{s:?} needs a port, such as \"127.0.0.1:8001\""));
-    }
-    if uri.path() != "/" && !uri.path().is_empty() {
-        return Err(format!("{s:?} must not have a path"));
-    }
-    Ok(uri)
 }
 
 #[cfg(test)]

@@ -22,6 +22,7 @@ mod snapshot;
 mod store;
 mod tenants;
 mod units;
+mod upstreams;
 pub mod watch;
 
 use std::collections::BTreeMap;
@@ -45,6 +46,7 @@ pub use tenants::{
     AuthSettings, MAX_TENANT_NAME, ModelAccess, Priority, RateLimit, Tenant, parse_key_hash,
 };
 pub use units::{format_duration, parse_duration, parse_size};
+pub use upstreams::{CheckKind, Connection, Endpoints, HealthCheck, Outlier, UpstreamSpec};
 
 /// Where Keel listens for traffic unless told otherwise: Triton's gRPC port on loopback.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
@@ -143,15 +145,6 @@ impl Default for ServerSettings {
             max_in_flight: 10_000,
         }
     }
-}
-
-/// A named upstream: one or more endpoints of an OIP gRPC server.
-#[derive(Clone, Debug, PartialEq)]
-pub struct UpstreamSpec {
-    /// Endpoint URIs (`http://127.0.0.1:9001`); calls are spread over them in turn.
-    pub endpoints: Vec<http::Uri>,
-    /// Bound on establishing a connection, so an unreachable endpoint fails fast.
-    pub connect_timeout: Duration,
 }
 
 /// A backend named in the policy.

@@ -16,7 +16,7 @@
 //!
 //! Only failures that say something about the upstream's health count (see
 //! [`Handling::trips_breaker`]): a client error is a healthy answer, and so is a refused
-//! connection (one endpoint down; the endpoint breakers and retries deal with it).
+//! connection (one endpoint down; ejection from the pool and retries deal with it).
 
 use std::future::Future;
 use std::pin::Pin;

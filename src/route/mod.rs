@@ -33,8 +33,8 @@ use crate::error::Error;
 use crate::observe::Metrics;
 use crate::observe::metrics::RuntimeState;
 use crate::policy::{
-    BackendRef, Breaker, METHODS, ModelPolicy, Policy, PolicyError, PolicyErrors, Settings,
-    Snapshot, Tier, UpstreamSpec, When,
+    BackendRef, METHODS, ModelPolicy, Policy, PolicyError, PolicyErrors, Settings, Snapshot, Tier,
+    UpstreamSpec, When,
 };
 use crate::resilience::{BreakerCell, Latency, Limiter, RetryBudget};
 use crate::upstream::embedded::Embedded;
@@ -464,7 +464,7 @@ struct Compiled {
 /// built with: a swap that changes them gets a fresh entry, others keep their state.
 #[derive(Default)]
 struct Registry {
-    upstreams: BTreeMap<String, ((UpstreamSpec, Breaker), Arc<GrpcUpstream>)>,
+    upstreams: BTreeMap<String, (UpstreamSpec, Arc<GrpcUpstream>)>,
     budgets: BTreeMap<String, Arc<RetryBudget>>,
     breakers: BTreeMap<(String, String), Arc<BreakerCell>>,
     latency: BTreeMap<(String, String), Arc<Latency>>,
@@ -542,7 +542,7 @@ impl Router {
     }
 
     /// The resilience state kept across swaps, for the metrics scrape: breakers per
-    /// (model, upstream), endpoint breakers, and per-model in-flight and queued calls.
+    /// (model, upstream), endpoint standings, and per-model in-flight and queued calls.
     pub fn runtime_state(&self, into: &mut RuntimeState) {
         let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
         for ((model, upstream), b) in &registry.breakers {
@@ -555,7 +555,7 @@ impl Router {
         }
         for (name, (_, up)) in &registry.upstreams {
             for (endpoint, state) in up.endpoint_states() {
-                into.endpoint_breakers.push((name.clone(), endpoint, state));
+                into.endpoints.push((name.clone(), endpoint, state));
             }
         }
         for (model, l) in &registry.limiters {
@@ -810,24 +810,15 @@ impl Router {
         policy: &Policy,
     ) -> Option<Arc<dyn Backend>> {
         let spec = policy.upstreams.get(name)?;
-        // Endpoint breakers take the infer method's settings from the defaults.
-        let breaker = policy.resolve(METHODS[0], None).breaker;
-        if let Some(((built_spec, built_breaker), up)) = registry.upstreams.get(name)
+        if let Some((built_spec, up)) = registry.upstreams.get(name)
             && built_spec == spec
-            && *built_breaker == breaker
         {
             return Some(up.clone());
         }
-        let up = GrpcUpstream::new(
-            name,
-            spec,
-            self.max_message_size,
-            &breaker,
-            self.metrics.clone(),
-        );
+        let up = GrpcUpstream::new(name, spec, self.max_message_size, self.metrics.clone());
         registry
             .upstreams
-            .insert(name.to_string(), ((spec.clone(), breaker), up.clone()));
+            .insert(name.to_string(), (spec.clone(), up.clone()));
         Some(up)
     }
 }

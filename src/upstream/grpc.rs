@@ -5,20 +5,19 @@
 //! on retries, and a `grpc-timeout` equal to the time the attempt has: what remains of the
 //! call's deadline less the policy's margin, or the per-try timeout if sooner.
 //!
-//! Endpoints are used in turn, one lazily connected HTTP/2 channel each; a refused connection
-//! fails the attempt at once with UNAVAILABLE naming the upstream. Each endpoint has its own
-//! circuit breaker, so a sick endpoint is skipped while the others answer. (Balancing by load,
-//! active health checks and ejection are the pool's job in a later step.)
+//! Which endpoint takes an attempt is the [`Pool`]'s decision (balancing, health checks,
+//! ejection, DNS); a refused connection fails the attempt at once with UNAVAILABLE naming the
+//! upstream, and counts against that endpoint only.
 
 use std::error::Error as _;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures::FutureExt as _;
 use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use super::pool::{self, Pending, Pool, Resolve, SystemResolver};
 use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
 use crate::call::Call;
 use crate::error::Error;
@@ -26,9 +25,8 @@ use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelS
 use crate::observe::Metrics;
 use crate::observe::metrics::{ClientCodeLabels, ClientLabels};
 use crate::pb::{self, inference as proto};
-use crate::policy::Breaker;
-use crate::policy::UpstreamSpec;
-use crate::resilience::{Admission, BreakerCell, BreakerOpen, Failure, Handling, Pushback};
+use crate::policy::{Endpoints, UpstreamSpec};
+use crate::resilience::{Failure, Handling, Pushback};
 use opentelemetry::KeyValue;
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
@@ -44,38 +42,21 @@ const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 /// The header an upstream uses to ask for a wait before a retry, or for none.
 const PUSHBACK: &str = "grpc-retry-pushback-ms";
 
-#[derive(Clone)]
-struct Target {
-    addr: Arc<str>,
-    client: GrpcInferenceServiceClient<Channel>,
-    /// This endpoint's own breaker: an open one is skipped while others can answer.
-    breaker: Option<Arc<BreakerCell>>,
-    /// Attempts sent here and not yet answered: the load the balancer compares.
-    pending: Arc<AtomicUsize>,
-}
-
-/// Counts an attempt as pending on its endpoint until dropped.
-struct Pending(Arc<AtomicUsize>);
-
-impl Pending {
-    fn start(counter: &Arc<AtomicUsize>) -> Pending {
-        counter.fetch_add(1, Ordering::Relaxed);
-        Pending(counter.clone())
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// A named upstream and its endpoints.
 pub struct GrpcUpstream {
     name: Arc<str>,
-    targets: Vec<Target>,
-    next: AtomicUsize,
+    pool: Arc<Pool>,
     metrics: Arc<Metrics>,
+    /// DNS re-resolution and active checks, stopped when the upstream is dropped.
+    maintenance: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for GrpcUpstream {
+    fn drop(&mut self) {
+        if let Some(task) = self.maintenance.take() {
+            task.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for GrpcUpstream {
@@ -85,118 +66,57 @@ impl std::fmt::Debug for GrpcUpstream {
 }
 
 impl GrpcUpstream {
-    /// Prepares channels to every endpoint without connecting; must run inside a Tokio
-    /// runtime. Each endpoint gets a breaker with `breaker` settings when they are enabled.
+    /// Prepares channels to every endpoint without connecting, and starts the pool's
+    /// background work (DNS, health checks) where the policy asks for it; must run inside a
+    /// Tokio runtime.
     pub fn new(
         name: &str,
         spec: &UpstreamSpec,
         max_message_size: usize,
-        breaker: &Breaker,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let targets = spec
-            .endpoints
-            .iter()
-            .map(|uri| {
-                let channel = Endpoint::from(uri.clone())
-                    .connect_timeout(spec.connect_timeout)
-                    .tcp_nodelay(true)
-                    .connect_lazy();
-                let client = GrpcInferenceServiceClient::new(channel)
-                    .max_decoding_message_size(max_message_size)
-                    .max_encoding_message_size(max_message_size);
-                let addr = uri
-                    .authority()
-                    .map_or_else(|| uri.to_string(), ToString::to_string);
-                let cell = breaker.enabled.then(|| {
-                    Arc::new(BreakerCell::named(
-                        breaker.clone(),
-                        format!("{name}/{addr}"),
-                    ))
-                });
-                Target {
-                    addr: addr.into(),
-                    client,
-                    breaker: cell,
-                    pending: Arc::new(AtomicUsize::new(0)),
-                }
-            })
-            .collect();
+        GrpcUpstream::with_resolver(
+            name,
+            spec,
+            max_message_size,
+            metrics,
+            Arc::new(SystemResolver),
+        )
+    }
+
+    /// As [`GrpcUpstream::new`], resolving DNS names with `resolver`.
+    pub fn with_resolver(
+        name: &str,
+        spec: &UpstreamSpec,
+        max_message_size: usize,
+        metrics: Arc<Metrics>,
+        resolver: Arc<dyn Resolve>,
+    ) -> Arc<Self> {
+        let uris = match &spec.endpoints {
+            Endpoints::Static(uris) => uris.as_slice(),
+            Endpoints::Dns { .. } => &[],
+        };
+        let pool = Arc::new(Pool::new(name, spec, uris, max_message_size));
+        let background =
+            matches!(spec.endpoints, Endpoints::Dns { .. }) || spec.health_check.is_some();
+        let maintenance =
+            background.then(|| tokio::spawn(pool::maintain(Arc::downgrade(&pool), resolver)));
         Arc::new(GrpcUpstream {
             name: name.into(),
-            targets,
-            next: AtomicUsize::new(0),
+            pool,
             metrics,
+            maintenance,
         })
     }
 
-    /// Each endpoint with its breaker's state (0 closed, 1 half-open, 2 open), for metrics.
-    pub fn endpoint_states(&self) -> Vec<(String, i64)> {
-        self.targets
-            .iter()
-            .filter_map(|t| {
-                let state = t.breaker.as_ref()?.state();
-                Some((t.addr.to_string(), state as i64))
-            })
-            .collect()
+    /// The pool of endpoints.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
-    /// The next endpoint in turn whose breaker lets the call through, other than `avoid`
-    /// (the endpoint that just failed this call) unless no other can take it.
-    fn pick(&self, avoid: Option<&str>) -> Result<(Target, Option<Admission>), Error> {
-        let n = self.targets.len();
-        if n == 0 {
-            return Err(Error::UpstreamUnavailable {
-                upstream: self.name.to_string(),
-                detail: "no endpoints".into(),
-                never_sent: true,
-            });
-        }
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut soonest: Option<BreakerOpen> = None;
-        let order = (0..n).map(|k| (start + k) % n);
-        // The endpoint to avoid goes last, so it is tried only when every other is refused.
-        let mut order: Vec<usize> = order
-            .clone()
-            .filter(|&i| Some(&*self.targets[i].addr) != avoid)
-            .chain(order.filter(|&i| Some(&*self.targets[i].addr) == avoid))
-            .collect();
-        // Power of two choices: of the next two endpoints in turn that are not open (and not
-        // to be avoided), the one with fewer attempts pending goes first, so a slow or stuck
-        // endpoint gets less traffic. Taking them in turn keeps the choice deterministic.
-        let takes = |i: &usize| {
-            let t = &self.targets[*i];
-            Some(&*t.addr) != avoid
-                && t.breaker
-                    .as_ref()
-                    .is_none_or(|b| b.state() != crate::resilience::BreakerState::Open)
-        };
-        let mut pair = order.iter().copied().filter(takes).take(2);
-        if let (Some(a), Some(b)) = (pair.next(), pair.next()) {
-            let load = |i: usize| self.targets[i].pending.load(Ordering::Relaxed);
-            if load(b) < load(a)
-                && let Some(at) = order.iter().position(|&i| i == b)
-            {
-                order.remove(at);
-                order.insert(0, b);
-            }
-        }
-        for i in order {
-            let target = &self.targets[i];
-            match target.breaker.as_ref().map(|b| b.admit()) {
-                None => return Ok((target.clone(), None)),
-                Some(Ok(admission)) => return Ok((target.clone(), Some(admission))),
-                Some(Err(open)) => {
-                    if soonest.is_none_or(|s| open.retry_after < s.retry_after) {
-                        soonest = Some(open);
-                    }
-                }
-            }
-        }
-        // Every endpoint's breaker is open.
-        Err(Error::BreakerOpen(soonest.unwrap_or(BreakerOpen {
-            retry_after: std::time::Duration::ZERO,
-        })))
+    /// Each endpoint with its standing (0 serving, 1 failing checks, 2 ejected), for metrics.
+    pub fn endpoint_states(&self) -> Vec<(String, i64)> {
+        self.pool.states()
     }
 
     /// Runs one unary attempt on the next endpoint with the call's metadata and deadline.
@@ -223,15 +143,16 @@ impl GrpcUpstream {
         let avoid = previous
             .as_deref()
             .and_then(|s| s.strip_prefix(&*self.name)?.strip_prefix('@'));
-        let target = self.pick(avoid);
+        let target = self.pool.pick(avoid);
+        let pool = self.pool.clone();
         let ctx = call.ctx.clone();
         let attempt = call.attempt;
         let attempt_deadline = call.attempt_deadline;
         let time = call.attempt_budget();
         let metrics = self.metrics.clone();
         async move {
-            let (target, admission) = target?;
-            let _pending = Pending::start(&target.pending);
+            let target = target?;
+            let _pending = Pending::start(&target);
             if time.is_zero() {
                 return Err(Error::DeadlineExceeded { budget: ctx.budget });
             }
@@ -274,7 +195,7 @@ impl GrpcUpstream {
                 trace.attempt(&format!("{SERVICE}/{method}"), attrs, req.metadata_mut())
             });
             let start = Instant::now();
-            let answer = send(target.client, req).await;
+            let answer = send(target.client(), req).await;
             let code = answer
                 .as_ref()
                 .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
@@ -307,19 +228,18 @@ impl GrpcUpstream {
                     status,
                 )),
             };
-            if let (Some(breaker), Some(admission)) = (&target.breaker, admission) {
-                // A server without ModelConfig (a KServe runtime) answers UNIMPLEMENTED: it
-                // is up, and Keel asks for the config to learn batching.
-                let healthy = match &result {
-                    Ok(_) => true,
-                    Err(Error::UpstreamStatus {
-                        code: tonic::Code::Unimplemented,
-                        ..
-                    }) if method == "ModelConfig" => true,
-                    Err(e) => !e.class().trips_breaker(),
-                };
-                breaker.record(admission, healthy);
-            }
+            // A server without ModelConfig (a KServe runtime) answers UNIMPLEMENTED: it is
+            // up, and Keel asks for the config to learn batching. A refused connection says
+            // the endpoint is down, whatever else it says.
+            let healthy = match &result {
+                Ok(_) => true,
+                Err(Error::UpstreamStatus {
+                    code: tonic::Code::Unimplemented,
+                    ..
+                }) if method == "ModelConfig" => true,
+                Err(e) => !(e.class().trips_breaker() || e.never_sent()),
+            };
+            pool.record(&target, healthy);
             result
         }
         .boxed()
@@ -469,15 +389,19 @@ impl Backend for GrpcUpstream {
     }
 
     fn healthy(&self) -> bool {
-        self.targets.iter().any(|t| {
-            t.breaker
-                .as_ref()
-                .is_none_or(|b| b.state() != crate::resilience::BreakerState::Open)
-        })
+        self.pool.healthy()
     }
 
     fn describe(&self) -> String {
-        let addrs: Vec<&str> = self.targets.iter().map(|t| &*t.addr).collect();
+        let addrs: Vec<String> = match &self.pool.spec().endpoints {
+            Endpoints::Dns { host, port, .. } => vec![format!("dns {host}:{port}")],
+            Endpoints::Static(_) => self
+                .pool
+                .endpoints()
+                .iter()
+                .map(|e| e.addr.to_string())
+                .collect(),
+        };
         format!("upstream {} ({})", self.name, addrs.join(", "))
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod embedded;
 pub mod grpc;
+pub mod pool;
 
 use std::sync::Arc;
 
@@ -32,7 +33,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>>;
     /// A short description for logs and the startup line (`embedded`, `upstream triton`).
     fn describe(&self) -> String;
-    /// Whether some endpoint may take calls now (not every endpoint breaker open).
+    /// Whether some endpoint may take calls now (not every endpoint ejected or failing checks).
     fn healthy(&self) -> bool {
         true
     }

@@ -67,7 +67,10 @@ fn a_full_document_parses() {
     .unwrap();
     assert_eq!(p.version.as_deref(), Some("2026-11-28.1"));
     assert_eq!(p.server.max_message_size, 8 << 20);
-    assert_eq!(p.upstreams["triton"].endpoints[1].port_u16(), Some(9002));
+    let crate::policy::Endpoints::Static(uris) = &p.upstreams["triton"].endpoints else {
+        panic!("static endpoints expected");
+    };
+    assert_eq!(uris[1].port_u16(), Some(9002));
     assert_eq!(p.flags["tier"], Flag::String("gold".into()));
     let models = p.models.as_ref().unwrap();
     assert_eq!(models["simple"].routes.len(), 2);
@@ -414,4 +417,96 @@ fn route_mistakes_are_named() {
         errs,
         ["models.a.routes: at most one route may be the canary"]
     );
+}
+
+#[test]
+fn upstream_pools_parse_dns_checks_and_ejection() {
+    use super::super::{CheckKind, Endpoints};
+    let p = Policy::parse(
+        r#"
+        [upstreams.triton]
+        dns = "triton.models.svc.cluster.local:8001"
+        dns_interval = "10s"
+        keepalive_interval = "20s"
+        max_concurrent_streams = 100
+        [upstreams.triton.health_check]
+        kind = "model_ready"
+        model = "simple"
+        interval = "2s"
+        timeout = "500ms"
+        unhealthy_threshold = 3
+        [upstreams.triton.outlier]
+        consecutive_failures = 3
+        base_ejection = "5s"
+        max_ejection_percent = 30
+        "#,
+    )
+    .unwrap();
+    let u = &p.upstreams["triton"];
+    assert_eq!(
+        u.endpoints,
+        Endpoints::Dns {
+            host: "triton.models.svc.cluster.local".into(),
+            port: 8001,
+            interval: Duration::from_secs(10),
+        }
+    );
+    assert_eq!(u.connection.keepalive_interval, Duration::from_secs(20));
+    assert_eq!(u.connection.max_concurrent_streams, Some(100));
+    let c = u.health_check.as_ref().unwrap();
+    assert_eq!(
+        c.kind,
+        CheckKind::ModelReady {
+            model: "simple".into(),
+            version: String::new()
+        }
+    );
+    assert_eq!((c.unhealthy_threshold, c.healthy_threshold), (3, 2));
+    assert_eq!(u.outlier.consecutive_failures, 3);
+    assert_eq!(u.outlier.base_ejection, Duration::from_secs(5));
+    assert_eq!(u.outlier.max_ejection_percent, 30);
+}
+
+#[test]
+fn upstream_pool_mistakes_are_named() {
+    let e = errors(
+        r#"
+        [upstreams.a]
+        endpoints = ["127.0.0.1:9001"]
+        dns = "a:1"
+        [upstreams.b]
+        dns = "no-port"
+        [upstreams.c]
+        endpoints = ["127.0.0.1:9001"]
+        dns_interval = "1s"
+        [upstreams.c.health_check]
+        kind = "model_ready"
+        timeout = "10s"
+        [upstreams.d]
+        endpoints = ["127.0.0.1:9001"]
+        [upstreams.d.health_check]
+        kind = "ping"
+        [upstreams.d.outlier]
+        base_ejection = "1m"
+        max_ejection = "10s"
+        max_ejection_percent = 101
+        "#,
+    );
+    let has = |path: &str, text: &str| {
+        assert!(
+            e.iter().any(|m| m.starts_with(path) && m.contains(text)),
+            "{path}: {text} not in {e:#?}"
+        );
+    };
+    has("upstreams.a.dns", "not both");
+    has("upstreams.b.dns", "must be \"name:port\"");
+    has("upstreams.c.dns_interval", "only with `dns`");
+    has("upstreams.c.health_check.model", "is required");
+    has(
+        "upstreams.c.health_check.timeout",
+        "not be longer than the interval",
+    );
+    has("upstreams.d.health_check.kind", "unknown check \"ping\"");
+    has("upstreams.d.outlier.max_ejection", "not be shorter");
+    has("upstreams.d.outlier.max_ejection_percent", "out of range");
 }

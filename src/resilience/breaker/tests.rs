@@ -243,6 +243,6 @@ async fn refused_connections_do_not_open_the_models_breaker() {
     assert_eq!(
         cell.state(),
         BreakerState::Closed,
-        "one endpoint down is the endpoint breakers' business"
+        "one endpoint down is the pool's business (ejection)"
     );
 }

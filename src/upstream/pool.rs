@@ -1,0 +1,565 @@
+//! An upstream's endpoints and one view of each endpoint's health.
+//!
+//! The pool decides which endpoint takes an attempt. An endpoint stands in one of three
+//! ways ([`Standing`]): serving; failing its active health checks (no traffic until it
+//! passes `healthy_threshold` checks in a row); or ejected for failing real traffic
+//! (`consecutive_failures` health-relevant failures in a row eject it for
+//! `base_ejection × n`, capped, never more than `max_ejection_percent` of the pool at
+//! once). An endpoint back from an ejection is on probation: one failure ejects it again,
+//! for longer. The same view answers the balancer, readiness and the metrics.
+//!
+//! Endpoints come from a fixed list or a DNS name re-resolved on an interval; an endpoint
+//! that leaves the pool finishes the attempts it has (they hold it) and gets no more.
+//! Balancing is power of two choices over attempts pending, the pair taken in turn so the
+//! choice is deterministic.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
+use tokio::time::Instant;
+use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+
+use crate::error::Error;
+use crate::pb::inference as proto;
+use crate::policy::{CheckKind, HealthCheck, UpstreamSpec};
+use crate::resilience::BreakerOpen;
+use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+
+/// How an endpoint stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// It takes calls.
+    Serving,
+    /// It failed its active health checks and has not yet passed enough again.
+    Unhealthy,
+    /// It failed real traffic and is out until `until`.
+    Ejected {
+        /// When it comes back (on probation).
+        until: Instant,
+    },
+}
+
+impl Standing {
+    /// As a metric: 0 serving, 1 failing health checks, 2 ejected.
+    pub fn as_gauge(self) -> i64 {
+        match self {
+            Standing::Serving => 0,
+            Standing::Unhealthy => 1,
+            Standing::Ejected { .. } => 2,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Health {
+    /// What the active checks say (true until a check says otherwise).
+    checked_healthy: bool,
+    /// Checks passed or failed in a row.
+    passes: u32,
+    fails: u32,
+    /// Health-relevant call failures in a row.
+    consecutive: u32,
+    /// Ejections in a row (reset once the endpoint stays in for `max_ejection`).
+    ejections: u32,
+    ejected_until: Option<Instant>,
+    /// Back from an ejection: one failure ejects again.
+    probation: bool,
+}
+
+/// One endpoint: its connection and its health.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `host:port`, for logs, metrics and the receipt.
+    pub addr: Arc<str>,
+    channel: Channel,
+    client: GrpcInferenceServiceClient<Channel>,
+    /// Attempts sent here and not yet answered: the load the balancer compares.
+    pending: AtomicUsize,
+    health: Mutex<Health>,
+}
+
+impl Endpoint {
+    fn new(addr: &str, channel: Channel, max_message_size: usize) -> Endpoint {
+        let client = GrpcInferenceServiceClient::new(channel.clone())
+            .max_decoding_message_size(max_message_size)
+            .max_encoding_message_size(max_message_size);
+        Endpoint {
+            addr: addr.into(),
+            channel,
+            client,
+            pending: AtomicUsize::new(0),
+            health: Mutex::new(Health {
+                checked_healthy: true,
+                passes: 0,
+                fails: 0,
+                consecutive: 0,
+                ejections: 0,
+                ejected_until: None,
+                probation: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A client on this endpoint's connection.
+    pub fn client(&self) -> GrpcInferenceServiceClient<Channel> {
+        self.client.clone()
+    }
+
+    /// How the endpoint stands at `now`.
+    pub fn standing(&self, now: Instant) -> Standing {
+        let mut h = self.lock();
+        if let Some(until) = h.ejected_until {
+            if until > now {
+                return Standing::Ejected { until };
+            }
+            // Back, on probation.
+            h.ejected_until = None;
+            h.probation = true;
+        }
+        if h.checked_healthy {
+            Standing::Serving
+        } else {
+            Standing::Unhealthy
+        }
+    }
+}
+
+/// Counts an attempt as pending on its endpoint until dropped.
+pub struct Pending(Arc<Endpoint>);
+
+impl Pending {
+    /// Starts counting an attempt on `endpoint`.
+    pub fn start(endpoint: &Arc<Endpoint>) -> Pending {
+        endpoint.pending.fetch_add(1, Ordering::Relaxed);
+        Pending(endpoint.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resolves a name to addresses; the system resolver in production, a stub in tests.
+pub trait Resolve: Send + Sync + 'static {
+    /// Every address `host:port` stands for.
+    fn resolve(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>>;
+}
+
+/// The system resolver (`getaddrinfo`, so `/etc/hosts` counts).
+pub struct SystemResolver;
+
+impl Resolve for SystemResolver {
+    fn resolve(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> {
+        let target = format!("{host}:{port}");
+        Box::pin(async move { Ok(tokio::net::lookup_host(target).await?.collect()) })
+    }
+}
+
+/// An upstream's endpoints.
+pub struct Pool {
+    name: Arc<str>,
+    spec: UpstreamSpec,
+    max_message_size: usize,
+    endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
+    next: AtomicUsize,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addrs: Vec<String> = self
+            .endpoints()
+            .iter()
+            .map(|e| e.addr.to_string())
+            .collect();
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("endpoints", &addrs)
+            .finish()
+    }
+}
+
+impl Pool {
+    /// A pool with `uris` as its endpoints (none for a DNS upstream until it resolves);
+    /// connections are made lazily. Must run inside a Tokio runtime.
+    pub fn new(
+        name: &str,
+        spec: &UpstreamSpec,
+        uris: &[http::Uri],
+        max_message_size: usize,
+    ) -> Pool {
+        let pool = Pool {
+            name: name.into(),
+            spec: spec.clone(),
+            max_message_size,
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            next: AtomicUsize::new(0),
+        };
+        let endpoints = uris
+            .iter()
+            .map(|uri| {
+                let addr = uri
+                    .authority()
+                    .map_or_else(|| uri.to_string(), ToString::to_string);
+                pool.connect(&addr, uri.clone())
+            })
+            .collect();
+        pool.endpoints.store(Arc::new(endpoints));
+        pool
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The settings the pool was built with.
+    pub fn spec(&self) -> &UpstreamSpec {
+        &self.spec
+    }
+
+    /// The endpoints now in the pool.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints.load_full()
+    }
+
+    fn connect(&self, addr: &str, uri: http::Uri) -> Arc<Endpoint> {
+        let c = &self.spec.connection;
+        let mut endpoint = TonicEndpoint::from(uri)
+            .connect_timeout(self.spec.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(c.keepalive_interval)
+            .keep_alive_timeout(c.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        if let Some(n) = c.max_concurrent_streams {
+            endpoint = endpoint.concurrency_limit(n);
+        }
+        Arc::new(Endpoint::new(
+            addr,
+            endpoint.connect_lazy(),
+            self.max_message_size,
+        ))
+    }
+
+    /// Replaces the endpoints with `addrs` (a fresh resolution), keeping the endpoints
+    /// (connections, health) of addresses that stay. Returns (added, removed).
+    pub fn set_addresses(&self, addrs: &[SocketAddr]) -> (Vec<String>, Vec<String>) {
+        let old = self.endpoints();
+        let mut by_addr: BTreeMap<String, Arc<Endpoint>> = old
+            .iter()
+            .map(|e| (e.addr.to_string(), e.clone()))
+            .collect();
+        let mut wanted: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        wanted.sort();
+        wanted.dedup();
+        let mut added = Vec::new();
+        let mut next = Vec::with_capacity(wanted.len());
+        for addr in &wanted {
+            match by_addr.remove(addr) {
+                Some(e) => next.push(e),
+                None => match format!("http://{addr}").parse::<http::Uri>() {
+                    Ok(uri) => {
+                        added.push(addr.clone());
+                        next.push(self.connect(addr, uri));
+                    }
+                    Err(e) => {
+                        tracing::warn!(upstream = %self.name, %addr, error = %e, "unusable address")
+                    }
+                },
+            }
+        }
+        let removed: Vec<String> = by_addr.into_keys().collect();
+        if !added.is_empty() || !removed.is_empty() {
+            self.endpoints.store(Arc::new(next));
+        }
+        (added, removed)
+    }
+
+    /// The endpoint for the next attempt: of the next two in turn that are serving (and not
+    /// `avoid`, the one that just failed this call, unless no other serves), the one with
+    /// fewer attempts pending.
+    pub fn pick(&self, avoid: Option<&str>) -> Result<Arc<Endpoint>, Error> {
+        let endpoints = self.endpoints();
+        let n = endpoints.len();
+        if n == 0 {
+            return Err(Error::UpstreamUnavailable {
+                upstream: self.name.to_string(),
+                detail: match &self.spec.endpoints {
+                    crate::policy::Endpoints::Dns { host, .. } => {
+                        format!("no endpoints: {host} resolved to no address (yet)")
+                    }
+                    crate::policy::Endpoints::Static(_) => "no endpoints".into(),
+                },
+                never_sent: true,
+            });
+        }
+        let now = Instant::now();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut first: Option<usize> = None;
+        let mut second: Option<usize> = None;
+        let mut avoided: Option<usize> = None;
+        let mut soonest: Option<Instant> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            let e = &endpoints[i];
+            match e.standing(now) {
+                Standing::Serving if Some(&*e.addr) == avoid => avoided = Some(i),
+                Standing::Serving if first.is_none() => first = Some(i),
+                Standing::Serving => {
+                    second = Some(i);
+                    break;
+                }
+                Standing::Ejected { until } => {
+                    soonest = Some(soonest.map_or(until, |s| s.min(until)));
+                }
+                Standing::Unhealthy => {}
+            }
+        }
+        let load = |i: usize| endpoints[i].pending.load(Ordering::Relaxed);
+        let chosen = match (first, second) {
+            (Some(a), Some(b)) if load(b) < load(a) => Some(b),
+            (Some(a), _) => Some(a),
+            (None, _) => avoided,
+        };
+        match (chosen, soonest) {
+            (Some(i), _) => Ok(endpoints[i].clone()),
+            // Every endpoint is out; the ejected come back first.
+            (None, Some(until)) => Err(Error::BreakerOpen(BreakerOpen {
+                retry_after: until.saturating_duration_since(now),
+            })),
+            (None, None) => Err(Error::UpstreamUnavailable {
+                upstream: self.name.to_string(),
+                detail: "no healthy endpoint: every endpoint fails its health checks".into(),
+                never_sent: true,
+            }),
+        }
+    }
+
+    /// Records the outcome of a call on `endpoint`: `healthy` unless it failed in a way that
+    /// says something about the endpoint. Enough failures in a row eject it.
+    pub fn record(&self, endpoint: &Endpoint, healthy: bool) {
+        let o = &self.spec.outlier;
+        let now = Instant::now();
+        {
+            let mut h = endpoint.lock();
+            if healthy {
+                h.consecutive = 0;
+                h.probation = false;
+                return;
+            }
+            h.consecutive = h.consecutive.saturating_add(1);
+            let threshold = if h.probation {
+                1
+            } else {
+                o.consecutive_failures
+            };
+            if !o.enabled || h.consecutive < threshold || h.ejected_until.is_some_and(|u| u > now) {
+                return;
+            }
+        }
+        let endpoints = self.endpoints();
+        let out = endpoints
+            .iter()
+            .filter(|e| matches!(e.standing(now), Standing::Ejected { .. }))
+            .count();
+        if out >= o.max_ejected(endpoints.len()) {
+            tracing::debug!(upstream = %self.name, endpoint = %endpoint.addr,
+                "not ejected: max_ejection_percent of the pool is out already");
+            return;
+        }
+        let mut h = endpoint.lock();
+        if !h.probation {
+            // A first ejection after a quiet spell starts the count again.
+            h.ejections = 0;
+        }
+        h.ejections = h.ejections.saturating_add(1);
+        let length = o.ejection(h.ejections);
+        h.ejected_until = Some(now + length);
+        h.consecutive = 0;
+        h.probation = false;
+        tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr,
+            ejections = h.ejections, ejected_for = ?length, "endpoint ejected");
+    }
+
+    /// Records an active check's outcome on `endpoint`.
+    fn record_check(&self, endpoint: &Endpoint, check: &HealthCheck, passed: Result<(), String>) {
+        let mut h = endpoint.lock();
+        match passed {
+            Ok(()) => {
+                h.fails = 0;
+                h.passes = h.passes.saturating_add(1);
+                if !h.checked_healthy && h.passes >= check.healthy_threshold {
+                    h.checked_healthy = true;
+                    tracing::info!(upstream = %self.name, endpoint = %endpoint.addr,
+                        "endpoint passes its health checks again");
+                }
+            }
+            Err(why) => {
+                h.passes = 0;
+                h.fails = h.fails.saturating_add(1);
+                if h.checked_healthy && h.fails >= check.unhealthy_threshold {
+                    h.checked_healthy = false;
+                    tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr,
+                        reason = %why, "endpoint fails its health checks");
+                }
+            }
+        }
+    }
+
+    /// Whether some endpoint takes calls now.
+    pub fn healthy(&self) -> bool {
+        let now = Instant::now();
+        self.endpoints()
+            .iter()
+            .any(|e| e.standing(now) == Standing::Serving)
+    }
+
+    /// Each endpoint with its standing as a gauge, for metrics.
+    pub fn states(&self) -> Vec<(String, i64)> {
+        let now = Instant::now();
+        self.endpoints()
+            .iter()
+            .map(|e| (e.addr.to_string(), e.standing(now).as_gauge()))
+            .collect()
+    }
+
+    /// Checks every endpoint once, concurrently, each within the check's timeout.
+    pub async fn check_all(&self, check: &HealthCheck) {
+        let endpoints = self.endpoints();
+        let outcomes = futures::future::join_all(endpoints.iter().map(|e| probe(e, check))).await;
+        for (e, outcome) in endpoints.iter().zip(outcomes) {
+            self.record_check(e, check, outcome);
+        }
+    }
+
+    /// Resolves the DNS name once and applies the answer; an error keeps the endpoints
+    /// there are.
+    pub async fn resolve_once(&self, resolver: &dyn Resolve) {
+        let crate::policy::Endpoints::Dns { host, port, .. } = &self.spec.endpoints else {
+            return;
+        };
+        match resolver.resolve(host, *port).await {
+            Ok(addrs) => {
+                let (added, removed) = self.set_addresses(&addrs);
+                if !added.is_empty() || !removed.is_empty() {
+                    tracing::info!(upstream = %self.name, name = %host, ?added, ?removed,
+                        "endpoints changed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(upstream = %self.name, name = %host, error = %e,
+                    "cannot resolve; keeping the endpoints there are");
+            }
+        }
+    }
+}
+
+/// One active check of `endpoint`: `Ok` if it answered that it is ready in time.
+async fn probe(endpoint: &Endpoint, check: &HealthCheck) -> Result<(), String> {
+    let ask = async {
+        match &check.kind {
+            CheckKind::ServerReady => {
+                let r = endpoint
+                    .client()
+                    .server_ready(proto::ServerReadyRequest {})
+                    .await
+                    .map_err(|s| format!("ServerReady: {}", s.message()))?;
+                r.into_inner()
+                    .ready
+                    .then_some(())
+                    .ok_or_else(|| "ServerReady: not ready".to_string())
+            }
+            CheckKind::ModelReady { model, version } => {
+                let r = endpoint
+                    .client()
+                    .model_ready(proto::ModelReadyRequest {
+                        name: model.clone(),
+                        version: version.clone(),
+                    })
+                    .await
+                    .map_err(|s| format!("ModelReady {model}: {}", s.message()))?;
+                r.into_inner()
+                    .ready
+                    .then_some(())
+                    .ok_or_else(|| format!("ModelReady {model}: not ready"))
+            }
+            CheckKind::GrpcHealth { service } => {
+                use tonic_health::pb::health_check_response::ServingStatus;
+                let mut client =
+                    tonic_health::pb::health_client::HealthClient::new(endpoint.channel.clone());
+                let r = client
+                    .check(tonic_health::pb::HealthCheckRequest {
+                        service: service.clone(),
+                    })
+                    .await
+                    .map_err(|s| format!("Health/Check {service:?}: {}", s.message()))?;
+                let status = r.into_inner().status;
+                (status == ServingStatus::Serving as i32)
+                    .then_some(())
+                    .ok_or_else(|| format!("Health/Check {service:?}: status {status}"))
+            }
+        }
+    };
+    match tokio::time::timeout(check.timeout, ask).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(format!("no answer within {:?}", check.timeout)),
+    }
+}
+
+/// Runs the pool's background work until the pool is dropped: DNS re-resolution and active
+/// checks, each on its own interval. Holds the pool weakly, so it never keeps it alive.
+pub async fn maintain(pool: Weak<Pool>, resolver: Arc<dyn Resolve>) {
+    let Some(p) = pool.upgrade() else { return };
+    let dns = match &p.spec.endpoints {
+        crate::policy::Endpoints::Dns { interval, .. } => Some(*interval),
+        crate::policy::Endpoints::Static(_) => None,
+    };
+    let check = p.spec.health_check.clone();
+    drop(p);
+    let mut dns_tick = dns.map(tokio::time::interval);
+    let mut check_tick = check.as_ref().map(|c| tokio::time::interval(c.interval));
+    for t in [&mut dns_tick, &mut check_tick].into_iter().flatten() {
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    loop {
+        let which = tokio::select! {
+            _ = tick(&mut dns_tick) => true,
+            _ = tick(&mut check_tick) => false,
+        };
+        let Some(p) = pool.upgrade() else { return };
+        if which {
+            p.resolve_once(resolver.as_ref()).await;
+        } else if let Some(check) = &check {
+            p.check_all(check).await;
+        }
+    }
+}
+
+async fn tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

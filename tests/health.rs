@@ -61,7 +61,7 @@ async fn readiness_follows_a_required_model_and_liveness_stays_serving() {
     let keel = Keel::with_admin(&format!(
         "[defaults.retry]\nmax_attempts = 1\n\
          [upstreams.up]\nendpoints = [\"{dead}\"]\n\
-         [upstreams.up.outlier]\nconsecutive_failures = 2\nbase_ejection = \"1s\"\n\
+         [upstreams.up.outlier]\nconsecutive_failures = 2\nbase_ejection = \"4s\"\n\
          [models.simple]\nbackend = \"up\"\nrequired = true\n\
          [models.iris]\nbackend = \"embedded\"\n"
     ))

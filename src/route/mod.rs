@@ -411,7 +411,7 @@ impl Routes {
                     None
                 } else {
                     Some(
-                        "no route can take calls: every upstream endpoint or breaker is open"
+                        "no route can take calls: no upstream endpoint is serving, or the breaker is open"
                             .into(),
                     )
                 };

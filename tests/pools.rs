@@ -1,0 +1,164 @@
+//! Upstream pools over loopback: an endpoint lost mid-load costs no call, is taken out, and
+//! comes back after it passes its checks; a DNS name becomes endpoints.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+
+fn served_by<T>(resp: &tonic::Response<T>) -> String {
+    resp.metadata()
+        .get("keel-served-by")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn free_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+async fn endpoint_state(admin: SocketAddr, endpoint: SocketAddr) -> Option<f64> {
+    let (_, scrape) = get(admin, "/metrics").await;
+    value(
+        &scrape,
+        &format!("keel_endpoint_state{{upstream=\"up\",endpoint=\"{endpoint}\"}}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_lost_mid_load_costs_no_call_and_returns_after_its_checks() {
+    let a_addr = free_port();
+    let a = Keel::start_on(keel::Options::default(), a_addr).await;
+    let b = Keel::embedded().await;
+    let keel = Keel::with_admin(&format!(
+        "[upstreams.up]\nendpoints = [\"{a_addr}\", \"{}\"]\n\
+         [upstreams.up.health_check]\nkind = \"server_ready\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+         unhealthy_threshold = 1\nhealthy_threshold = 2\n\
+         [upstreams.up.outlier]\nconsecutive_failures = 2\nbase_ejection = \"200ms\"\n\
+         [models.simple]\nbackend = \"up\"\n",
+        b.addr
+    ))
+    .await;
+    let client = keel.client().await;
+
+    // Four callers, bounded by count; the test stops endpoint A while they run.
+    let done = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut callers = Vec::new();
+    for _ in 0..4 {
+        let (mut client, done, calls) = (client.clone(), done.clone(), calls.clone());
+        callers.push(tokio::spawn(async move {
+            let mut failures = Vec::new();
+            for _ in 0..2_000 {
+                if done.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Err(s) = client.model_infer(simple_request()).await {
+                    failures.push(format!("{:?}: {}", s.code(), s.message()));
+                }
+                calls.fetch_add(1, Ordering::Relaxed);
+            }
+            failures
+        }));
+    }
+    let wait_for_calls = |n: usize| {
+        let calls = calls.clone();
+        async move {
+            for _ in 0..1_000 {
+                if calls.load(Ordering::Relaxed) >= n {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the callers made fewer than {n} calls in 10s");
+        }
+    };
+    wait_for_calls(50).await;
+    a.stop().await.unwrap();
+    let stopped_at = calls.load(Ordering::Relaxed);
+    wait_for_calls(stopped_at + 200).await;
+    done.store(true, Ordering::Relaxed);
+    for caller in callers {
+        let failures = caller.await.unwrap();
+        assert!(failures.is_empty(), "failed calls: {failures:?}");
+    }
+
+    // A is out of the pool (failing checks or ejected), and every call goes to B.
+    let admin = keel.admin.unwrap();
+    let mut state = None;
+    for _ in 0..100 {
+        state = endpoint_state(admin, a_addr).await;
+        if matches!(state, Some(s) if s > 0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(matches!(state, Some(s) if s > 0.0), "A stands at {state:?}");
+    let mut c = client.clone();
+    for _ in 0..10 {
+        let resp = c.model_infer(simple_request()).await.unwrap();
+        assert_eq!(served_by(&resp), format!("up@{}", b.addr));
+    }
+
+    // A comes back; after two passed checks it takes calls again.
+    let a = Keel::start_on(keel::Options::default(), a_addr).await;
+    let mut back = false;
+    for _ in 0..300 {
+        let resp = c.model_infer(simple_request()).await.unwrap();
+        if served_by(&resp) == format!("up@{a_addr}") {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(back, "A was not re-admitted within 15s");
+    assert_eq!(endpoint_state(admin, a_addr).await, Some(0.0));
+    keel.stop().await.unwrap();
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dns_name_becomes_the_pools_endpoints() {
+    let up = Keel::embedded().await;
+    let port = up.addr.port();
+    let keel = Keel::with_admin(&format!(
+        "[upstreams.up]\ndns = \"localhost:{port}\"\ndns_interval = \"1s\"\n\
+         [models.simple]\nbackend = \"up\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    // The first resolution runs in the background: poll (bounded) until it has answered.
+    let mut answer = None;
+    for _ in 0..200 {
+        match client.model_infer(simple_request()).await {
+            Ok(resp) => {
+                answer = Some(resp);
+                break;
+            }
+            Err(s) => assert_eq!(s.code(), tonic::Code::Unavailable, "{s:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let resp = answer.expect("localhost resolved within 5s");
+    // `localhost` may also stand for ::1, where nothing listens: that endpoint is refused
+    // and the call goes to 127.0.0.1.
+    assert_eq!(served_by(&resp), format!("up@127.0.0.1:{port}"));
+    let state = endpoint_state(keel.admin.unwrap(), up.addr).await;
+    assert_eq!(
+        state,
+        Some(0.0),
+        "127.0.0.1:{port} is in the pool and serving"
+    );
+    keel.stop().await.unwrap();
+    up.stop().await.unwrap();
+}

@@ -36,6 +36,8 @@ pub struct CallContext {
     pub receipt: Receipt,
     /// The call's SERVER span, when tracing is on; each upstream attempt is a child.
     pub trace: Option<CallSpan>,
+    /// A call of a sequence (a stateful model): never repeated, whatever the policy says.
+    pub pinned: bool,
 }
 
 impl CallContext {
@@ -63,6 +65,7 @@ impl CallContext {
             route,
             receipt: Receipt::default(),
             trace: None,
+            pinned: false,
         }))
     }
 
@@ -160,7 +163,7 @@ impl<T> HasRetry for Call<T> {
         &self.ctx.route.settings.retry
     }
     fn idempotent(&self) -> bool {
-        self.ctx.route.settings.idempotent
+        self.ctx.route.settings.idempotent && !self.ctx.pinned
     }
     fn jitter_seed(&self) -> (&str, u64) {
         (&self.ctx.request_id, self.ctx.snapshot.revision)

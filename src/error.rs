@@ -60,6 +60,22 @@ pub enum Error {
         /// Each problem, with the policy path that causes it.
         problems: Vec<String>,
     },
+    /// A call of a sequence whose endpoint (holding the sequence's state) no longer serves.
+    #[error(
+        "sequence {sequence} of model '{model}' is bound to endpoint {endpoint} of upstream '{upstream}', which {why}; start the sequence again (sequence_start = true)"
+    )]
+    SequenceBroken {
+        /// Upstream name from the policy.
+        upstream: String,
+        /// The model.
+        model: String,
+        /// The sequence id.
+        sequence: String,
+        /// The endpoint the sequence was bound to.
+        endpoint: String,
+        /// What happened to it.
+        why: &'static str,
+    },
     /// The request breaks the protocol or the model's contract (every broken rule).
     #[error(transparent)]
     InvalidRequest(#[from] Rejection),
@@ -170,6 +186,7 @@ impl Error {
             Error::UnknownRoute { .. } => "UNKNOWN_ROUTE",
             Error::InvalidRequest(_) => "INVALID_REQUEST",
             Error::AdapterMismatch { .. } => "ADAPTER_MISMATCH",
+            Error::SequenceBroken { .. } => "SEQUENCE_BROKEN",
             Error::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             Error::UpstreamStatus { .. } => "UPSTREAM_ERROR",
             Error::UpstreamProtocol { .. } => "UPSTREAM_PROTOCOL",
@@ -193,6 +210,7 @@ impl Error {
             | Error::ModelSwitchedOff { .. }
             | Error::UnknownRoute { .. }
             | Error::AdapterMismatch { .. }
+            | Error::SequenceBroken { .. }
             | Error::InvalidRequest(_)
             | Error::Unauthenticated(_)
             | Error::PermissionDenied { .. } => Origin::Request,
@@ -219,6 +237,7 @@ impl Error {
             | Error::ModelSwitchedOff { .. } => Code::NotFound,
             Error::InvalidRequest(_) | Error::UnknownRoute { .. } => Code::InvalidArgument,
             Error::AdapterMismatch { .. } => Code::FailedPrecondition,
+            Error::SequenceBroken { .. } => Code::Aborted,
             Error::UpstreamUnavailable { .. } | Error::BreakerOpen(_) => Code::Unavailable,
             Error::UpstreamStatus { code, .. } | Error::FaultInjected { code, .. } => *code,
             Error::UpstreamProtocol { .. } => Code::Internal,

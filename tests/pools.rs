@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
+use tonic_types::StatusExt as _;
 
 fn served_by<T>(resp: &tonic::Response<T>) -> String {
     resp.metadata()
@@ -161,4 +162,88 @@ async fn a_dns_name_becomes_the_pools_endpoints() {
     );
     keel.stop().await.unwrap();
     up.stop().await.unwrap();
+}
+
+/// A `simple` request in sequence `id`.
+fn in_sequence(id: i64, start: bool, end: bool) -> keel::pb::inference::ModelInferRequest {
+    use keel::pb::inference::InferParameter;
+    use keel::pb::inference::infer_parameter::ParameterChoice;
+    let mut r = simple_request();
+    let p = |c| InferParameter {
+        parameter_choice: Some(c),
+    };
+    r.parameters
+        .insert("sequence_id".into(), p(ParameterChoice::Int64Param(id)));
+    r.parameters.insert(
+        "sequence_start".into(),
+        p(ParameterChoice::BoolParam(start)),
+    );
+    r.parameters
+        .insert("sequence_end".into(), p(ParameterChoice::BoolParam(end)));
+    r
+}
+
+#[tokio::test]
+async fn a_sequence_stays_on_its_endpoint_and_fails_clearly_when_it_dies() {
+    let a = Keel::embedded().await;
+    let b = Keel::embedded().await;
+    let keel = Keel::with_config(&format!(
+        "[upstreams.up]\nendpoints = [\"{}\", \"{}\"]\n[models.simple]\nbackend = \"up\"\n\
+         fallback = [{{ model = \"iris\", on = [\"unavailable\"] }}]\n\
+         [models.iris]\nbackend = \"embedded\"\n",
+        a.addr, b.addr
+    ))
+    .await;
+    let mut client = keel.client().await;
+    // Two sequences interleaved, while plain calls keep alternating between endpoints.
+    let mut homes = Vec::new();
+    for id in [7, 8] {
+        let resp = client
+            .model_infer(in_sequence(id, true, false))
+            .await
+            .unwrap();
+        homes.push(served_by(&resp));
+    }
+    let mut plain = std::collections::BTreeSet::new();
+    for step in 0..6 {
+        for (id, home) in [7, 8].into_iter().zip(&homes) {
+            let resp = client
+                .model_infer(in_sequence(id, false, step == 5 && id == 8))
+                .await
+                .unwrap();
+            assert_eq!(&served_by(&resp), home, "sequence {id}, step {step}");
+        }
+        let resp = client.model_infer(simple_request()).await.unwrap();
+        plain.insert(served_by(&resp));
+    }
+    assert_eq!(plain.len(), 2, "plain calls use both endpoints: {plain:?}");
+
+    // Sequence 7's endpoint goes away mid-sequence: its next call fails, naming the
+    // endpoint, and is neither retried elsewhere nor answered by the fallback.
+    let home = homes[0].strip_prefix("up@").unwrap().to_string();
+    let (dead, alive) = if home == a.addr.to_string() {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    dead.stop().await.unwrap();
+    let s = client
+        .model_infer(in_sequence(7, false, false))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::Aborted, "{s:?}");
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "SEQUENCE_BROKEN"
+    );
+    assert!(s.message().contains(&home), "{}", s.message());
+    assert!(s.message().contains("sequence_start"), "{}", s.message());
+    // Restarted, the sequence finds a living endpoint.
+    let resp = client
+        .model_infer(in_sequence(7, true, false))
+        .await
+        .unwrap();
+    assert_eq!(served_by(&resp), format!("up@{}", alive.addr));
+    keel.stop().await.unwrap();
+    alive.stop().await.unwrap();
 }

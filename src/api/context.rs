@@ -108,6 +108,7 @@ impl EdgeContext {
             route,
             receipt: Receipt::default(),
             trace,
+            pinned: false,
         }
     }
 }

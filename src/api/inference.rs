@@ -334,6 +334,7 @@ impl InferenceApi {
             return Err(Failed::Error(e, None));
         };
         let mut call_ctx = edge.ctx.call(&edge.snapshot, route, span.clone());
+        call_ctx.pinned = sent.pinned();
         let margin = call_ctx.route.settings.deadline_margin;
         let mut cap = deadline_cap.unwrap_or(call_ctx.deadline);
         if leave_margin {

@@ -137,6 +137,7 @@ impl Contracts {
             route: ctx.route.clone(),
             receipt: Receipt::default(),
             trace: None,
+            pinned: false,
         });
         let query = MetadataQuery(ModelRef {
             name: self.model.to_string(),

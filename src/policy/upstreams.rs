@@ -24,6 +24,8 @@ pub struct UpstreamSpec {
     pub health_check: Option<HealthCheck>,
     /// Ejection of endpoints that fail real traffic.
     pub outlier: Outlier,
+    /// How long a sequence's binding to its endpoint outlives its last call.
+    pub sequence_idle_timeout: Duration,
 }
 
 /// An upstream's endpoints.
@@ -175,6 +177,9 @@ pub(super) fn read_upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpe
     let outlier = s
         .table(p, "outlier")
         .map_or_else(Outlier::default, |o| outlier(o, p));
+    let sequence_idle_timeout = s
+        .duration(p, "sequence_idle_timeout", Duration::from_secs(86_400))
+        .unwrap_or(Duration::from_secs(60));
     s.finish(p);
     UpstreamSpec {
         endpoints,
@@ -182,6 +187,7 @@ pub(super) fn read_upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpe
         connection,
         health_check,
         outlier,
+        sequence_idle_timeout,
     }
 }
 

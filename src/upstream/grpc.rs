@@ -18,6 +18,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use super::pool::{self, Pending, Pool, Resolve, SystemResolver};
+use super::sequence;
 use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
 use crate::call::Call;
 use crate::error::Error;
@@ -114,6 +115,18 @@ impl GrpcUpstream {
         &self.pool
     }
 
+    /// The endpoint for `call`: a retry goes elsewhere than the attempt before it, where it
+    /// can.
+    fn target<Q>(&self, call: &Call<Q>) -> Result<Arc<pool::Endpoint>, Error> {
+        let previous = (call.attempt > 1)
+            .then(|| call.ctx.receipt.read().served_by)
+            .flatten();
+        let avoid = previous
+            .as_deref()
+            .and_then(|s| s.strip_prefix(&*self.name)?.strip_prefix('@'));
+        self.pool.pick(avoid)
+    }
+
     /// Each endpoint with its standing (0 serving, 1 failing checks, 2 ejected), for metrics.
     pub fn endpoint_states(&self) -> Vec<(String, i64)> {
         self.pool.states()
@@ -124,6 +137,7 @@ impl GrpcUpstream {
         &self,
         method: &'static str,
         call: &Call<Q>,
+        target: Result<Arc<pool::Endpoint>, Error>,
         body: Req,
         send: F,
         convert: impl FnOnce(Resp) -> Result<Out, String> + Send + 'static,
@@ -136,14 +150,6 @@ impl GrpcUpstream {
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>> + Send + 'static,
     {
         let name = self.name.clone();
-        // A retry goes elsewhere than the attempt before it, where it can.
-        let previous = (call.attempt > 1)
-            .then(|| call.ctx.receipt.read().served_by)
-            .flatten();
-        let avoid = previous
-            .as_deref()
-            .and_then(|s| s.strip_prefix(&*self.name)?.strip_prefix('@'));
-        let target = self.pool.pick(avoid);
         let pool = self.pool.clone();
         let ctx = call.ctx.clone();
         let attempt = call.attempt;
@@ -319,13 +325,49 @@ fn status_error(
 impl Backend for GrpcUpstream {
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
         let body = pb::infer_request_to_pb(&call.body);
-        self.unary(
+        let Some(marks) = sequence::of(&call.body) else {
+            let target = self.target(&call);
+            return self.unary(
+                "ModelInfer",
+                &call,
+                target,
+                body,
+                |mut c, r| async move { c.model_infer(r).await },
+                pb::infer_response_from_pb,
+            );
+        };
+        // A sequence's calls go where its first call went.
+        let target = self.pool.pick_for_sequence(&call.body.model, &marks);
+        let endpoint = target.as_ref().ok().map(|e| e.addr.to_string());
+        let answer = self.unary(
             "ModelInfer",
             &call,
+            target,
             body,
             |mut c, r| async move { c.model_infer(r).await },
             pb::infer_response_from_pb,
-        )
+        );
+        // An endpoint that refuses a sequence's later call has lost the sequence's state.
+        let (pool, model) = (self.pool.clone(), call.body.model.clone());
+        Box::pin(async move {
+            match answer.await {
+                Err(Error::UpstreamUnavailable {
+                    upstream,
+                    never_sent: true,
+                    ..
+                }) if !marks.start && endpoint.is_some() => {
+                    pool.forget_sequence(&model, &marks);
+                    Err(Error::SequenceBroken {
+                        upstream,
+                        model,
+                        sequence: marks.id,
+                        endpoint: endpoint.unwrap_or_default(),
+                        why: "refuses connections",
+                    })
+                }
+                other => other,
+            }
+        })
     }
 
     fn model_ready(&self, call: Call<ReadyQuery>) -> BackendFuture<bool> {
@@ -336,6 +378,7 @@ impl Backend for GrpcUpstream {
         self.unary(
             "ModelReady",
             &call,
+            self.target(&call),
             body,
             |mut c, r| async move { c.model_ready(r).await },
             |r| Ok(r.ready),
@@ -350,6 +393,7 @@ impl Backend for GrpcUpstream {
         self.unary(
             "ModelMetadata",
             &call,
+            self.target(&call),
             body,
             |mut c, r| async move { c.model_metadata(r).await },
             pb::metadata_from_pb,
@@ -364,6 +408,7 @@ impl Backend for GrpcUpstream {
         self.unary(
             "ModelConfig",
             &call,
+            self.target(&call),
             body,
             |mut c, r| async move { c.model_config(r).await },
             |r| {
@@ -382,6 +427,7 @@ impl Backend for GrpcUpstream {
         self.unary(
             "ModelStatistics",
             &call,
+            self.target(&call),
             body,
             |mut c, r| async move { c.model_statistics(r).await },
             |r| Ok(r.model_stats.into_iter().map(pb::stats_from_pb).collect()),

@@ -6,6 +6,7 @@
 pub mod embedded;
 pub mod grpc;
 pub mod pool;
+pub mod sequence;
 
 use std::sync::Arc;
 
@@ -75,6 +76,12 @@ pub trait Operation: Send + Sync + 'static {
     fn payload_bytes(&self) -> usize {
         0
     }
+    /// Whether the call belongs to a sequence of a stateful model, and so must reach the
+    /// same endpoint as the sequence's other calls, once: never retried elsewhere, hedged
+    /// or answered by a fallback.
+    fn pinned(&self) -> bool {
+        false
+    }
     /// The request to check against the model's contract before it is sent; only an
     /// inference request has one.
     fn checked(&self) -> Option<&InferRequest> {
@@ -112,6 +119,9 @@ impl Operation for InferRequest {
     }
     fn checked(&self) -> Option<&InferRequest> {
         Some(self)
+    }
+    fn pinned(&self) -> bool {
+        sequence::of(self).is_some()
     }
 }
 

@@ -23,6 +23,7 @@ use futures::future::BoxFuture;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
+use super::sequence::{Affinity, Marks};
 use crate::error::Error;
 use crate::pb::inference as proto;
 use crate::policy::{CheckKind, HealthCheck, UpstreamSpec};
@@ -180,6 +181,8 @@ pub struct Pool {
     max_message_size: usize,
     endpoints: ArcSwap<Vec<Arc<Endpoint>>>,
     next: AtomicUsize,
+    /// Which endpoint each live sequence is bound to.
+    sequences: Affinity,
 }
 
 impl std::fmt::Debug for Pool {
@@ -211,6 +214,7 @@ impl Pool {
             max_message_size,
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
+            sequences: Affinity::new(spec.sequence_idle_timeout),
         };
         let endpoints = uris
             .iter()
@@ -350,6 +354,44 @@ impl Pool {
                 never_sent: true,
             }),
         }
+    }
+
+    /// The endpoint for a call of a sequence: the one the sequence is bound to, or (for its
+    /// first call) the one [`Pool::pick`] chooses, which it is then bound to. A bound
+    /// endpoint that is no longer serving fails the call with `SequenceBroken`.
+    pub fn pick_for_sequence(&self, model: &str, marks: &Marks) -> Result<Arc<Endpoint>, Error> {
+        let Some(addr) = self.sequences.bound(model, marks) else {
+            let endpoint = self.pick(None)?;
+            self.sequences.bind(model, marks, endpoint.addr.clone());
+            return Ok(endpoint);
+        };
+        let endpoints = self.endpoints();
+        let why = match endpoints.iter().find(|e| e.addr == addr) {
+            None => "has left the pool",
+            Some(e) => match e.standing(Instant::now()) {
+                Standing::Serving => return Ok(e.clone()),
+                Standing::Unhealthy => "fails its health checks",
+                Standing::Ejected { .. } => "was ejected for failing calls",
+            },
+        };
+        self.sequences.forget(model, marks);
+        Err(Error::SequenceBroken {
+            upstream: self.name.to_string(),
+            model: model.to_string(),
+            sequence: marks.id.clone(),
+            endpoint: addr.to_string(),
+            why,
+        })
+    }
+
+    /// Forgets the binding of a sequence whose endpoint lost it.
+    pub fn forget_sequence(&self, model: &str, marks: &Marks) {
+        self.sequences.forget(model, marks);
+    }
+
+    /// Sequences bound to an endpoint now.
+    pub fn sequences(&self) -> usize {
+        self.sequences.len()
     }
 
     /// Records the outcome of a call on `endpoint`: `healthy` unless it failed in a way that

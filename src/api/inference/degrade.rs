@@ -90,7 +90,10 @@ impl InferenceApi {
     ) -> Result<Response<InferResponse>, Status> {
         let req = Arc::new(req);
         let routes = self.router.routes(&edge.snapshot);
-        let cache = routes.cache(&req.model).cloned();
+        // A call of a sequence changes the state its endpoint holds: no cached answer and no
+        // fallback may stand in for it.
+        let pinned = crate::upstream::Operation::pinned(&*req);
+        let cache = routes.cache(&req.model).filter(|_| !pinned).cloned();
         let key = cache.as_ref().map(|_| cache::key(&req));
         if let (Some(c), Some(k)) = (&cache, key)
             && let Some((resp, age)) = c.fresh(k)
@@ -106,7 +109,11 @@ impl InferenceApi {
         }
         let started = Instant::now();
         // With a ladder, the request's outcome is known only at its end: counted there.
-        let ladder = routes.ladder(&req.model);
+        let ladder = if pinned {
+            &[]
+        } else {
+            routes.ladder(&req.model)
+        };
         let primary = Leg {
             tier: "primary",
             counted: ladder.is_empty(),
@@ -157,7 +164,7 @@ impl InferenceApi {
             },
             |c| c.deadline,
         );
-        for step in routes.ladder(&req.model) {
+        for step in ladder {
             let Some(reason) = ladder::answers(step, &triggers) else {
                 continue;
             };

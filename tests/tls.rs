@@ -444,3 +444,45 @@ async fn connections_over_the_cap_are_closed_and_counted() {
     assert!(served, "the freed slot was never reused");
     keel.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn sighup_rereads_the_certificates_of_a_running_keel() {
+    let ca = Ca::new("keel test CA");
+    let first = ca.sign(&["localhost"], "keel-1");
+    let files = Files::new(&first, &ca);
+    let config = files.path("policy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nwatch = false\ndrain_grace = \"10ms\"\n{}",
+            files.section("tls", false)
+        ),
+    )
+    .unwrap();
+    let keel = KeelProcess::spawn(&["--config", config.to_str().unwrap()], &[]).await;
+    assert_eq!(served_certificate(keel.addr, &ca).await, first.der);
+
+    let second = ca.sign(&["localhost"], "keel-2");
+    files.write_server(&second);
+    let pid = keel.pid().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    // The reload runs beside the listener: poll (bounded) for the new certificate.
+    let mut served = None;
+    for _ in 0..500 {
+        served = Some(served_certificate(keel.addr, &ca).await);
+        if served.as_ref() == Some(&second.der) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        served,
+        Some(second.der),
+        "the rotated certificate is served"
+    );
+    assert_eq!(keel.stop().await, Some(0));
+}

@@ -36,15 +36,18 @@ use crate::contract::ValidateLayer;
 use crate::fault::FaultLayer;
 use crate::observe::Metrics;
 use crate::observe::edge::{EdgeMetricsLayer, KnownMethods};
-use crate::observe::metrics::{ReloadLabels, RuntimeState};
+use crate::observe::metrics::{ReloadLabels, RuntimeState, TlsReloadLabels};
 use crate::observe::traces::Tracing;
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::pb::keel_inference_v1::prediction_service_server::PredictionServiceServer;
-use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, read_file, watch};
+use crate::policy::{
+    AuditLog, Policy, PolicyErrors, ServerSettings, Source, Store, TlsSettings, read_file, watch,
+};
 use crate::resilience::DeadlineLayer;
 use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
 use crate::route::{self, Deliver, Router};
+use crate::transport::{self, Accept, Tls};
 use crate::upstream::Operation;
 use crate::upstream::embedded::Embedded;
 
@@ -122,6 +125,10 @@ pub struct Keel {
     admin_token: Option<AdminToken>,
     /// Span export, when tracing is on.
     tracing: Option<Arc<Tracing>>,
+    /// The traffic listener's TLS, when `[server.tls]` is set; re-read on every reload.
+    tls: Option<Arc<Tls>>,
+    /// The admin listener's TLS, when `[server.admin_tls]` is set; re-read likewise.
+    admin_tls: Option<Arc<Tls>>,
 }
 
 /// The tower stack of one per-model method, outermost layer first.
@@ -215,6 +222,36 @@ impl Keel {
                 .get_or_create(&ReloadLabels { source, result })
                 .inc();
         }));
+        let load = |t: Option<&TlsSettings>, alpn: &[&[u8]]| {
+            t.map(|t| Tls::load(t, alpn).map(Arc::new)).transpose()
+        };
+        let tls = load(server.tls.as_ref(), &[b"h2"])?;
+        // The admin listener also serves /metrics, /livez and /readyz over HTTP/1.1.
+        let admin_tls = load(server.admin_tls.as_ref(), &[b"h2", b"http/1.1"])?;
+        {
+            // Every reload (file, SIGHUP, admin, rollback; accepted, refused or unchanged)
+            // re-reads the certificate files the current policy names, so rotating them
+            // needs no restart.
+            let (weak, tls, admin_tls, metrics) = (
+                Arc::downgrade(&store),
+                tls.clone(),
+                admin_tls.clone(),
+                metrics.clone(),
+            );
+            store.listen(Box::new(move |_, _| {
+                let Some(store) = weak.upgrade() else {
+                    return;
+                };
+                let server = &store.current().policy.server;
+                reload_tls("traffic", tls.as_deref(), server.tls.as_ref(), &metrics);
+                reload_tls(
+                    "admin",
+                    admin_tls.as_deref(),
+                    server.admin_tls.as_ref(),
+                    &metrics,
+                );
+            }));
+        }
         metrics
             .policy_reloads
             .get_or_create(&ReloadLabels {
@@ -256,6 +293,8 @@ impl Keel {
             config: options.config,
             admin_token,
             tracing,
+            tls,
+            admin_tls,
         })
     }
 
@@ -423,6 +462,14 @@ impl Keel {
             let _ = began_tx.send(Some(drain_timeout));
         };
 
+        let limits = &first.policy.server;
+        let accept = Accept {
+            name: "traffic",
+            max_connections: limits.max_connections,
+            tls: self.tls.clone(),
+            handshake_timeout: limits.tls_handshake_timeout,
+            metrics: metrics.clone(),
+        };
         let admin_server = match admin {
             Some(listener) => {
                 let service = admin_api::service(self.store.clone(), self.admin_token.clone());
@@ -435,14 +482,22 @@ impl Keel {
                     .add_service(service);
                 let http = http_routes(metrics.clone(), readiness_for_admin);
                 let routes = tonic::service::Routes::from(routes.into_axum_router().merge(http));
+                let accept = Accept {
+                    name: "admin",
+                    tls: self.admin_tls.clone(),
+                    ..accept.clone()
+                };
                 Some(
-                    Server::builder()
+                    builder(&first.policy.server)
                         // /metrics, /livez and /readyz are plain HTTP/1.1.
                         .accept_http1(true)
                         .add_routes(routes)
-                        .serve_with_incoming_shutdown(incoming(listener), async move {
-                            stop.await;
-                        }),
+                        .serve_with_incoming_shutdown(
+                            transport::incoming(listener, accept),
+                            async move {
+                                stop.await;
+                            },
+                        ),
                 )
             }
             None => None,
@@ -456,7 +511,13 @@ impl Keel {
             policy_version = first.version().unwrap_or(""),
             "serving"
         );
-        let server = Server::builder()
+        warn_if_exposed(
+            &first.policy,
+            local,
+            admin_local,
+            self.admin_token.is_some(),
+        );
+        let server = builder(&first.policy.server)
             // Outermost: it sees the status the client gets.
             .layer(EdgeMetricsLayer::new(metrics.clone(), known_methods()))
             .layer(MapResponseLayer::new(oversize::fix_response))
@@ -466,7 +527,7 @@ impl Keel {
             .add_service(reflection_alpha)
             .add_service(api)
             .add_service(legacy)
-            .serve_with_incoming_shutdown(incoming(listener), signal);
+            .serve_with_incoming_shutdown(transport::incoming(listener, accept), signal);
         let began = began_rx.clone();
         let drain_deadline = async move {
             match shutdown_began(began).await {
@@ -665,8 +726,67 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Accepted connections with TCP_NODELAY: small gRPC frames go out at once instead of
-/// waiting out the peer's delayed ACK (some 40ms on Linux).
-fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
-    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+/// A server builder with the limits against hostile clients that `[server]` sets.
+fn builder(s: &ServerSettings) -> Server {
+    let b = Server::builder()
+        .http2_max_header_list_size(s.max_metadata_size)
+        .max_concurrent_streams(s.max_concurrent_streams)
+        .http2_keepalive_interval(Some(s.keepalive_interval))
+        .http2_keepalive_timeout(Some(s.keepalive_timeout));
+    match s.max_connection_age {
+        Some(age) => b.max_connection_age(age),
+        None => b,
+    }
+}
+
+/// Re-reads one listener's certificate files; on a problem the current ones keep serving.
+fn reload_tls(
+    listener: &'static str,
+    tls: Option<&Tls>,
+    settings: Option<&TlsSettings>,
+    metrics: &Metrics,
+) {
+    let (Some(tls), Some(settings)) = (tls, settings) else {
+        return;
+    };
+    let result = match tls.reload(settings) {
+        Ok(()) => {
+            tracing::debug!(listener, "certificate files re-read");
+            "accepted"
+        }
+        Err(e) => {
+            tracing::warn!(listener, error = %e, "certificate reload refused; the current certificates keep serving");
+            "rejected"
+        }
+    };
+    metrics
+        .tls_reloads
+        .get_or_create(&TlsReloadLabels { listener, result })
+        .inc();
+}
+
+/// Warns at startup about listeners reachable from the network in plaintext, and about an
+/// admin listener on which no one may change the policy.
+fn warn_if_exposed(
+    policy: &Policy,
+    traffic: SocketAddr,
+    admin: Option<SocketAddr>,
+    admin_token: bool,
+) {
+    let s = &policy.server;
+    if !traffic.ip().is_loopback() && s.tls.is_none() {
+        tracing::warn!(listen = %traffic, "the traffic listener is not on loopback and speaks plaintext: API keys and tensors cross the network in clear text; set [server.tls]");
+    }
+    if let Some(admin) = admin {
+        if !admin.ip().is_loopback() && s.admin_tls.is_none() {
+            tracing::warn!(admin_listen = %admin, admin_token, "the admin listener is not on loopback and speaks plaintext: the admin token and policies cross the network in clear text; set [server.admin_tls]");
+        }
+        if s.admin_tls.as_ref().is_some_and(|t| t.mutual())
+            && policy.auth.admin_identities.is_empty()
+        {
+            tracing::warn!(
+                "the admin listener requires client certificates and auth.admin_identities is empty: no one may change the policy over the admin API"
+            );
+        }
+    }
 }

@@ -10,7 +10,17 @@
 //! # Principal
 //!
 //! Each change is audited with the caller's `x-keel-principal` (1 to 64 printable ASCII
-//! characters; `admin` when absent) and its address: `alice@127.0.0.1:53122`.
+//! characters; `admin` when absent), its address, and what vouches for it: its verified
+//! client certificate identity, the admin token, or a loopback address
+//! (`alice@127.0.0.1:53122 (mtls:ops.example.org)`, `(token)`, `(loopback)`). The name is
+//! the caller's claim; the part in brackets is what Keel verified.
+//!
+//! # Admin identities
+//!
+//! When the admin listener requires client certificates (`server.admin_tls.client_ca`),
+//! only the identities in `auth.admin_identities` may change the policy (ApplyPolicy,
+//! RollbackPolicy, SetFlag); anyone else is refused with PERMISSION_DENIED, and the refusal
+//! is audited. Reads stay open to every verified client.
 //!
 //! # Errors
 //!
@@ -22,6 +32,7 @@
 //! | listener settings changed | FAILED_PRECONDITION |
 //! | stale `expected_revision` | ABORTED |
 //! | unknown revision or flag | NOT_FOUND |
+//! | caller not in `auth.admin_identities` | PERMISSION_DENIED |
 
 use std::collections::HashMap;
 use std::fmt;
@@ -36,6 +47,7 @@ use tonic_types::{ErrorDetails, StatusExt};
 use super::status::DOMAIN;
 use crate::pb::keel_admin as proto;
 use crate::policy::{Applied, ApplyError, Change, Flag, Snapshot, Source, Store, rfc3339};
+use crate::transport::Peer;
 use proto::policy_admin_server::{PolicyAdmin, PolicyAdminServer};
 
 /// The metadata key a caller names itself with.
@@ -52,12 +64,18 @@ pub type AdminService = InterceptedService<PolicyAdminServer<AdminApi>, Authenti
 
 /// The admin service over `store`; with `token`, every call must present it.
 pub fn service(store: Arc<Store>, token: Option<AdminToken>) -> AdminService {
-    PolicyAdminServer::with_interceptor(AdminApi { store }, Authenticate { token })
+    let api = AdminApi {
+        store,
+        token: token.is_some(),
+    };
+    PolicyAdminServer::with_interceptor(api, Authenticate { token })
 }
 
 /// The service.
 pub struct AdminApi {
     store: Arc<Store>,
+    /// Whether every call carries the admin token (checked by [`Authenticate`]).
+    token: bool,
 }
 
 /// The admin bearer token, kept as its SHA-256 digest so the token itself is not held in
@@ -169,8 +187,19 @@ impl Interceptor for Authenticate {
     }
 }
 
-/// Who is changing the policy: `x-keel-principal` (or `admin`) and the peer address.
-fn principal<T>(request: &Request<T>) -> Result<String, Status> {
+/// What vouches for an admin caller: its certificate identity, the token, or loopback (the
+/// policy allows an admin listener without either only on a loopback address).
+fn vouched<T>(request: &Request<T>, token: bool) -> String {
+    match Peer::identity_of(request) {
+        Some(id) => format!("mtls:{id}"),
+        None if token => "token".to_string(),
+        None => "loopback".to_string(),
+    }
+}
+
+/// Who is changing the policy: `x-keel-principal` (or `admin`), the peer address, and
+/// what vouches for the caller.
+fn principal<T>(request: &Request<T>, token: bool) -> Result<String, Status> {
     let name = match request.metadata().get(PRINCIPAL) {
         None => DEFAULT_PRINCIPAL,
         Some(v) => v
@@ -193,9 +222,10 @@ fn principal<T>(request: &Request<T>) -> Result<String, Status> {
                 )
             })?,
     };
-    Ok(match request.remote_addr() {
-        Some(addr) => format!("{name}@{addr}"),
-        None => name.to_string(),
+    let vouched = vouched(request, token);
+    Ok(match Peer::addr_of(request) {
+        Some(addr) => format!("{name}@{addr} ({vouched})"),
+        None => format!("{name} ({vouched})"),
     })
 }
 
@@ -234,6 +264,7 @@ pub fn to_status(e: &ApplyError) -> Status {
             info.insert("flag".to_string(), flag.clone());
             (Code::NotFound, "UNKNOWN_FLAG")
         }
+        ApplyError::NotAnAdmin(_) => (Code::PermissionDenied, "NOT_AN_ADMIN"),
     };
     details.set_error_info(reason, DOMAIN, info);
     Status::with_error_details(code, e.to_string(), details)
@@ -269,6 +300,27 @@ fn changes(c: Change) -> proto::Changes {
 }
 
 impl AdminApi {
+    /// Refuses a change (audited, PERMISSION_DENIED) when the admin listener verifies
+    /// client certificates and the caller's identity is not in `auth.admin_identities`.
+    fn may_change<T>(&self, request: &Request<T>, source: &Source) -> Result<(), Status> {
+        let current = self.store.current();
+        let policy = &current.policy;
+        if !policy.server.admin_tls.as_ref().is_some_and(|t| t.mutual()) {
+            return Ok(());
+        }
+        let identity = Peer::identity_of(request);
+        if identity.is_some_and(|id| policy.auth.admin_identities.iter().any(|a| a == id)) {
+            return Ok(());
+        }
+        let who = identity.map_or_else(
+            || "a caller without a certificate identity".to_string(),
+            |id| format!("identity {id:?}"),
+        );
+        Err(to_status(
+            &self.store.refuse(source, ApplyError::NotAnAdmin(who)),
+        ))
+    }
+
     /// Runs one change and describes its outcome.
     ///
     /// On the blocking pool: a change waits for the store's change lock (a file reload may
@@ -350,12 +402,15 @@ impl PolicyAdmin for AdminApi {
         &self,
         request: Request<proto::ApplyPolicyRequest>,
     ) -> Result<Response<proto::ApplyPolicyResponse>, Status> {
-        let principal = principal(&request)?;
+        let source = Source::Admin {
+            principal: principal(&request, self.token)?,
+        };
+        self.may_change(&request, &source)?;
         let proto::ApplyPolicyRequest {
             toml,
             expected_revision,
         } = request.into_inner();
-        self.change(move |store| store.apply(&toml, Source::Admin { principal }, expected_revision))
+        self.change(move |store| store.apply(&toml, source, expected_revision))
             .await
     }
 
@@ -363,7 +418,12 @@ impl PolicyAdmin for AdminApi {
         &self,
         request: Request<proto::RollbackPolicyRequest>,
     ) -> Result<Response<proto::ApplyPolicyResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = principal(&request, self.token)?;
+        let source = Source::Rollback {
+            principal: principal.clone(),
+            to: request.get_ref().revision,
+        };
+        self.may_change(&request, &source)?;
         let proto::RollbackPolicyRequest { revision } = request.into_inner();
         self.change(move |store| store.rollback(revision, &principal))
             .await
@@ -390,7 +450,12 @@ impl PolicyAdmin for AdminApi {
         &self,
         request: Request<proto::SetFlagRequest>,
     ) -> Result<Response<proto::ApplyPolicyResponse>, Status> {
-        let principal = principal(&request)?;
+        let principal = principal(&request, self.token)?;
+        let source = Source::SetFlag {
+            principal: principal.clone(),
+            flag: request.get_ref().name.clone(),
+        };
+        self.may_change(&request, &source)?;
         let proto::SetFlagRequest {
             name,
             value,
@@ -465,16 +530,16 @@ mod tests {
     #[test]
     fn principals_default_to_admin_and_are_validated() {
         let mut request = Request::new(());
-        assert_eq!(principal(&request).unwrap(), "admin");
+        assert_eq!(principal(&request, false).unwrap(), "admin (loopback)");
         request
             .metadata_mut()
             .insert(PRINCIPAL, "alice".parse().unwrap());
-        assert_eq!(principal(&request).unwrap(), "alice");
+        assert_eq!(principal(&request, true).unwrap(), "alice (token)");
         request
             .metadata_mut()
             .insert(PRINCIPAL, "x".repeat(65).parse().unwrap());
         assert_eq!(
-            principal(&request).unwrap_err().code(),
+            principal(&request, false).unwrap_err().code(),
             Code::InvalidArgument
         );
     }

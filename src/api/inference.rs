@@ -156,7 +156,7 @@ impl InferenceApi {
         Edge {
             ctx: EdgeContext::from_metadata(request.metadata()),
             snapshot: self.store.current(),
-            peer: request.remote_addr(),
+            peer: crate::transport::Peer::addr_of(request),
             api,
             caller: None,
         }
@@ -167,10 +167,11 @@ impl InferenceApi {
     pub(super) fn begin<T>(&self, request: &Request<T>, api: &'static str) -> Result<Edge, Status> {
         let mut edge = self.open(request, api);
         let presented = request.metadata().get(AUTHORIZATION).map(|v| v.as_bytes());
+        let identity = crate::transport::Peer::identity_of(request);
         let policy = &edge.snapshot.policy;
         match self
             .guard
-            .authenticate(policy, edge.snapshot.revision, presented)
+            .authenticate(policy, edge.snapshot.revision, presented, identity)
         {
             Ok(None) => Ok(edge),
             Ok(Some(caller)) => {
@@ -179,11 +180,7 @@ impl InferenceApi {
                 Ok(edge)
             }
             Err(e) => {
-                let reason = match e {
-                    crate::auth::Unauthenticated::Missing => "missing",
-                    crate::auth::Unauthenticated::Malformed => "malformed",
-                    crate::auth::Unauthenticated::UnknownKey => "unknown_key",
-                };
+                let reason = e.reason();
                 self.router
                     .metrics()
                     .auth_failures

@@ -45,6 +45,23 @@ pub enum Unauthenticated {
     /// No tenant has this key.
     #[error("the API key is not valid")]
     UnknownKey,
+    /// The client certificate's identity is no tenant's, and no API key was sent.
+    #[error(
+        "the client certificate's identity is not a tenant's: send a tenant's certificate, or the metadata `authorization: Bearer <key>`"
+    )]
+    UnknownIdentity,
+}
+
+impl Unauthenticated {
+    /// The `reason` label of `keel_auth_failures_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Unauthenticated::Missing => "missing",
+            Unauthenticated::Malformed => "malformed",
+            Unauthenticated::UnknownKey => "unknown_key",
+            Unauthenticated::UnknownIdentity => "unknown_identity",
+        }
+    }
 }
 
 /// A known caller refused for what it asked.
@@ -164,32 +181,31 @@ impl Guard {
     }
 
     /// Who is calling, under `policy` (revision `revision`): `Ok(None)` when the policy
-    /// defines no tenants (authentication is off), the tenant when `authorization` holds
+    /// defines no tenants (authentication is off); the tenant whose `identities` list the
+    /// verified client certificate `identity`; else the tenant when `authorization` holds
     /// one of its keys.
     pub fn authenticate(
         &self,
         policy: &Policy,
         revision: u64,
         authorization: Option<&[u8]>,
+        identity: Option<&str>,
     ) -> Result<Option<Caller>, Unauthenticated> {
         if policy.tenants.is_empty() {
             return Ok(None);
         }
-        let key = key::bearer(authorization).map_err(|e| match e {
-            BadHeader::Missing => Unauthenticated::Missing,
-            BadHeader::NotBearer => Unauthenticated::Malformed,
-        })?;
-        let presented = digest(key);
-        // Every digest of every tenant is compared, whatever matched before.
-        let mut found: Option<&str> = None;
-        for (name, tenant) in &policy.tenants {
-            for h in &tenant.key_hashes {
-                if constant_time_eq(h, &presented) {
-                    found = Some(name);
-                }
-            }
-        }
-        let name = found.ok_or(Unauthenticated::UnknownKey)?;
+        // Identities are names, not secrets: a plain lookup is fine.
+        let by_identity = identity.and_then(|id| {
+            policy
+                .tenants
+                .iter()
+                .find(|(_, t)| t.identities.iter().any(|i| i == id))
+                .map(|(name, _)| name.as_str())
+        });
+        let name = match by_identity {
+            Some(name) => name,
+            None => by_key(policy, authorization, identity.is_some())?,
+        };
         let table = self.table_for(policy, revision);
         let state = match table.tenants.get(name) {
             Some(s) => s.clone(),
@@ -229,6 +245,31 @@ impl Guard {
         self.table.store(table.clone());
         table
     }
+}
+
+/// The tenant whose key `authorization` holds. `with_identity`: the caller presented a
+/// certificate no tenant claims, which is what a missing key is reported as.
+fn by_key<'p>(
+    policy: &'p Policy,
+    authorization: Option<&[u8]>,
+    with_identity: bool,
+) -> Result<&'p str, Unauthenticated> {
+    let key = key::bearer(authorization).map_err(|e| match e {
+        BadHeader::Missing if with_identity => Unauthenticated::UnknownIdentity,
+        BadHeader::Missing => Unauthenticated::Missing,
+        BadHeader::NotBearer => Unauthenticated::Malformed,
+    })?;
+    let presented = digest(key);
+    // Every digest of every tenant is compared, whatever matched before.
+    let mut found: Option<&str> = None;
+    for (name, tenant) in &policy.tenants {
+        for h in &tenant.key_hashes {
+            if constant_time_eq(h, &presented) {
+                found = Some(name);
+            }
+        }
+    }
+    found.ok_or(Unauthenticated::UnknownKey)
 }
 
 /// An authenticated tenant, for one call.
@@ -329,7 +370,7 @@ mod tests {
     fn without_tenants_everyone_is_let_in_unnamed() {
         let g = Guard::new();
         assert!(matches!(
-            g.authenticate(&Policy::default(), 1, None),
+            g.authenticate(&Policy::default(), 1, None, None),
             Ok(None)
         ));
     }
@@ -338,10 +379,16 @@ mod tests {
     fn either_key_of_a_rotation_names_the_tenant() {
         let (g, p) = (Guard::new(), policy(""));
         for k in ["Bearer k1", "Bearer k2"] {
-            let c = g.authenticate(&p, 1, Some(k.as_bytes())).unwrap().unwrap();
+            let c = g
+                .authenticate(&p, 1, Some(k.as_bytes()), None)
+                .unwrap()
+                .unwrap();
             assert_eq!(c.name(), "acme");
         }
-        let e = |v: Option<&str>| g.authenticate(&p, 1, v.map(str::as_bytes)).unwrap_err();
+        let e = |v: Option<&str>| {
+            g.authenticate(&p, 1, v.map(str::as_bytes), None)
+                .unwrap_err()
+        };
         assert_eq!(e(None), Unauthenticated::Missing);
         assert_eq!(e(Some("k1")), Unauthenticated::Malformed);
         assert_eq!(e(Some("Bearer k3")), Unauthenticated::UnknownKey);
@@ -351,7 +398,10 @@ mod tests {
     async fn slots_and_tokens_survive_a_reload_that_keeps_the_limits() {
         let g = Guard::new();
         let p = policy("max_in_flight = 1\nrate_limit = { per_second = 1, burst = 2 }\n");
-        let c = g.authenticate(&p, 1, Some(b"Bearer k1")).unwrap().unwrap();
+        let c = g
+            .authenticate(&p, 1, Some(b"Bearer k1"), None)
+            .unwrap()
+            .unwrap();
         let held = c.admit(Some("simple")).unwrap();
         assert!(matches!(
             c.admit(Some("simple")),
@@ -361,7 +411,10 @@ mod tests {
             })
         ));
         // Revision 2, same limits: the slot is still taken, one token is left.
-        let c = g.authenticate(&p, 2, Some(b"Bearer k1")).unwrap().unwrap();
+        let c = g
+            .authenticate(&p, 2, Some(b"Bearer k1"), None)
+            .unwrap()
+            .unwrap();
         assert!(matches!(c.admit(None), Err(Refused::Quota { .. })));
         drop(held);
         let _p = c.admit(None).unwrap();

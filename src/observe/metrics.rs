@@ -161,6 +161,22 @@ pub struct AuthFailureLabels {
     pub reason: &'static str,
 }
 
+/// One of Keel's listeners.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    /// `traffic` or `admin`.
+    pub listener: &'static str,
+}
+
+/// The outcome of re-reading a listener's certificate files.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsReloadLabels {
+    /// `traffic` or `admin`.
+    pub listener: &'static str,
+    /// `accepted`, or `rejected` (the old certificates keep serving).
+    pub result: &'static str,
+}
+
 /// State read from the running server at each scrape.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RuntimeState {
@@ -225,6 +241,12 @@ pub struct Metrics {
     pub tenant_requests: Family<TenantCodeLabels, Counter>,
     /// `keel_auth_failures_total`.
     pub auth_failures: Family<AuthFailureLabels, Counter>,
+    /// `keel_connections_refused_total`.
+    pub connections_refused: Family<ListenerLabels, Counter>,
+    /// `keel_tls_handshake_failures_total`.
+    pub tls_handshake_failures: Family<ListenerLabels, Counter>,
+    /// `keel_tls_reloads_total`.
+    pub tls_reloads: Family<TlsReloadLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -270,6 +292,9 @@ impl Metrics {
             api_requests: Family::default(),
             tenant_requests: Family::default(),
             auth_failures: Family::default(),
+            connections_refused: Family::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reloads: Family::default(),
             registry: Registry::default(),
             runtime: runtime.clone(),
         };
@@ -368,6 +393,21 @@ impl Metrics {
             "keel_auth_failures",
             "Calls refused for missing, malformed or unknown API keys",
             m.auth_failures.clone(),
+        );
+        registry.register(
+            "keel_connections_refused",
+            "Connections closed as they were accepted: the listener had server.max_connections open",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "keel_tls_handshake_failures",
+            "TLS handshakes that failed or timed out (no certificate, an untrusted one, not TLS)",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "keel_tls_reloads",
+            "Re-reads of a listener's certificate files, by result",
+            m.tls_reloads.clone(),
         );
         registry.register_collector(Box::new(Runtime(runtime)));
         Arc::new(Metrics { registry, ..m })

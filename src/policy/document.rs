@@ -105,8 +105,8 @@ pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
             .map(|(name, s)| (name, model(s, &upstreams, &flags, &mut p)))
             .collect::<BTreeMap<_, _>>()
     });
-    let auth = super::tenants::read_auth(&mut root, &mut p);
-    let tenants = super::tenants::read_tenants(&mut root, &mut p, models.as_ref());
+    let auth = super::tenants::read_auth(&mut root, &mut p, &server);
+    let tenants = super::tenants::read_tenants(&mut root, &mut p, models.as_ref(), &server);
     root.finish(&mut p);
 
     if let Some(models) = &models {
@@ -161,10 +161,17 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
             "must be an environment variable name (letters, digits, _)",
         );
     }
-    if !admin_listen.ip().is_loopback() && admin_token_env.is_none() {
+    let tls = s
+        .table(p, "tls")
+        .map(|t| super::tls::read(t, "server.tls", p));
+    let admin_tls = s
+        .table(p, "admin_tls")
+        .map(|t| super::tls::read(t, "server.admin_tls", p));
+    let admin_mutual = admin_tls.as_ref().is_some_and(|t| t.mutual());
+    if !admin_listen.ip().is_loopback() && admin_token_env.is_none() && !admin_mutual {
         p.add(
             s.at("admin_listen"),
-            format!("{admin_listen} is not a loopback address: set server.admin_token_env so the admin API requires a token"),
+            format!("{admin_listen} is not a loopback address: set server.admin_token_env so the admin API requires a token, or server.admin_tls.client_ca so it requires a client certificate"),
         );
     }
     if listen == admin_listen && listen.port() != 0 {
@@ -185,6 +192,28 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
     let max_in_flight = s
         .count(p, "max_in_flight", 1..=1_000_000)
         .unwrap_or(d.max_in_flight);
+    let max_metadata_size = s
+        .size(p, "max_metadata_size")
+        .unwrap_or(d.max_metadata_size as usize);
+    if !(1024..=(16 << 20)).contains(&max_metadata_size) {
+        p.add(s.at("max_metadata_size"), "must be between 1KiB and 16MiB");
+    }
+    let max_concurrent_streams = s
+        .count(p, "max_concurrent_streams", 1..=1_000_000)
+        .unwrap_or(d.max_concurrent_streams);
+    let keepalive_interval = s
+        .duration(p, "keepalive_interval", Duration::from_secs(86_400))
+        .unwrap_or(d.keepalive_interval);
+    let keepalive_timeout = s
+        .duration(p, "keepalive_timeout", Duration::from_secs(3600))
+        .unwrap_or(d.keepalive_timeout);
+    let max_connection_age = s.duration(p, "max_connection_age", Duration::from_secs(30 * 86_400));
+    let max_connections = s
+        .count(p, "max_connections", 1..=1_000_000)
+        .unwrap_or(d.max_connections);
+    let tls_handshake_timeout = s
+        .duration(p, "tls_handshake_timeout", Duration::from_secs(300))
+        .unwrap_or(d.tls_handshake_timeout);
     s.finish(p);
     ServerSettings {
         listen,
@@ -196,6 +225,15 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         audit_log,
         watch,
         max_in_flight,
+        tls,
+        admin_tls,
+        max_metadata_size: u32::try_from(max_metadata_size).unwrap_or(d.max_metadata_size),
+        max_concurrent_streams,
+        keepalive_interval,
+        keepalive_timeout,
+        max_connection_age,
+        max_connections,
+        tls_handshake_timeout,
     }
 }
 

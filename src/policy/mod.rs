@@ -21,6 +21,7 @@ mod settings;
 mod snapshot;
 mod store;
 mod tenants;
+mod tls;
 mod units;
 mod upstreams;
 pub mod watch;
@@ -45,6 +46,7 @@ pub use store::{Adjust, Applied, ApplyError, Check, HISTORY, Listener, Store};
 pub use tenants::{
     AuthSettings, MAX_TENANT_NAME, ModelAccess, Priority, RateLimit, Tenant, parse_key_hash,
 };
+pub use tls::TlsSettings;
 pub use units::{format_duration, parse_duration, parse_size};
 pub use upstreams::{CheckKind, Connection, Endpoints, HealthCheck, Outlier, UpstreamSpec};
 
@@ -129,6 +131,29 @@ pub struct ServerSettings {
     pub watch: bool,
     /// Calls Keel serves at once, all models together; more are refused at once.
     pub max_in_flight: u32,
+    /// `[server.tls]`: TLS (and with `client_ca`, mutual TLS) on the traffic listener.
+    /// `None`: plaintext.
+    pub tls: Option<TlsSettings>,
+    /// `[server.admin_tls]`: TLS on the admin listener, configured apart from traffic's
+    /// because the people who may change policy are not the tenants. `None`: plaintext.
+    pub admin_tls: Option<TlsSettings>,
+    /// Largest header block (metadata) of one call a client may send, in bytes (HTTP/2
+    /// `SETTINGS_MAX_HEADER_LIST_SIZE`), so no one can make Keel buffer huge headers.
+    pub max_metadata_size: u32,
+    /// Calls one HTTP/2 connection may have open at once, so one connection cannot hold
+    /// every slot.
+    pub max_concurrent_streams: u32,
+    /// How often Keel pings an HTTP/2 connection to find dead peers.
+    pub keepalive_interval: Duration,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// How long a connection may live before Keel asks the client to reconnect (GOAWAY),
+    /// so connections rebalance and pick up rotated certificates. `None`: forever.
+    pub max_connection_age: Option<Duration>,
+    /// Connections each listener keeps open at once; more are closed as they are accepted.
+    pub max_connections: u32,
+    /// How long a client has to complete its TLS handshake.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -143,6 +168,15 @@ impl Default for ServerSettings {
             audit_log: None,
             watch: true,
             max_in_flight: 10_000,
+            tls: None,
+            admin_tls: None,
+            max_metadata_size: 16 << 10,
+            max_concurrent_streams: 200,
+            keepalive_interval: Duration::from_secs(60),
+            keepalive_timeout: Duration::from_secs(20),
+            max_connection_age: None,
+            max_connections: 10_000,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -73,6 +73,10 @@ pub enum ApplyError {
     /// The flag is not defined in the current policy.
     #[error("flag {0:?} is not defined under [flags]")]
     UnknownFlag(String),
+    /// The caller may read the policy but not change it: its client certificate identity
+    /// is not in `auth.admin_identities`.
+    #[error("{0} may not change the policy: only the identities in auth.admin_identities may")]
+    NotAnAdmin(String),
 }
 
 /// The store.
@@ -88,7 +92,7 @@ pub struct Store {
     /// admin change when the file's content really changed.
     last_file_text: Mutex<Option<String>>,
     /// Told of every change's source kind and result (`accepted`, `rejected`, `unchanged`).
-    listener: std::sync::OnceLock<Listener>,
+    listeners: Mutex<Vec<Listener>>,
 }
 
 /// Told of every change: its source kind and its result.
@@ -132,7 +136,7 @@ impl Store {
             check,
             adjust,
             last_file_text: Mutex::new(from_file.then_some(text)),
-            listener: std::sync::OnceLock::new(),
+            listeners: Mutex::new(Vec::new()),
         })
     }
 
@@ -162,13 +166,18 @@ impl Store {
         self.lock_history().iter().cloned().collect()
     }
 
-    /// Sets who is told of every change from now on (metrics); only the first call counts.
+    /// Adds `listener` to those told of every change from now on (metrics, the listeners'
+    /// certificates), including a re-read of a policy file that had not changed.
     pub fn listen(&self, listener: Listener) {
-        let _ = self.listener.set(listener);
+        self.listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener);
     }
 
     fn tell(&self, source: &Source, result: &'static str) {
-        if let Some(l) = self.listener.get() {
+        let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+        for l in listeners.iter() {
             l(source.kind(), result);
         }
     }
@@ -291,6 +300,9 @@ impl Store {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if last.as_deref() == Some(text.as_str()) {
+                // Still told: a SIGHUP re-reads the certificate files even when the policy
+                // file is the same.
+                self.tell(&source, "unchanged");
                 return Ok(Applied::Unchanged(self.current()));
             }
             *last = Some(text.clone());
@@ -313,6 +325,12 @@ impl Store {
             Some(target) => self.apply(&target.text, source, None),
             None => Err(self.refused(&source, ApplyError::UnknownRevision(revision))),
         }
+    }
+
+    /// Audits a change the caller refused before asking the store (an admin check), and
+    /// returns its error.
+    pub fn refuse(&self, source: &Source, e: ApplyError) -> ApplyError {
+        self.refused(source, e)
     }
 
     /// Audits a change refused before it reached [`Store::apply`], and returns its error.
@@ -462,6 +480,50 @@ fn restart_needed(old: &Policy, new: &Policy) -> Vec<String> {
     if a.max_in_flight != b.max_in_flight {
         out.push("server.max_in_flight".to_string());
     }
+    // Turning TLS on or off changes what the listener speaks; the files inside may change
+    // (they are re-read on every reload).
+    if a.tls.is_some() != b.tls.is_some() {
+        out.push("server.tls".to_string());
+    }
+    if a.admin_tls.is_some() != b.admin_tls.is_some() {
+        out.push("server.admin_tls".to_string());
+    }
+    let limits = [
+        (
+            "server.max_metadata_size",
+            a.max_metadata_size != b.max_metadata_size,
+        ),
+        (
+            "server.max_concurrent_streams",
+            a.max_concurrent_streams != b.max_concurrent_streams,
+        ),
+        (
+            "server.keepalive_interval",
+            a.keepalive_interval != b.keepalive_interval,
+        ),
+        (
+            "server.keepalive_timeout",
+            a.keepalive_timeout != b.keepalive_timeout,
+        ),
+        (
+            "server.max_connection_age",
+            a.max_connection_age != b.max_connection_age,
+        ),
+        (
+            "server.max_connections",
+            a.max_connections != b.max_connections,
+        ),
+        (
+            "server.tls_handshake_timeout",
+            a.tls_handshake_timeout != b.tls_handshake_timeout,
+        ),
+    ];
+    out.extend(
+        limits
+            .into_iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| key.to_string()),
+    );
     out
 }
 

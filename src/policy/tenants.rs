@@ -22,6 +22,9 @@ pub const MAX_TENANT_NAME: usize = 64;
 pub struct Tenant {
     /// SHA-256 digests of the tenant's API keys; several during a key rotation.
     pub key_hashes: Vec<[u8; 32]>,
+    /// Client certificate identities (subject CN, or the first DNS or URI SAN) that are
+    /// this tenant, verified by mutual TLS on the traffic listener.
+    pub identities: Vec<String>,
     /// The models the tenant may call.
     pub models: ModelAccess,
     /// Which calls are refused first when Keel sheds load.
@@ -89,16 +92,57 @@ pub struct AuthSettings {
     /// A model outside the caller's list answers NOT_FOUND, exactly as an unknown model
     /// does, so a tenant cannot learn which other models exist.
     pub hide_models: bool,
+    /// Client certificate identities that may change the policy over the admin API
+    /// (ApplyPolicy, RollbackPolicy, SetFlag) when the admin listener requires client
+    /// certificates; every other caller is refused those with PERMISSION_DENIED.
+    pub admin_identities: Vec<String>,
 }
 
 /// Reads `[auth]`.
-pub(super) fn read_auth(root: &mut Section<'_>, p: &mut Problems) -> AuthSettings {
+pub(super) fn read_auth(
+    root: &mut Section<'_>,
+    p: &mut Problems,
+    server: &super::ServerSettings,
+) -> AuthSettings {
     let Some(mut s) = root.table(p, "auth") else {
         return AuthSettings::default();
     };
     let hide_models = s.boolean(p, "hide_models").unwrap_or(false);
+    let admin_identities = s.strings(p, "admin_identities").unwrap_or_default();
+    check_identities(&admin_identities, &s.at("admin_identities"), p);
+    if !admin_identities.is_empty() && !server.admin_tls.as_ref().is_some_and(|t| t.mutual()) {
+        p.add(
+            s.at("admin_identities"),
+            "needs server.admin_tls.client_ca: identities come from verified client certificates",
+        );
+    }
     s.finish(p);
-    AuthSettings { hide_models }
+    AuthSettings {
+        hide_models,
+        admin_identities,
+    }
+}
+
+/// The longest identity: a certificate name (DNS names are at most 253 characters).
+const MAX_IDENTITY: usize = 1024;
+
+/// Identities are non-empty printable text, each listed once.
+fn check_identities(list: &[String], path: &str, p: &mut Problems) {
+    for (i, id) in list.iter().enumerate() {
+        if id.is_empty()
+            || id.len() > MAX_IDENTITY
+            || id.chars().any(char::is_control)
+            || id.trim() != id
+        {
+            p.add(
+                format!("{path}[{i}]"),
+                format!("an identity is 1 to {MAX_IDENTITY} printable characters, without surrounding spaces"),
+            );
+        }
+        if list[..i].contains(id) {
+            p.add(format!("{path}[{i}]"), format!("{id:?} is listed twice"));
+        }
+    }
 }
 
 /// Reads `[tenants.<name>]`; `models` are the policy's models, when it names them, so a
@@ -107,10 +151,13 @@ pub(super) fn read_tenants(
     root: &mut Section<'_>,
     p: &mut Problems,
     models: Option<&BTreeMap<String, super::ModelPolicy>>,
+    server: &super::ServerSettings,
 ) -> BTreeMap<String, Tenant> {
     let mut tenants = BTreeMap::new();
     // Which tenant owns each key hash, to refuse a hash given twice.
     let mut owners: BTreeMap<[u8; 32], String> = BTreeMap::new();
+    // Which tenant owns each identity, likewise.
+    let mut identity_owners: BTreeMap<String, String> = BTreeMap::new();
     for (name, mut s) in root.named_tables(p, "tenants").unwrap_or_default() {
         if name.is_empty()
             || name.len() > MAX_TENANT_NAME
@@ -124,12 +171,38 @@ pub(super) fn read_tenants(
             );
         }
         let mut key_hashes = Vec::new();
+        let identities = s.strings(p, "identities");
+        if let Some(list) = &identities {
+            let at = s.at("identities");
+            check_identities(list, &at, p);
+            if !server.tls.as_ref().is_some_and(|t| t.mutual()) {
+                p.add(
+                    at.clone(),
+                    "needs server.tls.client_ca: identities come from verified client certificates",
+                );
+            }
+            for (i, id) in list.iter().enumerate() {
+                match identity_owners.get(id) {
+                    Some(other) if other != &name => p.add(
+                        format!("{at}[{i}]"),
+                        format!("{id:?} is also an identity of tenant {other:?}: an identity must say who is calling"),
+                    ),
+                    _ => {
+                        identity_owners.insert(id.clone(), name.clone());
+                    }
+                }
+            }
+        }
+        let identities = identities.unwrap_or_default();
         match s.strings(p, "api_keys") {
+            None if !identities.is_empty() => {}
             None => p.add(
                 s.at("api_keys"),
-                "is required: a list of \"sha256:<hex>\" (keel hash-key prints one)",
+                "is required: a list of \"sha256:<hex>\" (keel hash-key prints one), unless the tenant has identities",
             ),
-            Some(list) if list.is_empty() => p.add(s.at("api_keys"), "needs at least one key"),
+            Some(list) if list.is_empty() && identities.is_empty() => {
+                p.add(s.at("api_keys"), "needs at least one key")
+            }
             Some(list) => {
                 for (i, k) in list.iter().enumerate() {
                     let at = format!("{}[{i}]", s.at("api_keys"));
@@ -179,6 +252,7 @@ pub(super) fn read_tenants(
             name,
             Tenant {
                 key_hashes,
+                identities,
                 models: access,
                 priority,
                 rate_limit,
@@ -328,6 +402,26 @@ mod tests {
         ] {
             assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
         }
+    }
+
+    #[test]
+    fn identities_need_mutual_tls_and_each_names_one_tenant() {
+        let e = errors(
+            "[auth]\nadmin_identities = [\"ops\"]\n[tenants.a]\nidentities = [\"svc-a\", \" x\"]\nmodels = [\"*\"]\n[tenants.b]\nidentities = [\"svc-a\"]\nmodels = [\"*\"]\n",
+        );
+        let joined = e.join("\n");
+        for want in [
+            "auth.admin_identities: needs server.admin_tls.client_ca",
+            "tenants.a.identities[1]: an identity is 1 to",
+            "tenants.a.identities: needs server.tls.client_ca",
+            "tenants.b.identities[0]: \"svc-a\" is also an identity of tenant \"a\"",
+        ] {
+            assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
+        }
+        assert!(
+            !joined.contains("api_keys"),
+            "identities stand in for keys:\n{joined}"
+        );
     }
 
     #[test]

@@ -218,6 +218,11 @@ impl KeelProcess {
         KeelProcess { child, addr, admin }
     }
 
+    /// The process id, to send it signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits for the exit (bounded: 15s, then killed); the exit code.
     pub async fn stop(mut self) -> Option<i32> {
         let pid = self.child.id().to_string();

@@ -486,3 +486,86 @@ async fn sighup_rereads_the_certificates_of_a_running_keel() {
     );
     assert_eq!(keel.stop().await, Some(0));
 }
+
+/// A gateway config forwarding `simple` over TLS to `upstream`, trusting `ca_file`, with a
+/// client certificate when given.
+fn via_tls(upstream: SocketAddr, ca_file: &Path, client: Option<(&Path, &Path)>) -> String {
+    let q = |p: &Path| format!("{:?}", p.display().to_string());
+    let mut s = format!(
+        "[upstreams.up]\nendpoints = [\"https://{upstream}\"]\n\
+         [upstreams.up.tls]\nca = {}\nserver_name = \"localhost\"\n",
+        q(ca_file)
+    );
+    if let Some((cert, key)) = client {
+        s.push_str(&format!("cert = {}\nkey = {}\n", q(cert), q(key)));
+    }
+    s.push_str("[models.simple]\nbackend = \"up\"\n[defaults.retry]\nmax_attempts = 1\n");
+    s
+}
+
+#[tokio::test]
+async fn keel_reaches_a_tls_upstream_and_presents_its_client_certificate() {
+    let ca = Ca::new("upstream CA");
+    // The upstream requires a client certificate signed by the same CA.
+    let up_files = Files::new(&ca.sign(&["localhost"], "triton"), &ca);
+    let upstream = Keel::with_config(&up_files.section("tls", true)).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let gateway = ca.sign(&["keel-gateway"], "keel-gateway");
+    let (cert, key) = (dir.path().join("gw.pem"), dir.path().join("gw.key"));
+    std::fs::write(&cert, &gateway.cert).unwrap();
+    std::fs::write(&key, &gateway.key).unwrap();
+    let other = Ca::new("someone else");
+    let other_ca = dir.path().join("other.pem");
+    std::fs::write(&other_ca, &other.pem).unwrap();
+    let ca_file = up_files.path("ca.pem");
+
+    let good = Keel::with_config(&via_tls(upstream.addr, &ca_file, Some((&cert, &key)))).await;
+    let resp = good
+        .client()
+        .await
+        .model_infer(simple_request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.model_name, "simple");
+
+    // Without a client certificate, or trusting another CA, nothing gets through in
+    // plaintext: the call fails.
+    for config in [
+        via_tls(upstream.addr, &ca_file, None),
+        via_tls(upstream.addr, &other_ca, Some((&cert, &key))),
+    ] {
+        let bad = Keel::with_config(&config).await;
+        let s = bad
+            .client()
+            .await
+            .model_infer(simple_request())
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+        bad.stop().await.unwrap();
+    }
+    good.stop().await.unwrap();
+    upstream.stop().await.unwrap();
+}
+
+#[test]
+fn upstream_tls_mistakes_are_named() {
+    let e = keel::policy::Policy::parse(
+        "[upstreams.a]\nendpoints = [\"https://127.0.0.1:1\"]\n\
+         [upstreams.b]\nendpoints = [\"127.0.0.1:1\"]\n[upstreams.b.tls]\ncert = \"/nonexistent/c.pem\"\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("upstreams.a.endpoints[0]: https:// needs a [tls] table"),
+        "{e}"
+    );
+    assert!(e.contains("upstreams.b.tls.ca: is required"), "{e}");
+    assert!(
+        e.contains("upstreams.b.tls.cert: cannot read /nonexistent/c.pem"),
+        "{e}"
+    );
+    assert!(e.contains("upstreams.b.tls.key: give both"), "{e}");
+}

@@ -48,7 +48,9 @@ pub use tenants::{
 };
 pub use tls::TlsSettings;
 pub use units::{format_duration, parse_duration, parse_size};
-pub use upstreams::{CheckKind, Connection, Endpoints, HealthCheck, Outlier, UpstreamSpec};
+pub use upstreams::{
+    CheckKind, Connection, Endpoints, HealthCheck, Outlier, UpstreamSpec, UpstreamTls,
+};
 
 /// Where Keel listens for traffic unless told otherwise: Triton's gRPC port on loopback.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";

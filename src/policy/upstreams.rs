@@ -26,6 +26,23 @@ pub struct UpstreamSpec {
     pub outlier: Outlier,
     /// How long a sequence's binding to its endpoint outlives its last call.
     pub sequence_idle_timeout: Duration,
+    /// TLS to every endpoint; `None`: plaintext HTTP/2.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `[upstreams.<name>.tls]`: the CA an upstream's certificates must chain to, and the
+/// client certificate Keel presents when the upstream asks for one (mutual TLS). The
+/// files are read when the policy loads, so a reload with rotated files reconnects with
+/// them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM of the CA certificates (only these are trusted: no system roots).
+    pub ca_pem: Vec<u8>,
+    /// PEM of Keel's client certificate chain and its private key.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the endpoints' certificates must carry; by default the endpoint's host (an
+    /// IP address for a DNS upstream, so set it there).
+    pub server_name: Option<String>,
 }
 
 /// An upstream's endpoints.
@@ -163,7 +180,10 @@ pub(super) fn read_upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpe
             );
             Endpoints::Static(Vec::new())
         }
-        (true, false) => Endpoints::Static(static_endpoints(&mut s, p)),
+        (true, false) => {
+            let tls = s.has("tls");
+            Endpoints::Static(static_endpoints(&mut s, p, tls))
+        }
         (false, true) => dns(&mut s, p),
     };
     if !matches!(endpoints, Endpoints::Dns { .. }) && s.has("dns_interval") {
@@ -177,6 +197,7 @@ pub(super) fn read_upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpe
     let outlier = s
         .table(p, "outlier")
         .map_or_else(Outlier::default, |o| outlier(o, p));
+    let tls = s.table(p, "tls").map(|t| tls(t, p));
     let sequence_idle_timeout = s
         .duration(p, "sequence_idle_timeout", Duration::from_secs(86_400))
         .unwrap_or(Duration::from_secs(60));
@@ -188,10 +209,56 @@ pub(super) fn read_upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpe
         health_check,
         outlier,
         sequence_idle_timeout,
+        tls,
     }
 }
 
-fn static_endpoints(s: &mut Section<'_>, p: &mut Problems) -> Vec<http::Uri> {
+fn tls(mut s: Section<'_>, p: &mut Problems) -> UpstreamTls {
+    let file = |s: &mut Section<'_>,
+                p: &mut Problems,
+                key: &'static str,
+                read: fn(&std::path::Path) -> Result<(), String>| {
+        let path = s.string(p, key)?;
+        let path = std::path::PathBuf::from(path);
+        match read(&path).and_then(|()| super::tls::read_file(&path)) {
+            Ok(bytes) => Some(bytes),
+            Err(msg) => {
+                p.add(s.at(key), msg);
+                None
+            }
+        }
+    };
+    let certs: fn(&std::path::Path) -> Result<(), String> =
+        |path| super::tls::read_certs(path).map(|_| ());
+    let key: fn(&std::path::Path) -> Result<(), String> =
+        |path| super::tls::read_key(path).map(|_| ());
+    let had_ca = s.has("ca");
+    let ca_pem = file(&mut s, p, "ca", certs);
+    if !had_ca {
+        p.add(
+            s.at("ca"),
+            "is required: the PEM file of the CA the upstream's certificates chain to",
+        );
+    }
+    let (had_cert, had_key) = (s.has("cert"), s.has("key"));
+    let cert = file(&mut s, p, "cert", certs);
+    let key = file(&mut s, p, "key", key);
+    if had_cert != had_key {
+        p.add(
+            s.at(if had_cert { "key" } else { "cert" }),
+            "give both `cert` and `key` (a client certificate and its private key), or neither",
+        );
+    }
+    let server_name = s.string(p, "server_name");
+    s.finish(p);
+    UpstreamTls {
+        ca_pem: ca_pem.unwrap_or_default(),
+        identity: cert.zip(key),
+        server_name,
+    }
+}
+
+fn static_endpoints(s: &mut Section<'_>, p: &mut Problems, tls: bool) -> Vec<http::Uri> {
     let mut endpoints = Vec::new();
     match s.strings(p, "endpoints") {
         None => {}
@@ -199,6 +266,10 @@ fn static_endpoints(s: &mut Section<'_>, p: &mut Problems) -> Vec<http::Uri> {
         Some(list) => {
             for (i, e) in list.iter().enumerate() {
                 match parse_endpoint(e) {
+                    Ok(uri) if uri.scheme_str() == Some("https") && !tls => p.add(
+                        format!("{}[{i}]", s.at("endpoints")),
+                        "https:// needs a [tls] table for this upstream (at least its `ca`)",
+                    ),
                     Ok(uri) => endpoints.push(uri),
                     Err(msg) => p.add(format!("{}[{i}]", s.at("endpoints")), msg),
                 }
@@ -337,7 +408,8 @@ fn outlier(mut s: Section<'_>, p: &mut Problems) -> Outlier {
     o
 }
 
-/// Accepts `host:port` or `http://host:port`; TLS to upstreams is a later feature.
+/// Accepts `host:port`, `http://host:port` or `https://host:port` (the scheme is a hint:
+/// TLS is on exactly when the upstream has a `[tls]` table, checked by the caller).
 fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
     let with_scheme = if s.contains("://") {
         s.to_string()
@@ -347,10 +419,8 @@ fn parse_endpoint(s: &str) -> Result<http::Uri, String> {
     let uri: http::Uri = with_scheme
         .parse()
         .map_err(|e| format!("{s:?} is not a valid endpoint: {e}"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!(
-            "{s:?}: only http:// (plaintext) endpoints are supported"
-        ));
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!("{s:?}: use http:// or https:// (or no scheme)"));
     }
     if uri.port_u16().is_none() {
         return Err(format!("{s:?} needs a port, such as \"127.0.0.1:8001\""));

@@ -21,7 +21,9 @@ use std::sync::{Arc, Mutex, Weak};
 use arc_swap::ArcSwap;
 use futures::future::BoxFuture;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint as TonicEndpoint};
+use tonic::transport::{
+    Certificate, Channel, ClientTlsConfig, Endpoint as TonicEndpoint, Identity,
+};
 
 use super::sequence::{Affinity, Marks};
 use crate::error::Error;
@@ -222,7 +224,7 @@ impl Pool {
                 let addr = uri
                     .authority()
                     .map_or_else(|| uri.to_string(), ToString::to_string);
-                pool.connect(&addr, uri.clone())
+                pool.connect(&addr)
             })
             .collect();
         pool.endpoints.store(Arc::new(endpoints));
@@ -244,8 +246,18 @@ impl Pool {
         self.endpoints.load_full()
     }
 
-    fn connect(&self, addr: &str, uri: http::Uri) -> Arc<Endpoint> {
+    fn connect(&self, addr: &str) -> Arc<Endpoint> {
         let c = &self.spec.connection;
+        let scheme = if self.spec.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        // `addr` is an authority (`host:port`), checked when the policy loaded or taken
+        // from a resolved socket address.
+        let uri = format!("{scheme}://{addr}")
+            .parse::<http::Uri>()
+            .unwrap_or_else(|_| http::Uri::from_static("http://invalid.invalid:1"));
         let mut endpoint = TonicEndpoint::from(uri)
             .connect_timeout(self.spec.connect_timeout)
             .tcp_nodelay(true)
@@ -254,6 +266,25 @@ impl Pool {
             .keep_alive_while_idle(true);
         if let Some(n) = c.max_concurrent_streams {
             endpoint = endpoint.concurrency_limit(n);
+        }
+        if let Some(tls) = &self.spec.tls {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let mut config = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                .domain_name(tls.server_name.as_deref().unwrap_or(host));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            // On failure the endpoint keeps its https:// address without TLS settings, so
+            // every call to it fails: never plaintext instead.
+            match endpoint.clone().tls_config(config) {
+                Ok(e) => endpoint = e,
+                Err(e) => {
+                    tracing::error!(upstream = %self.name, endpoint = %addr, error = %e,
+                        "cannot set up TLS; calls to this endpoint will fail");
+                }
+            }
         }
         Arc::new(Endpoint::new(
             addr,
@@ -278,15 +309,10 @@ impl Pool {
         for addr in &wanted {
             match by_addr.remove(addr) {
                 Some(e) => next.push(e),
-                None => match format!("http://{addr}").parse::<http::Uri>() {
-                    Ok(uri) => {
-                        added.push(addr.clone());
-                        next.push(self.connect(addr, uri));
-                    }
-                    Err(e) => {
-                        tracing::warn!(upstream = %self.name, %addr, error = %e, "unusable address")
-                    }
-                },
+                None => {
+                    added.push(addr.clone());
+                    next.push(self.connect(addr));
+                }
             }
         }
         let removed: Vec<String> = by_addr.into_keys().collect();

@@ -149,7 +149,7 @@ fn every_problem_is_reported_at_once() {
         "defaults.retry.budget.ratio: 1.5 is out of range: must be 0..=1",
         "methods.\"inference.GRPCInferenceService/ModelInfr\": unknown method",
         "upstreams.a.endpoints[0]: \"127.0.0.1\" needs a port",
-        "upstreams.a.endpoints[1]: \"https://x:1\": only http://",
+        "upstreams.a.endpoints[1]: https:// needs a [tls] table",
         "models.simple.backend: unknown backend \"nowhere\": use \"embedded\" or an upstream name (a)",
         "models.simple.flag: unknown flag \"missing\"",
         "models.split.routes: no route is on",

@@ -325,19 +325,12 @@ fn status_error(
 impl Backend for GrpcUpstream {
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
         let body = pb::infer_request_to_pb(&call.body);
-        let Some(marks) = sequence::of(&call.body) else {
-            let target = self.target(&call);
-            return self.unary(
-                "ModelInfer",
-                &call,
-                target,
-                body,
-                |mut c, r| async move { c.model_infer(r).await },
-                pb::infer_response_from_pb,
-            );
-        };
         // A sequence's calls go where its first call went.
-        let target = self.pool.pick_for_sequence(&call.body.model, &marks);
+        let marks = sequence::of(&call.body);
+        let target = match &marks {
+            Some(m) => self.pool.pick_for_sequence(&call.body.model, m),
+            None => self.target(&call),
+        };
         let endpoint = target.as_ref().ok().map(|e| e.addr.to_string());
         let answer = self.unary(
             "ModelInfer",
@@ -347,6 +340,9 @@ impl Backend for GrpcUpstream {
             |mut c, r| async move { c.model_infer(r).await },
             pb::infer_response_from_pb,
         );
+        let Some(marks) = marks else {
+            return answer;
+        };
         // An endpoint that refuses a sequence's later call has lost the sequence's state.
         let (pool, model) = (self.pool.clone(), call.body.model.clone());
         Box::pin(async move {

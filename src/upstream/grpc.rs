@@ -76,23 +76,7 @@ impl GrpcUpstream {
         max_message_size: usize,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        GrpcUpstream::with_resolver(
-            name,
-            spec,
-            max_message_size,
-            metrics,
-            Arc::new(SystemResolver),
-        )
-    }
-
-    /// As [`GrpcUpstream::new`], resolving DNS names with `resolver`.
-    pub fn with_resolver(
-        name: &str,
-        spec: &UpstreamSpec,
-        max_message_size: usize,
-        metrics: Arc<Metrics>,
-        resolver: Arc<dyn Resolve>,
-    ) -> Arc<Self> {
+        let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
         let uris = match &spec.endpoints {
             Endpoints::Static(uris) => uris.as_slice(),
             Endpoints::Dns { .. } => &[],
@@ -108,11 +92,6 @@ impl GrpcUpstream {
             metrics,
             maintenance,
         })
-    }
-
-    /// The pool of endpoints.
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
     }
 
     /// The endpoint for `call`: a retry goes elsewhere than the attempt before it, where it

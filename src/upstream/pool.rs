@@ -231,11 +231,6 @@ impl Pool {
         pool
     }
 
-    /// The upstream's name.
-    pub fn name(&self) -> &Arc<str> {
-        &self.name
-    }
-
     /// The settings the pool was built with.
     pub fn spec(&self) -> &UpstreamSpec {
         &self.spec
@@ -413,11 +408,6 @@ impl Pool {
     /// Forgets the binding of a sequence whose endpoint lost it.
     pub fn forget_sequence(&self, model: &str, marks: &Marks) {
         self.sequences.forget(model, marks);
-    }
-
-    /// Sequences bound to an endpoint now.
-    pub fn sequences(&self) -> usize {
-        self.sequences.len()
     }
 
     /// Records the outcome of a call on `endpoint`: `healthy` unless it failed in a way that

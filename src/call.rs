@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
 use crate::observe::traces::CallSpan;
-use crate::policy::{Breaker, Retry, Snapshot};
+use crate::policy::{Breaker, Priority, Retry, Snapshot};
 use crate::resilience::{
     BreakerCell, HasAttempt, HasBreaker, HasDeadline, HasLimit, HasRetry, Latency, Limiter,
     Receipt, RetryBudget,
@@ -38,6 +38,8 @@ pub struct CallContext {
     pub trace: Option<CallSpan>,
     /// A call of a sequence (a stateful model): never repeated, whatever the policy says.
     pub pinned: bool,
+    /// The caller's priority class: under load, batch calls are shed first.
+    pub priority: Priority,
 }
 
 impl CallContext {
@@ -66,6 +68,7 @@ impl CallContext {
             receipt: Receipt::default(),
             trace: None,
             pinned: false,
+            priority: Priority::Interactive,
         }))
     }
 
@@ -197,6 +200,9 @@ impl<T> HasBreaker for Call<T> {
 impl<T> HasLimit for Call<T> {
     fn limiter(&self) -> &Arc<Limiter> {
         &self.ctx.route.limiter
+    }
+    fn priority(&self) -> Priority {
+        self.ctx.priority
     }
 }
 

@@ -151,10 +151,15 @@ pub enum Error {
     #[error("{0}")]
     TenantLimited(crate::auth::Refused),
     /// Keel as a whole has too many calls in flight.
-    #[error("Keel is at its limit of {max_in_flight} calls in flight")]
+    #[error(
+        "Keel is at its limit of {max_in_flight} calls in flight{}",
+        crate::resilience::reserve_note(*.reserved)
+    )]
     GatewayOverloaded {
         /// The limit (`server.max_in_flight`).
         max_in_flight: u32,
+        /// For a batch call: the slots kept for interactive calls, which it could not take.
+        reserved: Option<u32>,
     },
 }
 

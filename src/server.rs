@@ -368,8 +368,10 @@ impl Keel {
             config: stack(),
             statistics: stack(),
         };
-        let max_in_flight = first.policy.server.max_in_flight;
-        let gate = Arc::new(tokio::sync::Semaphore::new(max_in_flight as usize));
+        let gate = Arc::new(crate::resilience::Slots::new(
+            first.policy.server.max_in_flight,
+            first.policy.server.interactive_reserve,
+        ));
         let metrics = self.router.metrics().clone();
         {
             let (router, store, readiness_for_metrics, gate) = (
@@ -380,7 +382,7 @@ impl Keel {
             );
             metrics.set_runtime(Box::new(move || {
                 let mut state = RuntimeState {
-                    gateway_in_flight: i64::from(max_in_flight) - gate.available_permits() as i64,
+                    gateway_in_flight: i64::from(gate.in_flight()),
                     policy_revision: store.current().revision as i64,
                     ready: i64::from(readiness_for_metrics.ready()),
                     ..RuntimeState::default()
@@ -397,7 +399,6 @@ impl Keel {
                 readiness: readiness.clone(),
                 cut: cut_rx,
                 gate,
-                max_in_flight,
             },
             self.tracing.clone(),
         );

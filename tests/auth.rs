@@ -258,15 +258,7 @@ async fn a_tenant_at_its_in_flight_quota_is_refused_and_others_are_not() {
     let (addr, _stop) = up.serve().await;
     let keel = Keel::with_config(&simple_via(addr, &tenants("", "max_in_flight = 1"))).await;
     let c = keel.client().await;
-    let arrived = up.arrived.notified();
-    tokio::pin!(arrived);
-    arrived.as_mut().enable();
-    let mut held = c.clone();
-    let call =
-        tokio::spawn(async move { held.model_infer(with_key(simple_request(), ACME)).await });
-    tokio::time::timeout(Duration::from_secs(10), arrived)
-        .await
-        .expect("the first call reached the upstream");
+    let call = up.hold(c.clone(), with_key(simple_request(), ACME)).await;
     let s = c
         .clone()
         .model_infer(with_key(simple_request(), ACME))
@@ -284,16 +276,7 @@ async fn a_tenant_at_its_in_flight_quota_is_refused_and_others_are_not() {
         "the refused call never reached the upstream"
     );
     // Another tenant still gets in (its call waits on the slow upstream too).
-    let mut other = c.clone();
-    let beta =
-        tokio::spawn(async move { other.model_infer(with_key(simple_request(), BETA)).await });
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while up.seen().len() < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("beta's call reached the upstream");
+    let beta = up.hold(c.clone(), with_key(simple_request(), BETA)).await;
     call.abort();
     beta.abort();
 }
@@ -357,4 +340,78 @@ async fn without_tenants_no_key_is_needed() {
     c.model_infer(with_key(simple_request(), "anything"))
         .await
         .unwrap();
+}
+
+const BATCH: &str = "batch-secret-key";
+const INTERACTIVE: &str = "interactive-secret-key";
+
+/// A batch tenant and an interactive one, both for every model, after `extra`.
+fn classes(extra: &str) -> String {
+    format!(
+        "{extra}
+[tenants.nightly]
+api_keys = [\"{}\"]
+models = [\"*\"]
+priority = \"batch\"
+[tenants.app]
+api_keys = [\"{}\"]
+models = [\"*\"]
+priority = \"interactive\"
+",
+        hash_key(BATCH),
+        hash_key(INTERACTIVE)
+    )
+}
+
+/// With two slots, one kept for interactive callers: a second batch call is shed while an
+/// interactive one still gets in, and once both slots are taken everyone is refused.
+async fn batch_is_shed_first(limits: &str) {
+    let up = ScriptedUpstream::new(Script::slow(Duration::from_secs(30)));
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_config(&simple_via(addr, &classes(limits))).await;
+    let c = keel.client().await;
+    let batch = up.hold(c.clone(), with_key(simple_request(), BATCH)).await;
+    let s = c
+        .clone()
+        .model_infer(with_key(simple_request(), BATCH))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_eq!(reason(&s), "OVERLOADED");
+    assert!(
+        s.message()
+            .contains("for batch calls (1 slot is kept for interactive calls)"),
+        "{s:?}"
+    );
+    assert_eq!(
+        up.seen().len(),
+        1,
+        "the shed call never reached the upstream"
+    );
+    let interactive = up
+        .hold(c.clone(), with_key(simple_request(), INTERACTIVE))
+        .await;
+    let s = c
+        .clone()
+        .model_infer(with_key(simple_request(), INTERACTIVE))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(!s.message().contains("batch"), "{s:?}");
+    assert_eq!(up.seen().len(), 2);
+    batch.abort();
+    interactive.abort();
+}
+
+#[tokio::test]
+async fn a_models_slots_shed_batch_callers_first() {
+    batch_is_shed_first(
+        "[defaults.limits]\nmax_in_flight = 2\nmax_queue = 0\ninteractive_reserve = 0.5\n",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn keels_own_slots_shed_batch_callers_first() {
+    batch_is_shed_first("[server]\nmax_in_flight = 2\ninteractive_reserve = 0.5\n").await;
 }

@@ -109,6 +109,7 @@ impl EdgeContext {
             receipt: Receipt::default(),
             trace,
             pinned: false,
+            priority: crate::policy::Priority::Interactive,
         }
     }
 }

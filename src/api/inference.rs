@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt as _};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
@@ -26,8 +26,8 @@ use crate::error::Error;
 use crate::model::InferRequest;
 use crate::observe::traces::Tracing;
 use crate::pb::{self, inference as proto};
-use crate::policy::{ErrorClass, Snapshot, Store};
-use crate::resilience::Failure as _;
+use crate::policy::{ErrorClass, Priority, Snapshot, Store};
+use crate::resilience::{Failure as _, Slots};
 use crate::route::{Route, Router};
 use crate::upstream::grpc::REQUEST_ID;
 use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
@@ -77,10 +77,9 @@ pub struct Lifecycle {
     pub readiness: Arc<crate::health::Readiness>,
     /// Becomes true when the drain timeout passes.
     pub cut: watch::Receiver<bool>,
-    /// Keel-wide slots for calls in flight.
-    pub gate: Arc<Semaphore>,
-    /// Their number (`server.max_in_flight`).
-    pub max_in_flight: u32,
+    /// Keel-wide slots for calls in flight (`server.max_in_flight`), some kept for
+    /// interactive callers.
+    pub gate: Arc<Slots>,
 }
 
 /// The service.
@@ -95,8 +94,7 @@ pub struct InferenceApi {
     /// Becomes true when the drain timeout passes: calls still running are cut.
     cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight (`server.max_in_flight`).
-    gate: Arc<Semaphore>,
-    max_in_flight: u32,
+    gate: Arc<Slots>,
     /// Span export, when tracing is on.
     tracing: Option<Arc<Tracing>>,
     /// Tenants' buckets and slots, kept across policy swaps.
@@ -135,7 +133,6 @@ impl InferenceApi {
             readiness,
             cut,
             gate,
-            max_in_flight,
         } = lifecycle;
         InferenceApi {
             stacks,
@@ -144,7 +141,6 @@ impl InferenceApi {
             readiness,
             cut,
             gate,
-            max_in_flight,
             tracing,
             guard: Arc::new(Guard::new()),
         }
@@ -322,16 +318,20 @@ impl InferenceApi {
             Some(v) if **v != *body.version() => Arc::new(body.at_version(v)),
             _ => body.clone(),
         };
-        // Keel's own bound, whatever the model: refuse at once rather than queue.
-        let Ok(_gate) = self.gate.clone().try_acquire_owned() else {
+        // Keel's own bound, whatever the model: refuse at once rather than queue, batch
+        // callers before the slots kept for interactive ones.
+        let priority = edge.priority();
+        let Some(_gate) = self.gate.try_take(priority) else {
             let e = Error::GatewayOverloaded {
-                max_in_flight: self.max_in_flight,
+                max_in_flight: self.gate.total(),
+                reserved: self.gate.reserved_from(priority),
             };
             finished(None, Some(&e));
             return Err(Failed::Error(e, None));
         };
         let mut call_ctx = edge.ctx.call(&edge.snapshot, route, span.clone());
         call_ctx.pinned = sent.pinned();
+        call_ctx.priority = priority;
         let margin = call_ctx.route.settings.deadline_margin;
         let mut cap = deadline_cap.unwrap_or(call_ctx.deadline);
         if leave_margin {
@@ -471,6 +471,13 @@ pub(super) struct Edge {
 }
 
 impl Edge {
+    /// The caller's priority class; interactive without tenants.
+    pub(super) fn priority(&self) -> Priority {
+        self.caller
+            .as_ref()
+            .map_or(Priority::Interactive, Caller::priority)
+    }
+
     /// Whether the caller may see and call `model` (anyone may without tenants).
     pub(super) fn may_call(&self, model: &str) -> bool {
         self.caller.as_ref().is_none_or(|c| c.may_call(model))

@@ -138,6 +138,7 @@ impl Contracts {
             receipt: Receipt::default(),
             trace: None,
             pinned: false,
+            priority: ctx.priority,
         });
         let query = MetadataQuery(ModelRef {
             name: self.model.to_string(),

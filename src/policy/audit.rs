@@ -1,5 +1,5 @@
-//! The append-only audit log of policy changes: one JSON object per line, for every accepted
-//! and every rejected change.
+//! The append-only audit log of the policy: one JSON object per line, for every accepted
+//! and every rejected change, and every read through the admin API.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -17,6 +17,8 @@ pub enum Outcome {
     Accepted,
     /// Refused; the old snapshot keeps serving.
     Rejected,
+    /// Not a change: an admin caller read the policy, its history, or checked a document.
+    Read,
 }
 
 /// One line of the audit log.
@@ -32,7 +34,8 @@ pub struct AuditEntry {
     pub hash: Option<String>,
     /// The author's `policy_version`, when it parsed.
     pub policy_version: Option<String>,
-    /// Where the change came from (`file:/etc/keel/policy.toml`, `admin:alice`).
+    /// Where the change came from (`file:/etc/keel/policy.toml`, `admin:alice`), or what
+    /// was read and by whom (`get-policy:alice@127.0.0.1:50312 (loopback)`).
     pub source: String,
     /// Why it was rejected, each with its path.
     pub reasons: Vec<String>,
@@ -93,6 +96,11 @@ impl AuditLog {
                 source = %entry.source,
                 reasons = %entry.reasons.join("; "),
                 "policy rejected"
+            ),
+            Outcome::Read => tracing::info!(
+                revision = entry.revision,
+                source = %entry.source,
+                "policy read"
             ),
         }
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());

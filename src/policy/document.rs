@@ -192,6 +192,9 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
     let max_in_flight = s
         .count(p, "max_in_flight", 1..=1_000_000)
         .unwrap_or(d.max_in_flight);
+    let interactive_reserve = s
+        .number(p, "interactive_reserve", 0.0..=1.0)
+        .unwrap_or(d.interactive_reserve);
     let max_metadata_size = s
         .size(p, "max_metadata_size")
         .unwrap_or(d.max_metadata_size as usize);
@@ -225,6 +228,7 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         audit_log,
         watch,
         max_in_flight,
+        interactive_reserve,
         tls,
         admin_tls,
         max_metadata_size: u32::try_from(max_metadata_size).unwrap_or(d.max_metadata_size),

@@ -133,6 +133,9 @@ pub struct ServerSettings {
     pub watch: bool,
     /// Calls Keel serves at once, all models together; more are refused at once.
     pub max_in_flight: u32,
+    /// Share of those slots (rounded up, never all) only interactive callers may take: when
+    /// Keel is full, batch tenants are refused first. 0..=1.
+    pub interactive_reserve: f64,
     /// `[server.tls]`: TLS (and with `client_ca`, mutual TLS) on the traffic listener.
     /// `None`: plaintext.
     pub tls: Option<TlsSettings>,
@@ -170,6 +173,7 @@ impl Default for ServerSettings {
             audit_log: None,
             watch: true,
             max_in_flight: 10_000,
+            interactive_reserve: 0.1,
             tls: None,
             admin_tls: None,
             max_metadata_size: 16 << 10,

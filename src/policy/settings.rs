@@ -215,6 +215,9 @@ group! {
         max_queue: u32,
         /// Longest wait for a slot before the call is shed.
         queue_timeout: Duration,
+        /// Share of the slots (rounded up, never all) only interactive callers may take, so
+        /// batch tenants are shed first. 0..=1.
+        interactive_reserve: f64,
         /// Bytes of tensor data one inference request may carry, over every input.
         max_request_bytes: u64,
         /// Tensor elements one inference request may carry, over every input.
@@ -321,6 +324,7 @@ impl Default for Settings {
                 max_in_flight: 1024,
                 max_queue: 1024,
                 queue_timeout: Duration::from_millis(100),
+                interactive_reserve: 0.1,
                 max_request_bytes: 64 << 20,
                 max_elements: 64 << 20,
             },
@@ -446,6 +450,7 @@ impl Overrides {
                 max_in_flight: l.count(p, "max_in_flight", 1..=1_000_000),
                 max_queue: l.count(p, "max_queue", 0..=1_000_000),
                 queue_timeout: l.duration(p, "queue_timeout", MAX_DURATION),
+                interactive_reserve: l.number(p, "interactive_reserve", 0.0..=1.0),
                 max_request_bytes: l.size(p, "max_request_bytes").map(|n| n as u64),
                 max_elements: l
                     .integer(p, "max_elements", 1..=i64::MAX)

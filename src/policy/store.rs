@@ -187,6 +187,22 @@ impl Store {
         &self.audit
     }
 
+    /// Audits a read through the admin API: `what` was read (`get-policy`) by `principal`,
+    /// while the current revision served.
+    pub fn audit_read(&self, what: &str, principal: &str) {
+        let current = self.current();
+        self.audit.record(&AuditEntry {
+            time: rfc3339(SystemTime::now()),
+            outcome: Outcome::Read,
+            revision: current.revision,
+            hash: Some(current.hash.clone()),
+            policy_version: current.policy.version.clone(),
+            source: format!("{what}:{principal}"),
+            reasons: vec![],
+            changes: None,
+        });
+    }
+
     fn lock_history(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<Snapshot>>> {
         self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -479,6 +495,9 @@ fn restart_needed(old: &Policy, new: &Policy) -> Vec<String> {
     }
     if a.max_in_flight != b.max_in_flight {
         out.push("server.max_in_flight".to_string());
+    }
+    if a.interactive_reserve != b.interactive_reserve {
+        out.push("server.interactive_reserve".to_string());
     }
     // Turning TLS on or off changes what the listener speaks; the files inside may change
     // (they are re-read on every reload).

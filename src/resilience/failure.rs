@@ -83,6 +83,10 @@ pub trait HasBreaker {
 pub trait HasLimit {
     /// The limiter of the request's model.
     fn limiter(&self) -> &Arc<Limiter>;
+    /// The caller's priority class: batch calls are shed first.
+    fn priority(&self) -> crate::policy::Priority {
+        crate::policy::Priority::Interactive
+    }
 }
 
 /// A request whose single attempt can be bounded.

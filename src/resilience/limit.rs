@@ -3,7 +3,8 @@
 //!
 //! A call takes a slot if one is free (no allocation, no wait). Otherwise it may wait, if
 //! fewer than `max_queue` calls already wait, for at most `queue_timeout`; else it is shed
-//! with [`Shed`] (RESOURCE_EXHAUSTED with a retry hint).
+//! with [`Shed`] (RESOURCE_EXHAUSTED with a retry hint). `interactive_reserve` of the slots
+//! are kept for interactive callers ([`Slots`]), so batch calls are shed first.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -14,27 +15,32 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service, ServiceExt};
 
 use super::failure::HasLimit;
-use crate::policy::Limits;
+use super::slots::{Slot, Slots, reserve_note};
+use crate::policy::{Limits, Priority};
 
 /// The call was shed: too many in flight and the queue was full or the wait too long.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("overloaded: {in_flight} calls in flight and the queue is full; retry in {retry_after:?}")]
+#[error(
+    "overloaded: {in_flight} calls in flight and the queue is full{}; retry in {retry_after:?}",
+    reserve_note(*.reserved)
+)]
 pub struct Shed {
     /// Calls allowed in flight.
     pub in_flight: u32,
     /// A hint for when a retry may succeed.
     pub retry_after: Duration,
+    /// For a batch call: the slots kept for interactive calls, which it could not take.
+    pub reserved: Option<u32>,
 }
 
 /// The slots of one model.
 #[derive(Debug)]
 pub struct Limiter {
     settings: Limits,
-    slots: Arc<Semaphore>,
+    slots: Slots,
     waiting: AtomicU32,
 }
 
@@ -42,7 +48,7 @@ impl Limiter {
     /// A limiter with these settings.
     pub fn new(settings: Limits) -> Self {
         Limiter {
-            slots: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
+            slots: Slots::new(settings.max_in_flight, settings.interactive_reserve),
             settings,
             waiting: AtomicU32::new(0),
         }
@@ -55,7 +61,7 @@ impl Limiter {
 
     /// Calls in flight now.
     pub fn in_flight(&self) -> u32 {
-        self.settings.max_in_flight - self.slots.available_permits() as u32
+        self.slots.in_flight()
     }
 
     /// Calls waiting for a slot now.
@@ -63,28 +69,24 @@ impl Limiter {
         self.waiting.load(Ordering::Acquire)
     }
 
-    fn shed(&self) -> Shed {
+    fn shed(&self, priority: Priority) -> Shed {
         Shed {
             in_flight: self.settings.max_in_flight,
             retry_after: self.settings.queue_timeout.max(Duration::from_millis(10)),
+            reserved: self.slots.reserved_from(priority),
         }
     }
 
     /// Waits for a slot, within the queue bound and `queue_timeout`.
-    async fn wait(self: Arc<Self>) -> Result<OwnedSemaphorePermit, Shed> {
+    async fn wait(self: Arc<Self>, priority: Priority) -> Result<Slot, Shed> {
         let queued = self.waiting.fetch_add(1, Ordering::AcqRel);
         let _leave = Leave(&self.waiting);
         if queued >= self.settings.max_queue {
-            return Err(self.shed());
+            return Err(self.shed(priority));
         }
-        match tokio::time::timeout(
-            self.settings.queue_timeout,
-            self.slots.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(self.shed()),
+        match tokio::time::timeout(self.settings.queue_timeout, self.slots.take(priority)).await {
+            Ok(Some(slot)) => Ok(slot),
+            _ => Err(self.shed(priority)),
         }
     }
 }
@@ -133,18 +135,19 @@ where
 
     fn call(&mut self, req: R) -> Self::Future {
         let limiter = req.limiter().clone();
-        match limiter.slots.clone().try_acquire_owned() {
+        let priority = req.priority();
+        match limiter.slots.try_take(priority) {
             // The common case: a free slot, taken without waiting or allocating.
-            Ok(permit) => LimitFuture::Running {
+            Some(slot) => LimitFuture::Running {
                 fut: self.inner.call(req),
-                _permit: permit,
+                _slot: slot,
             },
-            Err(_) => {
+            None => {
                 // Waiting needs the service again later; only this slow path boxes.
                 let inner = self.inner.clone();
                 LimitFuture::Queued {
                     fut: Box::pin(async move {
-                        let _permit = limiter.wait().await?;
+                        let _slot = limiter.wait(priority).await?;
                         inner.oneshot(req).await
                     }),
                 }
@@ -158,7 +161,7 @@ pin_project! {
     #[project = Proj]
     pub enum LimitFuture<F, T, E> {
         /// Running with a slot.
-        Running { #[pin] fut: F, _permit: OwnedSemaphorePermit },
+        Running { #[pin] fut: F, _slot: Slot },
         /// Waiting for a slot, then running.
         Queued { fut: BoxFuture<'static, Result<T, E>> },
     }

@@ -19,6 +19,7 @@ mod latency;
 mod limit;
 mod receipt;
 mod retry;
+mod slots;
 #[cfg(test)]
 mod test_support;
 
@@ -36,3 +37,4 @@ pub use latency::Latency;
 pub use limit::{LimitLayer, LimitService, Limiter, Shed};
 pub use receipt::{Receipt, ReceiptData};
 pub use retry::{Hopeless, RetryLayer, RetryService, decide};
+pub use slots::{Slot, Slots, reserve_note};

@@ -641,8 +641,17 @@ impl Router {
             // fresh limiter.
             |l| {
                 let (a, b) = (l.settings(), &infer_settings.limits);
-                (a.max_in_flight, a.max_queue, a.queue_timeout)
-                    == (b.max_in_flight, b.max_queue, b.queue_timeout)
+                (
+                    a.max_in_flight,
+                    a.max_queue,
+                    a.queue_timeout,
+                    a.interactive_reserve,
+                ) == (
+                    b.max_in_flight,
+                    b.max_queue,
+                    b.queue_timeout,
+                    b.interactive_reserve,
+                )
             },
             || Limiter::new(infer_settings.limits.clone()),
         );

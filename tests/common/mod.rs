@@ -484,12 +484,21 @@ impl ScriptedUpstream {
     /// Sends `simple` through `client` in a task and returns once this upstream holds it.
     pub async fn call_in_flight(
         &self,
+        client: Client,
+    ) -> JoinHandle<Result<Response<pb::ModelInferResponse>, Status>> {
+        self.hold(client, Request::new(simple_request())).await
+    }
+
+    /// Sends `request` through `client` in a task and returns once this upstream holds it.
+    pub async fn hold(
+        &self,
         mut client: Client,
+        request: Request<pb::ModelInferRequest>,
     ) -> JoinHandle<Result<Response<pb::ModelInferResponse>, Status>> {
         let arrived = self.arrived.notified();
         tokio::pin!(arrived);
         arrived.as_mut().enable();
-        let call = tokio::spawn(async move { client.model_infer(simple_request()).await });
+        let call = tokio::spawn(async move { client.model_infer(request).await });
         tokio::time::timeout(Duration::from_secs(10), arrived)
             .await
             .expect("the call reached the upstream within 10s");

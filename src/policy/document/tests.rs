@@ -120,6 +120,9 @@ fn every_problem_is_reported_at_once() {
         [server]
         listen = "localhost"
         drain_timeout = "soon"
+        interactive_reserve = -0.1
+        [defaults.limits]
+        interactive_reserve = 2
         [defaults.retry]
         max_attempts = 11
         multiplier = 0.5
@@ -142,6 +145,8 @@ fn every_problem_is_reported_at_once() {
     let expect = [
         "server.listen: must be an IP address and port",
         "server.drain_timeout: duration \"soon\"",
+        "server.interactive_reserve: -0.1 is out of range: must be 0..=1",
+        "defaults.limits.interactive_reserve: 2 is out of range: must be 0..=1",
         "defaults.retry.max_attempts: 11 is out of range: must be 1..=10",
         "defaults.retry.multiplier: 0.5 is out of range: must be 1..=10",
         "defaults.retry.jitter: \"sometimes\" is not one of full, equal, none",

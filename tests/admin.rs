@@ -448,9 +448,36 @@ async fn validate_is_a_dry_run_reporting_problems_or_changes() {
     assert_eq!(r.hash, current.hash);
     assert_eq!(r.changes.unwrap(), admin::Changes::default());
 
-    // Nothing changed, and nothing was audited beyond startup.
+    // Nothing changed: beyond startup, the audit has only the reads, each with its caller.
     assert_eq!(a.current().await.revision, 1);
-    assert_eq!(a.audit().len(), 1);
+    let lines = a.audit();
+    let read: Vec<(&str, &str)> = lines[1..]
+        .iter()
+        .map(|l| {
+            let source = l["source"].as_str().unwrap();
+            (
+                l["outcome"].as_str().unwrap(),
+                &source[..source.find('@').unwrap()],
+            )
+        })
+        .collect();
+    assert_eq!(lines[0]["outcome"], "accepted");
+    assert_eq!(
+        read,
+        [
+            ("read", "get-policy:admin"),
+            ("read", "validate-policy:admin"),
+            ("read", "validate-policy:admin"),
+            ("read", "validate-policy:admin"),
+            ("read", "validate-policy:admin"),
+            ("read", "get-policy:admin"),
+        ]
+    );
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l["revision"] == 1 && l["hash"] == current.hash.as_str())
+    );
     a.stop().await;
 }
 
@@ -499,6 +526,11 @@ async fn the_audit_log_records_every_accepted_and_refused_change_with_its_princi
         .unwrap_err();
     assert_eq!(s.code(), Code::InvalidArgument);
     assert!(s.message().contains("x-keel-principal"), "{}", s.message());
+    // Reads are audited too, with the revision they saw.
+    a.client
+        .list_revisions(from("frank", admin::ListRevisionsRequest {}))
+        .await
+        .unwrap();
 
     let lines = a.audit();
     let outcomes: Vec<&str> = lines
@@ -508,7 +540,7 @@ async fn the_audit_log_records_every_accepted_and_refused_change_with_its_princi
     assert_eq!(
         outcomes,
         [
-            "accepted", "accepted", "rejected", "rejected", "accepted", "accepted"
+            "accepted", "accepted", "rejected", "rejected", "accepted", "accepted", "read"
         ]
     );
     let sources: Vec<&str> = lines
@@ -521,6 +553,7 @@ async fn the_audit_log_records_every_accepted_and_refused_change_with_its_princi
         "admin:carol@127.0.0.1:",
         "set-flag:dave@127.0.0.1:",
         "rollback:erin@127.0.0.1:",
+        "list-revisions:frank@127.0.0.1:",
     ]) {
         assert!(
             source.starts_with(prefix),
@@ -531,7 +564,7 @@ async fn the_audit_log_records_every_accepted_and_refused_change_with_its_princi
         .iter()
         .map(|l| l["revision"].as_u64().unwrap())
         .collect();
-    assert_eq!(revisions, [1, 2, 2, 2, 3, 4]);
+    assert_eq!(revisions, [1, 2, 2, 2, 3, 4, 4]);
     let reasons: Vec<&str> = lines[2]["reasons"]
         .as_array()
         .unwrap()

@@ -227,8 +227,14 @@ async fn a_failing_canary_is_rolled_back_by_keel_in_a_new_audited_revision() {
         assert_eq!(revision(&resp), 2);
     }
     assert_eq!(next.seen().len(), before, "the canary takes no more calls");
+    // The last change in the audit is Keel's (reads of the policy come after it).
     let lines = std::fs::read_to_string(&audit).unwrap();
-    let last: serde_json::Value = serde_json::from_str(lines.lines().last().unwrap()).unwrap();
+    let last: serde_json::Value = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|l| l["outcome"] != "read")
+        .unwrap();
     assert_eq!(last["source"], "auto-rollback:simple:v2", "{last}");
+    assert_eq!(last["outcome"], "accepted", "{last}");
     keel.stop().await.unwrap();
 }

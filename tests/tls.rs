@@ -338,6 +338,16 @@ async fn only_admin_identities_may_change_the_policy_and_the_audit_names_them() 
         lines.contains("(mtls:svc-a)") && lines.contains("may not change the policy"),
         "the refusal is audited with its identity:\n{lines}"
     );
+    let read = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["outcome"] == "read")
+        .expect("the read is audited");
+    let source = read["source"].as_str().unwrap();
+    assert!(
+        source.starts_with("get-policy:admin@127.0.0.1:") && source.ends_with("(mtls:svc-a)"),
+        "{source}"
+    );
     keel.stop().await.unwrap();
 }
 

@@ -1,6 +1,7 @@
 //! Traces over OTLP: an in-process collector receives, for a call that retried once, a
 //! SERVER span continuing the client's traceparent and one CLIENT span per attempt as its
-//! children, with their attributes; each attempt's traceparent reaches the upstream.
+//! children, with their attributes (the caller's tenant among them); each attempt's
+//! traceparent reaches the upstream.
 
 #![allow(clippy::unwrap_used)]
 
@@ -73,7 +74,13 @@ async fn a_retried_call_exports_a_server_span_with_one_client_span_per_attempt()
     let up = ScriptedUpstream::new(Script::default());
     let (addr, _stop) = up.serve().await;
     let keel = Keel::start(keel::Options {
-        text: Some(simple_via(addr, "")),
+        text: Some(simple_via(
+            addr,
+            &format!(
+                "[tenants.acme]\napi_keys = [\"{}\"]\nmodels = [\"*\"]\npriority = \"batch\"\n",
+                keel::auth::hash_key("acme-key")
+            ),
+        )),
         otlp_endpoint: Some(format!("http://{collector_addr}")),
         ..Default::default()
     })
@@ -83,6 +90,8 @@ async fn a_retried_call_exports_a_server_span_with_one_client_span_per_attempt()
     let mut req = tonic::Request::new(simple_request());
     req.metadata_mut()
         .insert("x-request-id", "tr1".parse().unwrap());
+    req.metadata_mut()
+        .insert("authorization", "Bearer acme-key".parse().unwrap());
     req.metadata_mut().insert(
         "traceparent",
         format!("00-{TRACE}-{CLIENT_SPAN}-01").parse().unwrap(),
@@ -113,6 +122,14 @@ async fn a_retried_call_exports_a_server_span_with_one_client_span_per_attempt()
         Some(Value::StringValue("simple".into()))
     );
     assert_eq!(attr(server, "keel.attempts"), Some(Value::IntValue(2)));
+    assert_eq!(
+        attr(server, "keel.tenant"),
+        Some(Value::StringValue("acme".into()))
+    );
+    assert_eq!(
+        attr(server, "keel.priority"),
+        Some(Value::StringValue("batch".into()))
+    );
     assert_eq!(
         attr(server, "keel.class"),
         Some(Value::StringValue("ok".into()))

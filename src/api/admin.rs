@@ -9,7 +9,7 @@
 //!
 //! # Principal
 //!
-//! Each change is audited with the caller's `x-keel-principal` (1 to 64 printable ASCII
+//! Each call, change or read, is audited with the caller's `x-keel-principal` (1 to 64 printable ASCII
 //! characters; `admin` when absent), its address, and what vouches for it: its verified
 //! client certificate identity, the admin token, or a loopback address
 //! (`alice@127.0.0.1:53122 (mtls:ops.example.org)`, `(token)`, `(loopback)`). The name is
@@ -321,12 +321,22 @@ impl AdminApi {
         ))
     }
 
+    /// Audits a read (`what`: `get-policy`, `list-revisions`, `validate-policy`) with the
+    /// caller, on the blocking pool as changes are (the audit file is flushed per line).
+    async fn audit_read<T>(&self, request: &Request<T>, what: &'static str) -> Result<(), Status> {
+        let principal = principal(request, self.token)?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.audit_read(what, &principal))
+            .await
+            .map_err(|e| Status::internal(format!("the read could not be audited: {e}")))
+    }
+
     /// Runs one change and describes its outcome.
     ///
     /// On the blocking pool: a change waits for the store's change lock (a file reload may
     /// hold it) and appends to the audit log with a flush, and neither should stall a runtime
     /// thread that also serves traffic. Admin calls are rare, so the hop costs nothing that
-    /// matters. Reads and dry runs touch only memory and run inline.
+    /// matters.
     async fn change(
         &self,
         f: impl FnOnce(&Store) -> Result<Applied, ApplyError> + Send + 'static,
@@ -356,8 +366,9 @@ impl AdminApi {
 impl PolicyAdmin for AdminApi {
     async fn get_policy(
         &self,
-        _request: Request<proto::GetPolicyRequest>,
+        request: Request<proto::GetPolicyRequest>,
     ) -> Result<Response<proto::PolicyInfo>, Status> {
+        self.audit_read(&request, "get-policy").await?;
         Ok(Response::new(info(&self.store.current(), true)))
     }
 
@@ -365,6 +376,7 @@ impl PolicyAdmin for AdminApi {
         &self,
         request: Request<proto::ValidatePolicyRequest>,
     ) -> Result<Response<proto::ValidatePolicyResponse>, Status> {
+        self.audit_read(&request, "validate-policy").await?;
         let proto::ValidatePolicyRequest { toml } = request.into_inner();
         let problem = |path: String, message: String| proto::Problem { path, message };
         let response = match self.store.validate(&toml) {
@@ -431,8 +443,9 @@ impl PolicyAdmin for AdminApi {
 
     async fn list_revisions(
         &self,
-        _request: Request<proto::ListRevisionsRequest>,
+        request: Request<proto::ListRevisionsRequest>,
     ) -> Result<Response<proto::ListRevisionsResponse>, Status> {
+        self.audit_read(&request, "list-revisions").await?;
         let current = self.store.current().revision;
         let revisions = self
             .store

@@ -258,15 +258,16 @@ impl InferenceApi {
         let metrics = self.router.metrics();
         let policy = &edge.snapshot.policy;
         let span = self.tracing.as_ref().map(|t| {
-            t.server_span(
-                method,
-                &edge.ctx.metadata,
-                vec![
-                    KeyValue::new("keel.model", body.model().to_string()),
-                    KeyValue::new("keel.request_id", edge.ctx.request_id.to_string()),
-                    KeyValue::new("keel.policy.revision", edge.snapshot.revision as i64),
-                ],
-            )
+            let mut attrs = vec![
+                KeyValue::new("keel.model", body.model().to_string()),
+                KeyValue::new("keel.request_id", edge.ctx.request_id.to_string()),
+                KeyValue::new("keel.policy.revision", edge.snapshot.revision as i64),
+            ];
+            if let Some(caller) = &edge.caller {
+                attrs.push(KeyValue::new("keel.tenant", caller.name().to_string()));
+                attrs.push(KeyValue::new("keel.priority", caller.priority().as_str()));
+            }
+            t.server_span(method, &edge.ctx.metadata, attrs)
         });
         let finished = |ctx: Option<&CallContext>, error: Option<&Error>| {
             if let Some(span) = &span {
@@ -296,7 +297,7 @@ impl InferenceApi {
                 success_sample: policy.observability.success_log_sample,
                 leg,
                 api: edge.api,
-                tenant: edge.caller.as_ref().map(Caller::name),
+                tenant: edge.tenant(),
             };
             record::finish(metrics, &f, || body.summary());
         };
@@ -409,7 +410,12 @@ impl InferenceApi {
     pub(super) fn rejected(&self, edge: &Edge, model: &str, r: &crate::model::Rejection) {
         let known = self.router.routes(&edge.snapshot).has(model);
         let label = if known { model } else { "unknown" };
-        record::rejected(self.router.metrics(), edge.api, label, r);
+        let from = record::Sender {
+            api: edge.api,
+            request_id: &edge.ctx.request_id,
+            tenant: edge.tenant(),
+        };
+        record::rejected(self.router.metrics(), &from, label, r);
     }
 }
 
@@ -471,6 +477,11 @@ pub(super) struct Edge {
 }
 
 impl Edge {
+    /// The calling tenant's name, when the policy defines tenants.
+    pub(super) fn tenant(&self) -> Option<&str> {
+        self.caller.as_ref().map(Caller::name)
+    }
+
     /// The caller's priority class; interactive without tenants.
     pub(super) fn priority(&self) -> Priority {
         self.caller
@@ -649,9 +660,7 @@ impl GrpcInferenceService for InferenceApi {
             .admit(&edge, MODEL_INFER, Some(&model))
             .map_err(|e| edge.status(&e, None))?;
         let req = pb::infer_request_from_pb(msg).map_err(|invalid| {
-            let known = self.router.routes(&edge.snapshot).has(&model);
-            let label = if known { model.as_str() } else { "unknown" };
-            record::rejected(self.router.metrics(), "v2", label, &invalid);
+            self.rejected(&edge, &model, &invalid);
             edge.status(&invalid.into(), None)
         })?;
         let form = req.form;

@@ -73,9 +73,21 @@ impl Leg {
     };
 }
 
+/// Who sent a request refused at the edge, for its log line.
+pub(super) struct Sender<'a> {
+    pub api: &'static str,
+    pub request_id: &'a str,
+    pub tenant: Option<&'a str>,
+}
+
 /// Records a request refused at the edge before it could be routed (it did not decode into
 /// a valid request); `model` is the routed model's name or `unknown`.
-pub(super) fn rejected(metrics: &Metrics, api: &'static str, model: &str, invalid: &Rejection) {
+pub(super) fn rejected(metrics: &Metrics, from: &Sender<'_>, model: &str, invalid: &Rejection) {
+    let Sender {
+        api,
+        request_id,
+        tenant,
+    } = *from;
     let rule = invalid.first().rule();
     metrics
         .validation_rejections
@@ -83,7 +95,15 @@ pub(super) fn rejected(metrics: &Metrics, api: &'static str, model: &str, invali
         .inc();
     metrics.api_requests.get_or_create(&ApiLabels { api }).inc();
     metrics.observe_call(model, "primary", "client_error", Duration::ZERO);
-    tracing::info!(model = model, rule, error = %invalid, "request rejected");
+    tracing::info!(
+        request_id,
+        api,
+        tenant = tenant.unwrap_or(""),
+        model = model,
+        rule,
+        error = %invalid,
+        "request rejected"
+    );
 }
 
 /// Counts one inference request of `tenant` (a policy name, so a bounded label).

@@ -273,6 +273,7 @@ impl InferenceApi {
                     .inc();
                 tracing::info!(
                     request_id = %edge.ctx.request_id,
+                    tenant = edge.tenant().unwrap_or(""),
                     model = %req.model,
                     tier = labels.tier,
                     degraded_reason = reason.as_str(),
@@ -347,6 +348,7 @@ impl InferenceApi {
 /// A rung that was tried and failed: the ladder goes on, and the log says why.
 fn rung_failed(edge: &Edge, step: &ladder::Step, failed: &Failed) {
     if let Failed::Error(e, _) = failed {
-        tracing::debug!(request_id = %edge.ctx.request_id, tier = step.rung.tier(), error = %e, "fallback rung failed");
+        tracing::debug!(request_id = %edge.ctx.request_id, tenant = edge.tenant().unwrap_or(""),
+            tier = step.rung.tier(), error = %e, "fallback rung failed");
     }
 }

@@ -84,7 +84,7 @@ impl InferenceApi {
             Err(e) => return Err(edge.status(&e, None)),
         }
         let adapted = version::request(req, &adapter).map_err(|r| {
-            super::record::rejected(self.router.metrics(), edge.api, &model, &r);
+            self.rejected(edge, &model, &r);
             edge.status(&r.into(), None)
         })?;
         let (md, answer, ext) = self.infer(edge, adapted).await?.into_parts();

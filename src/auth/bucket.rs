@@ -1,67 +1,70 @@
-//! A token bucket for one tenant (or one tenant's model), lock-free.
-//!
-//! It is the generic cell rate algorithm: instead of a token count it keeps the theoretical
-//! arrival time (`tat`) of the next request at the sustained rate, in nanoseconds since the
-//! bucket was made. A request is allowed when, after adding one emission interval, `tat` is
-//! no further ahead of now than `burst` intervals; otherwise the excess is how long until a
-//! token. One atomic compare-and-swap per request, no lock, no task.
+//! A token bucket for one tenant (or one tenant's model): `governor`'s lock-free GCRA
+//! rate limiter (one compare-and-swap per request, no lock, no task), on Tokio's clock.
 //!
 //! # Determinism
 //!
-//! Time is `tokio::time::Instant`, so `tokio::time::pause()` drives it in tests.
+//! The clock is `tokio::time::Instant`, so `tokio::time::pause()` drives it in tests.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::num::NonZeroU32;
 use std::time::Duration;
 
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
 use tokio::time::Instant;
 
 use crate::policy::RateLimit;
+
+/// Tokio's clock for `governor`: the time since the bucket was made.
+#[derive(Clone, Debug)]
+struct TokioClock {
+    base: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+    fn now(&self) -> Duration {
+        self.base.elapsed()
+    }
+}
+
+type Limiter = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 /// One bucket.
 #[derive(Debug)]
 pub struct Bucket {
     /// What it was made from, so a policy reload keeps a bucket whose limit did not change.
     pub(super) limit: RateLimit,
-    base: Instant,
-    /// Nanoseconds per token.
-    interval: u64,
-    /// How far `tat` may run ahead of now: `burst` intervals.
-    tolerance: u64,
-    tat: AtomicU64,
+    limiter: Limiter,
+    clock: TokioClock,
 }
 
 impl Bucket {
     /// A full bucket for `limit`.
     pub fn new(limit: RateLimit) -> Bucket {
-        // Policy bounds per_second to 0.001..=1e6, so the interval is 1_000 ns..=1e12 ns.
-        let interval = (1e9 / limit.per_second).clamp(1.0, 1e15) as u64;
+        // Policy bounds per_second to 0.001..=1e6 and burst to 1..=1e6; the fallbacks only
+        // keep a hand-made limit from panicking.
+        let period = Duration::from_secs_f64(1.0 / limit.per_second.clamp(1e-3, 1e9));
+        let burst = NonZeroU32::new(limit.burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
+            .allow_burst(burst);
+        let clock = TokioClock {
+            base: Instant::now(),
+        };
         Bucket {
             limit,
-            base: Instant::now(),
-            interval,
-            tolerance: interval.saturating_mul(u64::from(limit.burst)),
-            tat: AtomicU64::new(0),
+            limiter: RateLimiter::direct_with_clock(quota, clock.clone()),
+            clock,
         }
     }
 
     /// Takes one token, or says how long until one is there.
     pub fn take(&self) -> Result<(), Duration> {
-        let now = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let mut tat = self.tat.load(Ordering::Relaxed);
-        loop {
-            let next = tat.max(now).saturating_add(self.interval);
-            let ahead = next - now;
-            if ahead > self.tolerance {
-                return Err(Duration::from_nanos(ahead - self.tolerance));
-            }
-            match self
-                .tat
-                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
-                Ok(_) => return Ok(()),
-                Err(actual) => tat = actual,
-            }
-        }
+        self.limiter
+            .check()
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
     }
 }
 

@@ -9,6 +9,11 @@ use clap::{Parser, Subcommand};
 use keel::observe::{LogFormat, init_logs};
 use keel::policy::Policy;
 
+/// mimalloc instead of glibc's malloc: under load, glibc's arenas contend on locks and
+/// malloc/free took about 15% of the gateway's CPU in a profile (docs/benchmarks.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keel: a gRPC inference gateway for the KServe Open Inference Protocol v2.
 ///
 /// With no command, `keel` serves (the same as `keel serve`).

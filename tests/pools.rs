@@ -1,5 +1,6 @@
 //! Upstream pools over loopback: an endpoint lost mid-load costs no call, is taken out, and
-//! comes back after it passes its checks; a DNS name becomes endpoints.
+//! comes back after it passes its checks; the last endpoint that still answers is never
+//! ejected; a DNS name becomes endpoints.
 
 #![allow(clippy::unwrap_used)]
 
@@ -126,6 +127,32 @@ async fn an_endpoint_lost_mid_load_costs_no_call_and_returns_after_its_checks() 
     keel.stop().await.unwrap();
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_last_endpoint_that_answers_is_not_ejected_for_its_failures() {
+    // Every call fails, but the endpoint answers: ejecting the pool's only endpoint would
+    // turn a partial failure into a total one, so its calls keep reaching it.
+    let up = ScriptedUpstream::new(Script::failing(tonic::Code::Unavailable, "sick"));
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_admin(&simple_via(
+        addr,
+        "[defaults.retry]\nmax_attempts = 1\n[defaults.breaker]\nenabled = false\n",
+    ))
+    .await;
+    let mut c = keel.client().await;
+    for _ in 0..8 {
+        let s = c.model_infer(simple_request()).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "UPSTREAM_UNAVAILABLE",
+            "{s:?}"
+        );
+    }
+    assert_eq!(up.seen().len(), 8, "every call reached the endpoint");
+    assert_eq!(endpoint_state(keel.admin.unwrap(), addr).await, Some(0.0));
+    keel.stop().await.unwrap();
 }
 
 #[tokio::test]

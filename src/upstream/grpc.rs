@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
-use super::pool::{self, Pending, Pool, Resolve, SystemResolver};
+use super::pool::{self, Pending, Pool, Resolve, SystemResolver, Verdict};
 use super::sequence;
 use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
 use crate::call::Call;
@@ -216,15 +216,17 @@ impl GrpcUpstream {
             // A server without ModelConfig (a KServe runtime) answers UNIMPLEMENTED: it is
             // up, and Keel asks for the config to learn batching. A refused connection says
             // the endpoint is down, whatever else it says.
-            let healthy = match &result {
-                Ok(_) => true,
+            let verdict = match &result {
+                Ok(_) => Verdict::Healthy,
                 Err(Error::UpstreamStatus {
                     code: tonic::Code::Unimplemented,
                     ..
-                }) if method == "ModelConfig" => true,
-                Err(e) => !(e.class().trips_breaker() || e.never_sent()),
+                }) if method == "ModelConfig" => Verdict::Healthy,
+                Err(e) if e.never_sent() => Verdict::Unreachable,
+                Err(e) if e.class().trips_breaker() => Verdict::Failed,
+                Err(_) => Verdict::Healthy,
             };
-            pool.record(&target, healthy);
+            pool.record(&target, verdict);
             result
         }
         .boxed()

@@ -32,6 +32,18 @@ use crate::policy::{CheckKind, HealthCheck, UpstreamSpec};
 use crate::resilience::BreakerOpen;
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
+/// What one call said about its endpoint, for outlier ejection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// It answered, or failed in a way that says nothing about it (a client error).
+    Healthy,
+    /// It answered with a failure that says it is sick: transient, overloaded, timed out,
+    /// a server bug.
+    Failed,
+    /// The connection was refused: the endpoint is down.
+    Unreachable,
+}
+
 /// How an endpoint stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Standing {
@@ -410,14 +422,13 @@ impl Pool {
         self.sequences.forget(model, marks);
     }
 
-    /// Records the outcome of a call on `endpoint`: `healthy` unless it failed in a way that
-    /// says something about the endpoint. Enough failures in a row eject it.
-    pub fn record(&self, endpoint: &Endpoint, healthy: bool) {
+    /// Records what a call said about `endpoint`. Enough failures in a row eject it.
+    pub fn record(&self, endpoint: &Endpoint, verdict: Verdict) {
         let o = &self.spec.outlier;
         let now = Instant::now();
         {
             let mut h = endpoint.lock();
-            if healthy {
+            if verdict == Verdict::Healthy {
                 h.consecutive = 0;
                 h.probation = false;
                 return;
@@ -440,6 +451,18 @@ impl Pool {
         if out >= o.max_ejected(endpoints.len()) {
             tracing::debug!(upstream = %self.name, endpoint = %endpoint.addr,
                 "not ejected: max_ejection_percent of the pool is out already");
+            return;
+        }
+        // Ejection moves calls to the other endpoints. With none left serving, an endpoint
+        // that still answers stays: ejecting it would turn some failed calls into all of
+        // them (a sick upstream is the breaker's to stop). One that refuses connections is
+        // down either way, and goes.
+        let others_serving = endpoints
+            .iter()
+            .any(|e| e.addr != endpoint.addr && e.standing(now) == Standing::Serving);
+        if !others_serving && verdict != Verdict::Unreachable {
+            tracing::debug!(upstream = %self.name, endpoint = %endpoint.addr,
+                "not ejected: no other endpoint of the pool is serving");
             return;
         }
         let mut h = endpoint.lock();

@@ -50,14 +50,14 @@ fn standings(p: &Pool) -> Vec<i64> {
 async fn failures_in_a_row_eject_for_longer_each_time() {
     let p = pool(2, outlier(3, 50));
     let bad = p.endpoints()[0].clone();
-    p.record(&bad, false);
-    p.record(&bad, false);
+    p.record(&bad, Verdict::Failed);
+    p.record(&bad, Verdict::Failed);
     // A success in between resets the count.
-    p.record(&bad, true);
-    p.record(&bad, false);
-    p.record(&bad, false);
+    p.record(&bad, Verdict::Healthy);
+    p.record(&bad, Verdict::Failed);
+    p.record(&bad, Verdict::Failed);
     assert_eq!(standings(&p), [0, 0]);
-    p.record(&bad, false);
+    p.record(&bad, Verdict::Failed);
     assert_eq!(standings(&p), [2, 0]);
     // While it is out, every call goes to the other endpoint.
     for _ in 0..4 {
@@ -66,16 +66,16 @@ async fn failures_in_a_row_eject_for_longer_each_time() {
     tokio::time::advance(Duration::from_secs(10)).await;
     assert_eq!(standings(&p), [0, 0], "back after base_ejection");
     // On probation: one failure ejects it again, for twice as long.
-    p.record(&bad, false);
+    p.record(&bad, Verdict::Failed);
     assert_eq!(standings(&p), [2, 0]);
     tokio::time::advance(Duration::from_secs(19)).await;
     assert_eq!(standings(&p), [2, 0]);
     tokio::time::advance(Duration::from_secs(1)).await;
     assert_eq!(standings(&p), [0, 0]);
     // A success ends the probation: the next ejection is the first again.
-    p.record(&bad, true);
+    p.record(&bad, Verdict::Healthy);
     for _ in 0..3 {
-        p.record(&bad, false);
+        p.record(&bad, Verdict::Failed);
     }
     tokio::time::advance(Duration::from_secs(10)).await;
     assert_eq!(standings(&p), [0, 0]);
@@ -86,12 +86,32 @@ async fn never_more_than_the_allowed_share_is_ejected() {
     let p = pool(4, outlier(1, 50));
     let all = p.endpoints();
     for e in all.iter() {
-        p.record(e, false);
+        p.record(e, Verdict::Failed);
     }
     assert_eq!(standings(&p).iter().filter(|&&s| s == 2).count(), 2);
-    // A pool of one may still lose its only endpoint: at least one may always go.
-    let one = pool(1, outlier(1, 0));
-    one.record(&one.endpoints()[0], false);
+    // At least one may always go, even at 0%, while another endpoint serves...
+    let two = pool(2, outlier(1, 0));
+    two.record(&two.endpoints()[0], Verdict::Failed);
+    assert_eq!(standings(&two), [2, 0]);
+    // ...but never the last serving one, whatever the share allows.
+    let two = pool(2, outlier(1, 100));
+    for e in two.endpoints().iter() {
+        two.record(e, Verdict::Failed);
+    }
+    assert_eq!(standings(&two), [2, 0]);
+    let one = pool(1, outlier(1, 100));
+    for _ in 0..3 {
+        one.record(&one.endpoints()[0], Verdict::Failed);
+    }
+    assert_eq!(
+        standings(&one),
+        [0],
+        "ejecting it would only fail every call"
+    );
+    assert!(one.pick(None).is_ok());
+    assert!(one.healthy());
+    // An endpoint that refuses connections is down either way: the last one goes too.
+    one.record(&one.endpoints()[0], Verdict::Unreachable);
     assert_eq!(standings(&one), [2]);
     match one.pick(None) {
         Err(Error::BreakerOpen(open)) => assert_eq!(open.retry_after, Duration::from_secs(10)),
@@ -110,7 +130,7 @@ async fn ejection_can_be_switched_off() {
         },
     );
     for _ in 0..10 {
-        p.record(&p.endpoints()[0], false);
+        p.record(&p.endpoints()[0], Verdict::Failed);
     }
     assert_eq!(standings(&p), [0, 0]);
 }

@@ -479,3 +479,51 @@ async fn the_log_lines_of_a_call_name_its_tenant() {
         }
     }
 }
+
+#[tokio::test]
+async fn every_inference_request_of_a_tenant_is_counted_once() {
+    // `simple` has a ladder, so its requests are counted where the ladder ends.
+    let keel = Keel::with_admin(&tenants(
+        "[models.simple]\nbackend = \"embedded\"\n\
+         fallback = [{ static = [{ name = \"OUTPUT0\", datatype = \"INT32\", shape = [1], data = [0] }] }]\n",
+        "",
+    ))
+    .await;
+    let mut c = keel.client().await;
+    c.model_infer(with_key(simple_request(), ACME))
+        .await
+        .unwrap();
+    let mut invalid = simple_request();
+    invalid.raw_input_contents[0] = vec![0u8; 3].into();
+    let s = c.model_infer(with_key(invalid, ACME)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let mut outside = simple_request();
+    outside.model_name = "iris".into();
+    let streamed = vec![simple_request(), outside, simple_request()];
+    let mut answers = c
+        .model_stream_infer(with_key(futures::stream::iter(streamed), ACME))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut errors = Vec::new();
+    while let Some(a) = answers.message().await.unwrap() {
+        errors.push(a.error_message);
+    }
+    assert_eq!(errors[0], "");
+    assert!(
+        errors[1].contains("may not call model 'iris'"),
+        "{errors:?}"
+    );
+    assert_eq!(errors[2], "");
+
+    let scrape = get(keel.admin.unwrap(), "/metrics").await.1;
+    for (code, want) in [
+        ("OK", 3.0),
+        ("INVALID_ARGUMENT", 1.0),
+        ("PERMISSION_DENIED", 1.0),
+    ] {
+        let series = format!("keel_tenant_requests_total{{tenant=\"acme\",code=\"{code}\"}}");
+        assert_eq!(value(&scrape, &series), Some(want), "{series} in\n{scrape}");
+    }
+    keel.stop().await.unwrap();
+}

@@ -56,7 +56,7 @@ pub struct Stacks {
 pub const POLICY_REVISION: &str = "keel-policy-revision";
 
 /// Full method names, as policy `[methods."..."]` sections name them.
-const MODEL_INFER: &str = "inference.GRPCInferenceService/ModelInfer";
+pub(super) const MODEL_INFER: &str = "inference.GRPCInferenceService/ModelInfer";
 const MODEL_STREAM_INFER: &str = "inference.GRPCInferenceService/ModelStreamInfer";
 const MODEL_READY: &str = "inference.GRPCInferenceService/ModelReady";
 const MODEL_METADATA: &str = "inference.GRPCInferenceService/ModelMetadata";
@@ -82,7 +82,8 @@ pub struct Lifecycle {
     pub gate: Arc<Slots>,
 }
 
-/// The service.
+/// The service. Cloning it is cheap (shared handles): a stream's requests outlive `&self`.
+#[derive(Clone)]
 pub struct InferenceApi {
     stacks: Stacks,
     /// The policy; each call takes one snapshot at its start.
@@ -417,6 +418,59 @@ impl InferenceApi {
         };
         record::rejected(self.router.metrics(), &from, label, r);
     }
+
+    /// Serves one inference request of `method` from its wire form: the tenant's admission,
+    /// validation, version adapters, the fallback ladder. ModelInfer and every request of a
+    /// ModelStreamInfer stream take this one path, so a streamed request is treated as a
+    /// unary one would be.
+    async fn infer_pb(
+        &self,
+        edge: &Edge,
+        method: &'static str,
+        msg: proto::ModelInferRequest,
+    ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        let model = msg.model_name.clone();
+        let _pass = self
+            .admit(edge, method, Some(&model))
+            .map_err(|e| edge.status(&e, None))?;
+        let req = pb::infer_request_from_pb(msg).map_err(|invalid| {
+            self.rejected(edge, &model, &invalid);
+            edge.status(&invalid.into(), None)
+        })?;
+        let form = req.form;
+        let resp = self.infer_adapted(edge, method, req).await?;
+        Ok(resp.map(|r| pb::infer_response_to_pb(r, form)))
+    }
+
+    /// The answer to one request of a ModelStreamInfer stream. An error becomes the
+    /// message's `error_message` and the stream goes on; each request gets exactly one
+    /// answer, flagged final as Triton does, for clients that read until the final response.
+    async fn stream_answer(
+        &self,
+        edge: &Edge,
+        msg: proto::ModelInferRequest,
+    ) -> proto::ModelStreamInferResponse {
+        let blank = proto::ModelInferResponse {
+            model_name: msg.model_name.clone(),
+            model_version: msg.model_version.clone(),
+            id: msg.id.clone(),
+            ..Default::default()
+        };
+        let (error_message, mut resp) = match self.infer_pb(edge, MODEL_STREAM_INFER, msg).await {
+            Ok(answer) => (String::new(), answer.into_inner()),
+            Err(status) => (status.message().to_string(), blank),
+        };
+        resp.parameters.insert(
+            FINAL_RESPONSE.to_string(),
+            proto::InferParameter {
+                parameter_choice: Some(proto::infer_parameter::ParameterChoice::BoolParam(true)),
+            },
+        );
+        proto::ModelStreamInferResponse {
+            error_message,
+            infer_response: Some(resp),
+        }
+    }
 }
 
 /// How one call of a client's request is made.
@@ -654,18 +708,8 @@ impl GrpcInferenceService for InferenceApi {
         request: Request<proto::ModelInferRequest>,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
         let edge = self.begin(&request, "v2")?;
-        let msg = request.into_inner();
-        let model = msg.model_name.clone();
-        let _pass = self
-            .admit(&edge, MODEL_INFER, Some(&model))
-            .map_err(|e| edge.status(&e, None))?;
-        let req = pb::infer_request_from_pb(msg).map_err(|invalid| {
-            self.rejected(&edge, &model, &invalid);
-            edge.status(&invalid.into(), None)
-        })?;
-        let form = req.form;
-        let resp = self.infer_adapted(&edge, req).await?;
-        Ok(resp.map(|r| pb::infer_response_to_pb(r, form)))
+        self.infer_pb(&edge, MODEL_INFER, request.into_inner())
+            .await
     }
 
     async fn model_stream_infer(
@@ -675,81 +719,17 @@ impl GrpcInferenceService for InferenceApi {
         // One snapshot for the whole stream: it is one call, and its revision is reported
         // once, in the response headers.
         let edge = Arc::new(self.begin(&request, "v2")?);
-        let infer = self.stacks.infer.clone();
-        let routes = self.router.routes(&edge.snapshot);
+        let api = Arc::new(self.clone());
         let per_request = edge.clone();
-        let metrics = self.router.metrics().clone();
-        // One unary call per streamed request, so upstreams need not speak Triton's stream
-        // dialect; `buffered` keeps answers in request order.
+        // Each streamed request is one unary call upstream, so upstreams need not speak
+        // Triton's stream dialect; `buffered` keeps answers in request order.
         let answers = request
             .into_inner()
             .map(move |item| {
-                let infer = infer.clone();
-                let edge = per_request.clone();
-                let routes = routes.clone();
-                let metrics = metrics.clone();
+                let (api, edge) = (api.clone(), per_request.clone());
                 async move {
                     let msg = item.map_err(oversize::fix_status)?;
-                    let (id, model, version) = (
-                        msg.id.clone(),
-                        msg.model_name.clone(),
-                        msg.model_version.clone(),
-                    );
-                    // Each streamed request is admitted on its own: it names its model, and
-                    // takes a token and a slot as a unary call would.
-                    let admitted = match &edge.caller {
-                        None => Ok(None),
-                        Some(c) => c.admit(Some(&model)).map(Some).map_err(Error::from),
-                    };
-                    let route = routes.route(MODEL_STREAM_INFER, &model, &version, &edge.pick());
-                    let result = match (admitted, route, pb::infer_request_from_pb(msg)) {
-                        (Err(e), _, _) => Err(e),
-                        (Ok(_pass), Ok(route), Ok(req)) => {
-                            let form = req.form;
-                            let ctx = Arc::new(edge.ctx.call(&edge.snapshot, route, None));
-                            let req = match ctx.route.version.as_deref() {
-                                Some(v) if v != req.version => req.at_version(v),
-                                _ => req,
-                            };
-                            infer
-                                .oneshot(Call::new(ctx, req))
-                                .await
-                                .map(|resp| pb::infer_response_to_pb(resp, form))
-                        }
-                        (Ok(_), Err(e), _) => Err(e),
-                        (Ok(_), _, Err(e)) => Err(Error::from(e)),
-                    };
-                    if let Some(c) = &edge.caller {
-                        let code = result.as_ref().err().map_or(tonic::Code::Ok, Error::code);
-                        record::tenant_request(&metrics, c.name(), code);
-                    }
-                    let (error_message, mut resp) = match result {
-                        Ok(resp) => (String::new(), resp),
-                        // The stream goes on; the error names the request it belongs to.
-                        Err(e) => (
-                            e.to_string(),
-                            proto::ModelInferResponse {
-                                model_name: model,
-                                model_version: version,
-                                id,
-                                ..Default::default()
-                            },
-                        ),
-                    };
-                    // Each request gets exactly one answer, flagged final as Triton does,
-                    // for clients that read until the final response.
-                    resp.parameters.insert(
-                        FINAL_RESPONSE.to_string(),
-                        proto::InferParameter {
-                            parameter_choice: Some(
-                                proto::infer_parameter::ParameterChoice::BoolParam(true),
-                            ),
-                        },
-                    );
-                    Ok(proto::ModelStreamInferResponse {
-                        error_message,
-                        infer_response: Some(resp),
-                    })
+                    Ok(api.stream_answer(&edge, msg).await)
                 }
             })
             .buffered(STREAM_CONCURRENCY)

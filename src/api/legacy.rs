@@ -153,7 +153,7 @@ impl PredictionService for LegacyApi {
         })?;
         let resp = self
             .api
-            .infer_adapted(&edge, oip)
+            .infer_adapted(&edge, super::inference::MODEL_INFER, oip)
             .await
             .map_err(|s| edge.deprecate_status(s))?;
         let (md, answer, ext) = resp.into_parts();

@@ -95,6 +95,9 @@ pub(super) fn rejected(metrics: &Metrics, from: &Sender<'_>, model: &str, invali
         .inc();
     metrics.api_requests.get_or_create(&ApiLabels { api }).inc();
     metrics.observe_call(model, "primary", "client_error", Duration::ZERO);
+    if let Some(tenant) = tenant {
+        tenant_request(metrics, tenant, tonic::Code::InvalidArgument);
+    }
     tracing::info!(
         request_id,
         api,

@@ -11,9 +11,10 @@ use tokio::time::Instant;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Response, Status};
 
-use super::{Answer, Edge, Failed, InferenceApi, Leg, MODEL_INFER, Plan, Via};
-use crate::api::receipt;
+use super::{Answer, Edge, Failed, InferenceApi, Leg, Plan, Via};
+use crate::api::{receipt, record};
 use crate::call::CallContext;
+use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, Param};
 use crate::observe::metrics::{ApiLabels, DegradedLabels};
 use crate::policy::Trigger;
@@ -82,10 +83,12 @@ impl Labels {
 }
 
 impl InferenceApi {
-    /// Answers a ModelInfer call, degrading through the model's ladder when it must.
+    /// Answers an inference request of `method` (ModelInfer, or one request of a
+    /// ModelStreamInfer stream), degrading through the model's ladder when it must.
     pub(in crate::api) async fn infer(
         &self,
         edge: &Edge,
+        method: &'static str,
         req: InferRequest,
     ) -> Result<Response<InferResponse>, Status> {
         let req = Arc::new(req);
@@ -104,7 +107,7 @@ impl InferenceApi {
                 reason: None,
                 stale: Some(age),
             };
-            self.count(edge, &req.model, "cache", "ok", Duration::ZERO);
+            self.count(edge, &req.model, "cache", None, Duration::ZERO);
             return Ok(self.labelled(edge, resp, &labels, None));
         }
         let started = Instant::now();
@@ -122,7 +125,7 @@ impl InferenceApi {
             .call_via(
                 &self.stacks.infer,
                 edge,
-                MODEL_INFER,
+                method,
                 req.clone(),
                 Plan {
                     via: Via::Policy,
@@ -140,7 +143,7 @@ impl InferenceApi {
                     c.insert(k, &value);
                 }
                 if !primary.counted {
-                    self.count(edge, &req.model, "primary", "ok", started.elapsed());
+                    self.count(edge, &req.model, "primary", None, started.elapsed());
                 }
                 return Ok(self.labelled(edge, value, &PRIMARY, Some(&ctx)));
             }
@@ -159,7 +162,7 @@ impl InferenceApi {
                     + edge
                         .snapshot
                         .policy
-                        .resolve(MODEL_INFER, Some(&req.model))
+                        .resolve(method, Some(&req.model))
                         .timeout
             },
             |c| c.deadline,
@@ -184,7 +187,7 @@ impl InferenceApi {
                     r.model = other.clone();
                     r.version.clear();
                     let expected = routes
-                        .route(MODEL_INFER, other, "", &edge.pick())
+                        .route(method, other, "", &edge.pick())
                         .ok()
                         .and_then(|r| r.target.latency.expected());
                     if !self.may_fall_back(ctx.as_deref(), deadline, expected) {
@@ -194,7 +197,7 @@ impl InferenceApi {
                         .call_via(
                             &self.stacks.infer,
                             edge,
-                            MODEL_INFER,
+                            method,
                             Arc::new(r),
                             Plan {
                                 via: Via::Policy,
@@ -213,7 +216,7 @@ impl InferenceApi {
                     }
                 }
                 Rung::Upstream(target) => {
-                    let Some(route) = routes.route_to(MODEL_INFER, &req.model, target) else {
+                    let Some(route) = routes.route_to(method, &req.model, target) else {
                         continue;
                     };
                     if !self.may_fall_back(ctx.as_deref(), deadline, target.latency.expected()) {
@@ -223,7 +226,7 @@ impl InferenceApi {
                         .call_via(
                             &self.stacks.infer,
                             edge,
-                            MODEL_INFER,
+                            method,
                             req.clone(),
                             Plan {
                                 via: Via::Route(route),
@@ -261,7 +264,7 @@ impl InferenceApi {
             };
             if let Some((mut resp, labels, answered_by)) = answer {
                 resp.id.clone_from(&req.id);
-                self.count(edge, &req.model, labels.tier, "ok", started.elapsed());
+                self.count(edge, &req.model, labels.tier, None, started.elapsed());
                 self.router
                     .metrics()
                     .degraded
@@ -288,20 +291,20 @@ impl InferenceApi {
             }
         }
         if !primary.counted {
-            let class = error.class().as_str();
-            self.count(edge, &req.model, "primary", class, started.elapsed());
+            self.count(edge, &req.model, "primary", Some(&error), started.elapsed());
         }
         Err(edge.status(&error, ctx.as_deref()))
     }
 
-    /// Counts a ModelInfer request with a ladder or a cache once, by what answered it.
-    /// `model` is a policy name: only such models have a ladder or a cache.
+    /// Counts an inference request with a ladder or a cache once, by what answered it
+    /// (`error` when nothing did), for its tenant too. `model` is a policy name: only such
+    /// models have a ladder or a cache.
     fn count(
         &self,
         edge: &Edge,
         model: &str,
         tier: &'static str,
-        class: &'static str,
+        error: Option<&Error>,
         took: Duration,
     ) {
         let metrics = self.router.metrics();
@@ -309,7 +312,12 @@ impl InferenceApi {
             .api_requests
             .get_or_create(&ApiLabels { api: edge.api })
             .inc();
+        let class = error.map_or("ok", |e| e.class().as_str());
         metrics.observe_call(model, tier, class, took);
+        if let Some(tenant) = edge.tenant() {
+            let code = error.map_or(tonic::Code::Ok, Error::code);
+            record::tenant_request(metrics, tenant, code);
+        }
     }
 
     /// Whether a fallback that takes `expected` fits before `deadline`, and the primary's

@@ -47,16 +47,17 @@ impl InferenceApi {
         })
     }
 
-    /// Serves `req`, through the policy's adapter when the client asks for a version that
+    /// Serves `req` (a request of `method`), through the policy's adapter when the client asks for a version that
     /// has one. An adapter that does not fit the model refuses the call
     /// (FAILED_PRECONDITION) rather than send the model a request it cannot take.
     pub(in crate::api) async fn infer_adapted(
         &self,
         edge: &Edge,
+        method: &'static str,
         req: InferRequest,
     ) -> Result<Response<InferResponse>, Status> {
         let Some(adapter) = edge.adapter(&req.model, &req.version) else {
-            return self.infer(edge, req).await;
+            return self.infer(edge, method, req).await;
         };
         let (model, asked) = (req.model.clone(), req.version.clone());
         let mismatch = |problems: Vec<String>| Error::AdapterMismatch {
@@ -87,7 +88,7 @@ impl InferenceApi {
             self.rejected(edge, &model, &r);
             edge.status(&r.into(), None)
         })?;
-        let (md, answer, ext) = self.infer(edge, adapted).await?.into_parts();
+        let (md, answer, ext) = self.infer(edge, method, adapted).await?.into_parts();
         match version::response(answer, &adapter) {
             Ok(answer) => Ok(Response::from_parts(md, answer, ext)),
             Err(problem) => Err(edge.status(&mismatch(vec![format!("{at}: {problem}")]), None)),

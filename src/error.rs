@@ -110,6 +110,18 @@ pub enum Error {
         /// The wait it asks for (`fault.pushback_ms`).
         pushback: Pushback,
     },
+    /// The upstream's answer is larger than Keel takes (`server.max_message_size`): Keel's
+    /// own limit refused it, which says nothing of the upstream's health, and the same
+    /// request would get the same answer again.
+    #[error(
+        "upstream '{upstream}' answered with a message larger than Keel takes (server.max_message_size): {detail}"
+    )]
+    AnswerTooLarge {
+        /// Upstream name from the policy.
+        upstream: String,
+        /// The size and the limit, as the decoder saw them.
+        detail: String,
+    },
     /// The upstream answered something Keel cannot use (a malformed tensor, for example).
     #[error("upstream '{upstream}' sent an invalid answer: {detail}")]
     UpstreamProtocol {
@@ -195,6 +207,7 @@ impl Error {
             Error::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             Error::UpstreamStatus { .. } => "UPSTREAM_ERROR",
             Error::UpstreamProtocol { .. } => "UPSTREAM_PROTOCOL",
+            Error::AnswerTooLarge { .. } => "ANSWER_TOO_LARGE",
             Error::FaultInjected { .. } => "FAULT_INJECTED",
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => "DEADLINE_EXCEEDED",
             Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
@@ -229,7 +242,8 @@ impl Error {
             Error::BreakerOpen(_)
             | Error::Overloaded(_)
             | Error::GatewayOverloaded { .. }
-            | Error::TenantLimited(_) => Origin::LocalRejection,
+            | Error::TenantLimited(_)
+            | Error::AnswerTooLarge { .. } => Origin::LocalRejection,
         }
     }
 
@@ -249,9 +263,10 @@ impl Error {
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Code::DeadlineExceeded,
             // An attempt's timeout that ends the call: the upstream did not answer in time.
             Error::AttemptTimeout(_) => Code::Unavailable,
-            Error::Overloaded(_) | Error::GatewayOverloaded { .. } | Error::TenantLimited(_) => {
-                Code::ResourceExhausted
-            }
+            Error::Overloaded(_)
+            | Error::GatewayOverloaded { .. }
+            | Error::TenantLimited(_)
+            | Error::AnswerTooLarge { .. } => Code::ResourceExhausted,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
         }
@@ -281,7 +296,8 @@ impl Error {
         match self {
             Error::UpstreamUnavailable { upstream, .. }
             | Error::UpstreamStatus { upstream, .. }
-            | Error::UpstreamProtocol { upstream, .. } => Some(upstream),
+            | Error::UpstreamProtocol { upstream, .. }
+            | Error::AnswerTooLarge { upstream, .. } => Some(upstream),
             _ => None,
         }
     }

@@ -3,6 +3,15 @@
 
 use tonic::Code;
 
+/// The start of tonic's message when a message is over its decoding limit.
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
+
+/// Whether a status is tonic's own refusal of a message over the decoding limit (it answers
+/// OUT_OF_RANGE, where the gRPC status code guide asks for RESOURCE_EXHAUSTED).
+pub fn is_too_large(code: Code, message: &str) -> bool {
+    code == Code::OutOfRange && message.starts_with(TONIC_TOO_LARGE)
+}
+
 /// Every code with its name, in numeric order.
 pub const CODES: [(&str, Code); 17] = [
     ("OK", Code::Ok),

@@ -320,3 +320,41 @@ async fn unsupported_triton_extensions_answer_unimplemented_with_a_reason() {
     assert_eq!(s.code(), Code::Unimplemented);
     keel.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_answer_over_keels_size_limit_is_resource_exhausted_and_not_held_against_the_upstream() {
+    let up = ScriptedUpstream::new(Script {
+        padding: 4096,
+        ..Script::default()
+    });
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[server]\nmax_message_size = \"1KiB\"\n\
+         [defaults.retry]\nmax_attempts = 3\n[defaults.breaker]\nconsecutive_failures = 1\n\
+         [upstreams.up]\nendpoints = [\"{addr}\"]\n[models.simple]\nbackend = \"up\"\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    let s = infer_err(&mut client, simple_request()).await;
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message().starts_with(
+            "upstream 'up' answered with a message larger than Keel takes (server.max_message_size)"
+        ),
+        "{s:?}"
+    );
+    let info = s.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "ANSWER_TOO_LARGE");
+    assert_eq!(info.metadata["class"], "local_rejection");
+    assert_eq!(info.metadata["upstream"], "up");
+    assert_eq!(
+        up.seen().len(),
+        1,
+        "the same answer would come back: no retry"
+    );
+
+    // The upstream is healthy: its breaker (open after one failure) did not count it.
+    up.script.lock().unwrap().padding = 0;
+    client.model_infer(simple_request()).await.unwrap();
+    keel.stop().await.unwrap();
+}

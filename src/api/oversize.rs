@@ -5,21 +5,13 @@
 //! answering with a trailers-only response; [`fix_response`] rewrites that status. Streaming
 //! handlers see the same error as a stream item and map it with [`fix_status`].
 
-/// The start of tonic's message for a request over the decoding limit.
-const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";
-
 /// What the client is told.
 const MESSAGE: &str =
     "request message is larger than this server accepts (server.max_message_size)";
 
-/// Whether a status is tonic's "message too large" decoding error.
-fn is_oversize(code: tonic::Code, message: &str) -> bool {
-    code == tonic::Code::OutOfRange && message.starts_with(TONIC_TOO_LARGE)
-}
-
 /// Maps tonic's oversize error to RESOURCE_EXHAUSTED; other statuses pass through.
 pub fn fix_status(status: tonic::Status) -> tonic::Status {
-    if is_oversize(status.code(), status.message()) {
+    if crate::grpc_code::is_too_large(status.code(), status.message()) {
         tonic::Status::resource_exhausted(format!("{MESSAGE}: {}", status.message()))
     } else {
         status
@@ -33,7 +25,9 @@ pub fn fix_response<B>(mut res: http::Response<B>) -> http::Response<B> {
         && headers
             .get("grpc-message")
             .and_then(|v| v.to_str().ok())
-            .is_some_and(|m| percent_decode(m).starts_with(TONIC_TOO_LARGE));
+            .is_some_and(|m| {
+                crate::grpc_code::is_too_large(tonic::Code::OutOfRange, &percent_decode(m))
+            });
     if oversize {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
         headers.insert("grpc-message", http::HeaderValue::from_static(MESSAGE));
@@ -89,9 +83,9 @@ mod tests {
         assert_eq!(fix_response(res).headers()["grpc-status"], "11");
         let s = fix_status(tonic::Status::invalid_argument("x"));
         assert_eq!(s.code(), tonic::Code::InvalidArgument);
-        let s = fix_status(tonic::Status::out_of_range(format!(
-            "{TONIC_TOO_LARGE}: found 9"
-        )));
+        let s = fix_status(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 9 bytes, the limit is: 4 bytes",
+        ));
         assert_eq!(s.code(), tonic::Code::ResourceExhausted);
     }
 }

@@ -129,7 +129,7 @@ pub fn table() -> Vec<(String, ErrorClass)> {
         ),
         ("call deadline".into(), classify(Origin::Deadline, false)),
         (
-            "breaker open, retry budget exhausted, load shed".into(),
+            "breaker open, retry budget exhausted, load shed, answer over Keel's size limit".into(),
             classify(Origin::LocalRejection, false),
         ),
         (

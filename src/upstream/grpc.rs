@@ -283,6 +283,12 @@ fn status_error(
     // an HTTP/2 error) carries its cause; one the upstream answered does not. The former
     // says nothing of the model, whatever code tonic chose for it.
     let transport = status.source().is_some();
+    if crate::grpc_code::is_too_large(status.code(), status.message()) {
+        return Error::AnswerTooLarge {
+            upstream: name.to_string(),
+            detail: status.message().to_string(),
+        };
+    }
     match status.code() {
         _ if transport && pushback == Pushback::None => Error::UpstreamUnavailable {
             upstream: name.to_string(),

@@ -381,6 +381,9 @@ pub struct Script {
     pub delay: Duration,
     /// Answer ModelInfer with this status instead.
     pub fail: Option<(tonic::Code, String)>,
+    /// Pad each answer with a string parameter this long (an answer larger than its
+    /// request).
+    pub padding: usize,
 }
 
 impl Script {
@@ -389,12 +392,17 @@ impl Script {
         Script {
             delay: Duration::ZERO,
             fail: Some((code, message.to_string())),
+            padding: 0,
         }
     }
 
     /// Every ModelInfer answers after `delay`.
     pub fn slow(delay: Duration) -> Script {
-        Script { delay, fail: None }
+        Script {
+            delay,
+            fail: None,
+            padding: 0,
+        }
     }
 }
 
@@ -577,7 +585,19 @@ impl GrpcInferenceService for ScriptedUpstream {
                 req.model_version
             },
             id: req.id,
-            parameters: Default::default(),
+            parameters: if script.padding > 0 {
+                [(
+                    "padding".to_string(),
+                    pb::InferParameter {
+                        parameter_choice: Some(pb::infer_parameter::ParameterChoice::StringParam(
+                            "x".repeat(script.padding),
+                        )),
+                    },
+                )]
+                .into()
+            } else {
+                Default::default()
+            },
             outputs,
             raw_output_contents: req.raw_input_contents,
         }))

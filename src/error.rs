@@ -110,6 +110,15 @@ pub enum Error {
         /// The wait it asks for (`fault.pushback_ms`).
         pushback: Pushback,
     },
+    /// The client's request is larger than Keel takes (`server.max_message_size`).
+    #[error("request message is larger than Keel takes (server.max_message_size): {detail}")]
+    RequestTooLarge {
+        /// The size and the limit, as the decoder saw them.
+        detail: String,
+    },
+    /// Keel is shutting down and the drain timeout passed while the call was running.
+    #[error("Keel is shutting down and the drain timeout passed; retry on another instance")]
+    DrainTimeout,
     /// The upstream's answer is larger than Keel takes (`server.max_message_size`): Keel's
     /// own limit refused it, which says nothing of the upstream's health, and the same
     /// request would get the same answer again.
@@ -208,6 +217,8 @@ impl Error {
             Error::UpstreamStatus { .. } => "UPSTREAM_ERROR",
             Error::UpstreamProtocol { .. } => "UPSTREAM_PROTOCOL",
             Error::AnswerTooLarge { .. } => "ANSWER_TOO_LARGE",
+            Error::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
+            Error::DrainTimeout => "DRAIN_TIMEOUT",
             Error::FaultInjected { .. } => "FAULT_INJECTED",
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => "DEADLINE_EXCEEDED",
             Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
@@ -230,6 +241,7 @@ impl Error {
             | Error::AdapterMismatch { .. }
             | Error::SequenceBroken { .. }
             | Error::InvalidRequest(_)
+            | Error::RequestTooLarge { .. }
             | Error::Unauthenticated(_)
             | Error::PermissionDenied { .. } => Origin::Request,
             Error::UpstreamUnavailable { .. } => Origin::Transport,
@@ -243,7 +255,8 @@ impl Error {
             | Error::Overloaded(_)
             | Error::GatewayOverloaded { .. }
             | Error::TenantLimited(_)
-            | Error::AnswerTooLarge { .. } => Origin::LocalRejection,
+            | Error::AnswerTooLarge { .. }
+            | Error::DrainTimeout => Origin::LocalRejection,
         }
     }
 
@@ -266,7 +279,9 @@ impl Error {
             Error::Overloaded(_)
             | Error::GatewayOverloaded { .. }
             | Error::TenantLimited(_)
-            | Error::AnswerTooLarge { .. } => Code::ResourceExhausted,
+            | Error::AnswerTooLarge { .. }
+            | Error::RequestTooLarge { .. } => Code::ResourceExhausted,
+            Error::DrainTimeout => Code::Unavailable,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
         }

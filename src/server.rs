@@ -521,7 +521,10 @@ impl Keel {
         let server = builder(&first.policy.server)
             // Outermost: it sees the status the client gets.
             .layer(EdgeMetricsLayer::new(metrics.clone(), known_methods()))
-            .layer(MapResponseLayer::new(oversize::fix_response))
+            .layer(MapResponseLayer::new({
+                let store = self.store.clone();
+                move |res| oversize::fix_response(res, store.current().revision)
+            }))
             .layer(MapResponseLayer::new(receipt::move_to_trailers))
             .add_service(health_service)
             .add_service(reflection)

@@ -250,6 +250,9 @@ async fn an_oversized_message_is_resource_exhausted() {
         "{}",
         s.message()
     );
+    let info = s.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "REQUEST_TOO_LARGE");
+    assert_eq!(info.metadata["class"], "client_error");
     // Just under the limit still works.
     let small = vec![7u8; 60 * 1024];
     let ok = client

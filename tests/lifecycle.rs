@@ -9,6 +9,7 @@ use common::*;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_types::StatusExt as _;
 
 fn check(service: &str) -> HealthCheckRequest {
     HealthCheckRequest {
@@ -138,6 +139,12 @@ async fn the_drain_is_bounded_by_drain_timeout() {
     let s = cut.expect_err("a call still running after the drain timeout is cut");
     assert_eq!(s.code(), tonic::Code::Unavailable);
     assert!(s.message().contains("drain timeout"), "{}", s.message());
+    let info = s.get_details_error_info().unwrap();
+    assert_eq!(info.reason, "DRAIN_TIMEOUT");
+    assert!(
+        s.metadata().get("x-request-id").is_some(),
+        "tagged as every answer is"
+    );
 }
 
 #[tokio::test]

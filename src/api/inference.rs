@@ -114,12 +114,6 @@ async fn cut_check(cut: watch::Receiver<bool>) -> bool {
     *cut.borrow()
 }
 
-fn cut_status() -> Status {
-    Status::unavailable(
-        "Keel is shutting down and the drain timeout passed; retry on another instance",
-    )
-}
-
 impl InferenceApi {
     /// The service over `stacks`, with policy from `store`, routes from `router`, and the
     /// server's `lifecycle`.
@@ -594,7 +588,7 @@ impl Edge {
     pub(super) fn failed(&self, f: Failed) -> Status {
         match f {
             Failed::Error(e, ctx) => self.status(&e, ctx.as_deref()),
-            Failed::Cut => self.tag(cut_status()),
+            Failed::Cut => self.status(&Error::DrainTimeout, None),
         }
     }
 
@@ -720,7 +714,7 @@ impl GrpcInferenceService for InferenceApi {
         // once, in the response headers.
         let edge = Arc::new(self.begin(&request, "v2")?);
         let api = Arc::new(self.clone());
-        let per_request = edge.clone();
+        let (per_request, at_cut) = (edge.clone(), edge.clone());
         // Each streamed request is one unary call upstream, so upstreams need not speak
         // Triton's stream dialect; `buffered` keeps answers in request order.
         let answers = request
@@ -728,7 +722,8 @@ impl GrpcInferenceService for InferenceApi {
             .map(move |item| {
                 let (api, edge) = (api.clone(), per_request.clone());
                 async move {
-                    let msg = item.map_err(oversize::fix_status)?;
+                    let revision = edge.snapshot.revision;
+                    let msg = item.map_err(|s| edge.tag(oversize::fix_status(s, revision)))?;
                     Ok(api.stream_answer(&edge, msg).await)
                 }
             })
@@ -736,8 +731,10 @@ impl GrpcInferenceService for InferenceApi {
             // At the drain timeout the stream ends with UNAVAILABLE.
             .take_until(cut_off(self.cut.clone()))
             .chain(
-                futures::stream::once(cut_check(self.cut.clone()))
-                    .filter_map(|cut| async move { cut.then(|| Err(cut_status())) }),
+                futures::stream::once(cut_check(self.cut.clone())).filter_map(move |cut| {
+                    let end = cut.then(|| Err(at_cut.failed(Failed::Cut)));
+                    async move { end }
+                }),
             );
         Ok(edge.reply(Box::pin(answers) as StreamOut))
     }

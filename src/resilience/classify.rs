@@ -129,11 +129,11 @@ pub fn table() -> Vec<(String, ErrorClass)> {
         ),
         ("call deadline".into(), classify(Origin::Deadline, false)),
         (
-            "breaker open, retry budget exhausted, load shed, answer over Keel's size limit".into(),
+            "breaker open, retry budget exhausted, load shed, answer over Keel's size limit, drain timeout".into(),
             classify(Origin::LocalRejection, false),
         ),
         (
-            "invalid request, unknown model".into(),
+            "invalid request, unknown model, request over Keel's size limit".into(),
             classify(Origin::Request, false),
         ),
     ]);

@@ -6,6 +6,9 @@
 //! `required` can answer: a route whose upstream has an endpoint whose breaker is not open
 //! (half-open counts: it lets probes through), or a fallback ladder. `liveness` does not
 //! depend on any of this. The view is recomputed every second from the router's state.
+//!
+//! [`DrainingHealth`] serves the view: tonic-health's service, except that Watch streams end
+//! when the drain begins.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -13,8 +16,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use futures::StreamExt as _;
+use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic_health::pb::health_server::Health;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::policy::Store;
 use crate::route::Router;
@@ -25,6 +32,76 @@ pub const INTERVAL: Duration = Duration::from_secs(1);
 /// The health name of one model.
 pub fn model_service(model: &str) -> String {
     format!("keel.model.{model}")
+}
+
+/// `grpc.health.v1.Health` over a [`HealthReporter`]'s statuses, whose Watch streams end
+/// once the drain begins, after one last status. gRPC clients that check health keep a
+/// Watch open on their connection, and an open stream would hold the drain open until its
+/// timeout.
+pub struct DrainingHealth {
+    reporter: HealthReporter,
+    /// `Some` (the drain timeout) once the drain has begun.
+    draining: tokio::sync::watch::Receiver<Option<Duration>>,
+}
+
+impl DrainingHealth {
+    /// The statuses of `reporter`; Watch streams end when `draining` becomes `Some`.
+    pub fn new(
+        reporter: HealthReporter,
+        draining: tokio::sync::watch::Receiver<Option<Duration>>,
+    ) -> Self {
+        DrainingHealth { reporter, draining }
+    }
+
+    fn service(&self) -> HealthService {
+        HealthService::from_health_reporter(self.reporter.clone())
+    }
+}
+
+/// A Watch stream of health statuses.
+pub type WatchStream = std::pin::Pin<
+    Box<dyn futures::Stream<Item = Result<HealthCheckResponse, Status>> + Send + 'static>,
+>;
+
+#[tonic::async_trait]
+impl Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.service().check(request).await
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let service = request.get_ref().service.clone();
+        let statuses = self.service().watch(request).await?.into_inner();
+        let mut draining = self.draining.clone();
+        let drained = async move {
+            // A dropped sender means no drain is coming: the stream lives on.
+            if draining.wait_for(Option::is_some).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        // The status at the end, so a client never misses the last change however close
+        // it came to the drain (NOT_SERVING, for readiness).
+        let reporter = self.reporter.clone();
+        let last = async move {
+            let check = Request::new(HealthCheckRequest { service });
+            HealthService::from_health_reporter(reporter)
+                .check(check)
+                .await
+                .map(Response::into_inner)
+        };
+        let stream = statuses
+            .take_until(drained)
+            .chain(futures::stream::once(last));
+        Ok(Response::new(Box::pin(stream) as WatchStream))
+    }
 }
 
 /// Whether Keel is ready, and why not.

@@ -340,7 +340,13 @@ impl Keel {
         // One health service for both listeners, so both turn NOT_SERVING together.
         // `liveness` stays SERVING while the process answers (a drain is not a reason to
         // restart it); `readiness` and `""` follow whether Keel takes new calls.
-        let (health, health_service) = tonic_health::server::health_reporter();
+        // Set when the drain begins, to the drain timeout: both listeners and the health
+        // Watch streams follow it.
+        let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
+        let health = tonic_health::server::HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            crate::health::DrainingHealth::new(health.clone(), began_rx.clone()),
+        );
         for name in ["", LIVENESS, READINESS] {
             health
                 .set_service_status(name, ServingStatus::Serving)
@@ -414,8 +420,6 @@ impl Keel {
         let (reflection, reflection_alpha) =
             reflection_for(&[name_of(&api), name_of(&legacy), health_name])?;
 
-        // Set when shutdown begins, to the drain timeout; both listeners watch it.
-        let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
         let store = self.store.clone();
         let readiness_for_admin = readiness.clone();
         // The health view: per-model names, and readiness from the required models. The

@@ -75,7 +75,8 @@ async fn reflection_lists_the_inference_and_health_services() {
 async fn an_in_flight_call_finishes_after_shutdown_begins_and_health_goes_not_serving() {
     let up = ScriptedUpstream::new(Script::slow(Duration::from_millis(300)));
     let (addr, _stop) = up.serve().await;
-    let mut keel = Keel::with_config(&simple_via(addr, "")).await;
+    // A drain timeout far past `stop`'s own bound: the drain must not wait for it.
+    let mut keel = Keel::with_config(&simple_via(addr, "[server]\ndrain_timeout = \"60s\"")).await;
     let client = keel.client().await;
     let mut health = HealthClient::new(keel.channel().await);
     let mut watch = health.watch(check("readiness")).await.unwrap().into_inner();
@@ -93,8 +94,21 @@ async fn an_in_flight_call_finishes_after_shutdown_begins_and_health_goes_not_se
         .unwrap()
         .status;
     assert_eq!(status, ServingStatus::NotServing as i32);
-    // An open Watch stream would hold the drain open until the drain timeout.
-    drop(watch);
+    // The Watch stream ends as the drain begins (after one last status), so it cannot hold
+    // the drain open until the drain timeout.
+    let rest = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut rest = Vec::new();
+        while let Some(m) = watch.message().await.unwrap() {
+            rest.push(m.status);
+        }
+        rest
+    })
+    .await
+    .expect("the Watch stream ended within 10s");
+    assert!(
+        rest.iter().all(|s| *s == ServingStatus::NotServing as i32),
+        "{rest:?}"
+    );
 
     let answer = tokio::time::timeout(Duration::from_secs(10), call)
         .await

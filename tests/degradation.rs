@@ -222,3 +222,43 @@ async fn a_fresh_cache_entry_answers_without_calling_the_model() {
     assert_eq!(up.seen().len(), 2, "other inputs are not a hit");
     keel.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_model_gone_slow_opens_its_breaker_and_the_ladder_answers() {
+    let slow = ScriptedUpstream::new(Script::slow(Duration::from_millis(100)));
+    let (addr, _stop) = slow.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[defaults.retry]\nmax_attempts = 1\n\
+         [defaults.breaker]\nmin_requests = 2\nslow_call_duration = \"50ms\"\nslow_call_ratio = 1.0\nopen_for = \"1m\"\n\
+         [upstreams.up]\nendpoints = [\"{addr}\"]\n\
+         [models.simple]\nbackend = \"up\"\n\
+         fallback = [{{ static = [{{ name = \"OUTPUT0\", datatype = \"INT32\", shape = [1], data = [0] }}] }}]\n"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    for id in ["s1", "s2"] {
+        let resp = client
+            .model_infer(request(id, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            param(&resp, "keel.tier"),
+            s("primary"),
+            "slow, but answered"
+        );
+    }
+    let resp = client
+        .model_infer(request("s3", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(param(&resp, "keel.tier"), s("static"));
+    assert_eq!(param(&resp, "keel.degraded_reason"), s("breaker_open"));
+    assert_eq!(
+        slow.seen().len(),
+        2,
+        "the open breaker spared the slow model"
+    );
+    keel.stop().await.unwrap();
+}

@@ -203,6 +203,12 @@ group! {
         max_open_for: Duration,
         /// Probe calls let through while half-open.
         half_open_probes: u32,
+        /// An attempt that does not fail but takes longer than this counts as slow.
+        /// `None`: slowness never opens the breaker.
+        slow_call_duration: Option<Duration>,
+        /// Slow share in the window that opens the breaker (once `min_requests` calls were
+        /// seen), 0..=1; only with `slow_call_duration`.
+        slow_call_ratio: f64,
     }
 }
 
@@ -319,6 +325,8 @@ impl Default for Settings {
                 open_for: Duration::from_secs(5),
                 max_open_for: Duration::from_secs(60),
                 half_open_probes: 3,
+                slow_call_duration: None,
+                slow_call_ratio: 0.5,
             },
             limits: Limits {
                 max_in_flight: 1024,
@@ -441,6 +449,8 @@ impl Overrides {
                 open_for: b.duration(p, "open_for", MAX_DURATION),
                 max_open_for: b.duration(p, "max_open_for", MAX_DURATION),
                 half_open_probes: b.count(p, "half_open_probes", 1..=1000),
+                slow_call_duration: b.duration(p, "slow_call_duration", MAX_DURATION).map(Some),
+                slow_call_ratio: b.number(p, "slow_call_ratio", 0.0..=1.0),
             };
             b.finish(p);
         }

@@ -8,11 +8,12 @@
 //!
 //! 1. **Closed**: calls pass. It trips after `consecutive_failures` failures in a row, or
 //!    when the failure share over the window reaches `failure_ratio` once `min_requests`
-//!    calls were seen.
+//!    calls were seen, or (with `slow_call_duration`) when the share of calls slower than
+//!    that reaches `slow_call_ratio`: a model gone slow is as unusable as one gone down.
 //! 2. **Open**: calls fail at once with [`BreakerOpen`] for `open_for`, doubled on each
 //!    trip in a row, up to `max_open_for`.
 //! 3. **Half-open**: up to `half_open_probes` calls go through; when that many succeed the
-//!    breaker closes, and one failure opens it again.
+//!    breaker closes, and one failure (or slow probe) opens it again.
 //!
 //! Only failures that say something about the upstream's health count (see
 //! [`Handling::trips_breaker`]): a client error is a healthy answer, and so is a refused
@@ -53,6 +54,37 @@ pub enum BreakerState {
     Open = 2,
 }
 
+/// What an admitted call's outcome says about the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer, or an error that says nothing of the upstream's health.
+    Healthy,
+    /// The same, but slower than `slow_call_duration`.
+    Slow,
+    /// A failure that counts against the upstream.
+    Failed,
+}
+
+impl From<bool> for Outcome {
+    /// `true`: healthy; `false`: failed.
+    fn from(healthy: bool) -> Self {
+        if healthy {
+            Outcome::Healthy
+        } else {
+            Outcome::Failed
+        }
+    }
+}
+
+/// Calls of one bucket of the window.
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    /// Calls that did not fail (slow ones included).
+    ok: u64,
+    failed: u64,
+    slow: u64,
+}
+
 /// One breaker.
 #[derive(Debug)]
 pub struct BreakerCell {
@@ -77,8 +109,8 @@ struct Inner {
     consecutive: u32,
     /// Trips in a row without closing, for the growing open time.
     trips: u32,
-    /// (successes, failures) per bucket of the window.
-    buckets: [(u64, u64); BUCKETS],
+    /// Calls per bucket of the window.
+    buckets: [Counts; BUCKETS],
     current: usize,
     current_start: Instant,
 }
@@ -106,7 +138,7 @@ impl BreakerCell {
                 mode: Mode::Closed,
                 consecutive: 0,
                 trips: 0,
-                buckets: [(0, 0); BUCKETS],
+                buckets: [Counts::default(); BUCKETS],
                 current: 0,
                 current_start: Instant::now(),
             }),
@@ -161,14 +193,14 @@ impl BreakerCell {
         }
     }
 
-    /// Records the outcome of an admitted call: `healthy` unless it failed in a way that
-    /// counts against the upstream.
-    pub fn record(&self, admission: Admission, healthy: bool) {
+    /// Records the outcome of an admitted call (a `bool` says healthy or failed).
+    pub fn record(&self, admission: Admission, outcome: impl Into<Outcome>) {
+        let outcome = outcome.into();
         let mut inner = self.lock();
         inner.refresh();
         let s = &self.settings;
         enum Next {
-            Trip,
+            Trip(&'static str),
             Close,
             Count,
             Nothing,
@@ -179,8 +211,10 @@ impl BreakerCell {
                 succeeded,
             } if admission.probe => {
                 *in_flight = in_flight.saturating_sub(1);
-                if !healthy {
-                    Next::Trip
+                if outcome == Outcome::Failed {
+                    Next::Trip("probe_failed")
+                } else if outcome == Outcome::Slow {
+                    Next::Trip("probe_slow")
                 } else {
                     *succeeded += 1;
                     if *succeeded >= s.half_open_probes {
@@ -196,9 +230,9 @@ impl BreakerCell {
             _ => Next::Nothing,
         };
         match next {
-            Next::Trip => {
+            Next::Trip(cause) => {
                 inner.trip(s);
-                self.tripped(&inner);
+                self.tripped(&inner, cause);
             }
             Next::Close => {
                 inner.close();
@@ -208,23 +242,25 @@ impl BreakerCell {
             Next::Count => {
                 inner.advance(s.window);
                 let at = inner.current;
-                if healthy {
-                    inner.buckets[at].0 += 1;
-                    inner.consecutive = 0;
-                } else {
-                    inner.buckets[at].1 += 1;
-                    inner.consecutive += 1;
-                    let (ok, failed) = inner
-                        .buckets
-                        .iter()
-                        .fold((0u64, 0u64), |(a, b), x| (a + x.0, b + x.1));
-                    let total = ok + failed;
-                    let by_ratio = total >= u64::from(s.min_requests)
-                        && failed as f64 >= s.failure_ratio * total as f64;
-                    if inner.consecutive >= s.consecutive_failures || by_ratio {
-                        inner.trip(s);
-                        self.tripped(&inner);
+                let bucket = &mut inner.buckets[at];
+                match outcome {
+                    Outcome::Healthy => bucket.ok += 1,
+                    Outcome::Slow => {
+                        bucket.ok += 1;
+                        bucket.slow += 1;
                     }
+                    Outcome::Failed => bucket.failed += 1,
+                }
+                if outcome == Outcome::Failed {
+                    inner.consecutive += 1;
+                } else {
+                    inner.consecutive = 0;
+                }
+                if outcome != Outcome::Healthy
+                    && let Some(cause) = inner.cause(s)
+                {
+                    inner.trip(s);
+                    self.tripped(&inner, cause);
                 }
             }
         }
@@ -232,20 +268,42 @@ impl BreakerCell {
 }
 
 impl BreakerCell {
-    /// Counts and logs a trip.
-    fn tripped(&self, inner: &Inner) {
+    /// Counts and logs a trip, with its cause.
+    fn tripped(&self, inner: &Inner, cause: &'static str) {
         let trips = self
             .trips_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         if let Mode::Open { until } = inner.mode {
             let open_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
-            tracing::warn!(breaker = %self.name, state = "open", open_ms, trips, "breaker opened");
+            tracing::warn!(breaker = %self.name, state = "open", open_ms, trips, cause, "breaker opened");
         }
     }
 }
 
 impl Inner {
+    /// Why the closed breaker must open now, if it must: `consecutive_failures`,
+    /// `failure_ratio` or `slow_calls`.
+    fn cause(&self, s: &Breaker) -> Option<&'static str> {
+        if self.consecutive >= s.consecutive_failures {
+            return Some("consecutive_failures");
+        }
+        let all = self.buckets.iter().fold(Counts::default(), |a, b| Counts {
+            ok: a.ok + b.ok,
+            failed: a.failed + b.failed,
+            slow: a.slow + b.slow,
+        });
+        let total = all.ok + all.failed;
+        if total < u64::from(s.min_requests) {
+            return None;
+        }
+        if all.failed > 0 && all.failed as f64 >= s.failure_ratio * total as f64 {
+            return Some("failure_ratio");
+        }
+        let slow_counts = s.slow_call_duration.is_some() && all.slow > 0;
+        (slow_counts && all.slow as f64 >= s.slow_call_ratio * total as f64).then_some("slow_calls")
+    }
+
     /// Moves an open breaker whose time is up to half-open.
     fn refresh(&mut self) {
         if let Mode::Open { until } = self.mode
@@ -266,14 +324,14 @@ impl Inner {
             until: Instant::now() + open_for,
         };
         self.consecutive = 0;
-        self.buckets = [(0, 0); BUCKETS];
+        self.buckets = [Counts::default(); BUCKETS];
     }
 
     fn close(&mut self) {
         self.mode = Mode::Closed;
         self.trips = 0;
         self.consecutive = 0;
-        self.buckets = [(0, 0); BUCKETS];
+        self.buckets = [Counts::default(); BUCKETS];
         self.current_start = Instant::now();
     }
 
@@ -284,7 +342,7 @@ impl Inner {
         let steps = (elapsed.as_nanos() / width.as_nanos()) as usize;
         for _ in 0..steps.min(BUCKETS) {
             self.current = (self.current + 1) % BUCKETS;
-            self.buckets[self.current] = (0, 0);
+            self.buckets[self.current] = Counts::default();
         }
         if steps > 0 {
             self.current_start += width * u32::try_from(steps).unwrap_or(u32::MAX);
@@ -331,6 +389,8 @@ where
         };
         match cell.admit() {
             Ok(admission) => BreakerFuture::Called {
+                // The clock is read only when slowness counts.
+                started: cell.settings.slow_call_duration.map(|_| Instant::now()),
                 fut: self.inner.call(req),
                 cell,
                 admission,
@@ -349,7 +409,12 @@ pin_project! {
         /// No breaker for this call.
         Passing { #[pin] fut: F },
         /// Admitted; the outcome is recorded.
-        Called { #[pin] fut: F, cell: Arc<BreakerCell>, admission: Admission },
+        Called {
+            #[pin] fut: F,
+            cell: Arc<BreakerCell>,
+            admission: Admission,
+            started: Option<Instant>,
+        },
         /// Refused.
         Rejected { error: Option<E> },
     }
@@ -369,17 +434,25 @@ where
                 fut,
                 cell,
                 admission,
+                started,
             } => {
                 let out = std::task::ready!(fut.poll(cx));
                 // A refused connection never reached the model: it says one endpoint is
                 // down, which that endpoint's own breaker tracks, and a retry goes to
                 // another. Counting it here would shut the model off while other
                 // endpoints answer.
-                let healthy = match &out {
-                    Ok(_) => true,
-                    Err(e) => !e.class().trips_breaker() || e.never_sent(),
+                let failed = out
+                    .as_ref()
+                    .is_err_and(|e| e.class().trips_breaker() && !e.never_sent());
+                let slow = started
+                    .zip(cell.settings.slow_call_duration)
+                    .is_some_and(|(at, limit)| at.elapsed() > limit);
+                let outcome = match (failed, slow) {
+                    (true, _) => Outcome::Failed,
+                    (false, true) => Outcome::Slow,
+                    (false, false) => Outcome::Healthy,
                 };
-                cell.record(*admission, healthy);
+                cell.record(*admission, outcome);
                 Poll::Ready(out)
             }
             Proj::Rejected { error } => match error.take() {

@@ -246,3 +246,85 @@ async fn refused_connections_do_not_open_the_models_breaker() {
         "one endpoint down is the pool's business (ejection)"
     );
 }
+
+fn slow_settings() -> Breaker {
+    Breaker {
+        consecutive_failures: 1000,
+        min_requests: 4,
+        slow_call_duration: Some(Duration::from_secs(1)),
+        slow_call_ratio: 0.5,
+        ..settings()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn trips_on_the_slow_share_and_a_slow_probe_reopens() {
+    let cell = BreakerCell::new(slow_settings());
+    for outcome in [Outcome::Healthy, Outcome::Slow, Outcome::Healthy] {
+        let a = cell.admit().unwrap();
+        cell.record(a, outcome);
+    }
+    assert_eq!(cell.state(), BreakerState::Closed, "below min_requests");
+    let a = cell.admit().unwrap();
+    cell.record(a, Outcome::Slow);
+    assert_eq!(cell.state(), BreakerState::Open, "2 of 4 slow");
+
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let probe = cell.admit().unwrap();
+    cell.record(probe, Outcome::Slow);
+    assert_eq!(cell.state(), BreakerState::Open, "a slow probe reopens");
+    assert_eq!(cell.trips_total(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_slow_call_duration_slowness_never_trips() {
+    let cell = BreakerCell::new(Breaker {
+        slow_call_duration: None,
+        ..slow_settings()
+    });
+    for _ in 0..10 {
+        let a = cell.admit().unwrap();
+        cell.record(a, Outcome::Slow);
+    }
+    assert_eq!(cell.state(), BreakerState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_times_each_call_against_slow_call_duration() {
+    let cell = Arc::new(BreakerCell::new(slow_settings()));
+    let mut svc = BreakerLayer.layer(service_fn(|r: TimedReq| async move {
+        tokio::time::sleep(r.1).await;
+        Ok::<_, E>("ok")
+    }));
+    let mut call = async |wait: Duration| {
+        svc.ready()
+            .await
+            .unwrap()
+            .call(TimedReq(cell.clone(), wait))
+            .await
+    };
+    // Two fast, one just at the limit (not slower than it), then two slow: 2 of 5.
+    for ms in [10, 20, 1000] {
+        assert_eq!(call(Duration::from_millis(ms)).await, Ok("ok"));
+    }
+    assert_eq!(call(Duration::from_secs(3)).await, Ok("ok"));
+    assert_eq!(cell.state(), BreakerState::Closed, "1 of 4 slow");
+    assert_eq!(call(Duration::from_secs(3)).await, Ok("ok"));
+    assert_eq!(cell.state(), BreakerState::Closed, "2 of 5 slow");
+    assert_eq!(call(Duration::from_secs(3)).await, Ok("ok"));
+    assert_eq!(cell.state(), BreakerState::Open, "3 of 6 slow");
+    let out = call(Duration::ZERO).await;
+    assert!(matches!(out, Err(E::Open(_))), "{out:?}");
+}
+
+/// A call that takes `.1` to answer, under breaker `.0`.
+struct TimedReq(Arc<BreakerCell>, Duration);
+
+impl HasBreaker for TimedReq {
+    fn breaker(&self) -> Option<&Arc<BreakerCell>> {
+        Some(&self.0)
+    }
+    fn breaker_settings(&self) -> &Breaker {
+        self.0.settings()
+    }
+}

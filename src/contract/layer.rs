@@ -78,25 +78,40 @@ where
             return Passthrough::inner(self.inner.call(call));
         };
         let contracts = &call.ctx.route.target.contracts;
-        let known = match contracts.lookup(&req.version, &call.ctx) {
-            Lookup::Known(c) => Some(c),
-            Lookup::Unknown => None,
-            Lookup::Fetch(fetch) => {
-                // The service that was polled ready goes with the call; a clone stays.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
-                return Passthrough::own(async move {
-                    let contract = fetch.await;
-                    if let Some(req) = call.body.checked() {
-                        verdict(&call, req, contract.as_deref())?;
+        let fetch = match contracts.lookup(&req.version, &call.ctx) {
+            Lookup::Fetch(fetch) => fetch,
+            found => {
+                let known = match found {
+                    Lookup::Known(c) => Some(c),
+                    _ => None,
+                };
+                let refused = match verdict(&call, req, known.as_deref()) {
+                    Ok(()) => return Passthrough::inner(self.inner.call(call)),
+                    Err(e) => e,
+                };
+                // The model may have changed upstream since its contract was fetched: the
+                // refusal stands only against a fresh contract.
+                let recheck = match (&known, &refused) {
+                    (Some(_), Error::InvalidRequest(_)) => {
+                        contracts.recheck(&req.version, &call.ctx)
                     }
-                    inner.call(call).await
-                });
+                    _ => None,
+                };
+                match recheck {
+                    Some(fetch) => fetch,
+                    None => return Passthrough::own(std::future::ready(Err(refused))),
+                }
             }
         };
-        match verdict(&call, req, known.as_deref()) {
-            Ok(()) => Passthrough::inner(self.inner.call(call)),
-            Err(e) => Passthrough::own(std::future::ready(Err(e))),
-        }
+        // The service that was polled ready goes with the call; a clone stays.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        Passthrough::own(async move {
+            let contract = fetch.await;
+            if let Some(req) = call.body.checked() {
+                verdict(&call, req, contract.as_deref())?;
+            }
+            inner.call(call).await
+        })
     }
 }

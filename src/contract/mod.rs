@@ -7,6 +7,10 @@
 //! deadline), used for [`REFRESH`], then re-fetched in the background while the old one keeps
 //! serving. A failed fetch never blocks a call: validation then checks only what it can (the
 //! size limits) and says so in a debug log, and the fetch is tried again after [`RETRY`].
+//!
+//! A request the cached contract refuses has it fetched again first ([`Contracts::recheck`],
+//! at most once per [`RETRY`]), so a model whose inputs changed upstream is followed at once
+//! rather than after [`REFRESH`] of refusing valid requests.
 
 mod layer;
 
@@ -36,11 +40,11 @@ type Fetch = Shared<BoxFuture<'static, Option<Arc<Contract>>>>;
 
 /// What is known of one version's contract.
 enum Slot {
-    /// Fetched at `at`; `refreshing` while a background fetch is under way.
+    /// Fetched at `at`; `refreshing` holds the fetch under way, if any.
     Known {
         contract: Arc<Contract>,
         at: Instant,
-        refreshing: bool,
+        refreshing: Option<Fetch>,
     },
     /// The last fetch failed at `at`.
     Failed { at: Instant },
@@ -100,9 +104,8 @@ impl Contracts {
                 at,
                 refreshing,
             }) => {
-                if now.saturating_duration_since(*at) >= REFRESH && !*refreshing {
-                    *refreshing = true;
-                    tokio::spawn(self.fetch(version, ctx, now + FETCH_TIMEOUT));
+                if now.saturating_duration_since(*at) >= REFRESH && refreshing.is_none() {
+                    *refreshing = Some(self.spawn_fetch(version, ctx, now + FETCH_TIMEOUT));
                 }
                 Lookup::Known(contract.clone())
             }
@@ -117,6 +120,35 @@ impl Contracts {
                 Lookup::Fetch(fetch)
             }
         }
+    }
+
+    /// A fetch of the contract of `version` that runs on its own (callers may wait for it
+    /// or not).
+    fn spawn_fetch(self: &Arc<Self>, version: &str, ctx: &CallContext, deadline: Instant) -> Fetch {
+        let fetch = self.fetch(version, ctx, deadline).boxed().shared();
+        tokio::spawn(fetch.clone());
+        fetch
+    }
+
+    /// A fetch to wait for before refusing a request the known contract of `version`
+    /// refuses: the one under way, or a new one when the contract is at least [`RETRY`]
+    /// old. `None`: the contract is fresh (or unknown), so the refusal stands.
+    pub fn recheck(self: &Arc<Self>, version: &str, ctx: &CallContext) -> Option<Fetch> {
+        let now = Instant::now();
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(Slot::Known { at, refreshing, .. }) = slots.get_mut(version) else {
+            return None;
+        };
+        if let Some(under_way) = refreshing {
+            return Some(under_way.clone());
+        }
+        if now.saturating_duration_since(*at) < RETRY {
+            return None;
+        }
+        let deadline = ctx.deadline.min(now + FETCH_TIMEOUT);
+        let fetch = self.spawn_fetch(version, ctx, deadline);
+        *refreshing = Some(fetch.clone());
+        Some(fetch)
     }
 
     /// Fetches the contract of `version` by `deadline` and records the outcome.
@@ -163,7 +195,7 @@ impl Contracts {
                         Slot::Known {
                             contract: contract.clone(),
                             at: now,
-                            refreshing: false,
+                            refreshing: None,
                         },
                     );
                     Some(contract)
@@ -188,7 +220,7 @@ impl Contracts {
                                 Slot::Known {
                                     contract: contract.clone(),
                                     at,
-                                    refreshing: false,
+                                    refreshing: None,
                                 },
                             );
                             Some(contract)

@@ -20,6 +20,8 @@ use crate::upstream::{BackendFuture, ConfigQuery, ReadyQuery, StatisticsQuery};
 struct Fake {
     fetches: AtomicU32,
     failing: std::sync::atomic::AtomicBool,
+    /// The model's input `x` has 5 columns instead of 4 (a new version upstream).
+    widened: std::sync::atomic::AtomicBool,
 }
 
 fn unused<T: Send + 'static>() -> BackendFuture<T> {
@@ -48,6 +50,11 @@ impl Backend for Fake {
     fn contract(&self, _: Call<MetadataQuery>) -> BackendFuture<Contract> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         let failing = self.failing.load(Ordering::SeqCst);
+        let columns = if self.widened.load(Ordering::SeqCst) {
+            5
+        } else {
+            4
+        };
         async move {
             // Takes a while, so concurrent first calls overlap.
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -63,7 +70,7 @@ impl Backend for Fake {
                     name: "m".into(),
                     versions: vec!["1".into()],
                     platform: "fake".into(),
-                    inputs: vec![TensorSpec::new("x", DataType::Fp32, &[-1, 4])],
+                    inputs: vec![TensorSpec::new("x", DataType::Fp32, &[-1, columns])],
                     outputs: vec![TensorSpec::new("y", DataType::Fp32, &[-1, 3])],
                 },
                 None,
@@ -187,5 +194,85 @@ async fn a_request_that_breaks_the_contract_never_reaches_the_inner_service() {
         inner.0.load(Ordering::SeqCst),
         1,
         "the inner service was not called"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_request_has_the_contract_fetched_again_at_most_once_per_retry() {
+    let (fake, contracts) = cache();
+    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let columns = |c: Option<Arc<Contract>>| c.map(|c| c.inputs[0].dims.clone());
+    assert_eq!(columns(get(&contracts).await), Some(vec![-1, 4]));
+    fake.widened.store(true, Ordering::SeqCst);
+
+    // Fetched a moment ago: the refusal stands without asking the upstream again.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(contracts.recheck("", &ctx).is_none());
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 1);
+
+    // Older than RETRY: one fetch, shared by every refused request meanwhile.
+    tokio::time::advance(RETRY).await;
+    let first = contracts.recheck("", &ctx).unwrap();
+    let second = contracts.recheck("", &ctx).unwrap();
+    let (a, b) = futures::future::join(first, second).await;
+    assert_eq!(columns(a), Some(vec![-1, 5]));
+    assert_eq!(columns(b), Some(vec![-1, 5]));
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+    assert_eq!(columns(get(&contracts).await), Some(vec![-1, 5]), "cached");
+    assert!(contracts.recheck("", &ctx).is_none(), "fresh again");
+    assert!(
+        contracts.recheck("7", &ctx).is_none(),
+        "a version never fetched is not rechecked"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_layer_lets_a_request_through_once_the_refetched_contract_takes_it() {
+    let (fake, contracts) = cache();
+    let base = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let mut route = base.route.clone();
+    let t = &base.route.target;
+    route.target = Arc::new(crate::route::Target {
+        backend: t.backend.clone(),
+        upstream: t.upstream.clone(),
+        breaker: None,
+        latency: t.latency.clone(),
+        budget: t.budget.clone(),
+        contracts,
+    });
+    let ctx = Arc::new(CallContext {
+        request_id: base.request_id.clone(),
+        deadline: base.deadline,
+        budget: base.budget,
+        metadata: base.metadata.clone(),
+        snapshot: base.snapshot.clone(),
+        route,
+        receipt: Default::default(),
+        trace: None,
+        pinned: false,
+        priority: base.priority,
+    });
+    let wide = || {
+        let mut r = simple(&[]);
+        r.inputs = vec![Tensor::from_values("x", vec![1, 5], &[0f32; 5]).unwrap()];
+        Call::new(ctx.clone(), r)
+    };
+    let inner = Counting::default();
+    let mut svc = ValidateLayer.layer(inner.clone());
+    let mut send = async || svc.ready().await.unwrap().call(wide()).await;
+
+    assert!(send().await.is_err(), "the model takes 4 columns");
+    fake.widened.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(send().await.is_err(), "a fresh contract's refusal stands");
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 1);
+
+    tokio::time::advance(RETRY).await;
+    send().await.unwrap();
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        inner.0.load(Ordering::SeqCst),
+        1,
+        "only the last call went on"
     );
 }

@@ -5,7 +5,9 @@
 //! Keel is ready while it takes new calls (no shutdown has begun) and every model marked
 //! `required` can answer: a route whose upstream has an endpoint whose breaker is not open
 //! (half-open counts: it lets probes through), or a fallback ladder. `liveness` does not
-//! depend on any of this. The view is recomputed every second from the router's state.
+//! depend on any of this. The view is recomputed when a breaker opens or closes, an
+//! endpoint's standing changes or a policy is applied, and every second for what time alone
+//! changes.
 //!
 //! [`DrainingHealth`] serves the view: tonic-health's service, except that Watch streams end
 //! when the drain begins.
@@ -229,12 +231,18 @@ impl Publisher {
         }
     }
 
-    /// Refreshes every [`INTERVAL`] until the task is dropped.
+    /// Refreshes when the router says a breaker, an endpoint or the policy changed, and every
+    /// [`INTERVAL`] for what time alone changes (an open breaker turning half-open, an
+    /// ejection ending), until the task is dropped.
     pub async fn run(mut self) {
+        let changed = self.router.health_changed().clone();
         let mut ticker = tokio::time::interval(INTERVAL);
         ticker.tick().await;
         loop {
-            ticker.tick().await;
+            tokio::select! {
+                _ = ticker.tick() => {}
+                () = changed.notified() => {}
+            }
             self.refresh().await;
         }
     }
@@ -251,5 +259,64 @@ async fn publish(
     if published.get(name) != Some(&status) {
         reporter.set_service_status(name, status).await;
         published.insert(name.to_string(), status);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::route::Pick;
+
+    async fn status(reporter: &HealthReporter, service: &str) -> i32 {
+        HealthService::from_health_reporter(reporter.clone())
+            .check(Request::new(HealthCheckRequest {
+                service: service.into(),
+            }))
+            .await
+            .map(|r| r.into_inner().status)
+            .unwrap_or(-1)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_that_opens_is_published_without_waiting_for_the_tick() {
+        let store = Arc::new(Store::with_default());
+        let router = Router::new(
+            crate::upstream::embedded::Embedded::new(),
+            1 << 20,
+            crate::observe::Metrics::new(),
+        );
+        let reporter = HealthReporter::new();
+        let readiness = Readiness::new(Arc::new(AtomicBool::new(true)));
+        let mut publisher = Publisher::new(
+            readiness,
+            router.clone(),
+            store.clone(),
+            reporter.clone(),
+            vec![],
+        );
+        publisher.refresh().await;
+        let serving = ServingStatus::Serving as i32;
+        assert_eq!(status(&reporter, "keel.model.simple").await, serving);
+        let task = tokio::spawn(publisher.run());
+
+        let start = tokio::time::Instant::now();
+        let route = router
+            .routes(&store.current())
+            .route(crate::policy::METHODS[0], "simple", "", &Pick::by_id("t"))
+            .unwrap();
+        let breaker = route.target.breaker.clone().unwrap();
+        for _ in 0..5 {
+            let a = breaker.admit().unwrap();
+            breaker.record(a, false);
+        }
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            status(&reporter, "keel.model.simple").await,
+            ServingStatus::NotServing as i32
+        );
+        assert!(start.elapsed() < INTERVAL, "no tick was needed");
+        task.abort();
     }
 }

@@ -260,6 +260,10 @@ impl Keel {
             })
             .inc();
         let router = Router::new(embedded, server.max_message_size, metrics);
+        // A new policy may change which models are required, or their routes: the health
+        // view recomputes at once.
+        let changed = router.health_changed().clone();
+        store.listen(Box::new(move |_, _| changed.notify_one()));
         let rollback_store = store.clone();
         router.on_rollback(Box::new(move |verdict| {
             match rollback_store.roll_back_canary(&verdict.model, &verdict.route) {

@@ -94,6 +94,8 @@ pub struct BreakerCell {
     inner: Mutex<Inner>,
     /// Times it opened, for metrics.
     trips_total: std::sync::atomic::AtomicU64,
+    /// Told when it opens or closes (the health view listens).
+    on_change: Option<Arc<tokio::sync::Notify>>,
 }
 
 #[derive(Debug)]
@@ -134,6 +136,7 @@ impl BreakerCell {
             settings,
             name: name.into(),
             trips_total: std::sync::atomic::AtomicU64::new(0),
+            on_change: None,
             inner: Mutex::new(Inner {
                 mode: Mode::Closed,
                 consecutive: 0,
@@ -142,6 +145,18 @@ impl BreakerCell {
                 current: 0,
                 current_start: Instant::now(),
             }),
+        }
+    }
+
+    /// The same breaker, telling `changed` whenever it opens or closes.
+    pub fn notifying(mut self, changed: Arc<tokio::sync::Notify>) -> Self {
+        self.on_change = Some(changed);
+        self
+    }
+
+    fn changed(&self) {
+        if let Some(n) = &self.on_change {
+            n.notify_one();
         }
     }
 
@@ -237,6 +252,7 @@ impl BreakerCell {
             Next::Close => {
                 inner.close();
                 tracing::info!(breaker = %self.name, state = "closed", "breaker closed");
+                self.changed();
             }
             Next::Nothing => {}
             Next::Count => {
@@ -270,6 +286,7 @@ impl BreakerCell {
 impl BreakerCell {
     /// Counts and logs a trip, with its cause.
     fn tripped(&self, inner: &Inner, cause: &'static str) {
+        self.changed();
         let trips = self
             .trips_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)

@@ -485,6 +485,9 @@ pub struct Router {
     registry: Mutex<Registry>,
     compiled: ArcSwapOption<Compiled>,
     rollback: std::sync::OnceLock<RollbackSink>,
+    /// Told when a breaker opens or closes or an endpoint's standing changes: the health
+    /// view recomputes at once instead of at its next tick.
+    health_changed: Arc<tokio::sync::Notify>,
 }
 
 impl Router {
@@ -501,7 +504,14 @@ impl Router {
             registry: Mutex::new(Registry::default()),
             compiled: ArcSwapOption::empty(),
             rollback: std::sync::OnceLock::new(),
+            health_changed: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    /// Notified when something the health view reads has changed (a breaker, an
+    /// endpoint's standing).
+    pub fn health_changed(&self) -> &Arc<tokio::sync::Notify> {
+        &self.health_changed
     }
 
     /// Sets what happens to a canary's verdict (once; later calls are ignored).
@@ -787,6 +797,7 @@ impl Router {
                         infer_settings.breaker.clone(),
                         format!("{model}@{upstream}"),
                     )
+                    .notifying(self.health_changed.clone())
                 },
             )
         });
@@ -824,7 +835,13 @@ impl Router {
         {
             return Some(up.clone());
         }
-        let up = GrpcUpstream::new(name, spec, self.max_message_size, self.metrics.clone());
+        let up = GrpcUpstream::new(
+            name,
+            spec,
+            self.max_message_size,
+            self.metrics.clone(),
+            self.health_changed.clone(),
+        );
         registry
             .upstreams
             .insert(name.to_string(), (spec.clone(), up.clone()));

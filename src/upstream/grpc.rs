@@ -69,19 +69,20 @@ impl std::fmt::Debug for GrpcUpstream {
 impl GrpcUpstream {
     /// Prepares channels to every endpoint without connecting, and starts the pool's
     /// background work (DNS, health checks) where the policy asks for it; must run inside a
-    /// Tokio runtime.
+    /// Tokio runtime. `changed` is told whenever an endpoint's standing changes.
     pub fn new(
         name: &str,
         spec: &UpstreamSpec,
         max_message_size: usize,
         metrics: Arc<Metrics>,
+        changed: Arc<tokio::sync::Notify>,
     ) -> Arc<Self> {
         let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
         let uris = match &spec.endpoints {
             Endpoints::Static(uris) => uris.as_slice(),
             Endpoints::Dns { .. } => &[],
         };
-        let pool = Arc::new(Pool::new(name, spec, uris, max_message_size));
+        let pool = Arc::new(Pool::new(name, spec, uris, max_message_size).notifying(changed));
         let background =
             matches!(spec.endpoints, Endpoints::Dns { .. }) || spec.health_check.is_some();
         let maintenance =

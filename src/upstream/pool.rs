@@ -197,6 +197,8 @@ pub struct Pool {
     next: AtomicUsize,
     /// Which endpoint each live sequence is bound to.
     sequences: Affinity,
+    /// Told when an endpoint's standing changes (the health view listens).
+    on_change: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl std::fmt::Debug for Pool {
@@ -229,6 +231,7 @@ impl Pool {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             sequences: Affinity::new(spec.sequence_idle_timeout),
+            on_change: None,
         };
         let endpoints = uris
             .iter()
@@ -246,6 +249,19 @@ impl Pool {
     /// The settings the pool was built with.
     pub fn spec(&self) -> &UpstreamSpec {
         &self.spec
+    }
+
+    /// The same pool, telling `changed` whenever an endpoint is ejected, passes or fails
+    /// its checks, or comes or goes with DNS.
+    pub fn notifying(mut self, changed: Arc<tokio::sync::Notify>) -> Self {
+        self.on_change = Some(changed);
+        self
+    }
+
+    fn changed(&self) {
+        if let Some(n) = &self.on_change {
+            n.notify_one();
+        }
     }
 
     /// The endpoints now in the pool.
@@ -325,6 +341,7 @@ impl Pool {
         let removed: Vec<String> = by_addr.into_keys().collect();
         if !added.is_empty() || !removed.is_empty() {
             self.endpoints.store(Arc::new(next));
+            self.changed();
         }
         (added, removed)
     }
@@ -477,11 +494,14 @@ impl Pool {
         h.probation = false;
         tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr,
             ejections = h.ejections, ejected_for = ?length, "endpoint ejected");
+        drop(h);
+        self.changed();
     }
 
     /// Records an active check's outcome on `endpoint`.
     fn record_check(&self, endpoint: &Endpoint, check: &HealthCheck, passed: Result<(), String>) {
         let mut h = endpoint.lock();
+        let was = h.checked_healthy;
         match passed {
             Ok(()) => {
                 h.fails = 0;
@@ -501,6 +521,11 @@ impl Pool {
                         reason = %why, "endpoint fails its health checks");
                 }
             }
+        }
+        let now = h.checked_healthy;
+        drop(h);
+        if now != was {
+            self.changed();
         }
     }
 

@@ -280,7 +280,11 @@ impl Pool {
         // from a resolved socket address.
         let uri = format!("{scheme}://{addr}")
             .parse::<http::Uri>()
-            .unwrap_or_else(|_| http::Uri::from_static("http://invalid.invalid:1"));
+            .unwrap_or_else(|e| {
+                tracing::error!(upstream = %self.name, endpoint = %addr, error = %e,
+                    "not a usable address; calls to this endpoint will fail");
+                http::Uri::from_static("http://invalid.invalid:1")
+            });
         let mut endpoint = TonicEndpoint::from(uri)
             .connect_timeout(self.spec.connect_timeout)
             .tcp_nodelay(true)

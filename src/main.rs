@@ -38,6 +38,10 @@ enum Command {
     Validate {
         /// The TOML file to check.
         file: PathBuf,
+        /// Do not read the certificate, key and CA files the policy names (they are
+        /// mounted only where Keel runs); every other rule is checked.
+        #[arg(long)]
+        skip_files: bool,
     },
     /// Drive an OIP server (Keel or another) with inference load and report what it did.
     Load(LoadArgs),
@@ -104,7 +108,7 @@ fn main() -> ExitCode {
     init_logs(cli.log_format, &cli.log_level);
     match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve(args),
-        Command::Validate { file } => validate(&file),
+        Command::Validate { file, skip_files } => validate(&file, skip_files),
         Command::Load(args) => load(args),
         Command::HashKey => hash_key(),
     }
@@ -137,15 +141,23 @@ fn hash_key() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn validate(file: &std::path::Path) -> ExitCode {
+fn validate(file: &std::path::Path, skip_files: bool) -> ExitCode {
     let embedded = keel::upstream::embedded::Embedded::new();
-    let checked = Policy::load(file).and_then(|p| {
+    let files = if skip_files {
+        keel::policy::Files::Skip
+    } else {
+        keel::policy::Files::Read
+    };
+    let checked = Policy::load_with(file, files).and_then(|p| {
         keel::route::check(&p, &embedded)?;
         Ok(p)
     });
     match checked {
         Ok(p) => {
             print!("{}", summary(file, &p, &embedded));
+            if skip_files {
+                println!("certificate, key and CA files not read (--skip-files)");
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -349,8 +361,15 @@ fn summary(
         let short = method.rsplit('/').next().unwrap_or(method);
         let retry_on: Vec<&str> = s.retry.retry_on.iter().map(|r| r.as_str()).collect();
         let breaker = if s.breaker.enabled {
+            let slow = s.breaker.slow_call_duration.map_or_else(String::new, |t| {
+                format!(
+                    " or {:.0}% slower than {}",
+                    s.breaker.slow_call_ratio * 100.0,
+                    d(t)
+                )
+            });
             format!(
-                "breaker opens at {:.0}% failures of >= {} calls in {}, for {}",
+                "breaker opens at {:.0}% failures{slow} of >= {} calls in {}, for {}",
                 s.breaker.failure_ratio * 100.0,
                 s.breaker.min_requests,
                 d(s.breaker.window),

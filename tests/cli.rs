@@ -274,3 +274,38 @@ fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> std::proces
         waited += step;
     }
 }
+
+#[test]
+fn validate_can_leave_the_certificate_files_to_where_keel_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tls.toml");
+    std::fs::write(
+        &file,
+        "[server.tls]\ncert = \"/run/secrets/keel/cert.pem\"\nkey = \"/run/secrets/keel/key.pem\"\n\
+         [defaults.breaker]\nslow_call_duration = \"2s\"\n",
+    )
+    .unwrap();
+    let out = keel(&["validate", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "the files are read by default");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("server.tls.cert: cannot read /run/secrets/keel/cert.pem"),
+        "{stderr}"
+    );
+
+    let out = keel(&["validate", "--skip-files", file.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("not read (--skip-files)"), "{stdout}");
+    assert!(
+        stdout.contains("breaker opens at 50% failures or 50% slower than 2s of >= 20 calls"),
+        "{stdout}"
+    );
+
+    // Every other rule still holds.
+    std::fs::write(&file, "[server.tls]\ncert = \"c.pem\"\n").unwrap();
+    let out = keel(&["validate", "--skip-files", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.tls.key: is required"), "{stderr}");
+}

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use super::Files;
 use super::reader::{Problems, Section, join};
 use super::settings::Settings;
 use super::{
@@ -15,7 +16,7 @@ use super::{
 };
 
 /// Parses `text`; on success also returns the TOML table, for the canonical form.
-pub(super) fn parse(text: &str) -> Result<(Policy, Table), PolicyErrors> {
+pub(super) fn parse(text: &str, files: Files) -> Result<(Policy, Table), PolicyErrors> {
     let table: Table = text.parse().map_err(|e: toml::de::Error| {
         let at = e
             .span()
@@ -26,13 +27,13 @@ pub(super) fn parse(text: &str) -> Result<(Policy, Table), PolicyErrors> {
             .unwrap_or_default();
         PolicyErrors::one("", format!("TOML syntax: {}{at}", e.message().trim()))
     })?;
-    let policy = from_table(&table)?;
+    let policy = from_table(&table, files)?;
     Ok((policy, table))
 }
 
 /// Builds a policy from a parsed table.
-pub(super) fn from_table(table: &Table) -> Result<Policy, PolicyErrors> {
-    let mut p = Problems::default();
+pub(super) fn from_table(table: &Table, files: Files) -> Result<Policy, PolicyErrors> {
+    let mut p = Problems::new(files);
     let mut root = Section::new("", table);
 
     let version = root.string(&mut p, "policy_version");

@@ -52,6 +52,16 @@ pub use upstreams::{
     CheckKind, Connection, Endpoints, HealthCheck, Outlier, UpstreamSpec, UpstreamTls,
 };
 
+/// Whether reading a policy reads the files it names (certificates, keys, CAs) to check them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Files {
+    /// Read and check them: what serving needs.
+    #[default]
+    Read,
+    /// Leave them alone: checking a policy where they are not mounted.
+    Skip,
+}
+
 /// Where Keel listens for traffic unless told otherwise: Triton's gRPC port on loopback.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8001";
 
@@ -351,12 +361,19 @@ impl PolicyErrors {
 impl Policy {
     /// Parses and validates a TOML policy document.
     pub fn parse(text: &str) -> Result<Policy, PolicyErrors> {
-        document::parse(text).map(|(policy, _)| policy)
+        document::parse(text, Files::Read).map(|(policy, _)| policy)
     }
 
     /// Reads and parses a policy file; errors name the file when it cannot be read.
     pub fn load(path: &std::path::Path) -> Result<Policy, PolicyErrors> {
-        Policy::parse(&read_file(path)?)
+        Policy::load_with(path, Files::Read)
+    }
+
+    /// [`Policy::load`], reading the files the policy names or not (`keel validate
+    /// --skip-files`, where certificates are mounted only where Keel runs). A policy read
+    /// with [`Files::Skip`] is for checking, not serving: its upstream TLS material is empty.
+    pub fn load_with(path: &std::path::Path, files: Files) -> Result<Policy, PolicyErrors> {
+        document::parse(&read_file(path)?, files).map(|(policy, _)| policy)
     }
 
     /// The effective settings of a call to `method` (a full gRPC method name) for `model`:

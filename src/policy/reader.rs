@@ -10,13 +10,23 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use super::units::{parse_duration, parse_size};
-use super::{PolicyError, PolicyErrors};
+use super::{Files, PolicyError, PolicyErrors};
 
-/// Problems found so far.
+/// Problems found so far, and whether the files the policy names are read.
 #[derive(Debug, Default)]
-pub(super) struct Problems(Vec<PolicyError>);
+pub(super) struct Problems(Vec<PolicyError>, Files);
 
 impl Problems {
+    /// No problems yet; `files` says whether the policy's files are read and checked.
+    pub(super) fn new(files: Files) -> Problems {
+        Problems(Vec::new(), files)
+    }
+
+    /// Whether the files the policy names (certificates, keys, CAs) are read and checked.
+    pub(super) fn reads_files(&self) -> bool {
+        self.1 == Files::Read
+    }
+
     pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let e = PolicyError {
             path: path.into(),

@@ -452,7 +452,7 @@ fn prepare(
     check: &Check,
     adjust: &Adjust,
 ) -> Result<(Policy, toml::Table), PolicyErrors> {
-    let (mut policy, table) = document::parse(text)?;
+    let (mut policy, table) = document::parse(text, super::Files::Read)?;
     adjust(&mut policy);
     check(&policy)?;
     Ok((policy, table))

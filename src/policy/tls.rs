@@ -169,6 +169,7 @@ pub(super) fn read(mut s: Section<'_>, section: &'static str, p: &mut Problems) 
     };
     if cert.is_some()
         && key.is_some()
+        && p.reads_files()
         && let Err(errors) = settings.load()
     {
         for PolicyError { path, message } in errors.0 {

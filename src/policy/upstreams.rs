@@ -219,6 +219,9 @@ fn tls(mut s: Section<'_>, p: &mut Problems) -> UpstreamTls {
                 key: &'static str,
                 read: fn(&std::path::Path) -> Result<(), String>| {
         let path = s.string(p, key)?;
+        if !p.reads_files() {
+            return Some(Vec::new());
+        }
         let path = std::path::PathBuf::from(path);
         match read(&path).and_then(|()| super::tls::read_file(&path)) {
             Ok(bytes) => Some(bytes),

@@ -99,14 +99,10 @@ async fn streamed_requests_are_forwarded_as_unary_calls() {
     ))
     .await;
     let mut client = front.client().await;
-    let features: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
     let req = pb::ModelInferRequest {
         model_name: "iris".into(),
         inputs: vec![input("features", "FP32", &[1, 4])],
-        raw_input_contents: vec![features.into()],
+        raw_input_contents: vec![f32_bytes(&[5.1, 3.5, 1.4, 0.2])],
         ..Default::default()
     };
     let mut answers = client
@@ -189,13 +185,7 @@ async fn a_streamed_request_falls_back_and_is_counted_as_a_unary_call_is() {
     let iris = pb::ModelInferRequest {
         model_name: "iris".into(),
         inputs: vec![input("features", "FP32", &[1, 4])],
-        raw_input_contents: vec![
-            [5.1f32, 3.5, 1.4, 0.2]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        ],
+        raw_input_contents: vec![f32_bytes(&[5.1, 3.5, 1.4, 0.2])],
         ..Default::default()
     };
     let got = stream(&mut client, vec![iris.clone(), iris]).await;
@@ -236,13 +226,7 @@ async fn a_streamed_request_for_an_adapted_version_is_adapted() {
         model_version: "0".into(),
         id: "old".into(),
         inputs: vec![input("x", "FP32", &[1, 4])],
-        raw_input_contents: vec![
-            [6.5f32, 3.0, 5.8, 2.2]
-                .iter()
-                .flat_map(|x| x.to_le_bytes())
-                .collect::<Vec<u8>>()
-                .into(),
-        ],
+        raw_input_contents: vec![f32_bytes(&[6.5, 3.0, 5.8, 2.2])],
         ..Default::default()
     };
     let got = stream(&mut client, vec![old]).await;

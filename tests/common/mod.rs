@@ -300,6 +300,13 @@ pub fn i32_bytes(v: &[i32]) -> Bytes {
         .into()
 }
 
+pub fn f32_bytes(v: &[f32]) -> Bytes {
+    v.iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect::<Vec<u8>>()
+        .into()
+}
+
 pub fn i32s(b: &[u8]) -> Vec<i32> {
     b.chunks_exact(4)
         .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))

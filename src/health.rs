@@ -91,13 +91,10 @@ impl Health for DrainingHealth {
         };
         // The status at the end, so a client never misses the last change however close
         // it came to the drain (NOT_SERVING, for readiness).
-        let reporter = self.reporter.clone();
+        let at_end = self.service();
         let last = async move {
             let check = Request::new(HealthCheckRequest { service });
-            HealthService::from_health_reporter(reporter)
-                .check(check)
-                .await
-                .map(Response::into_inner)
+            at_end.check(check).await.map(Response::into_inner)
         };
         let stream = statuses
             .take_until(drained)

@@ -5,6 +5,8 @@
 //! answering with a trailers-only response; [`fix_response`] rewrites that status. Streaming
 //! handlers see the same error as a stream item and map it with [`fix_status`].
 
+use crate::error::Error;
+
 /// The status for tonic's oversize error, as Keel's error; other statuses pass through.
 /// `revision` is the policy revision the status reports.
 pub fn fix_status(status: tonic::Status, revision: u64) -> tonic::Status {
@@ -58,8 +60,6 @@ fn percent_decode(s: &str) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
-
-use crate::error::Error;
 
 #[cfg(test)]
 mod tests {

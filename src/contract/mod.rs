@@ -40,10 +40,12 @@ type Fetch = Shared<BoxFuture<'static, Option<Arc<Contract>>>>;
 
 /// What is known of one version's contract.
 enum Slot {
-    /// Fetched at `at`; `refreshing` holds the fetch under way, if any.
+    /// Fetched at `at` (due for a refresh [`REFRESH`] later); last fetched or tried at
+    /// `tried`; `refreshing` holds the fetch under way, if any.
     Known {
         contract: Arc<Contract>,
         at: Instant,
+        tried: Instant,
         refreshing: Option<Fetch>,
     },
     /// The last fetch failed at `at`.
@@ -103,6 +105,7 @@ impl Contracts {
                 contract,
                 at,
                 refreshing,
+                ..
             }) => {
                 if now.saturating_duration_since(*at) >= REFRESH && refreshing.is_none() {
                     *refreshing = Some(self.spawn_fetch(version, ctx, now + FETCH_TIMEOUT));
@@ -136,13 +139,18 @@ impl Contracts {
     pub fn recheck(self: &Arc<Self>, version: &str, ctx: &CallContext) -> Option<Fetch> {
         let now = Instant::now();
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(Slot::Known { at, refreshing, .. }) = slots.get_mut(version) else {
+        let Some(Slot::Known {
+            tried, refreshing, ..
+        }) = slots.get_mut(version)
+        else {
             return None;
         };
         if let Some(under_way) = refreshing {
             return Some(under_way.clone());
         }
-        if now.saturating_duration_since(*at) < RETRY {
+        // Spaced from the last attempt, failed ones included, so a metadata endpoint that
+        // is down is not asked once per refused request.
+        if now.saturating_duration_since(*tried) < RETRY {
             return None;
         }
         let deadline = ctx.deadline.min(now + FETCH_TIMEOUT);
@@ -195,6 +203,7 @@ impl Contracts {
                         Slot::Known {
                             contract: contract.clone(),
                             at: now,
+                            tried: now,
                             refreshing: None,
                         },
                     );
@@ -220,6 +229,7 @@ impl Contracts {
                                 Slot::Known {
                                     contract: contract.clone(),
                                     at,
+                                    tried: now,
                                     refreshing: None,
                                 },
                             );

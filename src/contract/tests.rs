@@ -276,3 +276,22 @@ async fn the_layer_lets_a_request_through_once_the_refetched_contract_takes_it()
         "only the last call went on"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failing_metadata_endpoint_is_not_asked_once_per_refused_request() {
+    let (fake, contracts) = cache();
+    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    get(&contracts).await.unwrap();
+    fake.failing.store(true, Ordering::SeqCst);
+    tokio::time::advance(RETRY).await;
+    let failed = contracts.recheck("", &ctx).unwrap().await;
+    assert!(failed.is_some(), "the stale contract still answers");
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+    // Right after a failed attempt: no new fetch, however many requests are refused.
+    for _ in 0..5 {
+        assert!(contracts.recheck("", &ctx).is_none());
+    }
+    assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
+    tokio::time::advance(RETRY).await;
+    assert!(contracts.recheck("", &ctx).is_some());
+}

@@ -95,7 +95,7 @@ pub struct BreakerCell {
     /// Times it opened, for metrics.
     trips_total: std::sync::atomic::AtomicU64,
     /// Told when it opens or closes (the health view listens).
-    on_change: Option<Arc<tokio::sync::Notify>>,
+    on_change: super::Changed,
 }
 
 #[derive(Debug)]
@@ -136,7 +136,7 @@ impl BreakerCell {
             settings,
             name: name.into(),
             trips_total: std::sync::atomic::AtomicU64::new(0),
-            on_change: None,
+            on_change: super::Changed::default(),
             inner: Mutex::new(Inner {
                 mode: Mode::Closed,
                 consecutive: 0,
@@ -149,15 +149,9 @@ impl BreakerCell {
     }
 
     /// The same breaker, telling `changed` whenever it opens or closes.
-    pub fn notifying(mut self, changed: Arc<tokio::sync::Notify>) -> Self {
-        self.on_change = Some(changed);
+    pub fn notifying(mut self, changed: super::Changed) -> Self {
+        self.on_change = changed;
         self
-    }
-
-    fn changed(&self) {
-        if let Some(n) = &self.on_change {
-            n.notify_one();
-        }
     }
 
     /// The settings it was built with.
@@ -252,7 +246,7 @@ impl BreakerCell {
             Next::Close => {
                 inner.close();
                 tracing::info!(breaker = %self.name, state = "closed", "breaker closed");
-                self.changed();
+                self.on_change.tell();
             }
             Next::Nothing => {}
             Next::Count => {
@@ -286,7 +280,7 @@ impl BreakerCell {
 impl BreakerCell {
     /// Counts and logs a trip, with its cause.
     fn tripped(&self, inner: &Inner, cause: &'static str) {
-        self.changed();
+        self.on_change.tell();
         let trips = self
             .trips_total
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)

@@ -11,6 +11,7 @@ mod attempt;
 mod backoff;
 mod breaker;
 mod budget;
+mod changed;
 pub mod classify;
 mod deadline;
 pub mod failure;
@@ -29,6 +30,7 @@ pub use breaker::{
     Admission, BreakerCell, BreakerLayer, BreakerOpen, BreakerService, BreakerState,
 };
 pub use budget::RetryBudget;
+pub use changed::Changed;
 pub use classify::{ErrorClass, Handling, Origin, classify};
 pub use deadline::{Deadline, DeadlineExceeded, DeadlineFuture, DeadlineLayer, HasDeadline};
 pub use failure::{Failure, HasAttempt, HasBreaker, HasLimit, HasRetry, Pushback};

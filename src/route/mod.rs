@@ -36,7 +36,7 @@ use crate::policy::{
     BackendRef, METHODS, ModelPolicy, Policy, PolicyError, PolicyErrors, Settings, Snapshot, Tier,
     UpstreamSpec, When,
 };
-use crate::resilience::{BreakerCell, Latency, Limiter, RetryBudget};
+use crate::resilience::{BreakerCell, Changed, Latency, Limiter, RetryBudget};
 use crate::upstream::embedded::Embedded;
 use crate::upstream::grpc::GrpcUpstream;
 use crate::upstream::{Backend, BackendFuture, Operation};
@@ -797,7 +797,7 @@ impl Router {
                         infer_settings.breaker.clone(),
                         format!("{model}@{upstream}"),
                     )
-                    .notifying(self.health_changed.clone())
+                    .notifying(Changed::to(self.health_changed.clone()))
                 },
             )
         });
@@ -840,7 +840,7 @@ impl Router {
             spec,
             self.max_message_size,
             self.metrics.clone(),
-            self.health_changed.clone(),
+            Changed::to(self.health_changed.clone()),
         );
         registry
             .upstreams

@@ -75,7 +75,7 @@ impl GrpcUpstream {
         spec: &UpstreamSpec,
         max_message_size: usize,
         metrics: Arc<Metrics>,
-        changed: Arc<tokio::sync::Notify>,
+        changed: crate::resilience::Changed,
     ) -> Arc<Self> {
         let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver);
         let uris = match &spec.endpoints {

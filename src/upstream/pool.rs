@@ -29,7 +29,7 @@ use super::sequence::{Affinity, Marks};
 use crate::error::Error;
 use crate::pb::inference as proto;
 use crate::policy::{CheckKind, HealthCheck, UpstreamSpec};
-use crate::resilience::BreakerOpen;
+use crate::resilience::{BreakerOpen, Changed};
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// What one call said about its endpoint, for outlier ejection.
@@ -198,7 +198,7 @@ pub struct Pool {
     /// Which endpoint each live sequence is bound to.
     sequences: Affinity,
     /// Told when an endpoint's standing changes (the health view listens).
-    on_change: Option<Arc<tokio::sync::Notify>>,
+    on_change: Changed,
 }
 
 impl std::fmt::Debug for Pool {
@@ -231,7 +231,7 @@ impl Pool {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             next: AtomicUsize::new(0),
             sequences: Affinity::new(spec.sequence_idle_timeout),
-            on_change: None,
+            on_change: Changed::default(),
         };
         let endpoints = uris
             .iter()
@@ -253,15 +253,9 @@ impl Pool {
 
     /// The same pool, telling `changed` whenever an endpoint is ejected, passes or fails
     /// its checks, or comes or goes with DNS.
-    pub fn notifying(mut self, changed: Arc<tokio::sync::Notify>) -> Self {
-        self.on_change = Some(changed);
+    pub fn notifying(mut self, changed: Changed) -> Self {
+        self.on_change = changed;
         self
-    }
-
-    fn changed(&self) {
-        if let Some(n) = &self.on_change {
-            n.notify_one();
-        }
     }
 
     /// The endpoints now in the pool.
@@ -345,7 +339,7 @@ impl Pool {
         let removed: Vec<String> = by_addr.into_keys().collect();
         if !added.is_empty() || !removed.is_empty() {
             self.endpoints.store(Arc::new(next));
-            self.changed();
+            self.on_change.tell();
         }
         (added, removed)
     }
@@ -499,7 +493,7 @@ impl Pool {
         tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr,
             ejections = h.ejections, ejected_for = ?length, "endpoint ejected");
         drop(h);
-        self.changed();
+        self.on_change.tell();
     }
 
     /// Records an active check's outcome on `endpoint`.
@@ -529,7 +523,7 @@ impl Pool {
         let now = h.checked_healthy;
         drop(h);
         if now != was {
-            self.changed();
+            self.on_change.tell();
         }
     }
 

@@ -5,9 +5,8 @@
 //! Keel is ready while it takes new calls (no shutdown has begun) and every model marked
 //! `required` can answer: a route whose upstream has an endpoint whose breaker is not open
 //! (half-open counts: it lets probes through), or a fallback ladder. `liveness` does not
-//! depend on any of this. The view is recomputed when a breaker opens or closes, an
-//! endpoint's standing changes or a policy is applied, and every second for what time alone
-//! changes.
+//! depend on any of this. The view is recomputed when a breaker opens, turns half-open or
+//! closes, an endpoint's standing changes or a policy is applied, and every second besides.
 //!
 //! [`DrainingHealth`] serves the view: tonic-health's service, except that Watch streams end
 //! when the drain begins.
@@ -228,9 +227,9 @@ impl Publisher {
         }
     }
 
-    /// Refreshes when the router says a breaker, an endpoint or the policy changed, and every
-    /// [`INTERVAL`] for what time alone changes (an open breaker turning half-open, an
-    /// ejection ending), until the task is dropped.
+    /// Refreshes when the router says a breaker, an endpoint or the policy changed (time-driven
+    /// changes included: breakers and pools say when those fall due), and every [`INTERVAL`]
+    /// as a safety net, until the task is dropped.
     pub async fn run(mut self) {
         let changed = self.router.health_changed().clone();
         let mut ticker = tokio::time::interval(INTERVAL);
@@ -262,6 +261,7 @@ async fn publish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::resilience::BreakerCell;
     use crate::route::Pick;
 
     async fn status(reporter: &HealthReporter, service: &str) -> i32 {
@@ -274,9 +274,18 @@ mod tests {
             .unwrap_or(-1)
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_breaker_that_opens_is_published_without_waiting_for_the_tick() {
-        let store = Arc::new(Store::with_default());
+    /// A publisher of the health of the embedded models under `policy`, and the breaker of
+    /// `simple`.
+    async fn publishing(policy: &str) -> (HealthReporter, Arc<BreakerCell>, Publisher) {
+        let store = Store::new(
+            Some(policy.to_string()),
+            crate::policy::Source::Startup(None),
+            crate::policy::AuditLog::disabled(),
+            Box::new(|_| Ok(())),
+            Box::new(|_| {}),
+        )
+        .map(Arc::new)
+        .unwrap();
         let router = Router::new(
             crate::upstream::embedded::Embedded::new(),
             1 << 20,
@@ -292,28 +301,67 @@ mod tests {
             vec![],
         );
         publisher.refresh().await;
-        let serving = ServingStatus::Serving as i32;
-        assert_eq!(status(&reporter, "keel.model.simple").await, serving);
-        let task = tokio::spawn(publisher.run());
-
-        let start = tokio::time::Instant::now();
         let route = router
             .routes(&store.current())
             .route(crate::policy::METHODS[0], "simple", "", &Pick::by_id("t"))
             .unwrap();
         let breaker = route.target.breaker.clone().unwrap();
+        (reporter, breaker, publisher)
+    }
+
+    fn trip(breaker: &BreakerCell) {
         for _ in 0..5 {
             let a = breaker.admit().unwrap();
             breaker.record(a, false);
         }
+    }
+
+    /// Lets the publisher run without time passing.
+    async fn settle() {
         for _ in 0..20 {
             tokio::task::yield_now().await;
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_that_opens_is_published_without_waiting_for_the_tick() {
+        let (reporter, breaker, publisher) = publishing("").await;
+        let serving = ServingStatus::Serving as i32;
+        assert_eq!(status(&reporter, "keel.model.simple").await, serving);
+        let task = tokio::spawn(publisher.run());
+
+        let start = tokio::time::Instant::now();
+        trip(&breaker);
+        settle().await;
         assert_eq!(
             status(&reporter, "keel.model.simple").await,
             ServingStatus::NotServing as i32
         );
         assert!(start.elapsed() < INTERVAL, "no tick was needed");
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_breaker_turning_half_open_is_published_when_it_does() {
+        // Half-open at 1.5 s, between the ticks at 1 s and 2 s.
+        let (reporter, breaker, publisher) =
+            publishing("[defaults.breaker]\nopen_for = \"1500ms\"\n").await;
+        let task = tokio::spawn(publisher.run());
+        trip(&breaker);
+        settle().await;
+        let not_serving = ServingStatus::NotServing as i32;
+        assert_eq!(status(&reporter, "keel.model.simple").await, not_serving);
+
+        tokio::time::advance(Duration::from_millis(1499)).await;
+        settle().await;
+        assert_eq!(status(&reporter, "keel.model.simple").await, not_serving);
+        tokio::time::advance(Duration::from_millis(2)).await;
+        settle().await;
+        assert_eq!(
+            status(&reporter, "keel.model.simple").await,
+            ServingStatus::Serving as i32,
+            "probes may go through: the model can answer"
+        );
         task.abort();
     }
 }

@@ -286,6 +286,7 @@ impl BreakerCell {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
         if let Mode::Open { until } = inner.mode {
+            self.on_change.tell_at(until);
             let open_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64;
             tracing::warn!(breaker = %self.name, state = "open", open_ms, trips, cause, "breaker opened");
         }

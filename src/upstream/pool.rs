@@ -494,6 +494,7 @@ impl Pool {
             ejections = h.ejections, ejected_for = ?length, "endpoint ejected");
         drop(h);
         self.on_change.tell();
+        self.on_change.tell_at(now + length);
     }
 
     /// Records an active check's outcome on `endpoint`.

@@ -52,15 +52,7 @@ async fn answers_come_in_request_order_and_errors_do_not_end_the_stream() {
         }
         requests.push(r);
     }
-    let mut answers = client
-        .model_stream_infer(futures::stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut got = Vec::new();
-    while let Some(a) = answers.message().await.unwrap() {
-        got.push(a);
-    }
+    let got = stream(&mut client, requests).await;
     assert_eq!(got.len(), 20, "one answer per request");
     for (i, a) in got.iter().enumerate() {
         let resp = a.infer_response.as_ref().unwrap();
@@ -105,20 +97,14 @@ async fn streamed_requests_are_forwarded_as_unary_calls() {
         raw_input_contents: vec![f32_bytes(&[5.1, 3.5, 1.4, 0.2])],
         ..Default::default()
     };
-    let mut answers = client
-        .model_stream_infer(futures::stream::iter(vec![req.clone(), req]))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut n = 0;
-    while let Some(a) = answers.message().await.unwrap() {
+    let got = stream(&mut client, vec![req.clone(), req]).await;
+    assert_eq!(got.len(), 2);
+    for a in got {
         assert_eq!(a.error_message, "");
         let resp = a.infer_response.unwrap();
         let label = resp.outputs.iter().position(|o| o.name == "label").unwrap();
         assert_eq!(i64s(&resp.raw_output_contents[label]), vec![0]);
-        n += 1;
     }
-    assert_eq!(n, 2);
     let mut up = upstream.client().await;
     let stats = up
         .model_statistics(pb::ModelStatisticsRequest {

@@ -1,5 +1,9 @@
 //! Every embedded model answers correctly over real gRPC, raw and typed, and the model
 //! information RPCs (ready, metadata, config, statistics, index) are real.
+//!
+//! Answers are raw whatever the request's form, as Triton's are: Triton's
+//! `grpc_explicit_{int,int8,byte}_content_client.py` send typed `contents` and read
+//! `raw_output_contents`, and the typed-request tests here read them the same way.
 
 mod common;
 
@@ -56,7 +60,7 @@ async fn a_request_id_is_generated_when_the_client_sends_none() {
 }
 
 #[tokio::test]
-async fn simple_answers_typed_contents_when_asked_typed_with_a_full_batch() {
+async fn simple_answers_a_typed_request_raw_with_a_full_batch() {
     let keel = Keel::embedded().await;
     let mut client = keel.client().await;
     let a: Vec<i32> = (0..128).collect();
@@ -74,12 +78,15 @@ async fn simple_answers_typed_contents_when_asked_typed_with_a_full_batch() {
         .await
         .unwrap()
         .into_inner();
-    assert!(resp.raw_output_contents.is_empty(), "typed in, typed out");
-    let out0 = resp.outputs.iter().find(|o| o.name == "OUTPUT0").unwrap();
-    let out1 = resp.outputs.iter().find(|o| o.name == "OUTPUT1").unwrap();
-    assert_eq!(out0.shape, vec![8, 16]);
-    let sum = &out0.contents.as_ref().unwrap().int_contents;
-    let diff = &out1.contents.as_ref().unwrap().int_contents;
+    assert!(
+        resp.outputs.iter().all(|o| o.contents.is_none()),
+        "typed in, raw out, as Triton answers"
+    );
+    let at = |name: &str| resp.outputs.iter().position(|o| o.name == name).unwrap();
+    let (out0, out1) = (at("OUTPUT0"), at("OUTPUT1"));
+    assert_eq!(resp.outputs[out0].shape, vec![8, 16]);
+    let sum = i32s(&resp.raw_output_contents[out0]);
+    let diff = i32s(&resp.raw_output_contents[out1]);
     for i in 0..128 {
         assert_eq!(sum[i], a[i] + b[i]);
         assert_eq!(diff[i], a[i] - b[i]);
@@ -141,10 +148,15 @@ async fn simple_int8_computes_raw_and_typed() {
         .await
         .unwrap()
         .into_inner();
-    let c0 = resp.outputs[0].contents.as_ref().unwrap();
-    let c1 = resp.outputs[1].contents.as_ref().unwrap();
-    assert_eq!(c0.int_contents, vec![0; 16]);
-    assert_eq!(c1.int_contents, vec![-56; 16], "200 wraps to -56 as INT8");
+    // grpc_explicit_int8_content_client.py reads the answer as raw INT8.
+    assert!(resp.outputs.iter().all(|o| o.contents.is_none()));
+    let int8s = |b: &[u8]| b.iter().map(|&x| x as i8).collect::<Vec<i8>>();
+    assert_eq!(int8s(&resp.raw_output_contents[0]), vec![0; 16]);
+    assert_eq!(
+        int8s(&resp.raw_output_contents[1]),
+        vec![-56; 16],
+        "200 wraps to -56 as INT8"
+    );
     keel.stop().await.unwrap();
 }
 
@@ -191,7 +203,9 @@ async fn simple_string_sums_decimal_strings_raw_and_typed() {
         .await
         .unwrap()
         .into_inner();
-    let sums = &resp.outputs[0].contents.as_ref().unwrap().bytes_contents;
+    // grpc_explicit_byte_content_client.py reads the answer as raw BYTES elements.
+    assert!(resp.outputs.iter().all(|o| o.contents.is_none()));
+    let sums = split_bytes_elements(&resp.raw_output_contents[0]);
     assert_eq!(&sums[15][..], b"25");
     keel.stop().await.unwrap();
 }
@@ -292,8 +306,9 @@ async fn iris_classifies_known_flowers_raw_and_typed() {
         .await
         .unwrap()
         .into_inner();
-    let label = resp.outputs.iter().find(|o| o.name == "label").unwrap();
-    assert_eq!(label.contents.as_ref().unwrap().int64_contents, vec![2]);
+    let label = resp.outputs.iter().position(|o| o.name == "label").unwrap();
+    assert!(resp.outputs[label].contents.is_none(), "typed in, raw out");
+    assert_eq!(i64s(&resp.raw_output_contents[label]), vec![2]);
     keel.stop().await.unwrap();
 }
 

@@ -162,6 +162,46 @@ async fn answers_through_a_second_keel_are_identical_to_direct_ones() {
 }
 
 #[tokio::test]
+async fn a_forwarded_answer_keeps_the_form_its_upstream_chose() {
+    // Keel sends upstream in raw form; the answer comes back as the upstream gave it,
+    // whatever form the client used.
+    let mut typed_request = simple_request();
+    let raw = std::mem::take(&mut typed_request.raw_input_contents);
+    for (t, r) in typed_request.inputs.iter_mut().zip(&raw) {
+        t.contents = Some(pb::InferTensorContents {
+            int_contents: i32s(r),
+            ..Default::default()
+        });
+    }
+    for typed_upstream in [false, true] {
+        let up = ScriptedUpstream::new(Script {
+            typed: typed_upstream,
+            ..Script::default()
+        });
+        let (addr, _stop) = up.serve().await;
+        let keel = Keel::with_config(&simple_via(addr, "")).await;
+        let mut client = keel.client().await;
+        for req in [simple_request(), typed_request.clone()] {
+            let typed_in = req.raw_input_contents.is_empty();
+            let resp = client.model_infer(req).await.unwrap().into_inner();
+            let what = format!("typed upstream: {typed_upstream}, typed request: {typed_in}");
+            if typed_upstream {
+                assert!(resp.raw_output_contents.is_empty(), "{what}");
+                let echo = &resp.outputs[0].contents.as_ref().unwrap().int_contents;
+                assert_eq!(*echo, (0..16).collect::<Vec<i32>>(), "{what}");
+            } else {
+                assert!(resp.outputs.iter().all(|o| o.contents.is_none()), "{what}");
+                assert_eq!(
+                    i32s(&resp.raw_output_contents[0]),
+                    (0..16).collect::<Vec<_>>()
+                );
+            }
+        }
+        keel.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn only_configured_models_are_served_and_may_mix_backends() {
     let upstream = Keel::embedded().await;
     let mut toml = forward_config(upstream.addr, &["simple"]);

@@ -60,6 +60,7 @@ fuzz_target!(|data: &[u8]| {
             id: adapted.id.clone(),
             parameters: Default::default(),
             outputs: adapted.inputs.clone(),
+            form: keel::model::ContentForm::Raw,
         };
         let _ = version::response(answer, &adapter);
     }

@@ -77,6 +77,7 @@ fuzz_target!(|data: &[u8]| {
             id: req.id.clone(),
             parameters: Default::default(),
             outputs: req.inputs.clone(),
+            form: keel::model::ContentForm::Raw,
         };
         let _ = v1::downgrade(&answer, n, &map);
     }

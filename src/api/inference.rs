@@ -431,9 +431,8 @@ impl InferenceApi {
             self.rejected(edge, &model, &invalid);
             edge.status(&invalid.into(), None)
         })?;
-        let form = req.form;
         let resp = self.infer_adapted(edge, method, req).await?;
-        Ok(resp.map(|r| pb::infer_response_to_pb(r, form)))
+        Ok(resp.map(pb::infer_response_to_pb))
     }
 
     /// The answer to one request of a ModelStreamInfer stream. An error becomes the

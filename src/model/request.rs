@@ -22,13 +22,17 @@ pub enum Param {
 /// Named parameters, ordered so that their rendering is deterministic.
 pub type Parameters = BTreeMap<String, Param>;
 
-/// How the client sent its input data; the answer is given the same way.
+/// How a message carries its tensor data.
+///
+/// Keel's own answers are raw whatever the request's form, as Triton's are: Triton's example
+/// clients send typed `contents` and read `raw_output_contents`, and every OIP client's
+/// result reader accepts raw answers. A forwarded answer keeps the form its upstream chose.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ContentForm {
-    /// `raw_input_contents`: answered in `raw_output_contents`.
+    /// `raw_input_contents` / `raw_output_contents`.
     #[default]
     Raw,
-    /// Typed `contents` per tensor: answered in typed `contents` where the type has a field.
+    /// Typed `contents` per tensor.
     Typed,
 }
 
@@ -56,7 +60,7 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
     /// Outputs to return; empty means all of them.
     pub outputs: Vec<RequestedOutput>,
-    /// How the client sent inputs, so the answer can follow it.
+    /// How the client sent inputs (error messages name the field it used).
     pub form: ContentForm,
 }
 
@@ -73,4 +77,7 @@ pub struct InferResponse {
     pub parameters: Parameters,
     /// Output tensors.
     pub outputs: Vec<Tensor>,
+    /// How the answer goes back: raw for Keel's own answers, the upstream's form for a
+    /// forwarded one.
+    pub form: ContentForm,
 }

@@ -167,17 +167,18 @@ pub fn infer_request_from_pb(msg: pb::ModelInferRequest) -> Result<InferRequest,
     })
 }
 
-/// A domain response as the client's ModelInferResponse, in the form the client used.
+/// A domain response as the client's ModelInferResponse, in the response's own form.
 ///
 /// Typed answers need a typed field for every output; if one has none (FP16, BF16), the
 /// whole answer is raw, since the protocol forbids mixing the two.
-pub fn infer_response_to_pb(resp: InferResponse, form: ContentForm) -> pb::ModelInferResponse {
+pub fn infer_response_to_pb(resp: InferResponse) -> pb::ModelInferResponse {
     let InferResponse {
         model,
         version,
         id,
         parameters,
         outputs,
+        form,
     } = resp;
     let typed: Option<Vec<pb::InferTensorContents>> = match form {
         ContentForm::Typed => outputs.iter().map(raw_to_typed).collect(),
@@ -258,7 +259,8 @@ pub fn infer_request_to_pb(req: &InferRequest) -> pb::ModelInferRequest {
 }
 
 /// An upstream's ModelInferResponse as a domain response; raw or typed, its tensors are
-/// checked like a client's.
+/// checked like a client's, and its form is kept so the client gets the answer as the
+/// upstream gave it.
 pub fn infer_response_from_pb(msg: pb::ModelInferResponse) -> Result<InferResponse, String> {
     let pb::ModelInferResponse {
         model_name,
@@ -275,6 +277,12 @@ pub fn infer_response_from_pb(msg: pb::ModelInferResponse) -> Result<InferRespon
             outputs.len()
         ));
     }
+    // An answer with no outputs has no form of its own: raw, as Keel's.
+    let form = if raw_output_contents.is_empty() && !outputs.is_empty() {
+        ContentForm::Typed
+    } else {
+        ContentForm::Raw
+    };
     let mut raw = raw_output_contents.into_iter();
     let mut tensors = Vec::with_capacity(outputs.len());
     for out in outputs {
@@ -303,6 +311,7 @@ pub fn infer_response_from_pb(msg: pb::ModelInferResponse) -> Result<InferRespon
         id,
         parameters: params_from_pb(parameters),
         outputs: tensors,
+        form,
     })
 }
 
@@ -662,38 +671,45 @@ mod tests {
     }
 
     #[test]
-    fn typed_requests_are_answered_typed_unless_an_output_has_no_typed_field() {
-        let mut i = input("x", "INT32", vec![2]);
-        i.contents = Some(pb::InferTensorContents {
-            int_contents: vec![3, 4],
-            ..Default::default()
-        });
-        let req = infer_request_from_pb(pb::ModelInferRequest {
-            model_name: "identity".into(),
-            inputs: vec![i],
-            ..Default::default()
-        })
-        .unwrap();
-        assert_eq!(req.form, ContentForm::Typed);
-        let resp = InferResponse {
-            model: "identity".into(),
-            version: "1".into(),
-            id: String::new(),
-            parameters: Parameters::new(),
-            outputs: req.inputs.clone(),
+    fn an_answer_keeps_the_form_its_upstream_chose() {
+        let typed_out = |name: &str, ints: Vec<i32>| InferOutputTensor {
+            name: name.into(),
+            datatype: "INT32".into(),
+            shape: vec![ints.len() as i64],
+            parameters: HashMap::new(),
+            contents: Some(pb::InferTensorContents {
+                int_contents: ints,
+                ..Default::default()
+            }),
         };
-        let typed = infer_response_to_pb(resp.clone(), ContentForm::Typed);
+        let from_upstream = pb::ModelInferResponse {
+            model_name: "m".into(),
+            outputs: vec![typed_out("y", vec![3, 4])],
+            ..Default::default()
+        };
+        let resp = infer_response_from_pb(from_upstream).unwrap();
+        assert_eq!(resp.form, ContentForm::Typed);
+        let typed = infer_response_to_pb(resp.clone());
         assert!(typed.raw_output_contents.is_empty());
         assert_eq!(
             typed.outputs[0].contents.as_ref().unwrap().int_contents,
             vec![3, 4]
         );
 
+        let raw_upstream = infer_response_to_pb(InferResponse {
+            form: ContentForm::Raw,
+            ..resp.clone()
+        });
+        assert_eq!(raw_upstream.raw_output_contents.len(), 1);
+        let back = infer_response_from_pb(raw_upstream).unwrap();
+        assert_eq!(back.form, ContentForm::Raw);
+
+        // A typed answer with an output that has no typed field (FP16) goes out raw whole.
         let mut with_half = resp;
         with_half
             .outputs
             .push(Tensor::new("h", DataType::Fp16, vec![1], Bytes::from_static(&[0, 60])).unwrap());
-        let raw = infer_response_to_pb(with_half, ContentForm::Typed);
+        let raw = infer_response_to_pb(with_half);
         assert_eq!(raw.raw_output_contents.len(), 2);
         assert!(raw.outputs.iter().all(|o| o.contents.is_none()));
     }

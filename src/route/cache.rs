@@ -147,6 +147,7 @@ mod tests {
             id: String::new(),
             parameters: Parameters::new(),
             outputs: vec![t],
+            form: ContentForm::Raw,
         };
         (req, resp)
     }

@@ -391,6 +391,9 @@ pub struct Script {
     /// Pad each answer with a string parameter this long (an answer larger than its
     /// request).
     pub padding: usize,
+    /// Answer INT32 tensors in typed `int_contents` (as some model servers do) instead of
+    /// `raw_output_contents`.
+    pub typed: bool,
 }
 
 impl Script {
@@ -399,7 +402,7 @@ impl Script {
         Script {
             delay: Duration::ZERO,
             fail: Some((code, message.to_string())),
-            padding: 0,
+            ..Script::default()
         }
     }
 
@@ -407,8 +410,7 @@ impl Script {
     pub fn slow(delay: Duration) -> Script {
         Script {
             delay,
-            fail: None,
-            padding: 0,
+            ..Script::default()
         }
     }
 }
@@ -572,17 +574,27 @@ impl GrpcInferenceService for ScriptedUpstream {
                 }
             }
         }
+        let typed = script.typed && req.inputs.iter().all(|i| i.datatype == "INT32");
         let outputs = req
             .inputs
             .iter()
-            .map(|i| pb::model_infer_response::InferOutputTensor {
+            .zip(&req.raw_input_contents)
+            .map(|(i, raw)| pb::model_infer_response::InferOutputTensor {
                 name: i.name.clone(),
                 datatype: i.datatype.clone(),
                 shape: i.shape.clone(),
                 parameters: Default::default(),
-                contents: None,
+                contents: typed.then(|| pb::InferTensorContents {
+                    int_contents: i32s(raw),
+                    ..Default::default()
+                }),
             })
             .collect();
+        let raw_output_contents = if typed {
+            Vec::new()
+        } else {
+            req.raw_input_contents
+        };
         Ok(Response::new(pb::ModelInferResponse {
             model_name: req.model_name,
             // The version asked for, else the upstream's own.
@@ -606,7 +618,7 @@ impl GrpcInferenceService for ScriptedUpstream {
                 Default::default()
             },
             outputs,
-            raw_output_contents: req.raw_input_contents,
+            raw_output_contents,
         }))
     }
 

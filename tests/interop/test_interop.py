@@ -48,7 +48,7 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
 try:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -508,8 +508,10 @@ class InteropTest(unittest.TestCase):
             t.contents.int_contents[:] = values
         resp = self.stub.ModelInfer(req, timeout=RPC_TIMEOUT)
         self.assertEqual([o.name for o in resp.outputs], ["OUTPUT0", "OUTPUT1"])
-        self.assertEqual(list(resp.outputs[0].contents.int_contents), [i + 1 for i in range(16)])
-        self.assertEqual(list(resp.outputs[1].contents.int_contents), [i - 1 for i in range(16)])
+        # As the example reads it: raw_output_contents, one buffer per output.
+        out = [np.frombuffer(resp.raw_output_contents[i], dtype=np.int8) for i in range(2)]
+        self.assertEqual(list(out[0]), [i + 1 for i in range(16)])
+        self.assertEqual(list(out[1]), [i - 1 for i in range(16)])
 
     def test_simple_string(self):
         # simple_grpc_string_infer_client.py
@@ -534,10 +536,10 @@ class InteropTest(unittest.TestCase):
             t = req.inputs.add(name=name, datatype="BYTES", shape=[1, 16])
             t.contents.bytes_contents.extend(values)
         resp = self.stub.ModelInfer(req, timeout=RPC_TIMEOUT)
-        self.assertEqual(list(resp.outputs[0].contents.bytes_contents),
-                         [str(i + 1).encode() for i in range(16)])
-        self.assertEqual(list(resp.outputs[1].contents.bytes_contents),
-                         [str(i - 1).encode() for i in range(16)])
+        # As the example reads it: deserialize_bytes_tensor(raw_output_contents[i]).
+        out = [deserialize_bytes_tensor(resp.raw_output_contents[i]) for i in range(2)]
+        self.assertEqual(list(out[0]), [str(i + 1).encode() for i in range(16)])
+        self.assertEqual(list(out[1]), [str(i - 1).encode() for i in range(16)])
 
     def test_simple_identity(self):
         # simple_grpc_string_infer_client.py's identity_inference, both of its arrays.
@@ -700,19 +702,21 @@ class InteropTest(unittest.TestCase):
 
     # Typed contents ---------------------------------------------------------------------
 
-    def test_typed_int_contents_answer_typed(self):
-        # grpc_explicit_int_content_client.py's request: INT32 values in int_contents.
+    def test_typed_int_contents_answer_raw_as_triton_does(self):
+        # grpc_explicit_int_content_client.py: INT32 values in int_contents, the answer
+        # read from raw_output_contents (Triton always answers raw).
         req = raw_simple_request()
         for name, values in (("INPUT0", list(range(16))), ("INPUT1", [1] * 16)):
             t = req.inputs.add(name=name, datatype="INT32", shape=[1, 16])
             t.contents.int_contents[:] = values
         self.assertEqual(len(req.raw_input_contents), 0)
         resp = self.stub.ModelInfer(req, timeout=RPC_TIMEOUT)
-        self.assertEqual(len(resp.raw_output_contents), 0, "answer should be typed, not raw")
         self.assertEqual([(o.name, o.datatype, list(o.shape)) for o in resp.outputs],
                          [("OUTPUT0", "INT32", [1, 16]), ("OUTPUT1", "INT32", [1, 16])])
-        self.assertEqual(list(resp.outputs[0].contents.int_contents), [i + 1 for i in range(16)])
-        self.assertEqual(list(resp.outputs[1].contents.int_contents), [i - 1 for i in range(16)])
+        self.assertEqual(len(resp.raw_output_contents), 2, "answer should be raw, as Triton's")
+        out = [np.frombuffer(resp.raw_output_contents[i], dtype=np.int32) for i in range(2)]
+        self.assertEqual(list(out[0]), [i + 1 for i in range(16)])
+        self.assertEqual(list(out[1]), [i - 1 for i in range(16)])
 
     # grpc.health.v1 ---------------------------------------------------------------------
 

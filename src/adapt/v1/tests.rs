@@ -172,6 +172,7 @@ fn answer(outputs: Vec<Tensor>) -> InferResponse {
         id: "r".into(),
         parameters: Parameters::new(),
         outputs,
+        form: crate::model::ContentForm::Raw,
     }
 }
 
@@ -297,6 +298,7 @@ fn round_trip(dtype: DataType, instances: Vec<Vec<Value>>) {
         id: req.id.clone(),
         parameters: Parameters::new(),
         outputs: req.inputs.clone(),
+        form: crate::model::ContentForm::Raw,
     };
     let back = downgrade(&resp, sent.len(), &V1Mapping::default()).unwrap();
     assert_eq!(back, sent, "{dtype}");

@@ -25,6 +25,7 @@ fn answer_with(outputs: Vec<Tensor>) -> InferResponse {
         id: "r".into(),
         parameters: Parameters::new(),
         outputs,
+        form: ContentForm::Raw,
     }
 }
 

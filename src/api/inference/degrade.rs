@@ -257,6 +257,7 @@ impl InferenceApi {
                         id: req.id.clone(),
                         parameters: Default::default(),
                         outputs: outputs.as_ref().clone(),
+                        form: crate::model::ContentForm::Raw,
                     },
                     labels("static", None),
                     None,

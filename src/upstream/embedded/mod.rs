@@ -23,8 +23,8 @@ use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, Stat
 use crate::call::{Call, ModelRef};
 use crate::error::Error;
 use crate::model::{
-    BatchStats, Contract, InferRequest, InferResponse, InvalidRequest, ModelMetadata, ModelSpec,
-    ModelStats, Tensor, validate,
+    BatchStats, ContentForm, Contract, InferRequest, InferResponse, InvalidRequest, ModelMetadata,
+    ModelSpec, ModelStats, Tensor, validate,
 };
 
 /// The only version of every embedded model.
@@ -221,6 +221,8 @@ fn execute(
         id: req.id.clone(),
         parameters: Default::default(),
         outputs,
+        // Raw whatever the request's form, as Triton answers.
+        form: ContentForm::Raw,
     };
     let done = Instant::now();
     Ok((

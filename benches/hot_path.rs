@@ -67,6 +67,7 @@ fn validation(c: &mut Criterion) {
         outputs: vec![],
         max_batch_size: Some(8),
         any_inputs: false,
+        outputs_complete: true,
     };
     c.bench_function("decode + validate a 1 MiB FP32 tensor (raw)", |b| {
         b.iter(|| {
@@ -83,6 +84,7 @@ fn legacy(c: &mut Criterion) {
         outputs: vec![],
         max_batch_size: Some(0),
         any_inputs: false,
+        outputs_complete: true,
     };
     let row = v1::Value::List([5.1, 3.5, 1.4, 0.2].map(v1::Value::Number).to_vec());
     let request = |n: usize| v1::Request {

@@ -165,3 +165,67 @@ async fn an_upstream_model_is_checked_against_its_metadata_and_never_sees_a_bad_
     front.stop().await.unwrap();
     upstream.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_forwarded_models_unlisted_output_goes_to_the_upstream_unless_strict() {
+    let upstream = Keel::embedded().await;
+    let policy = |strict: &str| {
+        format!(
+            "[upstreams.up]\nendpoints = [\"{}\"]\n[models.iris]\nbackend = \"up\"\n{strict}",
+            upstream.addr
+        )
+    };
+    let ask_for = |output: &str| pb::ModelInferRequest {
+        model_name: "iris".into(),
+        inputs: vec![input("features", "FP32", &[1, 4])],
+        raw_input_contents: vec![Bytes::from(vec![0u8; 16])],
+        outputs: vec![pb::model_infer_request::InferRequestedOutputTensor {
+            name: output.into(),
+            parameters: Default::default(),
+        }],
+        ..Default::default()
+    };
+    // By default the upstream decides: an output its metadata does not list reaches it
+    // (MLServer answers `predict_proba` that way); this upstream refuses it itself.
+    let front = Keel::with_config(&policy("")).await;
+    let mut client = front.client().await;
+    let ok = client
+        .model_infer(ask_for("label"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.outputs.len(), 1);
+    let s = client
+        .model_infer(ask_for("predict_proba"))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().starts_with("upstream 'up': "),
+        "the upstream saw and refused it: {}",
+        s.message()
+    );
+    front.stop().await.unwrap();
+
+    // strict_outputs: Keel refuses it at the field, and the upstream never sees it.
+    let front = Keel::with_config(&policy("strict_outputs = true\n")).await;
+    let mut client = front.client().await;
+    let ok = client
+        .model_infer(ask_for("label"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.outputs.len(), 1);
+    let s = client
+        .model_infer(ask_for("predict_proba"))
+        .await
+        .unwrap_err();
+    assert_eq!(violation_fields(&s), ["outputs[0].name"]);
+    assert_eq!(
+        s.message(),
+        "output 'predict_proba' is not an output of model 'iris' (outputs: probabilities, label)",
+        "Keel's own refusal, not the upstream's"
+    );
+    front.stop().await.unwrap();
+    upstream.stop().await.unwrap();
+}

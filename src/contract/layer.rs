@@ -1,6 +1,7 @@
 //! Turns away an inference request that breaks its model's contract or the policy's size
 //! limits, before it takes a slot, an attempt or a breaker's count.
 
+use std::borrow::Cow;
 use std::task::{Context, Poll};
 
 use tower::{Layer, Service};
@@ -36,26 +37,29 @@ fn verdict<Op>(
     req: &InferRequest,
     contract: Option<&Contract>,
 ) -> Result<(), Error> {
-    let limits = &call.ctx.route.settings.limits;
+    let settings = &call.ctx.route.settings;
     let limits = RequestLimits {
-        max_bytes: limits.max_request_bytes,
-        max_elements: limits.max_elements,
+        max_bytes: settings.limits.max_request_bytes,
+        max_elements: settings.limits.max_elements,
     };
-    let unknown;
     let contract = match contract {
-        Some(c) => c,
-        None => {
-            unknown = Contract {
-                model: req.model.clone(),
-                inputs: vec![],
-                outputs: vec![],
-                max_batch_size: None,
-                any_inputs: true,
-            };
-            &unknown
-        }
+        // `strict_outputs` takes a forwarded model's listed outputs as complete: the copy
+        // is made only for models that opted in.
+        Some(c) if settings.strict_outputs && !c.outputs_complete => Cow::Owned(Contract {
+            outputs_complete: true,
+            ..c.clone()
+        }),
+        Some(c) => Cow::Borrowed(c),
+        None => Cow::Owned(Contract {
+            model: req.model.clone(),
+            inputs: vec![],
+            outputs: vec![],
+            max_batch_size: None,
+            any_inputs: true,
+            outputs_complete: false,
+        }),
     };
-    check(req, contract, limits).map(drop).map_err(Error::from)
+    check(req, &contract, limits).map(drop).map_err(Error::from)
 }
 
 impl<S, Op> Service<Call<Op>> for ValidateService<S>

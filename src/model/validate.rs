@@ -324,6 +324,11 @@ pub struct Contract {
     pub max_batch_size: Option<u32>,
     /// Accepts any inputs (the `identity` model): inputs and outputs are not enforced.
     pub any_inputs: bool,
+    /// Whether `outputs` lists every output the model answers, so a request for another is
+    /// refused. True for a configuration Keel owns (the embedded models); false for an
+    /// upstream's metadata, which may leave some out (MLServer's scikit-learn runtime lists
+    /// `predict` and answers `predict_proba`): the upstream then decides.
+    pub outputs_complete: bool,
 }
 
 impl Contract {
@@ -336,12 +341,14 @@ impl Contract {
             outputs: meta.outputs,
             max_batch_size: Some(spec.max_batch_size),
             any_inputs: spec.any_inputs,
+            outputs_complete: true,
         }
     }
 
     /// The contract of a model's OIP metadata, with its `max_batch_size` when a model
     /// configuration gave it. Metadata that lists no inputs describes nothing (no real model
-    /// takes none), so such a contract checks no tensors.
+    /// takes none), so such a contract checks no tensors; its outputs are not taken as
+    /// complete.
     pub fn of_metadata(meta: ModelMetadata, max_batch_size: Option<u32>) -> Contract {
         Contract {
             model: meta.name,
@@ -349,6 +356,7 @@ impl Contract {
             inputs: meta.inputs,
             outputs: meta.outputs,
             max_batch_size,
+            outputs_complete: false,
         }
     }
 
@@ -394,7 +402,7 @@ pub fn validate(req: &InferRequest, spec: &ModelSpec) -> Result<u64, Rejection> 
 /// 3. Every declared input is present.
 /// 4. Shapes match the contract, -1 matching any size; for a batching model the first
 ///    dimension is the batch, the same for every input and within `1..=max_batch_size`.
-/// 5. Every requested output exists.
+/// 5. Every requested output exists, when the contract's outputs are complete.
 pub fn check(
     req: &InferRequest,
     contract: &Contract,
@@ -516,6 +524,8 @@ pub fn check(
                 .at("inputs"),
             );
         }
+    }
+    if contract.outputs_complete && !contract.any_inputs {
         for (j, o) in req.outputs.iter().enumerate() {
             if contract.output(&o.name).is_none() {
                 out.push(

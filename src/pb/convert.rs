@@ -800,6 +800,7 @@ mod tests {
                 outputs: vec![TensorSpec::new("y", DataType::Int32, &[-1, 2])],
                 max_batch_size: Some(4),
                 any_inputs: false,
+                outputs_complete: true,
             }
         }
 

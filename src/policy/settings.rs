@@ -248,6 +248,11 @@ pub struct Settings {
     pub idempotent: bool,
     /// Refuse at once a call whose deadline is shorter than the fastest answer seen.
     pub refuse_hopeless: bool,
+    /// Refuse a request for an output the forwarded model's metadata does not list. Off by
+    /// default: some servers answer outputs their metadata leaves out (MLServer's
+    /// scikit-learn runtime and `predict_proba`), so the upstream decides. Embedded models
+    /// always check, whatever this says.
+    pub strict_outputs: bool,
     /// Retries.
     pub retry: Retry,
     /// Retry budget.
@@ -275,6 +280,8 @@ pub struct Overrides {
     pub idempotent: Option<bool>,
     /// `refuse_hopeless`.
     pub refuse_hopeless: Option<bool>,
+    /// `strict_outputs`.
+    pub strict_outputs: Option<bool>,
     /// `[retry]`.
     pub retry: RetryOverrides,
     /// `[retry.budget]`.
@@ -297,6 +304,7 @@ impl Default for Settings {
             slow_threshold: None,
             idempotent: true,
             refuse_hopeless: false,
+            strict_outputs: false,
             retry: Retry {
                 max_attempts: 3,
                 initial_backoff: Duration::from_millis(25),
@@ -362,6 +370,9 @@ impl Overrides {
         if let Some(b) = self.refuse_hopeless {
             s.refuse_hopeless = b;
         }
+        if let Some(b) = self.strict_outputs {
+            s.strict_outputs = b;
+        }
         self.retry.apply_to(&mut s.retry);
         self.budget.apply_to(&mut s.budget);
         self.breaker.apply_to(&mut s.breaker);
@@ -380,6 +391,7 @@ impl Overrides {
             slow_threshold: s.duration(p, "slow_threshold", MAX_DURATION),
             idempotent: s.boolean(p, "idempotent"),
             refuse_hopeless: s.boolean(p, "refuse_hopeless"),
+            strict_outputs: s.boolean(p, "strict_outputs"),
             ..Overrides::default()
         };
         if let Some(mut r) = s.table(p, "retry") {

@@ -13,6 +13,7 @@ fn iris() -> Contract {
         ],
         max_batch_size: Some(0),
         any_inputs: false,
+        outputs_complete: true,
     }
 }
 
@@ -283,6 +284,7 @@ fn round_trip(dtype: DataType, instances: Vec<Vec<Value>>) {
         outputs: vec![TensorSpec::new("x", dtype, &[-1, width])],
         max_batch_size: None,
         any_inputs: false,
+        outputs_complete: true,
     };
     let sent: Vec<Value> = instances.into_iter().map(Value::List).collect();
     let req = upgrade(

@@ -187,6 +187,7 @@ fn an_adapter_naming_what_the_model_lacks_is_reported_with_its_policy_path() {
         outputs: vec![TensorSpec::new("probabilities", DataType::Fp32, &[-1, 3])],
         max_batch_size: None,
         any_inputs: false,
+        outputs_complete: true,
     };
     let problems: Vec<String> = check(&a, &contract, "models.m.adapters.\"1\"")
         .into_iter()

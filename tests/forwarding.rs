@@ -292,6 +292,43 @@ async fn metadata_request_id_and_remaining_deadline_reach_the_upstream() {
 }
 
 #[tokio::test]
+async fn keels_own_contract_fetch_carries_only_keels_metadata() {
+    let up = ScriptedUpstream::new(Script::default());
+    let (addr, _stop) = up.serve().await;
+    let front = Keel::with_config(&forward_config(addr, &["simple"])).await;
+    let mut client = front.client().await;
+    let mut req = tonic::Request::new(simple_request());
+    let md = req.metadata_mut();
+    md.insert("x-request-id", "client-call-1".parse().unwrap());
+    md.insert("x-tenant", "blue".parse().unwrap());
+    // A fault header meant for the inference call (an Envoy in front of the model server).
+    md.insert("x-envoy-fault-abort-request", "503".parse().unwrap());
+    md.insert_bin(
+        "blob-bin",
+        tonic::metadata::MetadataValue::from_bytes(b"\x00\x01"),
+    );
+    client.model_infer(req).await.unwrap();
+
+    let fetches: Vec<Seen> = up
+        .seen_all()
+        .into_iter()
+        .filter(|s| s.method == "ModelMetadata")
+        .collect();
+    assert_eq!(fetches.len(), 1, "the first call fetched the contract");
+    let md = &fetches[0].metadata;
+    assert_eq!(md.get("x-request-id").unwrap(), "keel-contract-simple-1");
+    for client_header in ["x-tenant", "x-envoy-fault-abort-request", "traceparent"] {
+        assert!(md.get(client_header).is_none(), "{client_header} leaked");
+    }
+    assert!(md.get_bin("blob-bin").is_none(), "blob-bin leaked");
+    // The inference call itself still carries the client's metadata.
+    let infer = &up.seen()[0].metadata;
+    assert_eq!(infer.get("x-request-id").unwrap(), "client-call-1");
+    assert_eq!(infer.get("x-envoy-fault-abort-request").unwrap(), "503");
+    front.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_slow_upstream_gives_deadline_exceeded_not_cancelled() {
     let up = ScriptedUpstream::new(Script::slow(Duration::from_secs(30)));
     let (addr, _stop) = up.serve().await;

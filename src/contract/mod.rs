@@ -17,12 +17,14 @@ mod layer;
 pub use layer::{ValidateLayer, ValidateService};
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
 
 use crate::call::{Call, CallContext, ModelRef};
 use crate::model::Contract;
@@ -69,6 +71,8 @@ pub struct Contracts {
     backend: Arc<dyn Backend>,
     model: Arc<str>,
     slots: Mutex<HashMap<String, Slot>>,
+    /// Fetches made, for each fetch's own request id.
+    fetches: AtomicU64,
 }
 
 impl std::fmt::Debug for Contracts {
@@ -86,6 +90,7 @@ impl Contracts {
             backend,
             model,
             slots: Mutex::new(HashMap::new()),
+            fetches: AtomicU64::new(0),
         }
     }
 
@@ -167,12 +172,15 @@ impl Contracts {
         deadline: Instant,
     ) -> impl Future<Output = Option<Arc<Contract>>> + Send + 'static {
         // A context of its own: the fetch must not write the client's receipt, and a
-        // background refresh outlives the call that started it.
+        // background refresh outlives the call that started it. It is Keel's call, not the
+        // client's: its own request id, and none of the client's metadata (its request id,
+        // custom headers, a fault-injection header meant for the inference call).
+        let n = self.fetches.fetch_add(1, Ordering::Relaxed) + 1;
         let fetch_ctx = Arc::new(CallContext {
-            request_id: ctx.request_id.clone(),
+            request_id: format!("keel-contract-{}-{n}", self.model).into(),
             deadline,
             budget: deadline.saturating_duration_since(Instant::now()),
-            metadata: ctx.metadata.clone(),
+            metadata: MetadataMap::new(),
             snapshot: ctx.snapshot.clone(),
             route: ctx.route.clone(),
             receipt: Receipt::default(),

@@ -169,7 +169,7 @@ impl<T> HasRetry for Call<T> {
         self.ctx.route.settings.idempotent && !self.ctx.pinned
     }
     fn jitter_seed(&self) -> (&str, u64) {
-        (&self.ctx.request_id, self.ctx.snapshot.revision)
+        (&self.ctx.request_id, self.ctx.snapshot.seed)
     }
     fn retry_budget(&self) -> &RetryBudget {
         &self.ctx.route.target.budget

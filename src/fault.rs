@@ -2,9 +2,10 @@
 //! where the policy allows it) delay or abort an attempt just before the backend call, so
 //! the resilience stack above sees exactly what a sick backend would give it.
 //!
-//! Which attempts are hit is chosen from a hash of the request id and the attempt number
-//! (counting the attempts a Keel in front already made, from `grpc-previous-rpc-attempts`),
-//! so a run is replayable, and a retry of an aborted attempt is a fresh draw. A Keel on its
+//! Which attempts are hit is chosen from a hash of the request id, the attempt number
+//! (counting the attempts a Keel in front already made, from `grpc-previous-rpc-attempts`)
+//! and the policy's seed (from its content hash), so a run is replayable on every replica
+//! with the same policy, and a retry of an aborted attempt is a fresh draw. A Keel on its
 //! embedded backend with a fault policy is thus a sick model server for another Keel.
 
 use std::task::{Context, Poll};
@@ -43,12 +44,12 @@ impl Decision {
     }
 }
 
-/// A point in [0, 100) for (`request_id`, `attempt`) and a salt, so delay and abort are
-/// drawn independently.
-fn draw(request_id: &str, attempt: u64, salt: u64) -> f64 {
+/// A point in [0, 100) for (`request_id`, `attempt`, the policy's `seed`) and a salt, so
+/// delay and abort are drawn independently.
+fn draw(request_id: &str, seed: u64, attempt: u64, salt: u64) -> f64 {
     let h = xxh3_64_with_seed(
         request_id.as_bytes(),
-        attempt.wrapping_mul(0x9e37_79b9) ^ salt,
+        seed ^ attempt.wrapping_mul(0x9e37_79b9) ^ salt,
     );
     (h >> 11) as f64 / (1u64 << 53) as f64 * 100.0
 }
@@ -85,11 +86,12 @@ pub fn parse_request_fault(text: &str) -> Result<Fault, String> {
 }
 
 /// What `fault` (and, where it allows, the request's `keel-fault`) does to attempt
-/// `attempt` of `request_id`.
+/// `attempt` of `request_id` under the policy seeded `seed`.
 pub fn decide(
     fault: Option<&Fault>,
     metadata: &MetadataMap,
     request_id: &str,
+    seed: u64,
     attempt: u32,
 ) -> Decision {
     let asked = fault
@@ -113,12 +115,12 @@ pub fn decide(
     let delay = fault
         .delay
         .as_ref()
-        .filter(|d| draw(request_id, attempt, 1) < d.percent)
+        .filter(|d| draw(request_id, seed, attempt, 1) < d.percent)
         .map(|d| d.duration);
     let abort = fault
         .abort
         .as_ref()
-        .filter(|a| draw(request_id, attempt, 2) < a.percent)
+        .filter(|a| draw(request_id, seed, attempt, 2) < a.percent)
         .map(|a| {
             let pushback = fault.pushback.map_or(Pushback::None, Pushback::After);
             (a.code, pushback)
@@ -164,7 +166,8 @@ where
         if fault.is_none() {
             return Passthrough::inner(self.inner.call(call));
         }
-        let decision = decide(fault, &ctx.metadata, &ctx.request_id, call.attempt);
+        let seed = ctx.snapshot.seed;
+        let decision = decide(fault, &ctx.metadata, &ctx.request_id, seed, call.attempt);
         if decision.is_none() {
             return Passthrough::inner(self.inner.call(call));
         }
@@ -194,6 +197,9 @@ where
 mod tests {
     use super::*;
 
+    /// A policy's seed, as `Snapshot::seed` gives it.
+    const SEED: u64 = 0x5eed;
+
     fn fault(abort: f64, delay: f64) -> Fault {
         Fault {
             abort: Some(Abort {
@@ -216,15 +222,15 @@ mod tests {
         let (mut aborts, mut delays) = (0, 0);
         for i in 0..10_000 {
             let id = format!("r{i}");
-            let d = decide(Some(&f), &md, &id, 1);
-            assert_eq!(d, decide(Some(&f), &md, &id, 1), "replayable");
+            let d = decide(Some(&f), &md, &id, SEED, 1);
+            assert_eq!(d, decide(Some(&f), &md, &id, SEED, 1), "replayable");
             aborts += usize::from(d.abort.is_some());
             delays += usize::from(d.delay.is_some());
         }
         assert!((800..=1200).contains(&aborts), "{aborts}");
         assert!((2300..=2700).contains(&delays), "{delays}");
         assert_eq!(
-            decide(Some(&fault(100.0, 0.0)), &md, "x", 1).abort,
+            decide(Some(&fault(100.0, 0.0)), &md, "x", SEED, 1).abort,
             Some((
                 tonic::Code::Unavailable,
                 Pushback::After(Duration::from_millis(30))
@@ -239,7 +245,8 @@ mod tests {
         let differ = (0..100)
             .filter(|i| {
                 let id = format!("r{i}");
-                decide(Some(&f), &md, &id, 1).abort != decide(Some(&f), &md, &id, 2).abort
+                decide(Some(&f), &md, &id, SEED, 1).abort
+                    != decide(Some(&f), &md, &id, SEED, 2).abort
             })
             .count();
         assert!(differ > 20, "{differ}");
@@ -248,8 +255,8 @@ mod tests {
         for i in 0..100 {
             let id = format!("r{i}");
             assert_eq!(
-                decide(Some(&f), &front, &id, 1),
-                decide(Some(&f), &md, &id, 2),
+                decide(Some(&f), &front, &id, SEED, 1),
+                decide(Some(&f), &md, &id, SEED, 2),
                 "the second attempt overall"
             );
         }
@@ -263,13 +270,13 @@ mod tests {
             "abort=resource_exhausted, delay=5ms".parse().unwrap(),
         );
         let off = fault(0.0, 0.0);
-        assert_eq!(decide(Some(&off), &md, "x", 1), Decision::default());
-        assert_eq!(decide(None, &md, "x", 1), Decision::default());
+        assert_eq!(decide(Some(&off), &md, "x", SEED, 1), Decision::default());
+        assert_eq!(decide(None, &md, "x", SEED, 1), Decision::default());
         let allowed = Fault {
             allow_request: true,
             ..off
         };
-        let d = decide(Some(&allowed), &md, "x", 1);
+        let d = decide(Some(&allowed), &md, "x", SEED, 1);
         assert_eq!(
             d.abort,
             Some((tonic::Code::ResourceExhausted, Pushback::None))

@@ -86,6 +86,10 @@ pub struct Snapshot {
     /// SHA-256 (hex) of the canonical form: equal for documents that differ only in layout
     /// or comments.
     pub hash: String,
+    /// The first 64 bits of `hash`: what seeds retry jitter and fault draws, so every
+    /// replica, and every restart, with this policy draws the same for the same request.
+    /// (The revision would not do: it counts changes per process.)
+    pub seed: u64,
     /// Where it came from.
     pub source: Source,
     /// When it was loaded.
@@ -106,9 +110,11 @@ impl Snapshot {
         table: &Table,
         policy: Policy,
     ) -> Snapshot {
+        let hash = hash(table);
         Snapshot {
             revision,
-            hash: hash(table),
+            seed: seed_of(&hash),
+            hash,
             source,
             loaded_at: SystemTime::now(),
             text,
@@ -181,6 +187,13 @@ impl fmt::Display for Change {
         }
         f.write_str(&parts.join(" "))
     }
+}
+
+/// The first 16 hex digits of a policy hash as a number.
+fn seed_of(hash: &str) -> u64 {
+    hash.get(..16)
+        .and_then(|h| u64::from_str_radix(h, 16).ok())
+        .unwrap_or_default()
 }
 
 /// SHA-256 of the canonical form of a document.

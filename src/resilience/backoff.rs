@@ -3,8 +3,9 @@
 //! # Determinism
 //!
 //! The random fraction of each wait comes from xxh3 (fixed and platform-independent) of the
-//! request id, seeded with the attempt number and the policy revision: the same request id
-//! under the same policy and the same failures waits the same.
+//! request id, seeded with the retry number and the policy's seed (from its content hash,
+//! [`crate::policy::Snapshot::seed`]): the same request id under the same policy and the same
+//! failures waits the same on every replica and after every restart.
 
 use std::time::Duration;
 
@@ -12,9 +13,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::policy::{Jitter, Retry};
 
-/// A number in `[0, 1)` fixed by (request id, retry number, policy revision).
-pub(super) fn unit(request_id: &str, retry: u32, revision: u64) -> f64 {
-    let seed = revision.rotate_left(32) ^ u64::from(retry);
+/// A number in `[0, 1)` fixed by (request id, retry number, policy seed).
+pub(super) fn unit(request_id: &str, retry: u32, policy_seed: u64) -> f64 {
+    let seed = policy_seed.rotate_left(32) ^ u64::from(retry);
     let h = xxh3_64_with_seed(request_id.as_bytes(), seed);
     // The top 53 bits, as a double in [0, 1).
     (h >> 11) as f64 / (1u64 << 53) as f64
@@ -33,13 +34,13 @@ pub(super) fn ceiling(policy: &Retry, n: u32) -> Duration {
     }
 }
 
-/// The wait before retry `n` of the request `request_id` under policy `revision`.
-pub fn delay(policy: &Retry, n: u32, request_id: &str, revision: u64) -> Duration {
+/// The wait before retry `n` of the request `request_id` under the policy seeded `seed`.
+pub fn delay(policy: &Retry, n: u32, request_id: &str, seed: u64) -> Duration {
     let cap = ceiling(policy, n);
     match policy.jitter {
         Jitter::None => cap,
-        Jitter::Full => cap.mul_f64(unit(request_id, n, revision)),
-        Jitter::Equal => cap / 2 + (cap / 2).mul_f64(unit(request_id, n, revision)),
+        Jitter::Full => cap.mul_f64(unit(request_id, n, seed)),
+        Jitter::Equal => cap / 2 + (cap / 2).mul_f64(unit(request_id, n, seed)),
     }
 }
 
@@ -68,14 +69,14 @@ mod tests {
             multiplier in 1.0f64..10.0,
             n in 1u32..12,
             id in "[a-z0-9-]{0,40}",
-            revision in 0u64..1000,
+            seed in any::<u64>(),
         ) {
             let p = policy(initial, initial + extra, multiplier, Jitter::Full);
             let cap = Duration::from_millis(initial + extra)
                 .min(Duration::from_secs_f64(initial as f64 / 1000.0 * multiplier.powi(n as i32 - 1)));
-            let d = delay(&p, n, &id, revision);
+            let d = delay(&p, n, &id, seed);
             prop_assert!(d <= cap + Duration::from_micros(1), "{d:?} > {cap:?}");
-            let e = delay(&policy(initial, initial + extra, multiplier, Jitter::Equal), n, &id, revision);
+            let e = delay(&policy(initial, initial + extra, multiplier, Jitter::Equal), n, &id, seed);
             prop_assert!(e >= cap / 2 && e <= cap + Duration::from_micros(1));
         }
     }
@@ -98,10 +99,22 @@ mod tests {
                 .map(|n| delay(&p, n, "req-1", 8))
                 .collect::<Vec<_>>()
         );
-        // Pinned values: the hash is part of Keel's contract.
-        assert_eq!(unit("req-1", 1, 7), unit("req-1", 1, 7));
-        let u = unit("abc", 1, 1);
-        assert!((0.0..1.0).contains(&u));
+    }
+
+    #[test]
+    fn pinned_values_hold_on_every_machine() {
+        // Real numbers, not a value compared with itself: xxh3 and the seed layout are part
+        // of Keel's contract, since replicas and restarts must wait alike. Changing either
+        // changes these.
+        let p = Settings::default().retry;
+        let waits = |id: &str, seed: u64| -> Vec<u128> {
+            (1..=3).map(|n| delay(&p, n, id, seed).as_nanos()).collect()
+        };
+        assert_eq!(unit("req-1", 1, 7), 0.3938491840392446);
+        assert_eq!(waits("req-1", 7), [9_846_230, 25_909_978, 88_281_764]);
+        let seed = 0x9f86_d081_884c_7d65;
+        assert_eq!(unit("abc", 1, seed), 0.9231475045612145);
+        assert_eq!(waits("abc", seed), [23_078_688, 25_782_002, 67_187_108]);
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub trait HasRetry: Clone {
     fn retry(&self) -> &Retry;
     /// Whether the call may be repeated safely.
     fn idempotent(&self) -> bool;
-    /// The request id and policy revision, which seed the deterministic jitter.
+    /// The request id and the policy's seed (from its content hash), which fix the jitter.
     fn jitter_seed(&self) -> (&str, u64);
     /// The retry budget of the upstream.
     fn retry_budget(&self) -> &RetryBudget;

@@ -149,8 +149,8 @@ where
         Pushback::Stop => return None,
         Pushback::After(d) => d,
         Pushback::None => {
-            let (id, revision) = request.jitter_seed();
-            backoff::delay(policy, attempt, id, revision)
+            let (id, seed) = request.jitter_seed();
+            backoff::delay(policy, attempt, id, seed)
         }
     };
     let left = request.deadline().saturating_duration_since(Instant::now());

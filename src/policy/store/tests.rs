@@ -46,6 +46,20 @@ fn an_accepted_change_is_a_new_revision_and_identical_text_is_not() {
 }
 
 #[test]
+fn the_seed_follows_the_policys_content_not_its_revision() {
+    // Two replicas (or one after a restart) reach the same policy at different revisions:
+    // they must draw jitter and faults alike.
+    let fresh = store_with(V2, AuditLog::disabled());
+    let changed = store_with(V1, AuditLog::disabled());
+    changed.apply(V2, admin(), None).unwrap();
+    let (a, b) = (fresh.current(), changed.current());
+    assert_ne!(a.revision, b.revision);
+    assert_eq!(a.seed, b.seed);
+    assert_eq!(a.seed, u64::from_str_radix(&a.hash[..16], 16).unwrap());
+    assert_ne!(a.seed, store_with(V1, AuditLog::disabled()).current().seed);
+}
+
+#[test]
 fn an_invalid_change_is_refused_audited_and_the_old_snapshot_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.jsonl");

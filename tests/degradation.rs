@@ -76,6 +76,100 @@ async fn an_unavailable_primary_falls_back_to_another_model_then_the_breaker_kee
     keel.stop().await.unwrap();
 }
 
+fn trailer<'a>(resp: &'a tonic::Response<pb::ModelInferResponse>, key: &str) -> Option<&'a str> {
+    resp.metadata().get(key).map(|v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn a_degraded_answers_receipt_tells_the_primarys_attempts_then_the_rung() {
+    let down = ScriptedUpstream::new(Script::failing(Code::Unavailable, "down"));
+    let (addr, _stop) = down.serve().await;
+    let keel = Keel::with_config(&format!(
+        "[defaults.retry]
+max_attempts = 3
+initial_backoff = \"1ms\"
+         [defaults.breaker]
+consecutive_failures = 3
+open_for = \"1m\"
+         [upstreams.up]
+endpoints = [\"{addr}\"]
+         [models.simple]
+backend = \"up\"
+fallback = [{{ model = \"iris\" }}, {{ model = \"identity\" }}]
+         [models.iris]
+backend = \"embedded\"
+[models.identity]
+backend = \"embedded\"
+"
+    ))
+    .await;
+    let mut client = keel.client().await;
+    let mut req = request("story-1", 5);
+    req.get_mut().outputs.clear();
+    let resp = client.model_infer(req).await.unwrap();
+    // The primary: three attempts, all transient failures; iris (which cannot take
+    // simple's inputs) failed; identity answered in one attempt.
+    assert_eq!(trailer(&resp, "keel-primary-attempts"), Some("3"));
+    assert_eq!(trailer(&resp, "keel-primary-error"), Some("transient"));
+    assert_eq!(trailer(&resp, "keel-primary-code"), Some("UNAVAILABLE"));
+    assert_eq!(trailer(&resp, "keel-rungs-failed"), Some("fallback_model"));
+    assert_eq!(trailer(&resp, "keel-tier"), Some("fallback_model"));
+    assert_eq!(trailer(&resp, "keel-served-model"), Some("identity:1"));
+    assert_eq!(trailer(&resp, "keel-attempts"), Some("1"), "the rung's own");
+    assert_eq!(trailer(&resp, "keel-served-by"), Some("embedded"));
+    assert_eq!(down.seen().len(), 3);
+    let body = resp.into_inner();
+    assert_eq!(
+        param(&body, "keel.primary_attempts"),
+        Some(ParameterChoice::Int64Param(3))
+    );
+    assert_eq!(param(&body, "keel.primary_error"), s("transient"));
+    assert_eq!(param(&body, "keel.primary_code"), s("UNAVAILABLE"));
+    assert_eq!(param(&body, "keel.rungs_failed"), s("fallback_model"));
+
+    // Now the breaker is open: the primary's one attempt is refused by Keel itself.
+    let mut req = request("story-2", 6);
+    req.get_mut().outputs.clear();
+    let resp = client.model_infer(req).await.unwrap();
+    assert_eq!(trailer(&resp, "keel-primary-attempts"), Some("1"));
+    assert_eq!(
+        trailer(&resp, "keel-primary-error"),
+        Some("local_rejection")
+    );
+    assert_eq!(trailer(&resp, "keel-degraded-reason"), Some("breaker_open"));
+    assert_eq!(
+        down.seen().len(),
+        3,
+        "the open breaker kept the primary uncalled"
+    );
+
+    // A primary answer tells no story.
+    let ok = client
+        .model_infer(request_for("iris-1", "iris"))
+        .await
+        .unwrap();
+    assert_eq!(trailer(&ok, "keel-tier"), Some("primary"));
+    assert_eq!(trailer(&ok, "keel-primary-attempts"), None);
+    keel.stop().await.unwrap();
+}
+
+/// A valid iris request (one flower).
+fn request_for(id: &str, model: &str) -> tonic::Request<pb::ModelInferRequest> {
+    let features: Vec<u8> = [5.1f32, 3.5, 1.4, 0.2]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let mut req = tonic::Request::new(pb::ModelInferRequest {
+        model_name: model.into(),
+        inputs: vec![input("features", "FP32", &[1, 4])],
+        raw_input_contents: vec![features.into()],
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-request-id", id.parse().unwrap());
+    req
+}
+
 #[tokio::test]
 async fn the_ladder_goes_from_a_failing_model_to_a_stale_cache_entry_to_a_static_answer() {
     let up = ScriptedUpstream::new(Script::default());
@@ -108,6 +202,14 @@ async fn the_ladder_goes_from_a_failing_model_to_a_stale_cache_entry_to_a_static
     let stale = client.model_infer(request("c2", 3)).await.unwrap();
     assert_eq!(stale.metadata().get("keel-tier").unwrap(), "cache");
     assert!(stale.metadata().get("keel-stale-ms").is_some());
+    assert_eq!(trailer(&stale, "keel-primary-attempts"), Some("1"));
+    assert_eq!(trailer(&stale, "keel-primary-error"), Some("server_bug"));
+    assert_eq!(trailer(&stale, "keel-rungs-failed"), Some("fallback_model"));
+    assert_eq!(
+        trailer(&stale, "keel-attempts"),
+        None,
+        "no call answered it"
+    );
     let stale = stale.into_inner();
     assert_eq!(param(&stale, "keel.tier"), s("cache"));
     assert_eq!(param(&stale, "keel.degraded_reason"), s("server_bug"));

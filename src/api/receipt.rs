@@ -32,6 +32,14 @@ pub const SERVED_MODEL: &str = "keel-served-model";
 pub const DEGRADED_REASON: &str = "keel-degraded-reason";
 /// The age of a cached answer, in milliseconds.
 pub const STALE_MS: &str = "keel-stale-ms";
+/// On a degraded answer: the attempts the primary made before the ladder answered.
+pub const PRIMARY_ATTEMPTS: &str = "keel-primary-attempts";
+/// On a degraded answer: the class of the primary's failure (`transient`, ...).
+pub const PRIMARY_ERROR: &str = "keel-primary-error";
+/// On a degraded answer: the gRPC code of the primary's failure (`UNAVAILABLE`).
+pub const PRIMARY_CODE: &str = "keel-primary-code";
+/// On a degraded answer: the rungs tried and failed before the one that answered.
+pub const RUNGS_FAILED: &str = "keel-rungs-failed";
 /// On legacy v1 answers when the policy deprecates v1: what to move to.
 pub const DEPRECATION: &str = "keel-deprecation";
 
@@ -63,6 +71,10 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
             SERVED_MODEL,
             DEGRADED_REASON,
             STALE_MS,
+            PRIMARY_ATTEMPTS,
+            PRIMARY_ERROR,
+            PRIMARY_CODE,
+            RUNGS_FAILED,
             DEPRECATION,
         ] {
             if let Some(v) = parts.headers.remove(key) {

@@ -2,7 +2,8 @@
 //! one, else the primary call, else the model's fallback ladder, in order, within the time
 //! the call had. Every answer says what it is, in the response parameters and the trailing
 //! metadata: `keel.degraded`, `keel.tier`, `keel.served_by`, `keel.degraded_reason`,
-//! `keel.stale_ms`.
+//! `keel.stale_ms`; a degraded one also tells what happened before it ([`Story`]): the
+//! primary's attempts and failure, and the rungs that failed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,21 +24,46 @@ use crate::route::cache;
 use crate::route::ladder::{self, Rung};
 
 /// What an answer is.
-struct Labels {
+struct Labels<'a> {
     tier: &'static str,
     degraded: bool,
     reason: Option<Trigger>,
     stale: Option<Duration>,
+    /// What happened before a degraded answer.
+    story: Option<&'a Story>,
 }
 
-const PRIMARY: Labels = Labels {
+const PRIMARY: Labels<'static> = Labels {
     tier: "primary",
     degraded: false,
     reason: None,
     stale: None,
+    story: None,
 };
 
-impl Labels {
+/// What happened before a degraded answer, so one response tells the whole story: the
+/// primary's attempts and its failure, then the rungs that were tried and failed before the
+/// one that answered.
+struct Story {
+    /// Attempts the primary started, as `keel-attempts` counts them (one refused by an open
+    /// breaker counts; its class says so); 0 when it was refused before its first (Keel's
+    /// own `max_in_flight`, say).
+    primary_attempts: u32,
+    /// The class of the primary's failure (`transient`, `local_rejection`, ...).
+    primary_error: &'static str,
+    /// Its gRPC code (`UNAVAILABLE`).
+    primary_code: &'static str,
+    /// Tiers of the rungs tried before the answering one, in order.
+    rungs_failed: Vec<&'static str>,
+}
+
+impl Story {
+    fn rungs_failed(&self) -> Option<String> {
+        (!self.rungs_failed.is_empty()).then(|| self.rungs_failed.join(","))
+    }
+}
+
+impl Labels<'_> {
     fn stale_ms(&self) -> Option<i64> {
         self.stale
             .map(|age| i64::try_from(age.as_millis()).unwrap_or(i64::MAX))
@@ -59,6 +85,23 @@ impl Labels {
         if let Some(ms) = self.stale_ms() {
             p.insert("keel.stale_ms".into(), Param::Int64(ms));
         }
+        if let Some(story) = self.story {
+            p.insert(
+                "keel.primary_attempts".into(),
+                Param::Int64(i64::from(story.primary_attempts)),
+            );
+            p.insert(
+                "keel.primary_error".into(),
+                Param::String(story.primary_error.into()),
+            );
+            p.insert(
+                "keel.primary_code".into(),
+                Param::String(story.primary_code.into()),
+            );
+            if let Some(rungs) = story.rungs_failed() {
+                p.insert("keel.rungs_failed".into(), Param::String(rungs));
+            }
+        }
         served_by
     }
 
@@ -78,6 +121,26 @@ impl Labels {
         }
         if let Some(ms) = self.stale_ms() {
             md.insert(receipt::STALE_MS, MetadataValue::from(ms));
+        }
+        if let Some(story) = self.story {
+            md.insert(
+                receipt::PRIMARY_ATTEMPTS,
+                MetadataValue::from(story.primary_attempts),
+            );
+            md.insert(
+                receipt::PRIMARY_ERROR,
+                MetadataValue::from_static(story.primary_error),
+            );
+            md.insert(
+                receipt::PRIMARY_CODE,
+                MetadataValue::from_static(story.primary_code),
+            );
+            if let Some(v) = story
+                .rungs_failed()
+                .and_then(|r| MetadataValue::try_from(r).ok())
+            {
+                md.insert(receipt::RUNGS_FAILED, v);
+            }
         }
     }
 }
@@ -106,6 +169,7 @@ impl InferenceApi {
                 degraded: false,
                 reason: None,
                 stale: Some(age),
+                story: None,
             };
             self.count(edge, &req.model, "cache", None, Duration::ZERO);
             return Ok(self.labelled(edge, resp, &labels, None));
@@ -167,15 +231,15 @@ impl InferenceApi {
             },
             |c| c.deadline,
         );
+        let mut story = Story {
+            primary_attempts: ctx.as_ref().map_or(0, |c| c.receipt.read().attempts),
+            primary_error: error.class().as_str(),
+            primary_code: crate::grpc_code::name(error.code()),
+            rungs_failed: Vec::new(),
+        };
         for step in ladder {
             let Some(reason) = ladder::answers(step, &triggers) else {
                 continue;
-            };
-            let labels = |tier, stale| Labels {
-                tier,
-                degraded: true,
-                reason: Some(reason),
-                stale,
             };
             let leg = Leg {
                 tier: step.rung.tier(),
@@ -208,9 +272,9 @@ impl InferenceApi {
                         )
                         .await
                     {
-                        Ok(a) => Some((a.value, labels(step.rung.tier(), None), Some(a.ctx))),
+                        Ok(a) => Some((a.value, None, Some(a.ctx))),
                         Err(e) => {
-                            rung_failed(edge, step, &e);
+                            rung_failed(edge, step, &e, &mut story);
                             None
                         }
                     }
@@ -237,9 +301,9 @@ impl InferenceApi {
                         )
                         .await
                     {
-                        Ok(a) => Some((a.value, labels(step.rung.tier(), None), Some(a.ctx))),
+                        Ok(a) => Some((a.value, None, Some(a.ctx))),
                         Err(e) => {
-                            rung_failed(edge, step, &e);
+                            rung_failed(edge, step, &e, &mut story);
                             None
                         }
                     }
@@ -247,7 +311,7 @@ impl InferenceApi {
                 Rung::Cache => match (&cache, key) {
                     (Some(c), Some(k)) => c
                         .get(k, c.spec().max_stale)
-                        .map(|(resp, age)| (resp, labels("cache", Some(age)), None)),
+                        .map(|(resp, age)| (resp, Some(age), None)),
                     _ => None,
                 },
                 Rung::Static(outputs) => Some((
@@ -259,11 +323,18 @@ impl InferenceApi {
                         outputs: outputs.as_ref().clone(),
                         form: crate::model::ContentForm::Raw,
                     },
-                    labels("static", None),
+                    None,
                     None,
                 )),
             };
-            if let Some((mut resp, labels, answered_by)) = answer {
+            if let Some((mut resp, stale, answered_by)) = answer {
+                let labels = Labels {
+                    tier: step.rung.tier(),
+                    degraded: true,
+                    reason: Some(reason),
+                    stale,
+                    story: Some(&story),
+                };
                 resp.id.clone_from(&req.id);
                 self.count(edge, &req.model, labels.tier, None, started.elapsed());
                 self.router
@@ -283,12 +354,8 @@ impl InferenceApi {
                     degraded_reason = reason.as_str(),
                     "degraded answer"
                 );
-                return Ok(self.labelled(
-                    edge,
-                    resp,
-                    &labels,
-                    answered_by.as_deref().or(ctx.as_deref()),
-                ));
+                // The receipt is the answering call's; cache and static rungs make none.
+                return Ok(self.labelled(edge, resp, &labels, answered_by.as_deref()));
             }
         }
         if !primary.counted {
@@ -336,7 +403,8 @@ impl InferenceApi {
         primary.is_none_or(|c| c.route.target.budget.withdraw())
     }
 
-    /// A labelled answer, with the receipt of the call that produced it (if any).
+    /// A labelled answer, with the receipt of the call that produced it (if any: a cache or
+    /// static answer has none of its own).
     fn labelled(
         &self,
         edge: &Edge,
@@ -354,8 +422,10 @@ impl InferenceApi {
     }
 }
 
-/// A rung that was tried and failed: the ladder goes on, and the log says why.
-fn rung_failed(edge: &Edge, step: &ladder::Step, failed: &Failed) {
+/// A rung that was tried and failed: the ladder goes on, the answer's story and the log say
+/// why.
+fn rung_failed(edge: &Edge, step: &ladder::Step, failed: &Failed, story: &mut Story) {
+    story.rungs_failed.push(step.rung.tier());
     if let Failed::Error(e, _) = failed {
         tracing::debug!(request_id = %edge.ctx.request_id, tenant = edge.tenant().unwrap_or(""),
             tier = step.rung.tier(), error = %e, "fallback rung failed");

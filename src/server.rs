@@ -8,9 +8,12 @@
 //! (`server.admin_listen`), when given, serves `keel.admin.v1.PolicyAdmin`. Both serve
 //! health and reflection, and reflection lists only the services of its own listener.
 //!
-//! Traffic is served by Keel's own HTTP/2 connection loop ([`transport::serve`]), so no
-//! timer of tonic's sits outside Keel's edge layers. The admin listener is served by
-//! tonic's server, which also speaks HTTP/1.1 for `/metrics`.
+//! Traffic is served by Keel's own HTTP/2 connection loop ([`transport::serve`]), so a
+//! call's deadline is Keel's from its first byte: a client whose `grpc-timeout` passes
+//! before Keel answered, its body still arriving or its call waiting for a slot, hears
+//! DEADLINE_EXCEEDED with Keel's `ErrorInfo` ([`crate::api::deadline`]), never CANCELLED.
+//! The admin listener is served by tonic's server, which also speaks HTTP/1.1 for
+//! `/metrics`.
 //!
 //! # Shutdown
 //!
@@ -35,6 +38,7 @@ use tower::ServiceBuilder;
 use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
+use crate::api::deadline::EdgeDeadlineLayer;
 use crate::api::legacy::LegacyApi;
 use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, oversize, receipt};
 use crate::contract::ValidateLayer;
@@ -138,7 +142,8 @@ pub struct Keel {
 fn stack<Op: Operation>() -> CallService<Op> {
     let svc = ServiceBuilder::new()
         // Outermost, so the whole call (queueing, every attempt and every wait) shares the
-        // client's one deadline, and the client hears DEADLINE_EXCEEDED, not CANCELLED.
+        // client's one deadline, counted from the call's arrival: it fires at the instant
+        // the edge deadline does, and answers with the call's receipt.
         .layer(DeadlineLayer)
         // Before anything is spent on it: a request that breaks its model's contract or the
         // size limits never takes a slot, an attempt or a breaker's count. Inside the
@@ -536,8 +541,12 @@ impl Keel {
             .add_service(legacy)
             .prepare();
         let traffic_service = ServiceBuilder::new()
-            // Outermost: it sees the status the client gets.
+            // Outermost: it sees the status the client gets, the edge deadline's included.
             .layer(EdgeMetricsLayer::new(metrics.clone(), known_methods()))
+            // As the headers arrive: the client's deadline counts from here, and a call
+            // still unanswered at it (its body still arriving, say) hears Keel's
+            // DEADLINE_EXCEEDED. Nothing of tonic's times the call outside it.
+            .layer(EdgeDeadlineLayer::new(self.store.clone()))
             .layer(MapResponseLayer::new({
                 let store = self.store.clone();
                 move |res| oversize::fix_response(res, store.current().revision)

@@ -2,7 +2,7 @@
 //!
 //! The crate map, one line per module, in the order a request meets them:
 //!
-//! - [`transport`]: accepting connections: TLS (reloadable), connection caps, the peer.
+//! - [`transport`]: accepting connections: TLS (reloadable), connection caps, the peer, HTTP/2.
 //! - [`api`]: the gRPC edge: OIP v2 service, PolicyAdmin, call context, error → status.
 //! - [`auth`]: tenants at the edge: API keys, model access, rate limits, in-flight quotas.
 //! - [`route`]: each snapshot's model → backend routes; the dispatching tower service.

@@ -8,12 +8,20 @@
 //! (`server.admin_listen`), when given, serves `keel.admin.v1.PolicyAdmin`. Both serve
 //! health and reflection, and reflection lists only the services of its own listener.
 //!
+//! Traffic is served by Keel's own HTTP/2 connection loop ([`transport::serve`]), so a
+//! call's deadline is Keel's from its first byte: a client whose `grpc-timeout` passes
+//! before Keel answered, its body still arriving or its call waiting for a slot, hears
+//! DEADLINE_EXCEEDED with Keel's `ErrorInfo` ([`crate::api::deadline`]), never CANCELLED.
+//! The admin listener is served by tonic's server, which also speaks HTTP/1.1 for
+//! `/metrics`.
+//!
 //! # Shutdown
 //!
 //! When the shutdown future completes: health turns NOT_SERVING and ServerReady false,
 //! both listeners stop accepting, open connections are told to send no new calls (HTTP/2
 //! GOAWAY), and in-flight calls finish. Calls still running after `server.drain_timeout`
-//! are cut; admin connections still open then are left behind.
+//! are cut (UNAVAILABLE); traffic connections still open a moment later are closed, admin
+//! ones are left behind.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +38,7 @@ use tower::ServiceBuilder;
 use tower::util::{BoxCloneSyncService, MapResponseLayer};
 
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
+use crate::api::deadline::EdgeDeadlineLayer;
 use crate::api::legacy::LegacyApi;
 use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, oversize, receipt};
 use crate::contract::ValidateLayer;
@@ -41,13 +50,11 @@ use crate::observe::traces::Tracing;
 use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::pb::keel_inference_v1::prediction_service_server::PredictionServiceServer;
-use crate::policy::{
-    AuditLog, Policy, PolicyErrors, ServerSettings, Source, Store, TlsSettings, read_file, watch,
-};
+use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, TlsSettings, read_file, watch};
 use crate::resilience::DeadlineLayer;
 use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
 use crate::route::{self, Deliver, Router};
-use crate::transport::{self, Accept, Tls};
+use crate::transport::{self, Accept, Http2, Tls};
 use crate::upstream::Operation;
 use crate::upstream::embedded::Embedded;
 
@@ -107,12 +114,12 @@ pub enum ServeError {
     AdminToken(#[from] AdminTokenError),
 }
 
-/// How long cut calls get to deliver their UNAVAILABLE answer before `serve` returns anyway.
 /// The `grpc.health.v1` name a liveness probe asks for: SERVING while the process answers.
 pub const LIVENESS: &str = "liveness";
 /// The `grpc.health.v1` name a readiness probe asks for: SERVING while Keel takes new calls.
 pub const READINESS: &str = "readiness";
 
+/// How long cut calls get to deliver their UNAVAILABLE answer before `serve` returns anyway.
 const CUT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A Keel ready to serve: the policy store, and the router that compiles each snapshot's
@@ -135,7 +142,8 @@ pub struct Keel {
 fn stack<Op: Operation>() -> CallService<Op> {
     let svc = ServiceBuilder::new()
         // Outermost, so the whole call (queueing, every attempt and every wait) shares the
-        // client's one deadline, and the client hears DEADLINE_EXCEEDED, not CANCELLED.
+        // client's one deadline, counted from the call's arrival: it fires at the instant
+        // the edge deadline does, and answers with the call's receipt.
         .layer(DeadlineLayer)
         // Before anything is spent on it: a request that breaks its model's contract or the
         // size limits never takes a slot, an attempt or a breaker's count. Inside the
@@ -497,7 +505,7 @@ impl Keel {
                     ..accept.clone()
                 };
                 Some(
-                    builder(&first.policy.server)
+                    admin_builder(&Http2::from_settings(&first.policy.server))
                         // /metrics, /livez and /readyz are plain HTTP/1.1.
                         .accept_http1(true)
                         .add_routes(routes)
@@ -526,20 +534,31 @@ impl Keel {
             admin_local,
             self.admin_token.is_some(),
         );
-        let server = builder(&first.policy.server)
-            // Outermost: it sees the status the client gets.
+        let routes = tonic::service::Routes::new(health_service)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(api)
+            .add_service(legacy)
+            .prepare();
+        let traffic_service = ServiceBuilder::new()
+            // Outermost: it sees the status the client gets, the edge deadline's included.
             .layer(EdgeMetricsLayer::new(metrics.clone(), known_methods()))
+            // As the headers arrive: the client's deadline counts from here, and a call
+            // still unanswered at it (its body still arriving, say) hears Keel's
+            // DEADLINE_EXCEEDED. Nothing of tonic's times the call outside it.
+            .layer(EdgeDeadlineLayer::new(self.store.clone()))
             .layer(MapResponseLayer::new({
                 let store = self.store.clone();
                 move |res| oversize::fix_response(res, store.current().revision)
             }))
             .layer(MapResponseLayer::new(receipt::move_to_trailers))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(api)
-            .add_service(legacy)
-            .serve_with_incoming_shutdown(transport::incoming(listener, accept), signal);
+            .service(routes);
+        let server = transport::serve(
+            transport::incoming(listener, accept),
+            traffic_service,
+            Http2::from_settings(&first.policy.server),
+            signal,
+        );
         let began = began_rx.clone();
         let drain_deadline = async move {
             match shutdown_began(began).await {
@@ -550,17 +569,13 @@ impl Keel {
         let traffic = async move {
             tokio::pin!(server);
             tokio::select! {
-                result = &mut server => {
-                    result?;
-                    tracing::info!("shutdown: drained");
-                }
+                () = &mut server => tracing::info!("shutdown: drained"),
                 () = drain_deadline => {
                     tracing::warn!("shutdown: drain timeout passed; cutting calls still in flight");
                     // Calls still running answer UNAVAILABLE, so their connections can close.
                     let _ = cut_tx.send(true);
-                    match tokio::time::timeout(CUT_GRACE, &mut server).await {
-                        Ok(result) => result?,
-                        Err(_) => tracing::warn!("shutdown: connections still open after the cut; leaving them"),
+                    if tokio::time::timeout(CUT_GRACE, &mut server).await.is_err() {
+                        tracing::warn!("shutdown: connections still open after the cut; closing them");
                     }
                 }
             }
@@ -738,15 +753,19 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A server builder with the limits against hostile clients that `[server]` sets.
-fn builder(s: &ServerSettings) -> Server {
+/// The admin listener's server (tonic's: it also speaks HTTP/1.1), with the HTTP/2
+/// settings of the traffic listener.
+fn admin_builder(h: &Http2) -> Server {
     let b = Server::builder()
-        .http2_max_header_list_size(s.max_metadata_size)
-        .max_concurrent_streams(s.max_concurrent_streams)
-        .http2_keepalive_interval(Some(s.keepalive_interval))
-        .http2_keepalive_timeout(Some(s.keepalive_timeout));
-    match s.max_connection_age {
-        Some(age) => b.max_connection_age(age),
+        .http2_max_header_list_size(h.max_header_list_size)
+        .max_concurrent_streams(h.max_concurrent_streams)
+        .http2_keepalive_interval(Some(h.keepalive_interval))
+        .http2_keepalive_timeout(Some(h.keepalive_timeout))
+        .http2_max_local_error_reset_streams(Some(transport::MAX_LOCAL_ERROR_RESETS));
+    match h.max_connection_age {
+        Some(age) => b
+            .max_connection_age(age)
+            .max_connection_age_grace(h.max_connection_age_grace),
         None => b,
     }
 }

@@ -1,5 +1,12 @@
 //! Builds a call's context from the client's request metadata: request id, deadline and the
 //! metadata to forward.
+//!
+//! # Deadline
+//!
+//! The client's deadline counts from when the call's headers arrived ([`Arrival`], stamped
+//! by the edge), not from when its handler ran after the whole body was read, and is
+//! computed by [`client_deadline`] alone, so the edge and the call's `DeadlineLayer` fire
+//! at the same instant.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,6 +14,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
+use super::deadline::Arrival;
 use crate::call::CallContext;
 use crate::observe::traces::CallSpan;
 use crate::policy::Snapshot;
@@ -17,7 +25,7 @@ use crate::upstream::grpc::REQUEST_ID;
 /// Headers that belong to one hop or to the transport and are never forwarded. The request
 /// id is set separately and `grpc-timeout` is recomputed from the remaining time.
 const NOT_FORWARDED: &[&str] = &[
-    "grpc-timeout",
+    GRPC_TIMEOUT,
     "grpc-encoding",
     "grpc-accept-encoding",
     "content-type",
@@ -39,26 +47,37 @@ const NOT_FORWARDED: &[&str] = &[
 pub struct EdgeContext {
     /// The client's `x-request-id` or a generated one.
     pub request_id: Arc<str>,
-    /// The client's deadline, if it sent a `grpc-timeout`.
+    /// The client's deadline, counted from the call's arrival, and the time it gave, if it
+    /// sent a `grpc-timeout`.
     pub client_deadline: Option<(Instant, Duration)>,
     /// Metadata to forward.
     pub metadata: MetadataMap,
 }
 
 impl EdgeContext {
-    /// Reads a client's metadata.
+    /// Reads a request's metadata; its deadline counts from its [`Arrival`], or from now
+    /// for a request that came another way (built by hand).
+    pub fn from_request<T>(request: &tonic::Request<T>) -> Self {
+        let arrival = request
+            .extensions()
+            .get::<Arrival>()
+            .map_or_else(Instant::now, |a| a.0);
+        EdgeContext::read(request.metadata(), arrival)
+    }
+
+    /// Reads the metadata of a call arriving now.
     pub fn from_metadata(md: &MetadataMap) -> Self {
-        let now = Instant::now();
+        EdgeContext::read(md, Instant::now())
+    }
+
+    fn read(md: &MetadataMap, arrival: Instant) -> Self {
         let request_id: Arc<str> = md
             .get(REQUEST_ID)
             .and_then(|v| v.to_str().ok())
-            .filter(|s| !s.is_empty() && s.len() <= 128)
-            .map_or_else(|| uuid::Uuid::new_v4().to_string().into(), Into::into);
-        let client_deadline = md
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout)
-            .map(|d| (now + d, d));
+            .filter(|id| is_usable_request_id(id))
+            .map_or_else(|| new_request_id().into(), Into::into);
+        let client_deadline =
+            client_deadline(arrival, md.get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()));
         let mut metadata = MetadataMap::with_capacity(md.len());
         for kv in md.iter() {
             match kv {
@@ -112,6 +131,30 @@ impl EdgeContext {
             priority: crate::policy::Priority::Interactive,
         }
     }
+}
+
+/// The header of the client's deadline.
+pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// The client's deadline for a call that arrived at `arrival` with this `grpc-timeout`, and
+/// the time it gave; `None` without one, or with one that does not parse or ends past what
+/// a clock can hold.
+pub fn client_deadline(
+    arrival: Instant,
+    grpc_timeout: Option<&str>,
+) -> Option<(Instant, Duration)> {
+    let budget = parse_grpc_timeout(grpc_timeout?)?;
+    Some((arrival.checked_add(budget)?, budget))
+}
+
+/// Whether a client's `x-request-id` is used as the call's id (else one is generated).
+pub(crate) fn is_usable_request_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128
+}
+
+/// A generated request id.
+pub(crate) fn new_request_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 fn is_forwarded(key: &str) -> bool {
@@ -231,6 +274,47 @@ mod tests {
             Duration::from_millis(500),
             "the client's"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_clients_deadline_counts_from_the_calls_arrival() {
+        let arrived = Instant::now();
+        let mut request = tonic::Request::new(());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "250m".parse().unwrap());
+        request.extensions_mut().insert(Arrival(arrived));
+        // The body took 40 ms to arrive before the handler ran.
+        tokio::time::advance(Duration::from_millis(40)).await;
+        let edge = EdgeContext::from_request(&request);
+        assert_eq!(
+            edge.client_deadline,
+            Some((
+                arrived + Duration::from_millis(250),
+                Duration::from_millis(250)
+            ))
+        );
+        let ctx = call(&edge, &default_snapshot(), "simple");
+        assert_eq!(ctx.budget, Duration::from_millis(250));
+        assert_eq!(ctx.remaining(), Duration::from_millis(210));
+        // Without an arrival (a request built by hand), it counts from now.
+        request.extensions_mut().clear();
+        let edge = EdgeContext::from_request(&request);
+        assert_eq!(
+            edge.client_deadline.map(|(at, _)| at),
+            Some(Instant::now() + Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn only_a_grpc_timeout_that_parses_gives_a_deadline() {
+        let now = Instant::now();
+        assert_eq!(
+            client_deadline(now, Some("10m")),
+            Some((now + Duration::from_millis(10), Duration::from_millis(10)))
+        );
+        assert_eq!(client_deadline(now, Some("soon")), None);
+        assert_eq!(client_deadline(now, None), None);
     }
 
     const INFER: &str = "inference.GRPCInferenceService/ModelInfer";

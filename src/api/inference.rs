@@ -145,7 +145,7 @@ impl InferenceApi {
     /// asking who calls (ServerLive and ServerReady, which probes call without a key).
     fn open<T>(&self, request: &Request<T>, api: &'static str) -> Edge {
         Edge {
-            ctx: EdgeContext::from_metadata(request.metadata()),
+            ctx: EdgeContext::from_request(request),
             snapshot: self.store.current(),
             peer: crate::transport::Peer::addr_of(request),
             api,

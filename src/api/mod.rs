@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod context;
+pub mod deadline;
 mod inference;
 pub mod legacy;
 pub mod oversize;

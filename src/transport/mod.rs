@@ -1,5 +1,6 @@
 //! Accepting connections: each listener's accept loop, with its cap on open connections,
-//! TLS handshakes run beside the loop, and who is on the other end of each connection.
+//! TLS handshakes run beside the loop, who is on the other end of each connection, and the
+//! HTTP/2 connection loop that serves the traffic listener ([`serve`]).
 //!
 //! # Accepting
 //!
@@ -10,13 +11,15 @@
 //!    `server.tls_handshake_timeout`, so a slow or silent client never stalls the loop.
 //!    A failed handshake closes the connection and counts in
 //!    `keel_tls_handshake_failures_total`.
-//! 3. The connection goes to the server with its [`Peer`]; the slot is freed when the
-//!    server drops the connection.
+//! 3. The connection goes to the server with its [`Peer`] (Keel's [`serve`] on the traffic
+//!    listener, tonic's on the admin one); the slot is freed when the server drops the
+//!    connection.
 //!
 //! The loop stops, and the listening socket closes, when the server stops reading from it
 //! (at shutdown).
 
 mod peer;
+mod serve;
 mod tls;
 
 use std::io;
@@ -33,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::transport::server::Connected;
 
 pub use peer::{Peer, identity};
+pub use serve::{Http2, MAX_LOCAL_ERROR_RESETS, serve};
 pub use tls::Tls;
 
 use crate::observe::Metrics;
@@ -53,7 +57,8 @@ pub struct Accept {
     pub metrics: Arc<Metrics>,
 }
 
-/// The connections accepted on `listener`, for `serve_with_incoming_shutdown`.
+/// The connections accepted on `listener`, for [`serve`] or tonic's
+/// `serve_with_incoming_shutdown`.
 pub fn incoming(
     listener: TcpListener,
     accept: Accept,

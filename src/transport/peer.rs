@@ -14,7 +14,7 @@ use rustls::pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-/// What tonic puts in every request's extensions for a connection Keel accepted.
+/// What every request of a connection Keel accepted carries in its extensions.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Peer {
     /// The client's address.

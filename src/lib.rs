@@ -2,20 +2,32 @@
 //!
 //! The crate map, one line per module, in the order a request meets them:
 //!
-//! - [`transport`]: accepting connections: TLS (reloadable), connection caps, the peer, HTTP/2.
-//! - [`api`]: the gRPC edge: OIP v2 service, PolicyAdmin, call context, error → status.
+//! - [`transport`]: accepting connections: TLS (reloadable), connection caps, the peer, the
+//!   HTTP/2 connection loop of the traffic listener.
+//! - [`api`]: the gRPC edge: OIP v2 and legacy v1 services, PolicyAdmin, call context, the
+//!   edge deadline, error → status, request records.
 //! - [`auth`]: tenants at the edge: API keys, model access, rate limits, in-flight quotas.
-//! - [`route`]: each snapshot's model → backend routes; the dispatching tower service.
-//! - [`resilience`]: tower layers that keep calls calm (deadline so far).
-//! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams.
+//! - [`adapt`]: pure functions for older clients: legacy v1 ⇄ OIP, version adapters.
+//! - [`route`]: each snapshot's model → backend routes, the fallback ladder, the response
+//!   cache, canary analysis; the dispatching tower service.
+//! - [`contract`]: each (model, upstream) target's contract, fetched and cached, and the
+//!   layer that turns away requests that break it.
+//! - [`resilience`]: tower layers that keep calls calm: deadline, limits, retry, hedging,
+//!   breaker, attempt timeout; the error taxonomy.
+//! - [`fault`]: fault injection just before the backend, looking like the backend's answer.
+//! - [`passthrough`]: the unboxed response future of a layer that usually passes a call on.
+//! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams, endpoint pools.
 //! - [`model`]: tensors, data types, model contracts, requests: Keel's domain, no protobuf.
 //! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
 //! - [`policy`]: the TOML policy: validated plain data, snapshots, the store, audit, watch.
-//! - [`observe`]: logs (metrics and traces later).
+//! - [`observe`]: logs, metrics (and the edge's RPC counters), traces.
+//! - [`health`]: Keel's readiness view: per-model health, required models, `/readyz`.
 //! - [`call`]: what travels with every call (request id, deadline, metadata, snapshot).
 //! - [`error`]: what can go wrong with a call.
-//! - [`grpc_code`]: gRPC status codes by name (a leaf, shared by policy and metrics).
+//! - [`grpc_code`]: gRPC status codes by name and by metric label (a leaf, shared by
+//!   policy and metrics).
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
+//! - [`load`]: `keel load`, the OIP load generator.
 
 pub mod adapt;
 pub mod api;

@@ -238,7 +238,7 @@ async fn a_tenant_over_its_rate_limit_is_told_when_to_retry() {
     assert_eq!(
         value(
             &scrape,
-            "keel_tenant_requests_total{tenant=\"acme\",code=\"RESOURCE_EXHAUSTED\"}"
+            "keel_tenant_requests_total{tenant=\"acme\",code=\"ResourceExhausted\"}"
         ),
         Some(1.0),
         "{scrape}"
@@ -519,8 +519,8 @@ async fn every_inference_request_of_a_tenant_is_counted_once() {
     let scrape = get(keel.admin.unwrap(), "/metrics").await.1;
     for (code, want) in [
         ("OK", 3.0),
-        ("INVALID_ARGUMENT", 1.0),
-        ("PERMISSION_DENIED", 1.0),
+        ("InvalidArgument", 1.0),
+        ("PermissionDenied", 1.0),
     ] {
         let series = format!("keel_tenant_requests_total{{tenant=\"acme\",code=\"{code}\"}}");
         assert_eq!(value(&scrape, &series), Some(want), "{series} in\n{scrape}");

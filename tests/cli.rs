@@ -135,12 +135,21 @@ fn version_is_printed() {
     );
 }
 
-#[test]
-fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
+/// What `keel <args>` printed before and after SIGTERM.
+struct Served {
+    /// The first line of stdout (the startup line), if it came within 30s.
+    line: Option<String>,
+    status: std::process::ExitStatus,
+    /// Every line of stderr (the logs).
+    logs: Vec<String>,
+}
+
+/// Runs `keel <args> serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0`, waits for its
+/// startup line, sends SIGTERM and collects what it wrote; stdout and stderr are pipes.
+fn serve_until_sigterm(args: &[&str]) -> Served {
     let mut child = Command::new(KEEL)
+        .args(args)
         .args([
-            "--log-format",
-            "json",
             "serve",
             "--listen",
             "127.0.0.1:0",
@@ -165,13 +174,23 @@ fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
             .map_while(Result::ok)
             .collect::<Vec<String>>()
     });
-    let line = rx.recv_timeout(Duration::from_secs(30));
+    let line = rx.recv_timeout(Duration::from_secs(30)).ok();
     let pid = child.id().to_string();
     // Stop it whatever happened above.
     let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     let status = wait_bounded(&mut child, Duration::from_secs(15));
-    let line = line.expect("keel printed its startup line");
     assert!(killed.success());
+    Served {
+        line,
+        status,
+        logs: logs.join().unwrap(),
+    }
+}
+
+#[test]
+fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
+    let served = serve_until_sigterm(&["--log-format", "json"]);
+    let line = served.line.expect("keel printed its startup line");
     assert!(line.contains("listening on 127.0.0.1:"), "{line}");
     assert!(
         line.contains(" (gRPC, OIP v2), admin on 127.0.0.1:"),
@@ -183,9 +202,9 @@ fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
         ),
         "{line}"
     );
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(served.status.code(), Some(0));
 
-    let logs = logs.join().unwrap();
+    let logs = served.logs;
     let events: Vec<serde_json::Value> = logs
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
@@ -198,6 +217,22 @@ fn serve_prints_its_address_and_models_logs_json_and_exits_0_on_sigterm() {
     assert!(messages.contains(&"received SIGTERM"), "{messages:?}");
     assert!(messages.contains(&"shutdown: drained"), "{messages:?}");
     assert!(events.iter().all(|e| e["level"].is_string()), "{logs:?}");
+}
+
+#[test]
+fn text_logs_to_a_pipe_carry_no_colour_codes() {
+    // stderr is a pipe here, as in `keel serve 2> keel.log` or `keel serve 2>&1 | tee`.
+    let served = serve_until_sigterm(&[]);
+    assert!(served.line.is_some(), "keel started: {:?}", served.logs);
+    assert_eq!(served.status.code(), Some(0));
+    let logs = served.logs.join("\n");
+    assert!(logs.contains("serving"), "{logs}");
+    assert!(logs.contains("shutdown: drained"), "{logs}");
+    assert!(!logs.contains('\x1b'), "ANSI escape codes in: {logs:?}");
+    assert!(
+        logs.contains(" INFO "),
+        "text lines name their level: {logs}"
+    );
 }
 
 #[test]

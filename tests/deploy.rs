@@ -7,9 +7,12 @@
 //! installs; the exposed ports are the container ports, the Services' target ports, the
 //! probes' port and the policy's listeners, and Keel's defaults; the pod runs as the image's
 //! numeric user, non-root, read-only, without privileges; the grace period outlasts the
-//! preStop sleep plus the policy's drain grace and drain timeout; the probes are gRPC probes of `liveness` and
-//! `readiness`; the policy is mounted as a directory; the admin token comes from a Secret;
-//! the ServiceMonitor scrapes the admin port as job "keel" and the PrometheusRule holds the
+//! preStop sleep plus the policy's drain grace and drain timeout; the probes are gRPC probes
+//! of `liveness` and `readiness` on a listener without TLS (the kubelet's gRPC probes speak
+//! plaintext); the policy is mounted as a directory; the admin token comes from a Secret;
+//! the certificate files the policy names are mounted, readable, from keys the Secret has;
+//! a DNS upstream names a headless Service of the overlay on a port it has; the
+//! ServiceMonitor scrapes the admin port as job "keel" and the PrometheusRule holds the
 //! alerting rules of `deploy/observability/prometheus/alerts.yml`.
 //!
 //! Every check is a line in [`problems`]; `every_check_can_fail` breaks the inputs one way
@@ -20,7 +23,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use keel::policy::{Policy, ServerSettings};
+use keel::policy::{Endpoints, Files, Policy, PolicyErrors, ServerSettings};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -101,6 +104,15 @@ fn parse_yaml(text: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Parses the policy of a ConfigMap as `keel validate --skip-files` does: the certificate
+/// files it names exist only in the pod (the checks below see that they are mounted).
+fn parse_policy(text: &str) -> Result<Policy, PolicyErrors> {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, text).unwrap();
+    Policy::load_with(&file, Files::Skip)
+}
+
 fn read(path: &str) -> String {
     let path = Path::new(ROOT).join(path);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -173,6 +185,12 @@ fn problems(inputs: &Inputs) -> Vec<String> {
         secret_example,
     } = inputs;
     let defaults = ServerSettings::default();
+    // Whether Secret `name` (in the overlay, or the example the overlay expects) has `key`.
+    let secret_has = |name: &str, key: &str| {
+        let secret = find(objects, "Secret", name)
+            .or_else(|| (secret_example["metadata"]["name"] == name).then_some(secret_example));
+        secret.is_some_and(|s| s["data"].get(key).is_some() || s["stringData"].get(key).is_some())
+    };
 
     // The image.
     if image.entrypoint != [image.binary.clone()] {
@@ -278,7 +296,7 @@ fn problems(inputs: &Inputs) -> Vec<String> {
                         None => p.push(format!(
                             "--config {path}: no ConfigMap key {key} behind that mount"
                         )),
-                        Some(text) => match Policy::parse(text) {
+                        Some(text) => match parse_policy(text) {
                             Ok(parsed) => policy = Some(parsed),
                             Err(e) => p.push(format!("the ConfigMap's policy is invalid: {e:?}")),
                         },
@@ -315,16 +333,101 @@ fn problems(inputs: &Inputs) -> Vec<String> {
                     )),
                     Some(r) => {
                         let (name, key) = (r["name"].as_str().unwrap(), r["key"].as_str().unwrap());
-                        let secret = find(objects, "Secret", name).or_else(|| {
-                            (secret_example["metadata"]["name"] == name).then_some(secret_example)
-                        });
-                        let has_key = secret.is_some_and(|s| {
-                            s["data"].get(key).is_some() || s["stringData"].get(key).is_some()
-                        });
-                        if !has_key {
+                        if !secret_has(name, key) {
                             p.push(format!(
                                 "{var} comes from Secret {name} key {key}, which neither the overlay nor secret.example.yaml has"
                             ));
+                        }
+                    }
+                }
+            }
+        }
+
+        // The certificate files the policy names: in a Secret volume, from a key the Secret
+        // has, readable by Keel's user (not root: through the file's group, fsGroup).
+        let files = [("server.tls", &s.tls), ("server.admin_tls", &s.admin_tls)]
+            .into_iter()
+            .filter_map(|(at, tls)| Some((at, tls.as_ref()?)))
+            .flat_map(|(at, tls)| {
+                [
+                    ("cert", Some(&tls.cert)),
+                    ("key", Some(&tls.key)),
+                    ("client_ca", tls.client_ca.as_ref()),
+                ]
+                .into_iter()
+                .filter_map(move |(k, path)| Some((format!("{at}.{k}"), path?.clone())))
+            });
+        for (at, path) in files {
+            let mounted = array(&c["volumeMounts"]).iter().find_map(|m| {
+                let rel = path.strip_prefix(m["mountPath"].as_str()?).ok()?;
+                let volume = array(&pod["volumes"])
+                    .iter()
+                    .find(|v| v["name"] == m["name"] && v["secret"].is_object())?;
+                Some((rel.to_string_lossy().into_owned(), &volume["secret"]))
+            });
+            let Some((rel, secret)) = mounted else {
+                p.push(format!(
+                    "{at} {} is in no Secret volume mount",
+                    path.display()
+                ));
+                continue;
+            };
+            let name = secret["secretName"].as_str().unwrap_or_default();
+            let items = secret["items"].as_array();
+            let item = match items {
+                None => Some((rel.clone(), None)),
+                Some(items) => items.iter().find(|i| i["path"] == rel.as_str()).map(|i| {
+                    (
+                        i["key"].as_str().unwrap_or_default().to_string(),
+                        i["mode"].as_u64(),
+                    )
+                }),
+            };
+            let Some((key, mode)) = item else {
+                p.push(format!(
+                    "{at} {}: the Secret {name} volume has no item for {rel}",
+                    path.display()
+                ));
+                continue;
+            };
+            if !secret_has(name, &key) {
+                p.push(format!(
+                    "{at} {} comes from Secret {name} key {key}, which neither the overlay nor secret.example.yaml has",
+                    path.display()
+                ));
+            }
+            // Files are root's; Keel's non-root user reads them as "other", or through
+            // the group when the pod has an fsGroup (which the kubelet gives the files).
+            let mode = mode.or(secret["defaultMode"].as_u64()).unwrap_or(0o644);
+            let group = pod["securityContext"]["fsGroup"].is_u64();
+            if mode & 0o004 == 0 && !(group && mode & 0o040 != 0) {
+                p.push(format!(
+                    "{at} {} (mode {mode:o}) is not readable by Keel's user{}",
+                    path.display(),
+                    if group { "" } else { " (no fsGroup)" }
+                ));
+            }
+        }
+
+        // A DNS upstream resolves a headless Service of the overlay (one address per pod),
+        // on a port the Service has.
+        for (name, up) in &policy.upstreams {
+            if let Endpoints::Dns { host, port, .. } = &up.endpoints {
+                let at = format!("upstreams.{name}.dns {host}:{port}");
+                let service = host.split('.').next().unwrap_or(host);
+                match find(objects, "Service", service) {
+                    None => p.push(format!("{at}: no Service {service} in the overlay")),
+                    Some(svc) => {
+                        if svc["spec"]["clusterIP"] != "None" {
+                            p.push(format!(
+                                "{at}: Service {service} is not headless (clusterIP: None), so DNS answers one virtual IP"
+                            ));
+                        }
+                        if !array(&svc["spec"]["ports"])
+                            .iter()
+                            .any(|x| x["port"].as_u64() == Some(u64::from(*port)))
+                        {
+                            p.push(format!("{at}: Service {service} has no port {port}"));
                         }
                     }
                 }
@@ -361,7 +464,18 @@ fn problems(inputs: &Inputs) -> Vec<String> {
         }
     }
 
-    // Probes: gRPC, on the traffic port, asking for liveness and readiness.
+    // Probes: gRPC, asking for liveness and readiness, on a listener without TLS: the
+    // kubelet's gRPC probes speak plaintext. Both listeners serve the same health service.
+    let plaintext: BTreeSet<u16> = match &policy {
+        Some(policy) => [
+            (grpc, policy.server.tls.is_none()),
+            (admin, policy.server.admin_tls.is_none()),
+        ]
+        .into_iter()
+        .filter_map(|(port, plain)| plain.then_some(port))
+        .collect(),
+        None => [grpc].into(),
+    };
     for (probe, service) in [
         ("startupProbe", "liveness"),
         ("livenessProbe", "liveness"),
@@ -372,9 +486,12 @@ fn problems(inputs: &Inputs) -> Vec<String> {
             p.push(format!("{probe} is not a gRPC probe"));
             continue;
         }
-        if g["port"].as_u64() != Some(u64::from(grpc)) {
+        if !g["port"]
+            .as_u64()
+            .is_some_and(|port| plaintext.iter().any(|&x| u64::from(x) == port))
+        {
             p.push(format!(
-                "{probe} asks port {}, not the traffic port {grpc}",
+                "{probe} asks port {}, which is not a listener without TLS ({plaintext:?}): the kubelet's gRPC probes speak plaintext",
                 g["port"]
             ));
         }
@@ -576,8 +693,16 @@ fn the_production_overlay_agrees_with_the_image_its_policy_and_keels_defaults() 
     let policy = find(&inputs.objects, "ConfigMap", "keel-policy").unwrap()["data"]["policy.toml"]
         .as_str()
         .unwrap();
-    let policy = Policy::parse(policy).unwrap();
+    let policy = parse_policy(policy).unwrap();
     assert!(!policy.upstreams.is_empty(), "production forwards upstream");
+    assert!(
+        policy
+            .upstreams
+            .values()
+            .all(|u| matches!(u.endpoints, Endpoints::Dns { .. })),
+        "production finds the model server's pods through DNS"
+    );
+    assert!(policy.server.tls.is_some(), "production serves TLS");
 }
 
 #[test]
@@ -693,8 +818,65 @@ fn every_check_can_fail() {
             Box::new(move |i| container(i)["livenessProbe"]["grpc"]["service"] = "".into()),
         ),
         (
-            "livenessProbe asks port",
-            Box::new(move |i| container(i)["livenessProbe"]["grpc"]["port"] = 8002.into()),
+            "livenessProbe asks port 8001, which is not a listener without TLS",
+            Box::new(move |i| container(i)["livenessProbe"]["grpc"]["port"] = 8001.into()),
+        ),
+        (
+            "readinessProbe asks port 9000",
+            Box::new(move |i| container(i)["readinessProbe"]["grpc"]["port"] = 9000.into()),
+        ),
+        (
+            "server.tls.cert /etc/keel/tls/tls.crt is in no Secret volume mount",
+            Box::new(move |i| {
+                let mounts = container(i)["volumeMounts"].as_array_mut().unwrap();
+                mounts.retain(|m| m["mountPath"] != "/etc/keel/tls");
+            }),
+        ),
+        (
+            "server.tls.key /etc/keel/tls/tls.key: the Secret keel volume has no item for tls.key",
+            Box::new(move |i| {
+                let volumes = deployment(i)["spec"]["template"]["spec"]["volumes"]
+                    .as_array_mut()
+                    .unwrap();
+                let tls = volumes.iter_mut().find(|v| v["name"] == "tls").unwrap();
+                tls["secret"]["items"].as_array_mut().unwrap().pop();
+            }),
+        ),
+        (
+            "server.tls.key /etc/keel/tls/tls.key comes from Secret keel key tls.key, which neither",
+            Box::new(|i| {
+                i.secret_example["stringData"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("tls.key");
+            }),
+        ),
+        (
+            "server.tls.key /etc/keel/tls/tls.key (mode 440) is not readable by Keel's user (no fsGroup)",
+            Box::new(move |i| {
+                deployment(i)["spec"]["template"]["spec"]["securityContext"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("fsGroup");
+            }),
+        ),
+        (
+            "upstreams.triton.dns triton:8001: no Service triton in the overlay",
+            policy_edit("dns = \"triton-headless:8001\"", "dns = \"triton:8001\""),
+        ),
+        (
+            "upstreams.triton.dns triton-headless:9001: Service triton-headless has no port 9001",
+            policy_edit(
+                "dns = \"triton-headless:8001\"",
+                "dns = \"triton-headless:9001\"",
+            ),
+        ),
+        (
+            "Service triton-headless is not headless",
+            Box::new(|i| {
+                find_mut(&mut i.objects, "Service", "triton-headless")["spec"]["clusterIP"] =
+                    Value::Null;
+            }),
         ),
         (
             "startupProbe is not a gRPC probe",

@@ -131,7 +131,7 @@ async fn a_large_body_still_arriving_at_the_deadline_is_answered_deadline_exceed
 
     // Counted as the client heard it.
     let (_, scrape) = get(keel.admin.unwrap(), "/metrics").await;
-    let series = "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",grpc_code=\"DEADLINE_EXCEEDED\"}";
+    let series = "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",grpc_code=\"DeadlineExceeded\"}";
     assert_eq!(value(&scrape, series), Some(1.0), "{scrape}");
 
     // The connection still serves calls in time.

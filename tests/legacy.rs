@@ -1,6 +1,6 @@
 //! The legacy v1 API over loopback: predictions from `iris` and `simple` equal the v2
 //! answers, a v1 client of an older model version works through an adapter, errors name
-//! the instance and field, v1 calls are counted apart, and a deprecated v1 says so.
+//! the instance and field (the input or feature, for a bad element), v1 calls are counted apart, and a deprecated v1 says so.
 
 #![allow(clippy::unwrap_used)]
 
@@ -215,6 +215,50 @@ async fn errors_name_the_instance_and_field_and_keel_keeps_serving() {
         .await
         .unwrap_err();
     assert_eq!(s.message(), "instances[3]: expected 4 numbers, got 3");
+
+    // A bad element names the input it was given for, or its feature.
+    let mut ints = [1.0; 16];
+    ints[5] = 0.5;
+    let s = v1c
+        .predict(predict(
+            "simple",
+            vec![object(&[
+                ("INPUT0", list(&[1.0; 16])),
+                ("INPUT1", list(&ints)),
+            ])],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert_eq!(
+        s.message(),
+        "instances[0].INPUT1: element 5: 0.5 is not an integer, as INT32 needs"
+    );
+    assert_eq!(violation_fields(&s), ["instances[0].INPUT1"]);
+    let word = prost_types::Value {
+        kind: Some(Kind::StringValue("long".into())),
+    };
+    let s = v1c
+        .predict(predict(
+            "iris",
+            vec![
+                good.clone(),
+                object(&[
+                    ("sepal_length", num(5.1)),
+                    ("sepal_width", num(3.5)),
+                    ("petal_length", word),
+                    ("petal_width", num(0.2)),
+                ]),
+            ],
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        s.message(),
+        "instances[1].petal_length: input 'features' is FP32 and takes numbers"
+    );
+    assert_eq!(violation_fields(&s), ["instances[1].petal_length"]);
+
     let s = v1c.predict(predict("nope", vec![good])).await.unwrap_err();
     assert_eq!(s.code(), Code::NotFound);
     keel.stop().await.unwrap();

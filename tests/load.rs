@@ -1,5 +1,6 @@
 //! `keel load` against a real Keel over loopback: counts, receipts, errors by code and
-//! reason, the open-loop schedule, and the loopback guard of the command line.
+//! reason, the open-loop schedule, progress readings, and the loopback guard of the
+//! command line.
 
 #![allow(clippy::unwrap_used)]
 
@@ -8,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use keel::load::{Api, Payload, Plan, Stop, run};
+use keel::load::{Api, Payload, Plan, Report, Stop, Tick, run};
 
 fn plan(keel: &Keel, payload: Payload, stop: Stop) -> Plan {
     Plan {
@@ -24,15 +25,49 @@ fn plan(keel: &Keel, payload: Payload, stop: Stop) -> Plan {
     }
 }
 
+/// What must hold of a run's progress readings: no more than one per whole second of the
+/// run, the n-th no sooner than n seconds in, counts that only grow and never pass the
+/// report's, errors among them. (Fewer readings than seconds is allowed: the run may
+/// end in the instant a reading falls due.)
+fn check_ticks(ticks: &[Tick], report: &Report) {
+    assert!(
+        ticks.len() <= report.elapsed_s.floor() as usize,
+        "{} ticks in a run of {}s",
+        ticks.len(),
+        report.elapsed_s
+    );
+    let mut last = Tick {
+        elapsed: Duration::ZERO,
+        done: 0,
+        errors: 0,
+    };
+    for (i, t) in ticks.iter().enumerate() {
+        assert!(
+            t.elapsed >= Duration::from_secs(i as u64 + 1),
+            "tick {i} at {:?}",
+            t.elapsed
+        );
+        assert!(t.elapsed.as_secs_f64() <= report.elapsed_s, "{t:?}");
+        assert!(
+            t.done >= last.done && t.errors >= last.errors,
+            "{last:?} then {t:?}"
+        );
+        assert!(t.errors <= t.done && t.done <= report.requests, "{t:?}");
+        assert!(t.errors <= report.requests - report.ok, "{t:?}");
+        last = *t;
+    }
+}
+
 #[tokio::test]
 async fn a_run_reports_every_request_with_keels_receipts() {
     let keel = Keel::embedded().await;
-    let mut ticks = 0;
-    let report = run(plan(&keel, Payload::Simple, Stop::Requests(300)), |_| {
-        ticks += 1
+    let mut ticks = Vec::new();
+    let report = run(plan(&keel, Payload::Simple, Stop::Requests(300)), |t| {
+        ticks.push(t)
     })
     .await
     .unwrap();
+    check_ticks(&ticks, &report);
     assert_eq!(report.requests, 300);
     assert_eq!(report.ok, 300);
     assert_eq!(report.success_ratio, 1.0);
@@ -83,14 +118,25 @@ async fn failures_are_counted_by_code_and_reason() {
 }
 
 #[tokio::test]
-async fn an_open_loop_run_keeps_its_schedule() {
+async fn an_open_loop_run_keeps_its_schedule_and_reports_its_progress() {
     let keel = Keel::embedded().await;
+    let rate = 40.0;
     let mut p = plan(&keel, Payload::Simple, Stop::Requests(50));
-    p.rate = Some(200.0);
-    let report = run(p, |_| {}).await.unwrap();
-    assert_eq!(report.requests, 50);
-    // The 50th request is not sent before its intended time, 49/200 s after the start.
-    assert!(report.elapsed_s >= 0.245, "{}", report.elapsed_s);
+    p.rate = Some(rate);
+    let mut ticks = Vec::new();
+    let report = run(p, |t| ticks.push(t)).await.unwrap();
+    assert_eq!((report.requests, report.ok), (50, 50));
+    // The 50th request is not sent before its intended time, 49/40 s after the start.
+    assert!(report.elapsed_s >= 1.225, "{}", report.elapsed_s);
+    check_ticks(&ticks, &report);
+    // The run lasts past its first second, so there is a reading, and it never counts a
+    // request before its turn: by time t at most 1 + t × rate have been sent.
+    assert!(!ticks.is_empty(), "no progress in {}s", report.elapsed_s);
+    for t in &ticks {
+        let sent_by_then = 1 + (t.elapsed.as_secs_f64() * rate).floor() as u64;
+        assert!(t.done <= sent_by_then, "{t:?}: ahead of the schedule");
+        assert_eq!(t.errors, 0, "{t:?}");
+    }
     keel.stop().await.unwrap();
 }
 

@@ -9,6 +9,45 @@ use common::*;
 
 const INFER: &str = "grpc_type=\"unary\",grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\"";
 
+/// grpc-go's `codes.Code.String()`: what go-grpc-prometheus puts in `grpc_code`, and what
+/// the gRPC dashboards people already run match on.
+const GO_GRPC_CODES: [&str; 17] = [
+    "OK",
+    "Canceled",
+    "Unknown",
+    "InvalidArgument",
+    "DeadlineExceeded",
+    "NotFound",
+    "AlreadyExists",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "FailedPrecondition",
+    "Aborted",
+    "OutOfRange",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+    "Unauthenticated",
+];
+
+/// Asserts that every `grpc_code` value in `scrape` is go-grpc-prometheus's spelling, and
+/// returns how many series carry one.
+fn assert_go_grpc_codes(scrape: &str) -> usize {
+    let values: Vec<&str> = scrape
+        .split("grpc_code=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    for v in &values {
+        assert!(
+            GO_GRPC_CODES.contains(v),
+            "grpc_code=\"{v}\" is not go-grpc-prometheus's spelling in\n{scrape}"
+        );
+    }
+    values.len()
+}
+
 #[tokio::test]
 async fn a_scrape_after_known_traffic_shows_exactly_that_traffic() {
     let keel = Keel::with_admin("[models.simple]\nbackend = \"embedded\"\n").await;
@@ -37,11 +76,11 @@ async fn a_scrape_after_known_traffic_shows_exactly_that_traffic() {
             3.0,
         ),
         (
-            format!("grpc_server_handled_total{{{INFER},grpc_code=\"NOT_FOUND\"}}"),
+            format!("grpc_server_handled_total{{{INFER},grpc_code=\"NotFound\"}}"),
             1.0,
         ),
         (
-            format!("grpc_server_handled_total{{{INFER},grpc_code=\"INVALID_ARGUMENT\"}}"),
+            format!("grpc_server_handled_total{{{INFER},grpc_code=\"InvalidArgument\"}}"),
             2.0,
         ),
         (
@@ -94,6 +133,10 @@ async fn a_scrape_after_known_traffic_shows_exactly_that_traffic() {
         !scrape.contains("resnet-from-a-client"),
         "client input never becomes a label"
     );
+    assert!(
+        assert_go_grpc_codes(&scrape) >= 3,
+        "OK, NotFound, InvalidArgument"
+    );
     assert!(scrape.contains("# TYPE keel_requests_total counter"));
 
     let (status, body) = get(admin, "/livez").await;
@@ -139,7 +182,7 @@ async fn policy_reloads_and_retries_are_counted() {
             2.0,
         ),
         (
-            "grpc_client_handled_total{grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",upstream=\"up\",grpc_code=\"UNAVAILABLE\"}",
+            "grpc_client_handled_total{grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",upstream=\"up\",grpc_code=\"Unavailable\"}",
             1.0,
         ),
         (
@@ -149,6 +192,7 @@ async fn policy_reloads_and_retries_are_counted() {
     ] {
         assert_eq!(value(&scrape, series), Some(want), "{series} in\n{scrape}");
     }
+    assert!(assert_go_grpc_codes(&scrape) >= 2, "{scrape}");
     keel.stop().await.unwrap();
 }
 

@@ -5,6 +5,8 @@
 #   - the Grafana dashboard: valid JSON (python3 -m json.tool), every query parses as PromQL,
 #     and every query, variable and annotation uses only metrics and labels listed in
 #     docs/observability.md;
+#   - status codes in label matchers (dashboard, alerts, the PromQL in the docs) are
+#     go-grpc-prometheus's names (`Unavailable`), which is how Keel's metrics spell them;
 #   - every alert has its runbook, listed in docs/runbooks/README.md;
 #   - optionally a live /metrics: promtool check metrics, either from a running Keel
 #     (--metrics-url) or from one started here on free ports (--keel BIN).
@@ -166,6 +168,34 @@ for group in rules["groups"]:
         for key in ("summary", "description"):
             if not r.get("annotations", {}).get(key):
                 problems.append(f"alert {name}: annotations.{key} missing")
+
+# Status codes in labels are go-grpc-prometheus's spelling (grpc-go's codes.Code.String()),
+# not the canonical UNAVAILABLE that logs and policies use: a matcher on "UNAVAILABLE"
+# would select nothing. Checked in the dashboard, the alerts and the PromQL in the docs.
+GO_CODES = {"OK", "Canceled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound",
+            "AlreadyExists", "PermissionDenied", "ResourceExhausted", "FailedPrecondition",
+            "Aborted", "OutOfRange", "Unimplemented", "Internal", "Unavailable", "DataLoss",
+            "Unauthenticated"}
+CODE_MATCHER = re.compile(r'\b(grpc_code|code)\s*(?:=~|!~|!=|=)\s*"([^"]*)"')
+def check_codes(where, expr):
+    for name, body in re.findall(r"([a-z_]+)\{([^}]*)\}", expr):
+        if not name.startswith(("keel_", "grpc_")):
+            continue
+        for label, value in CODE_MATCHER.findall(body):
+            for v in value.split("|"):
+                if v and v not in GO_CODES:
+                    problems.append(f"{where}: {name}{{{label}=...\"{v}\"}} is not a go-grpc-prometheus code name ({', '.join(sorted(GO_CODES))})")
+for p in panels(dash["panels"]):
+    for t in p.get("targets", []):
+        check_codes(f"panel {p.get('id')} '{p.get('title')}'", t["expr"])
+for group in rules["groups"]:
+    for r in group["rules"]:
+        check_codes(f"alert {r['alert']}", r["expr"])
+docs = ["docs/observability.md"] + sorted(
+    os.path.join("docs/runbooks", f) for f in os.listdir("docs/runbooks") if f.endswith(".md"))
+for doc in docs:
+    for n, line in enumerate(open(doc), 1):
+        check_codes(f"{doc}:{n}", line)
 
 # Every dashboard query must parse as PromQL: check them as recording rules, with Grafana's
 # variables replaced by values.

@@ -52,8 +52,25 @@ pub struct Request {
 
 /// The elements of one instance for one input, flattened, with the shape they had.
 struct Filled {
+    /// Where the instance gave them (`instances[0]`, `instances[0].INPUT1`), so a problem
+    /// found later, when the instances are batched, names the same field.
+    field: String,
+    /// For named features, the feature each element came from (one scalar each).
+    features: Option<Vec<String>>,
     shape: Vec<i64>,
     elements: Vec<Element>,
+}
+
+impl Filled {
+    /// The field element `i` came from, and the message prefix that places it there:
+    /// `instances[0].petal_width` and no prefix for a named feature, else the instance's
+    /// field and `element 3: `.
+    fn element(&self, i: usize) -> (String, String) {
+        match self.features.as_ref().and_then(|f| f.get(i)) {
+            Some(feature) => (format!("{}.{feature}", self.field), String::new()),
+            None => (self.field.clone(), format!("element {i}: ")),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -122,8 +139,14 @@ fn instance_dims(spec: &TensorSpec) -> &[i64] {
     }
 }
 
-/// Checks one instance's value for `spec` and flattens it.
-fn fill(value: &Value, spec: &TensorSpec, field: &str) -> Result<Filled, Violation> {
+/// Checks one instance's value for `spec` and flattens it; `features` names each element
+/// when the instance gave them as named scalars.
+fn fill(
+    value: &Value,
+    spec: &TensorSpec,
+    field: &str,
+    features: Option<&[String]>,
+) -> Result<Filled, Violation> {
     let mut elements = Vec::new();
     let mut shape = Vec::new();
     flatten(value, &mut elements, &mut shape, 0).map_err(|e| violation(field.to_string(), e))?;
@@ -152,35 +175,47 @@ fn fill(value: &Value, spec: &TensorSpec, field: &str) -> Result<Filled, Violati
             format!("shape {shape:?} does not match {want:?} (-1 is any size)"),
         ));
     };
-    if let Some(i) = elements
+    // Named features map one to one onto elements only when each is a scalar.
+    let features = features
+        .filter(|f| f.len() == elements.len())
+        .map(<[String]>::to_vec);
+    let filled = Filled {
+        field: field.to_string(),
+        features,
+        shape,
+        elements,
+    };
+    if let Some(i) = filled
+        .elements
         .iter()
         .position(|e| (spec.dtype == DataType::Bytes) != matches!(e, Element::Text(_)))
     {
+        let (field, prefix) = filled.element(i);
         return Err(violation(
-            field.to_string(),
+            field,
             format!(
-                "element {i}: input '{}' is {} and takes {kind}",
+                "{prefix}input '{}' is {} and takes {kind}",
                 spec.name, spec.dtype
             ),
         ));
     }
-    Ok(Filled { shape, elements })
+    Ok(filled)
 }
 
 /// Builds one input tensor from the instances that filled it.
 fn tensor(spec: &TensorSpec, rows: Vec<(usize, Filled)>) -> Result<Tensor, Vec<Violation>> {
     let mut problems = Vec::new();
-    let Some((first_at, first)) = rows.first() else {
+    let Some((_, first)) = rows.first() else {
         return Err(problems);
     };
     let row_shape = first.shape.clone();
-    for (at, row) in &rows[1..] {
+    for (_, row) in &rows[1..] {
         if row.shape != row_shape {
             problems.push(violation(
-                format!("instances[{at}]"),
+                row.field.clone(),
                 format!(
-                    "shape {:?} differs from instances[{first_at}]'s {row_shape:?}; the instances of one request are batched together",
-                    row.shape
+                    "shape {:?} differs from {}'s {row_shape:?}; the instances of one request are batched together",
+                    row.shape, first.field
                 ),
             ));
         }
@@ -217,25 +252,24 @@ fn tensor(spec: &TensorSpec, rows: Vec<(usize, Filled)>) -> Result<Tensor, Vec<V
     }
     let mut values = Vec::new();
     let mut starts = Vec::with_capacity(rows.len());
-    for (at, row) in &rows {
-        starts.push((values.len(), *at));
+    for (k, (_, row)) in rows.iter().enumerate() {
+        starts.push((values.len(), k));
         values.extend(row.elements.iter().filter_map(|e| match e {
             Element::Number(n) => Some(*n),
             Element::Text(_) => None,
         }));
     }
     from_scalars(&spec.name, spec.dtype, shape, &values, false).map_err(|e| {
-        // Name the instance the element came from, and its place in it.
-        let (start, at) = starts
+        // Name the field the element came from (the instance and input, or the feature),
+        // and its place in it, as every other v1 problem does.
+        let (start, k) = starts
             .iter()
             .rev()
             .find(|(start, _)| *start <= e.index)
             .copied()
             .unwrap_or((0, 0));
-        vec![violation(
-            format!("instances[{at}]"),
-            format!("element {}: {}", e.index - start, e.reason),
-        )]
+        let (field, prefix) = rows[k].1.element(e.index - start);
+        vec![violation(field, format!("{prefix}{}", e.reason))]
     })
 }
 
@@ -324,7 +358,7 @@ pub fn upgrade(
                     }
                 }
                 if ok {
-                    match fill(&Value::List(row), spec, &at) {
+                    match fill(&Value::List(row), spec, &at, Some(&map.features)) {
                         Ok(f) => rows
                             .entry(index_of(contract, spec))
                             .or_default()
@@ -346,7 +380,7 @@ pub fn upgrade(
                 }
                 for (k, spec) in contract.inputs.iter().enumerate() {
                     match fields.get(&spec.name) {
-                        Some(v) => match fill(v, spec, &format!("{at}.{}", spec.name)) {
+                        Some(v) => match fill(v, spec, &format!("{at}.{}", spec.name), None) {
                             Ok(f) => rows.entry(k).or_default().push((i, f)),
                             Err(v) => problems.push(v),
                         },
@@ -356,7 +390,7 @@ pub fn upgrade(
                 }
             }
             v => match target_input(contract, map) {
-                Ok(spec) => match fill(v, spec, &at) {
+                Ok(spec) => match fill(v, spec, &at, None) {
                     Ok(f) => rows
                         .entry(index_of(contract, spec))
                         .or_default()

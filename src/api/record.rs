@@ -13,8 +13,8 @@ use crate::error::Error;
 use crate::model::Rejection;
 use crate::observe::Metrics;
 use crate::observe::metrics::{
-    ApiLabels, ModelLabels, ModelUpstreamLabels, RetryLabels, RuleLabels, TenantCodeLabels,
-    UpstreamLabels,
+    ApiLabels, CodeLabel, ModelLabels, ModelUpstreamLabels, RetryLabels, RuleLabels,
+    TenantCodeLabels, UpstreamLabels,
 };
 use crate::resilience::Failure;
 
@@ -115,7 +115,7 @@ pub(super) fn tenant_request(metrics: &Metrics, tenant: &str, code: tonic::Code)
         .tenant_requests
         .get_or_create(&TenantCodeLabels {
             tenant: tenant.to_string(),
-            code: crate::grpc_code::name(code),
+            code: CodeLabel(code),
         })
         .inc();
 }
@@ -200,6 +200,8 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
     if f.error.is_none() && !receipt.slow && !sampled(f.request_id, f.success_sample) {
         return;
     }
+    // The log spells the code canonically (`UNAVAILABLE`), as policies and docs do; only
+    // metric labels take go-grpc-prometheus's `Unavailable`.
     let code = f.error.map_or("OK", |e| crate::grpc_code::name(e.code()));
     let delays = receipt.delays_ms();
     let served_by = receipt.served_by.as_deref().unwrap_or("");

@@ -5,6 +5,8 @@
 //!
 //! The status is read from the response headers of a trailers-only answer, or from the
 //! trailers at the end of the body; a body dropped before its trailers counts as CANCELLED.
+//! The `grpc_code` label is go-grpc-prometheus's spelling (`OK`, `NotFound`,
+//! `Unavailable`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -16,7 +18,9 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::metrics::{Metrics, ServerCodeLabels, ServerLabels};
+use tonic::Code;
+
+use super::metrics::{CodeLabel, Metrics, ServerCodeLabels, ServerLabels};
 use crate::grpc_code;
 
 /// The methods the server knows, with their gRPC type; other paths count as `unknown`, so
@@ -103,7 +107,7 @@ struct Record {
 }
 
 impl Record {
-    fn finish(self, code: &'static str) {
+    fn finish(self, code: Code) {
         let ServerLabels {
             grpc_type,
             grpc_service,
@@ -115,7 +119,7 @@ impl Record {
                 grpc_type,
                 grpc_service,
                 grpc_method,
-                grpc_code: code,
+                grpc_code: CodeLabel(code),
             })
             .inc();
         self.metrics
@@ -175,7 +179,7 @@ where
             // A trailers-only answer: the status is in the headers.
             let record = match (record, parts.headers.get("grpc-status")) {
                 (Some(r), Some(status)) => {
-                    r.finish(grpc_code::name_of_status(status.as_bytes()));
+                    r.finish(grpc_code::code_of_status(status.as_bytes()));
                     None
                 }
                 (r, _) => r,
@@ -202,7 +206,7 @@ pin_project! {
     impl<B> PinnedDrop for Observed<B> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(r) = this.project().record.take() {
-                r.finish("CANCELLED");
+                r.finish(Code::Cancelled);
             }
         }
     }
@@ -223,12 +227,16 @@ impl<B: Body> Body for Observed<B> {
                 if let Some(status) = f.trailers_ref().and_then(|t| t.get("grpc-status"))
                     && let Some(r) = this.record.take()
                 {
-                    r.finish(grpc_code::name_of_status(status.as_bytes()));
+                    r.finish(grpc_code::code_of_status(status.as_bytes()));
                 }
             }
             Some(Err(_)) | None => {
                 if let Some(r) = this.record.take() {
-                    r.finish(if frame.is_none() { "OK" } else { "UNKNOWN" });
+                    r.finish(if frame.is_none() {
+                        Code::Ok
+                    } else {
+                        Code::Unknown
+                    });
                 }
             }
         }
@@ -241,5 +249,78 @@ impl<B: Body> Body for Observed<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
+    type TestBody =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    /// Answers `/s/M` with the status header `header` (a trailers-only answer) and `frames`.
+    async fn call(
+        metrics: &Arc<Metrics>,
+        header: Option<&'static str>,
+        frames: Frames,
+    ) -> http::Response<Observed<TestBody>> {
+        let mut res = http::Response::new(StreamBody::new(futures::stream::iter(frames)));
+        if let Some(code) = header {
+            res.headers_mut()
+                .insert("grpc-status", code.parse().unwrap());
+        }
+        let res = Arc::new(Mutex::new(Some(res)));
+        let known = KnownMethods::new([("s".to_string(), "M".to_string(), false, false)]);
+        let svc = EdgeMetricsLayer::new(metrics.clone(), known).layer(tower::service_fn(
+            move |_: http::Request<()>| {
+                let res = res.lock().unwrap().take().unwrap();
+                async move { Ok::<_, Infallible>(res) }
+            },
+        ));
+        let req = http::Request::builder().uri("/s/M").body(()).unwrap();
+        svc.oneshot(req).await.unwrap()
+    }
+
+    fn trailers(code: &str) -> Frames {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", code.parse().unwrap());
+        vec![
+            Ok(Frame::data(Bytes::from_static(b"x"))),
+            Ok(Frame::trailers(t)),
+        ]
+    }
+
+    fn handled(metrics: &Metrics, code: &str) -> bool {
+        metrics.render().contains(&format!(
+            "grpc_server_handled_total{{grpc_type=\"unary\",grpc_service=\"s\",grpc_method=\"M\",grpc_code=\"{code}\"}} 1"
+        ))
+    }
+
+    #[tokio::test]
+    async fn codes_are_counted_in_go_grpc_prometheus_spelling() {
+        let metrics = Metrics::new();
+        // A trailers-only answer: the status is in the headers.
+        drop(call(&metrics, Some("5"), vec![]).await);
+        // A status in the trailers, read to the end.
+        let body = call(&metrics, None, trailers("14")).await.into_body();
+        body.collect().await.unwrap();
+        // A body that ends without trailers.
+        let body = call(&metrics, None, vec![]).await.into_body();
+        body.collect().await.unwrap();
+        // A body dropped before its trailers: the client went away.
+        drop(call(&metrics, None, trailers("0")).await);
+        for code in ["NotFound", "Unavailable", "OK", "Canceled"] {
+            assert!(handled(&metrics, code), "{code} in\n{}", metrics.render());
+        }
+        assert!(!metrics.render().contains("CANCELLED"));
     }
 }

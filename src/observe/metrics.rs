@@ -10,12 +10,27 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+/// A status code as a label value, in go-grpc-prometheus's spelling (`OK`, `NotFound`,
+/// `Unavailable`: [`crate::grpc_code::label`]), so existing gRPC dashboards and alerts
+/// match Keel's series. A type of its own, so no metric can carry the canonical
+/// `UNAVAILABLE` that logs and policies use.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct CodeLabel(pub tonic::Code);
+
+impl EncodeLabelValue for CodeLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, crate::grpc_code::label(self.0))
+    }
+}
 
 /// `grpc_type`, `grpc_service`, `grpc_method`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,8 +52,8 @@ pub struct ServerCodeLabels {
     pub grpc_service: String,
     /// The method.
     pub grpc_method: String,
-    /// `OK`, `UNAVAILABLE`, ...
-    pub grpc_code: &'static str,
+    /// `OK`, `Unavailable`, ...
+    pub grpc_code: CodeLabel,
 }
 
 /// An upstream call's labels.
@@ -62,7 +77,7 @@ pub struct ClientCodeLabels {
     /// The upstream.
     pub upstream: String,
     /// The status code.
-    pub grpc_code: &'static str,
+    pub grpc_code: CodeLabel,
 }
 
 /// A finished request.
@@ -151,7 +166,7 @@ pub struct TenantCodeLabels {
     /// The tenant, from policy.
     pub tenant: String,
     /// `OK` or the status code.
-    pub code: &'static str,
+    pub code: CodeLabel,
 }
 
 /// Why credentials were refused.

@@ -194,7 +194,7 @@ impl GrpcUpstream {
                     grpc_service: SERVICE,
                     grpc_method: method,
                     upstream: name.to_string(),
-                    grpc_code: crate::grpc_code::name(code),
+                    grpc_code: crate::observe::metrics::CodeLabel(code),
                 })
                 .inc();
             metrics

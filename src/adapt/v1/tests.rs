@@ -166,6 +166,85 @@ fn every_problem_names_the_instance_and_field() {
     );
 }
 
+/// A struct instance of `simple` with `INPUT0` and `INPUT1`.
+fn simple_instance(input0: Value, input1: Value) -> Value {
+    Value::Struct(
+        [("INPUT0", input0), ("INPUT1", input1)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
+}
+
+#[test]
+fn a_bad_element_names_the_input_it_was_given_for() {
+    let mut bad = [1.0; 16];
+    bad[3] = 2.5;
+    let r = request(
+        "simple",
+        vec![
+            simple_instance(list(&[1.0; 16]), list(&[1.0; 16])),
+            simple_instance(list(&[1.0; 16]), list(&bad)),
+        ],
+    );
+    let e = upgrade(r, &simple(), &V1Mapping::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "instances[1].INPUT1: element 3: 2.5 is not an integer, as INT32 needs"
+    );
+    assert_eq!(e.violations()[0].field, "instances[1].INPUT1");
+
+    let mut big = [1.0; 16];
+    big[0] = 1e10;
+    let r = request(
+        "simple",
+        vec![simple_instance(list(&big), list(&[1.0; 16]))],
+    );
+    let e = upgrade(r, &simple(), &V1Mapping::default()).unwrap_err();
+    assert_eq!(e.violations()[0].field, "instances[0].INPUT0");
+    assert!(
+        e.to_string()
+            .starts_with("instances[0].INPUT0: element 0: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_bad_feature_is_named_by_its_feature() {
+    let mut instance: BTreeMap<String, Value> = features()
+        .features
+        .iter()
+        .map(|f| (f.clone(), n(1.0)))
+        .collect();
+    instance.insert("petal_length".into(), Value::String("long".into()));
+    let r = request("iris", vec![Value::Struct(instance)]);
+    let e = upgrade(r, &iris(), &features()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "instances[0].petal_length: input 'features' is FP32 and takes numbers"
+    );
+    assert_eq!(e.violations()[0].field, "instances[0].petal_length");
+}
+
+#[test]
+fn instances_of_different_shapes_name_the_input_that_differs() {
+    let contract = Contract {
+        model: "ragged".into(),
+        inputs: vec![TensorSpec::new("tokens", DataType::Fp32, &[-1, -1])],
+        outputs: vec![TensorSpec::new("out", DataType::Fp32, &[-1])],
+        max_batch_size: Some(0),
+        any_inputs: false,
+        outputs_complete: true,
+    };
+    let one = |xs: &[f64]| Value::Struct([("tokens".to_string(), list(xs))].into_iter().collect());
+    let r = request("ragged", vec![one(&[1.0, 2.0]), one(&[1.0, 2.0, 3.0])]);
+    let e = upgrade(r, &contract, &V1Mapping::default()).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "instances[1].tokens: shape [3] differs from instances[0].tokens's [2]; the instances of one request are batched together"
+    );
+}
+
 fn answer(outputs: Vec<Tensor>) -> InferResponse {
     InferResponse {
         model: "iris".into(),

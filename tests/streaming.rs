@@ -226,3 +226,61 @@ async fn a_streamed_request_for_an_adapted_version_is_adapted() {
     assert_eq!(resp.id, "old");
     keel.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn each_streamed_request_has_its_own_request_id_and_is_retried_on_its_own() {
+    let up = ScriptedUpstream::new(Script::default());
+    let (addr, _stop) = up.serve().await;
+    let keel = Keel::with_config(&simple_via(
+        addr,
+        "[defaults.retry]\nmax_attempts = 3\ninitial_backoff = \"1ms\"\n",
+    ))
+    .await;
+    let mut client = keel.client().await;
+    // The first attempt of `with-id` meets a transient failure; the retry answers.
+    up.plan("with-id", vec![Step::Fail(Code::Unavailable, None)]);
+    let mut named = simple_request();
+    named.id = "with-id".into();
+    let unnamed = pb::ModelInferRequest {
+        id: String::new(),
+        ..simple_request()
+    };
+    let mut req = tonic::Request::new(futures::stream::iter(vec![named, unnamed.clone(), unnamed]));
+    req.metadata_mut()
+        .insert("x-request-id", "stream-9".parse().unwrap());
+    let mut answers = client.model_stream_infer(req).await.unwrap().into_inner();
+    let mut got = Vec::new();
+    while let Some(a) = answers.message().await.unwrap() {
+        got.push(a);
+    }
+    assert_eq!(got.len(), 3);
+    let ids: Vec<Option<ParameterChoice>> = got
+        .iter()
+        .map(|a| {
+            assert_eq!(a.error_message, "", "the transient failure was retried");
+            param(a.infer_response.as_ref().unwrap(), "keel.request_id")
+        })
+        .collect();
+    let named_id = |s: &str| Some(ParameterChoice::StringParam(s.into()));
+    assert_eq!(
+        ids,
+        [
+            named_id("with-id"),
+            named_id("stream-9-1"),
+            named_id("stream-9-2")
+        ],
+        "the request's id, else the stream's and its index"
+    );
+    assert_eq!(
+        up.seen_for("with-id").len(),
+        2,
+        "two attempts, the retry answered"
+    );
+    assert_eq!(up.seen_for("stream-9-1").len(), 1);
+    assert_eq!(up.seen_for("stream-9-2").len(), 1);
+    assert!(
+        up.seen_for("stream-9").is_empty(),
+        "no request used the stream's id"
+    );
+    keel.stop().await.unwrap();
+}

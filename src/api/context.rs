@@ -157,6 +157,18 @@ pub(crate) fn new_request_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// The request id of the `index`-th request (from 0) of a ModelStreamInfer stream whose own
+/// id is `stream_id`: the request's OIP `id` when it is usable as `x-request-id` (visible
+/// ASCII, 1..=128 bytes), else `<stream id>-<index>`. Each streamed request is a request of
+/// its own: its own jitter, fault draws and canary route, and its own id upstream.
+pub(crate) fn streamed_request_id(stream_id: &str, index: usize, id: &str) -> Arc<str> {
+    if is_usable_request_id(id) && id.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        id.into()
+    } else {
+        format!("{stream_id}-{index}").into()
+    }
+}
+
 fn is_forwarded(key: &str) -> bool {
     !NOT_FORWARDED.contains(&key) && !key.starts_with(':')
 }
@@ -303,6 +315,27 @@ mod tests {
         assert_eq!(
             edge.client_deadline.map(|(at, _)| at),
             Some(Instant::now() + Duration::from_millis(250))
+        );
+    }
+
+    #[test]
+    fn a_streamed_request_is_named_by_its_id_else_the_streams_and_its_index() {
+        assert_eq!(&*streamed_request_id("s", 3, "req-7"), "req-7");
+        assert_eq!(&*streamed_request_id("s", 3, ""), "s-3");
+        assert_eq!(
+            &*streamed_request_id("s", 0, "caf\u{e9}"),
+            "s-0",
+            "not ASCII"
+        );
+        assert_eq!(
+            &*streamed_request_id("s", 1, "a\nb"),
+            "s-1",
+            "a control character"
+        );
+        assert_eq!(
+            &*streamed_request_id("s", 2, &"x".repeat(129)),
+            "s-2",
+            "too long"
         );
     }
 

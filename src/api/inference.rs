@@ -66,6 +66,10 @@ const MODEL_STATISTICS: &str = "inference.GRPCInferenceService/ModelStatistics";
 /// The response parameter Triton sets on the last answer to a streamed request.
 const FINAL_RESPONSE: &str = "triton_final_response";
 
+/// The response parameter that names a streamed request's own request id (the stream's
+/// `x-request-id` names only the stream).
+const REQUEST_ID_PARAM: &str = "keel.request_id";
+
 /// Streamed requests of one ModelStreamInfer call in flight at once; answers keep the order
 /// of the requests.
 const STREAM_CONCURRENCY: usize = 16;
@@ -459,6 +463,14 @@ impl InferenceApi {
                 parameter_choice: Some(proto::infer_parameter::ParameterChoice::BoolParam(true)),
             },
         );
+        resp.parameters.insert(
+            REQUEST_ID_PARAM.to_string(),
+            proto::InferParameter {
+                parameter_choice: Some(proto::infer_parameter::ParameterChoice::StringParam(
+                    edge.ctx.request_id.to_string(),
+                )),
+            },
+        );
         proto::ModelStreamInferResponse {
             error_message,
             infer_response: Some(resp),
@@ -524,6 +536,21 @@ pub(super) struct Edge {
 }
 
 impl Edge {
+    /// The edge of the `index`-th request of this stream, whose OIP id is `id`: the same
+    /// caller, snapshot and deadline, its own request id
+    /// ([`streamed_request_id`](super::context::streamed_request_id)).
+    fn streamed(&self, index: usize, id: &str) -> Edge {
+        let mut ctx = self.ctx.clone();
+        ctx.request_id = super::context::streamed_request_id(&self.ctx.request_id, index, id);
+        Edge {
+            ctx,
+            snapshot: self.snapshot.clone(),
+            peer: self.peer,
+            api: self.api,
+            caller: self.caller.clone(),
+        }
+    }
+
     /// The calling tenant's name, when the policy defines tenants.
     pub(super) fn tenant(&self) -> Option<&str> {
         self.caller.as_ref().map(Caller::name)
@@ -715,14 +742,17 @@ impl GrpcInferenceService for InferenceApi {
         let api = Arc::new(self.clone());
         let (per_request, at_cut) = (edge.clone(), edge.clone());
         // Each streamed request is one unary call upstream, so upstreams need not speak
-        // Triton's stream dialect; `buffered` keeps answers in request order.
+        // Triton's stream dialect; `buffered` keeps answers in request order. Each is a
+        // request of its own, with its own request id.
         let answers = request
             .into_inner()
-            .map(move |item| {
-                let (api, edge) = (api.clone(), per_request.clone());
+            .enumerate()
+            .map(move |(index, item)| {
+                let (api, stream) = (api.clone(), per_request.clone());
                 async move {
-                    let revision = edge.snapshot.revision;
-                    let msg = item.map_err(|s| edge.tag(oversize::fix_status(s, revision)))?;
+                    let revision = stream.snapshot.revision;
+                    let msg = item.map_err(|s| stream.tag(oversize::fix_status(s, revision)))?;
+                    let edge = stream.streamed(index, &msg.id);
                     Ok(api.stream_answer(&edge, msg).await)
                 }
             })

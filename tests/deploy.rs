@@ -343,8 +343,12 @@ fn problems(inputs: &Inputs) -> Vec<String> {
             }
         }
 
-        // The certificate files the policy names: in a Secret volume, from a key the Secret
-        // has, readable by Keel's user (not root: through the file's group, fsGroup).
+        // The certificate and key-hash files the policy names: in a Secret volume, from a
+        // key the Secret has, readable by Keel's user (not root: through the file's group,
+        // fsGroup).
+        let key_files = policy.tenants.iter().filter_map(|(name, t)| {
+            Some((format!("tenants.{name}.api_keys_file"), t.key_file.clone()?))
+        });
         let files = [("server.tls", &s.tls), ("server.admin_tls", &s.admin_tls)]
             .into_iter()
             .filter_map(|(at, tls)| Some((at, tls.as_ref()?)))
@@ -356,7 +360,8 @@ fn problems(inputs: &Inputs) -> Vec<String> {
                 ]
                 .into_iter()
                 .filter_map(move |(k, path)| Some((format!("{at}.{k}"), path?.clone())))
-            });
+            })
+            .chain(key_files);
         for (at, path) in files {
             let mounted = array(&c["volumeMounts"]).iter().find_map(|m| {
                 let rel = path.strip_prefix(m["mountPath"].as_str()?).ok()?;
@@ -703,6 +708,10 @@ fn the_production_overlay_agrees_with_the_image_its_policy_and_keels_defaults() 
         "production finds the model server's pods through DNS"
     );
     assert!(policy.server.tls.is_some(), "production serves TLS");
+    assert!(
+        policy.tenants.values().any(|t| t.key_file.is_some()),
+        "production reads its tenants' key hashes from the Secret"
+    );
 }
 
 #[test]
@@ -849,6 +858,22 @@ fn every_check_can_fail() {
                     .as_object_mut()
                     .unwrap()
                     .remove("tls.key");
+            }),
+        ),
+        (
+            "tenants.frontend.api_keys_file /etc/keel/keys/frontend comes from Secret keel key api-keys-frontend, which neither",
+            Box::new(|i| {
+                i.secret_example["stringData"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("api-keys-frontend");
+            }),
+        ),
+        (
+            "tenants.frontend.api_keys_file /etc/keel/keys/frontend is in no Secret volume mount",
+            Box::new(move |i| {
+                let mounts = container(i)["volumeMounts"].as_array_mut().unwrap();
+                mounts.retain(|m| m["mountPath"] != "/etc/keel/keys");
             }),
         ),
         (

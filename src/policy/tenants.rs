@@ -22,6 +22,9 @@ pub const MAX_TENANT_NAME: usize = 64;
 pub struct Tenant {
     /// SHA-256 digests of the tenant's API keys; several during a key rotation.
     pub key_hashes: Vec<[u8; 32]>,
+    /// The file more of them were read from (`api_keys_file`, a Secret mounted in the pod),
+    /// for tools that check the mount.
+    pub key_file: Option<std::path::PathBuf>,
     /// Client certificate identities (subject CN, or the first DNS or URI SAN) that are
     /// this tenant, verified by mutual TLS on the traffic listener.
     pub identities: Vec<String>,
@@ -194,30 +197,60 @@ pub(super) fn read_tenants(
             }
         }
         let identities = identities.unwrap_or_default();
-        match s.strings(p, "api_keys") {
-            None if !identities.is_empty() => {}
-            None => p.add(
-                s.at("api_keys"),
-                "is required: a list of \"sha256:<hex>\" (keel hash-key prints one), unless the tenant has identities",
-            ),
-            Some(list) if list.is_empty() && identities.is_empty() => {
-                p.add(s.at("api_keys"), "needs at least one key")
+        // Hashes from the policy, then from `api_keys_file` (a Secret mounted in the pod),
+        // each with the path a problem is reported at.
+        let listed = s.strings(p, "api_keys");
+        let file = s.string(p, "api_keys_file");
+        let from_file = file.as_deref().and_then(|f| {
+            let at = s.at("api_keys_file");
+            if !p.reads_files() {
+                return Some(Vec::new());
             }
-            Some(list) => {
-                for (i, k) in list.iter().enumerate() {
-                    let at = format!("{}[{i}]", s.at("api_keys"));
-                    match parse_key_hash(k) {
-                        Ok(h) => {
-                            if let Some(other) = owners.get(&h) {
-                                p.add(at, format!("this key hash is also a key of tenant {other:?}: a key must say who is calling"));
-                            } else {
-                                owners.insert(h, name.clone());
-                                key_hashes.push(h);
-                            }
-                        }
-                        Err(m) => p.add(at, m),
+            match read_key_file(std::path::Path::new(f)) {
+                Ok(lines) => Some(
+                    lines
+                        .into_iter()
+                        .map(|(line, hash)| (format!("{at} (line {line})"), hash))
+                        .collect(),
+                ),
+                Err(e) => {
+                    p.add(at, e);
+                    None
+                }
+            }
+        });
+        if listed.is_none() && file.is_none() && identities.is_empty() {
+            p.add(
+                s.at("api_keys"),
+                "is required: a list of \"sha256:<hex>\" (keel hash-key prints one), or api_keys_file, unless the tenant has identities",
+            );
+        }
+        if listed.as_ref().is_some_and(Vec::is_empty) && file.is_none() && identities.is_empty() {
+            p.add(s.at("api_keys"), "needs at least one key");
+        }
+        if from_file.as_ref().is_some_and(Vec::is_empty)
+            && p.reads_files()
+            && listed.as_ref().is_none_or(Vec::is_empty)
+            && identities.is_empty()
+        {
+            p.add(
+                s.at("api_keys_file"),
+                "holds no key hash: no one could call as this tenant",
+            );
+        }
+        let listed = listed.unwrap_or_default().into_iter().enumerate();
+        let listed = listed.map(|(i, k)| (format!("{}[{i}]", s.at("api_keys")), k));
+        for (at, k) in listed.chain(from_file.unwrap_or_default()) {
+            match parse_key_hash(&k) {
+                Ok(h) => {
+                    if let Some(other) = owners.get(&h) {
+                        p.add(at, format!("this key hash is also a key of tenant {other:?}: a key must say who is calling"));
+                    } else {
+                        owners.insert(h, name.clone());
+                        key_hashes.push(h);
                     }
                 }
+                Err(m) => p.add(at, m),
             }
         }
         let access = read_models(&mut s, p, models);
@@ -252,6 +285,7 @@ pub(super) fn read_tenants(
             name,
             Tenant {
                 key_hashes,
+                key_file: file.map(std::path::PathBuf::from),
                 identities,
                 models: access,
                 priority,
@@ -347,6 +381,32 @@ pub fn parse_key_hash(s: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
+/// Largest `api_keys_file` read: a few thousand hashes.
+const MAX_KEY_FILE: u64 = 1 << 20;
+
+/// The key hashes of an `api_keys_file`, with their line numbers: one `sha256:<hex>` per
+/// line; blank lines and `#` comments are skipped.
+fn read_key_file(path: &std::path::Path) -> Result<Vec<(usize, String)>, String> {
+    use std::io::Read as _;
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_KEY_FILE + 1).read_to_string(&mut text))
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if text.len() as u64 > MAX_KEY_FILE {
+        return Err(format!(
+            "{} is larger than {MAX_KEY_FILE} bytes",
+            path.display()
+        ));
+    }
+    Ok(text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| (i + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .map(|(i, l)| (i, l.to_string()))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::policy::Policy;
@@ -402,6 +462,58 @@ mod tests {
         ] {
             assert!(joined.contains(want), "missing {want:?} in:\n{joined}");
         }
+    }
+
+    #[test]
+    fn key_hashes_may_come_from_a_file_checked_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("frontend");
+        let other = KEY.replace("2c26", "2c27");
+        std::fs::write(
+            &good,
+            format!("# rotated 2026-12-01\n{KEY}\n\n  {other}  \n"),
+        )
+        .unwrap();
+        let policy = |file: &std::path::Path| {
+            format!(
+                "[tenants.frontend]\napi_keys_file = {:?}\nmodels = [\"*\"]\n",
+                file.display().to_string()
+            )
+        };
+        let p = Policy::parse(&policy(&good)).unwrap();
+        assert_eq!(p.tenants["frontend"].key_hashes.len(), 2);
+
+        let bad = dir.path().join("bad");
+        std::fs::write(&bad, format!("{KEY}\nplaintext-key\n")).unwrap();
+        let e = errors(&policy(&bad)).join("\n");
+        assert!(
+            e.contains(
+                "tenants.frontend.api_keys_file (line 2): must be \"sha256:<64 hex digits>\""
+            ),
+            "{e}"
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "# nothing yet\n").unwrap();
+        assert!(
+            errors(&policy(&empty))
+                .join("\n")
+                .contains("holds no key hash")
+        );
+        let missing = dir.path().join("missing");
+        let e = errors(&policy(&missing)).join("\n");
+        assert!(
+            e.contains("tenants.frontend.api_keys_file: cannot read"),
+            "{e}"
+        );
+        // A hash in the file and in another tenant's list is refused as any duplicate is.
+        let both = format!(
+            "{}[tenants.other]\napi_keys = [\"{KEY}\"]\nmodels = [\"*\"]\n",
+            policy(&good)
+        );
+        assert!(errors(&both).join("\n").contains("is also a key of tenant"));
+        // `keel validate --skip-files` does not read it.
+        let skipped = crate::policy::document::parse(&policy(&missing), crate::policy::Files::Skip);
+        assert!(skipped.is_ok());
     }
 
     #[test]

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Interop suite: Triton's own Python client (tritonclient), grpc.health.v1 and gRPC
-# reflection clients against a release build of Keel.
+# Interop suites against a release build of Keel:
+#   test_interop.py   Triton's own Python client (tritonclient), grpc.health.v1 and gRPC
+#                     reflection clients, on Keel's embedded models;
+#   test_mlserver.py  tritonclient through Keel to a real MLServer serving a scikit-learn
+#                     model trained at the start (MLServer from PyPI, in the same venv).
+# The Node.js client has its own script, tests/interop/node/run.sh.
 #
 #   tests/interop/run.sh              # from any directory
-#   tests/interop/run.sh -k stream    # only tests whose name contains "stream"
+#   tests/interop/run.sh -k stream    # only tests whose name contains "stream" (both suites)
 #
-# Needs Rust, python3 (3.11 or newer, with venv and pip) and PyPI. The virtualenv lives in
-# target/interop-venv and is reused while requirements.txt and the Python version are
-# unchanged. Set PYTHON to choose the interpreter. Exit code: 0 if every test passed.
+# Needs Rust, python3 (3.11 or 3.12, with venv and pip: MLServer 1.7 needs Python < 3.13)
+# and PyPI. The virtualenv lives in target/interop-venv and is reused while requirements.txt
+# and the Python version are unchanged. Set PYTHON to choose the interpreter. Exit code: 0
+# if every test of both suites passed (the second suite runs even when the first fails).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -24,6 +29,11 @@ with open(sys.argv[1], "rb") as f:
     print(hashlib.sha256(f.read()).hexdigest(), sys.version.split()[0])
 PY
 )
+if ! "$PYTHON" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] < (3, 13)))'; then
+    echo "error: $("$PYTHON" --version) here; the interop venv needs Python 3.11 or 3.12" \
+         "(MLServer 1.7 supports < 3.13). Set PYTHON to another interpreter." >&2
+    exit 2
+fi
 
 if [[ -x $VENV/bin/python && -f $STAMP && "$(cat "$STAMP")" == "$want" ]]; then
     echo "==> reusing virtualenv $VENV (requirements unchanged)"
@@ -41,5 +51,9 @@ fi
 echo "==> building keel (cargo build --release --bin keel)"
 cargo build --release --bin keel
 
-echo "==> running tests/interop/test_interop.py against $KEEL"
-exec "$VENV/bin/python" tests/interop/test_interop.py --keel "$KEEL" "$@"
+status=0
+for suite in test_interop test_mlserver; do
+    echo "==> running tests/interop/$suite.py against $KEEL ($(date -u +%H:%M:%S))"
+    "$VENV/bin/python" "tests/interop/$suite.py" --keel "$KEEL" "$@" || status=1
+done
+exit $status

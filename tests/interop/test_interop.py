@@ -27,17 +27,13 @@ Run it through tests/interop/run.sh, or directly:
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import queue
-import re
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import unittest
 from functools import partial
@@ -50,165 +46,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, deserialize_bytes_tensor
 
+import harness
+from harness import RPC_TIMEOUT, STOP_TIMEOUT, KeelProcess
+
 try:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 except ImportError:  # pragma: no cover - requirements.txt installs it
     reflection_pb2 = reflection_pb2_grpc = None
 
-# Bounds on every wait; nothing in this file sleeps for a fixed time.
-STARTUP_TIMEOUT = 60.0  # until Keel prints its listening line
-READY_TIMEOUT = 30.0  # until ServerReady answers true
-RPC_TIMEOUT = 10.0  # any single call
-STOP_TIMEOUT = 15.0  # from SIGTERM to exit
-POLL_INTERVAL = 0.05
-
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 HEALTH_SERVICE = "grpc.health.v1.Health"
-LISTENING = re.compile(
-    r"^keel \S+ listening on (\S+) \(gRPC, OIP v2\), admin on (\S+), serving models: (.*)$")
 
 KEEL_BINARY: str = ""  # set by main() from --keel
 
 
-# --------------------------------------------------------------------------------------
-# Starting and stopping Keel
-# --------------------------------------------------------------------------------------
-
-
-class KeelProcess:
-    """One `keel serve` subprocess on an ephemeral loopback port.
-
-    stdout is read by a thread (so the pipe never fills); stderr (Keel's logs) goes to a
-    temporary file that is shown when something goes wrong.
-    """
-
-    def __init__(self, binary: str, config: str | None = None):
-        self.log = tempfile.NamedTemporaryFile(prefix="keel-interop-", suffix=".log", delete=False)
-        # Ephemeral ports for both listeners, so parallel runs never collide.
-        args = [binary, "serve", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"]
-        if config is not None:
-            args += ["--config", config]
-        self.proc = subprocess.Popen(
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-        )
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._pump_stdout, daemon=True).start()
-        try:
-            self.address, self.models = self._read_banner(STARTUP_TIMEOUT)
-        except BaseException:
-            self.kill()
-            self.close()
-            raise
-
-    def _pump_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-        self.lines.put(None)  # EOF
-
-    def _read_banner(self, timeout: float) -> tuple[str, list[str]]:
-        """Waits for the `listening on ADDR` line and returns (ADDR, models).
-
-        Raises RuntimeError (with Keel's log) if it does not come; __init__ then kills Keel.
-        """
-        deadline = time.monotonic() + timeout
-        seen = []
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(f"keel printed no listening line within {timeout:.0f} s; "
-                                   f"stdout: {seen}\n{self.log_tail()}")
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if line is None:
-                code = self.proc.wait(timeout=5)
-                raise RuntimeError(f"keel exited with {code} before listening; stdout: {seen}\n"
-                                   f"{self.log_tail()}")
-            seen.append(line)
-            m = LISTENING.match(line)
-            if m:
-                address, admin = m.group(1), m.group(2)
-                for where in (address, admin):
-                    if not where.startswith("127.0.0.1:"):
-                        raise RuntimeError(f"keel listens on {where}, not on 127.0.0.1")
-                return address, [s.strip() for s in m.group(3).split(",")]
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        """Polls ServerReady until it answers true, the process dies or `timeout` passes."""
-        client = grpcclient.InferenceServerClient(self.address)
-        deadline = time.monotonic() + timeout
-        try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"keel exited with {self.proc.returncode}\n{self.log_tail()}")
-                try:
-                    if client.is_server_ready(client_timeout=RPC_TIMEOUT):
-                        return
-                except InferenceServerException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"keel not ready within {timeout:.0f} s\n{self.log_tail()}")
-                time.sleep(POLL_INTERVAL)
-        finally:
-            client.close()
-
-    def terminate(self) -> None:
-        """Sends SIGTERM to this process (by PID) if it still runs."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-
-    def wait_exit(self, timeout: float = STOP_TIMEOUT) -> tuple[int | None, float]:
-        """Waits for exit; kills on timeout. Returns (exit code or None if killed, seconds)."""
-        start = time.monotonic()
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            return None, time.monotonic() - start
-        return code, time.monotonic() - start
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> tuple[int | None, float]:
-        """SIGTERM, then wait at most `timeout` (kill after it)."""
-        self.terminate()
-        return self.wait_exit(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    def log_tail(self, lines: int = 40) -> str:
-        self.log.flush()
-        with open(self.log.name, encoding="utf-8", errors="replace") as f:
-            tail = f.readlines()[-lines:]
-        return f"--- last {len(tail)} lines of keel's log ({self.log.name}) ---\n" + "".join(tail)
-
-    def close(self) -> None:
-        """Frees the log file (after the process has exited)."""
-        self.log.close()
-        try:
-            os.unlink(self.log.name)
-        except OSError:
-            pass
-
-
 def start_keel(config: str | None = None) -> KeelProcess:
-    """Starts Keel (on `config`, else its embedded default) and waits until it is ready;
-    kills it if it never gets ready."""
-    keel = KeelProcess(KEEL_BINARY, config)
-    try:
-        keel.wait_ready()
-    except BaseException:
-        keel.kill()
-        keel.close()
-        raise
-    return keel
+    """Starts the Keel under test (on `config`, else its embedded default), ready."""
+    return harness.start_keel(KEEL_BINARY, config)
 
 
 # --------------------------------------------------------------------------------------
@@ -906,44 +760,13 @@ class ShutdownTest(unittest.TestCase):
 # --------------------------------------------------------------------------------------
 
 
-class CountingResult(unittest.TextTestResult):
-    """TextTestResult that also counts successes, for the closing line."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.passed = 0
-
-    def addSuccess(self, test):
-        super().addSuccess(test)
-        self.passed += 1
-
-
 def main() -> int:
     global KEEL_BINARY
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--keel", required=True, help="path of the keel binary")
-    parser.add_argument("-k", dest="pattern", action="append",
-                        help="run only tests whose name contains this (repeatable)")
-    args = parser.parse_args()
-    KEEL_BINARY = os.path.abspath(args.keel)
-    if not os.access(KEEL_BINARY, os.X_OK):
-        print(f"error: {KEEL_BINARY} is not an executable (build it: cargo build --release --bin keel)",
-              file=sys.stderr)
-        return 2
-
-    loader = unittest.TestLoader()
-    if args.pattern:
-        loader.testNamePatterns = [f"*{p}*" for p in args.pattern]
+    args = harness.parse_args(__doc__)
+    KEEL_BINARY = args.keel
     # The shutdown test runs last, on its own Keel.
-    suite = unittest.TestSuite([loader.loadTestsFromTestCase(InteropTest),
-                                loader.loadTestsFromTestCase(DegradationTest),
-                                loader.loadTestsFromTestCase(TenantTest),
-                                loader.loadTestsFromTestCase(ShutdownTest)])
-    runner = unittest.TextTestRunner(verbosity=2, resultclass=CountingResult, stream=sys.stdout)
-    result = runner.run(suite)
-    failed = len(result.failures) + len(result.errors) + len(result.unexpectedSuccesses)
-    print(f"interop: {result.passed} passed, {failed} failed, {len(result.skipped)} skipped")
-    return 0 if result.wasSuccessful() and failed == 0 else 1
+    return harness.run_suite("interop", [InteropTest, DegradationTest, TenantTest, ShutdownTest],
+                             args.pattern)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ use bytes::{BufMut, BytesMut};
 use crate::model::cast::{Scalar, from_scalars, scalars};
 use crate::model::{
     Contract, DataType, InferRequest, InferResponse, InvalidRequest, Param, Parameters, Rejection,
-    RequestedOutput, Tensor, TensorSpec, Violation,
+    RequestedOutput, Tensor, TensorSpec, Violation, Violations,
 };
 use crate::policy::{Predict, V1Mapping};
 
@@ -203,8 +203,8 @@ fn fill(
 }
 
 /// Builds one input tensor from the instances that filled it.
-fn tensor(spec: &TensorSpec, rows: Vec<(usize, Filled)>) -> Result<Tensor, Vec<Violation>> {
-    let mut problems = Vec::new();
+fn tensor(spec: &TensorSpec, rows: Vec<(usize, Filled)>) -> Result<Tensor, Violations> {
+    let mut problems = Violations::default();
     let Some((_, first)) = rows.first() else {
         return Err(problems);
     };
@@ -248,7 +248,7 @@ fn tensor(spec: &TensorSpec, rows: Vec<(usize, Filled)>) -> Result<Tensor, Vec<V
             }
         }
         return Tensor::new(spec.name.clone(), DataType::Bytes, shape, buf.freeze())
-            .map_err(|e| vec![violation("instances".into(), e.to_string())]);
+            .map_err(|e| vec![violation("instances".into(), e.to_string())].into());
     }
     let mut values = Vec::new();
     let mut starts = Vec::with_capacity(rows.len());
@@ -269,7 +269,7 @@ fn tensor(spec: &TensorSpec, rows: Vec<(usize, Filled)>) -> Result<Tensor, Vec<V
             .copied()
             .unwrap_or((0, 0));
         let (field, prefix) = rows[k].1.element(e.index - start);
-        vec![violation(field, format!("{prefix}{}", e.reason))]
+        vec![violation(field, format!("{prefix}{}", e.reason))].into()
     })
 }
 
@@ -312,7 +312,7 @@ pub fn upgrade(
     contract: &Contract,
     map: &V1Mapping,
 ) -> Result<InferRequest, Rejection> {
-    let mut problems = Vec::new();
+    let mut problems = Violations::default();
     if p.model.is_empty() {
         problems.push(InvalidRequest::MissingModelName.at("model_name"));
     }

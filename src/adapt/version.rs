@@ -113,7 +113,7 @@ pub fn reshape(t: &Tensor, dims: &[i64]) -> Result<Tensor, String> {
 /// The client's request as a request for `adapter.to`: inputs renamed, cast and reshaped,
 /// defaults added for inputs the client does not send, requested outputs renamed.
 pub fn request(req: InferRequest, adapter: &VersionAdapter) -> Result<InferRequest, Rejection> {
-    let mut problems = Vec::new();
+    let mut problems = crate::model::Violations::default();
     let mut inputs = Vec::with_capacity(req.inputs.len() + adapter.defaults.len());
     for (i, t) in req.inputs.into_iter().enumerate() {
         let client = t.name().to_string();

@@ -10,7 +10,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::call::CallContext;
 use crate::error::Error;
-use crate::model::Rejection;
+use crate::model::{Rejection, clip};
 use crate::observe::Metrics;
 use crate::observe::metrics::{
     ApiLabels, CodeLabel, ModelLabels, ModelUpstreamLabels, RetryLabels, RuleLabels,
@@ -206,7 +206,10 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
     let delays = receipt.delays_ms();
     let served_by = receipt.served_by.as_deref().unwrap_or("");
     let upstream = f.ctx.map_or("", |c| &*c.route.target.upstream);
+    // Every field that quotes a client is clipped: a log line has a fixed upper size.
     let error = f.error.map(ToString::to_string).unwrap_or_default();
+    let error = clip(&error, crate::api::status::MAX_MESSAGE);
+    let (model, version) = (clip(f.model, 256), clip(f.version, 64));
     let deadline_ms = f.ctx.map_or(0, |c| c.budget.as_millis() as u64);
     let peer = f.peer.map(|p| p.to_string()).unwrap_or_default();
     let inputs = inputs();
@@ -216,8 +219,8 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
                 api = f.api,
                 tenant = f.tenant.unwrap_or(""),
                 method = f.method,
-                model = f.model,
-                version = f.version,
+                model,
+                version,
                 tier = f.leg.tier,
                 upstream,
                 served_by,

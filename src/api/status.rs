@@ -12,10 +12,18 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::call::CallContext;
 use crate::error::Error;
+use crate::model::clip;
 use crate::resilience::Failure;
 
 /// The `ErrorInfo` domain of Keel's errors.
 pub const DOMAIN: &str = "keel";
+
+/// The longest `grpc-message` Keel sends: messages quote what clients and upstreams sent
+/// (model names, upstream errors), and an error answer has a fixed upper size.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// The longest value of an `ErrorInfo` metadata entry that quotes a client or upstream.
+const MAX_INFO: usize = 256;
 
 /// The status for `e`; `ctx` is the call's context when it got as far as being routed.
 pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status {
@@ -23,7 +31,7 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
     info.insert("class".to_string(), e.class().as_str().to_string());
     info.insert("policy_revision".to_string(), revision.to_string());
     if let Some(m) = e.model().or(ctx.map(|c| &*c.route.model)) {
-        info.insert("model".to_string(), m.to_string());
+        info.insert("model".to_string(), clip(m, MAX_INFO).to_string());
     }
     if let Some(u) = e.upstream().or(ctx.map(|c| &*c.route.target.upstream)) {
         info.insert("upstream".to_string(), u.to_string());
@@ -43,7 +51,7 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
                 message = format!("{message} after {} attempt(s)", r.attempts.max(1));
                 if let Some(last) = r.last_error.as_ref().filter(|l| **l != e.to_string()) {
                     message.push_str(&format!("; last error: {last}"));
-                    info.insert("last_error".to_string(), last.clone());
+                    info.insert("last_error".to_string(), clip(last, MAX_INFO).to_string());
                 }
             }
             Error::BreakerOpen(_) => {
@@ -70,11 +78,22 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
     }
     if let Error::InvalidRequest(rejection) = e {
         for v in rejection.violations() {
-            details.add_bad_request_violation(v.field.clone(), v.problem.to_string());
+            details.add_bad_request_violation(v.field_text(), v.problem_text());
+        }
+        if rejection.more() > 0 {
+            details.add_bad_request_violation(
+                "request",
+                format!("and {} more problems, not listed", rejection.more()),
+            );
         }
     }
     if let Some(after) = e.retry_after() {
         details.set_retry_info(Some(after));
+    }
+    if message.len() > MAX_MESSAGE {
+        let keep = clip(&message, MAX_MESSAGE).len();
+        message.truncate(keep);
+        message.push('…');
     }
     let mut status = Status::with_error_details(e.code(), message, details);
     // An injected fault looks like a sick server to whoever calls Keel, pushback included.
@@ -111,6 +130,57 @@ mod tests {
         assert_eq!(info.metadata["policy_revision"], "3");
         let bad = s.get_details_bad_request().unwrap();
         assert_eq!(bad.field_violations[0].field, "inputs[INPUT1]");
+    }
+
+    #[test]
+    fn an_error_answer_has_a_fixed_upper_size_whatever_the_request_held() {
+        let violations: Vec<_> = (0..10_000)
+            .map(|i| {
+                InvalidRequest::DuplicateInput {
+                    tensor: "x".repeat(10_000),
+                }
+                .at(format!("inputs[{i}].name"))
+            })
+            .collect();
+        let rejection = crate::model::Rejection::of(violations).unwrap();
+        let s = to_status(&Error::InvalidRequest(rejection), None, 1);
+        assert!(
+            s.message().len() <= MAX_MESSAGE + 3,
+            "{}",
+            s.message().len()
+        );
+        assert!(
+            s.message().starts_with("10000 problems: "),
+            "{}",
+            &s.message()[..40]
+        );
+        let bad = s.get_details_bad_request().unwrap();
+        assert_eq!(bad.field_violations.len(), crate::model::MAX_REPORTED + 1);
+        let last = bad.field_violations.last().unwrap();
+        assert_eq!(last.field, "request");
+        assert_eq!(
+            last.description,
+            format!(
+                "and {} more problems, not listed",
+                10_000 - crate::model::MAX_REPORTED
+            )
+        );
+        assert!(
+            bad.field_violations
+                .iter()
+                .all(|v| v.description.len() <= crate::model::MAX_VIOLATION_TEXT + 3)
+        );
+        // The whole answer: message and details together stay small.
+        let details_len = s.details().len();
+        assert!(details_len < 16 * 1024, "{details_len} bytes of details");
+
+        // A client's long model name is clipped in the message and in ErrorInfo.
+        let e = Error::ModelNotFound {
+            model: "m".repeat(1 << 20),
+        };
+        let s = to_status(&e, None, 1);
+        assert!(s.message().len() <= MAX_MESSAGE + 3);
+        assert!(s.get_details_error_info().unwrap().metadata["model"].len() <= MAX_INFO);
     }
 
     #[test]

@@ -41,6 +41,8 @@ fn verdict<Op>(
     let limits = RequestLimits {
         max_bytes: settings.limits.max_request_bytes,
         max_elements: settings.limits.max_elements,
+        max_inputs: settings.limits.max_inputs as usize,
+        max_outputs: settings.limits.max_outputs as usize,
     };
     let contract = match contract {
         // `strict_outputs` takes a forwarded model's listed outputs as complete: the copy

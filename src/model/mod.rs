@@ -18,5 +18,6 @@ pub use tensor::{
     Element, Tensor, TensorError, element_count, encode_byte_strings, split_bytes_elements,
 };
 pub use validate::{
-    Contract, InvalidRequest, Rejection, RequestLimits, Violation, check, validate,
+    Contract, InvalidRequest, MAX_REPORTED, MAX_VIOLATION_TEXT, Rejection, RequestLimits,
+    Violation, Violations, check, clip, validate,
 };

@@ -6,6 +6,7 @@
 //! can fix the request from the message alone; a [`Rejection`] holds every rule a request
 //! broke, each at its field path (`inputs[1].shape`), so one round trip shows them all.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use super::{DataType, InferRequest, ModelMetadata, ModelSpec, TensorError, TensorSpec};
@@ -148,6 +149,24 @@ pub enum InvalidRequest {
         /// The limit.
         max: u64,
     },
+    /// More input tensors than one request may carry.
+    #[error("the request has {inputs} inputs, above the limit of {max} (limits.max_inputs)")]
+    TooManyInputs {
+        /// Inputs sent.
+        inputs: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More requested outputs than one request may name.
+    #[error(
+        "the request asks for {outputs} outputs, above the limit of {max} (limits.max_outputs)"
+    )]
+    TooManyOutputs {
+        /// Outputs asked for.
+        outputs: usize,
+        /// The limit.
+        max: usize,
+    },
     /// A request the version adapter could not turn into the model's form.
     #[error("input '{tensor}': {reason}")]
     Adapter {
@@ -196,9 +215,10 @@ impl InvalidRequest {
             | InvalidRequest::BatchMismatch { tensor, .. }
             | InvalidRequest::Adapter { tensor, .. }
             | InvalidRequest::BadElement { tensor, .. } => format!("inputs[{tensor}]"),
-            InvalidRequest::TooManyBytes { .. } | InvalidRequest::TooManyElements { .. } => {
-                "inputs".into()
-            }
+            InvalidRequest::TooManyBytes { .. }
+            | InvalidRequest::TooManyElements { .. }
+            | InvalidRequest::TooManyInputs { .. } => "inputs".into(),
+            InvalidRequest::TooManyOutputs { .. } => "outputs".into(),
             InvalidRequest::V1 { field, .. } => field.clone(),
         }
     }
@@ -221,6 +241,8 @@ impl InvalidRequest {
             InvalidRequest::UnknownOutput { .. } => "unknown_output",
             InvalidRequest::TooManyBytes { .. } => "max_request_bytes",
             InvalidRequest::TooManyElements { .. } => "max_elements",
+            InvalidRequest::TooManyInputs { .. } => "max_inputs",
+            InvalidRequest::TooManyOutputs { .. } => "max_outputs",
             InvalidRequest::Adapter { .. } => "adapter",
             InvalidRequest::V1 { .. } => "v1_instances",
             InvalidRequest::BadElement { .. } => "bad_element",
@@ -245,27 +267,89 @@ pub struct Violation {
     pub problem: InvalidRequest,
 }
 
+/// Violations a [`Rejection`] reports in full; the rest are only counted, so an error
+/// answer, its details and its log line stay bounded whatever the request holds.
+pub const MAX_REPORTED: usize = 32;
+
+/// The longest text one violation contributes to a message or a detail: field paths and
+/// messages quote names the client chose.
+pub const MAX_VIOLATION_TEXT: usize = 256;
+
+/// Violations as they are found: the first [`MAX_REPORTED`] kept, the rest counted, so
+/// collecting them costs the same whatever the request holds.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Violations {
+    kept: Vec<Violation>,
+    more: usize,
+}
+
+impl Violations {
+    /// Adds one.
+    pub fn push(&mut self, v: Violation) {
+        if self.kept.len() < MAX_REPORTED {
+            self.kept.push(v);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    /// Adds every one of `other`, its counted ones included.
+    pub fn extend(&mut self, other: Violations) {
+        let more = other.more;
+        for v in other.kept {
+            self.push(v);
+        }
+        self.more += more;
+    }
+
+    /// Whether none was found.
+    pub fn is_empty(&self) -> bool {
+        self.kept.is_empty()
+    }
+}
+
+impl From<Vec<Violation>> for Violations {
+    fn from(all: Vec<Violation>) -> Self {
+        let mut v = Violations::default();
+        for one in all {
+            v.push(one);
+        }
+        v
+    }
+}
+
 /// Every rule a request broke; never empty. Answered with INVALID_ARGUMENT and one
-/// `google.rpc.BadRequest` field violation per entry.
+/// `google.rpc.BadRequest` field violation per reported entry; past [`MAX_REPORTED`], only
+/// how many more.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rejection {
     violations: Vec<Violation>,
+    more: usize,
 }
 
 impl Rejection {
     /// The rejection for `violations`, or `None` when there are none.
-    pub fn of(violations: Vec<Violation>) -> Option<Rejection> {
-        (!violations.is_empty()).then_some(Rejection { violations })
+    pub fn of(violations: impl Into<Violations>) -> Option<Rejection> {
+        let Violations { kept, more } = violations.into();
+        (!kept.is_empty()).then_some(Rejection {
+            violations: kept,
+            more,
+        })
     }
 
     /// `Err` with `violations` when there are any.
-    pub fn check(violations: Vec<Violation>) -> Result<(), Rejection> {
+    pub fn check(violations: impl Into<Violations>) -> Result<(), Rejection> {
         Rejection::of(violations).map_or(Ok(()), Err)
     }
 
-    /// Every violation, in request order.
+    /// The violations reported, in request order (at most [`MAX_REPORTED`]).
     pub fn violations(&self) -> &[Violation] {
         &self.violations
+    }
+
+    /// How many more were found than are reported.
+    pub fn more(&self) -> usize {
+        self.more
     }
 
     /// The first problem (for a one-word metrics label).
@@ -279,27 +363,61 @@ impl From<InvalidRequest> for Rejection {
         let field = problem.field();
         Rejection {
             violations: vec![problem.at(field)],
+            more: 0,
         }
     }
+}
+
+impl Violation {
+    /// The field path, clipped to [`MAX_VIOLATION_TEXT`].
+    pub fn field_text(&self) -> &str {
+        clip(&self.field, MAX_VIOLATION_TEXT)
+    }
+
+    /// What is wrong, clipped to [`MAX_VIOLATION_TEXT`].
+    pub fn problem_text(&self) -> String {
+        let mut text = self.problem.to_string();
+        let keep = clip(&text, MAX_VIOLATION_TEXT).len();
+        if keep < text.len() {
+            text.truncate(keep);
+            text.push('…');
+        }
+        text
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.violations.as_slice() {
-            [one] => write!(f, "{}", one.problem),
+            [one] if self.more == 0 => f.write_str(&one.problem_text()),
             many => {
-                write!(f, "{} problems: ", many.len())?;
+                write!(f, "{} problems: ", many.len() + self.more)?;
                 for (i, v) in many.iter().enumerate() {
                     if i > 0 {
                         f.write_str("; ")?;
                     }
-                    let text = v.problem.to_string();
+                    let text = v.problem_text();
                     // A problem that names its field already is not prefixed again.
-                    if text.starts_with(&v.field) {
+                    if text.starts_with(v.field_text()) {
                         f.write_str(&text)?;
                     } else {
-                        write!(f, "{}: {text}", v.field)?;
+                        write!(f, "{}: {text}", v.field_text())?;
                     }
+                }
+                if self.more > 0 {
+                    write!(f, "; and {} more", self.more)?;
                 }
                 Ok(())
             }
@@ -371,13 +489,18 @@ impl Contract {
     }
 }
 
-/// Size limits on one request, from policy (`limits.max_request_bytes`, `limits.max_elements`).
+/// Size limits on one request, from policy (`limits.max_request_bytes`, `max_elements`,
+/// `max_inputs`, `max_outputs`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RequestLimits {
     /// Bytes of tensor data, over every input.
     pub max_bytes: u64,
     /// Elements, over every input.
     pub max_elements: u64,
+    /// Input tensors.
+    pub max_inputs: usize,
+    /// Requested outputs.
+    pub max_outputs: usize,
 }
 
 impl RequestLimits {
@@ -385,6 +508,8 @@ impl RequestLimits {
     pub const NONE: RequestLimits = RequestLimits {
         max_bytes: u64::MAX,
         max_elements: u64::MAX,
+        max_inputs: usize::MAX,
+        max_outputs: usize::MAX,
     };
 }
 
@@ -397,6 +522,15 @@ pub fn validate(req: &InferRequest, spec: &ModelSpec) -> Result<u64, Rejection> 
 /// Checks `req` against `contract` and `limits`, collecting every broken rule; returns the
 /// batch size (1 when the model does not batch or batching is unknown).
 ///
+/// # Cost
+///
+/// Linear in the request and the contract: names are looked up in sets, never by scanning
+/// earlier inputs, and the counts are checked first, so a request with more tensors than
+/// `limits` allow costs one comparison. At most [`MAX_REPORTED`] violations are kept.
+///
+/// # Rules
+///
+/// 0. No more inputs and requested outputs than `limits` allow (checked alone, first).
 /// 1. Tensor data within `limits` (sums in `u64`, saturating: no overflow).
 /// 2. Every input is known (unless the model takes any), appears once and has the right type.
 /// 3. Every declared input is present.
@@ -408,7 +542,21 @@ pub fn check(
     contract: &Contract,
     limits: RequestLimits,
 ) -> Result<u64, Rejection> {
-    let mut out = Vec::new();
+    if req.inputs.len() > limits.max_inputs {
+        return Err(InvalidRequest::TooManyInputs {
+            inputs: req.inputs.len(),
+            max: limits.max_inputs,
+        }
+        .into());
+    }
+    if req.outputs.len() > limits.max_outputs {
+        return Err(InvalidRequest::TooManyOutputs {
+            outputs: req.outputs.len(),
+            max: limits.max_outputs,
+        }
+        .into());
+    }
+    let mut out = Violations::default();
     let (bytes, elements) = req.inputs.iter().fold((0u64, 0u64), |(b, e), t| {
         (
             b.saturating_add(t.data().len() as u64),
@@ -435,9 +583,11 @@ pub fn check(
     }
     let batching = contract.max_batch_size.filter(|&m| m > 0);
     let mut batch: Option<(&str, i64)> = None;
+    let declared = Index::of(&contract.inputs);
+    let mut seen: HashSet<&str> = HashSet::with_capacity(req.inputs.len());
     for (i, input) in req.inputs.iter().enumerate() {
         let name = input.name();
-        if req.inputs[..i].iter().any(|t| t.name() == name) {
+        if !seen.insert(name) {
             out.push(
                 InvalidRequest::DuplicateInput {
                     tensor: name.to_string(),
@@ -449,7 +599,7 @@ pub fn check(
         if contract.any_inputs {
             continue;
         }
-        let Some(want) = contract.input(name) else {
+        let Some(want) = declared.get(name) else {
             out.push(
                 InvalidRequest::UnknownInput {
                     model: contract.model.clone(),
@@ -514,7 +664,7 @@ pub fn check(
         for missing in contract
             .inputs
             .iter()
-            .filter(|s| !req.inputs.iter().any(|t| t.name() == s.name))
+            .filter(|s| !seen.contains(s.name.as_str()))
         {
             out.push(
                 InvalidRequest::MissingInput {
@@ -526,8 +676,9 @@ pub fn check(
         }
     }
     if contract.outputs_complete && !contract.any_inputs {
+        let outputs = Index::of(&contract.outputs);
         for (j, o) in req.outputs.iter().enumerate() {
-            if contract.output(&o.name).is_none() {
+            if outputs.get(&o.name).is_none() {
                 out.push(
                     InvalidRequest::UnknownOutput {
                         model: contract.model.clone(),
@@ -542,6 +693,38 @@ pub fn check(
     match Rejection::of(out) {
         Some(r) => Err(r),
         None => Ok(batch.map_or(1, |(_, b)| b.unsigned_abs())),
+    }
+}
+
+/// A contract's tensors by name: a scan for the few tensors a model usually has, a map for
+/// many, so a lookup per request tensor keeps the check linear.
+enum Index<'a> {
+    Few(&'a [TensorSpec]),
+    Many(HashMap<&'a str, &'a TensorSpec>),
+}
+
+impl<'a> Index<'a> {
+    /// Past this many tensors, a map.
+    const SCAN: usize = 16;
+
+    fn of(specs: &'a [TensorSpec]) -> Index<'a> {
+        if specs.len() <= Self::SCAN {
+            Index::Few(specs)
+        } else {
+            // The first of a name wins, as a scan would find it.
+            let mut map = HashMap::with_capacity(specs.len());
+            for s in specs {
+                map.entry(s.name.as_str()).or_insert(s);
+            }
+            Index::Many(map)
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a TensorSpec> {
+        match self {
+            Index::Few(specs) => specs.iter().find(|t| t.name == name),
+            Index::Many(map) => map.get(name).copied(),
+        }
     }
 }
 
@@ -607,6 +790,7 @@ mod tests {
         let limits = RequestLimits {
             max_bytes: 16,
             max_elements: 1_000,
+            ..RequestLimits::NONE
         };
         let e = check(&r, &s, limits).unwrap_err();
         let fields: Vec<&str> = e.violations().iter().map(|v| v.field.as_str()).collect();
@@ -716,5 +900,123 @@ mod tests {
         s.inputs = vec![TensorSpec::new("A", DataType::Int32, &[-1, 4])];
         assert_eq!(validate(&req(vec![t("A", vec![5, 4])]), &s), Ok(1));
         assert!(validate(&req(vec![t("A", vec![4])]), &s).is_err());
+    }
+
+    fn any(model: &str) -> Contract {
+        Contract {
+            model: model.into(),
+            inputs: vec![],
+            outputs: vec![],
+            max_batch_size: None,
+            any_inputs: true,
+            outputs_complete: false,
+        }
+    }
+
+    #[test]
+    fn duplicates_are_found_among_many_inputs() {
+        // A set, not a scan of every earlier input: 50,000 inputs cost 50,000 lookups.
+        let mut inputs: Vec<Tensor> = (0..50_000).map(|i| t(&format!("t{i}"), vec![1])).collect();
+        inputs.push(t("t7", vec![1]));
+        let e = check(&req(inputs), &any("identity"), RequestLimits::NONE).unwrap_err();
+        assert_eq!(e.violations().len(), 1);
+        assert_eq!(e.violations()[0].field, "inputs[50000].name");
+        assert_eq!(e.first().rule(), "duplicate_input");
+    }
+
+    #[test]
+    fn more_inputs_or_outputs_than_the_limits_allow_are_refused_alone() {
+        let limits = RequestLimits {
+            max_inputs: 4,
+            max_outputs: 1,
+            ..RequestLimits::NONE
+        };
+        // Unknown and duplicate names too, but the count is checked first and alone.
+        let five: Vec<Tensor> = (0..5).map(|_| t("X", vec![1])).collect();
+        let e = check(&req(five), &Contract::of_spec(&spec()), limits).unwrap_err();
+        assert_eq!(e.violations().len(), 1);
+        assert_eq!(e.violations()[0].field, "inputs");
+        assert_eq!(
+            e.to_string(),
+            "the request has 5 inputs, above the limit of 4 (limits.max_inputs)"
+        );
+        let mut r = req(vec![t("A", vec![1, 4]), t("B", vec![1, 1])]);
+        for name in ["Y", "Y"] {
+            r.outputs.push(RequestedOutput {
+                name: name.into(),
+                parameters: Parameters::new(),
+            });
+        }
+        let e = check(&r, &Contract::of_spec(&spec()), limits).unwrap_err();
+        assert_eq!(e.first().rule(), "max_outputs");
+        assert_eq!(e.violations()[0].field, "outputs");
+    }
+
+    #[test]
+    fn a_rejection_reports_the_first_violations_and_counts_the_rest() {
+        let inputs: Vec<Tensor> = (0..1000).map(|i| t(&format!("u{i}"), vec![1])).collect();
+        let e = check(
+            &req(inputs),
+            &Contract::of_spec(&spec()),
+            RequestLimits::NONE,
+        )
+        .unwrap_err();
+        // 1000 unknown inputs and 2 missing ones.
+        assert_eq!(e.violations().len(), MAX_REPORTED);
+        assert_eq!(e.more(), 1002 - MAX_REPORTED);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("1002 problems: inputs[0].name: input 'u0'"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(&format!("; and {} more", 1002 - MAX_REPORTED)),
+            "{text}"
+        );
+        assert!(
+            text.len() < MAX_REPORTED * 2 * MAX_VIOLATION_TEXT,
+            "{}",
+            text.len()
+        );
+    }
+
+    #[test]
+    fn a_violation_quoting_a_long_name_is_clipped() {
+        let long = "\u{e9}".repeat(1000);
+        let e = check(
+            &req(vec![t(&long, vec![1])]),
+            &Contract::of_spec(&spec()),
+            RequestLimits::NONE,
+        )
+        .unwrap_err();
+        let v = &e.violations()[0];
+        assert!(v.field_text().len() <= MAX_VIOLATION_TEXT);
+        let text = v.problem_text();
+        assert!(
+            text.len() <= MAX_VIOLATION_TEXT + '…'.len_utf8(),
+            "{}",
+            text.len()
+        );
+        assert!(text.ends_with('…'));
+        assert_eq!(
+            clip("\u{e9}\u{e9}", 3),
+            "\u{e9}",
+            "never inside a character"
+        );
+    }
+
+    #[test]
+    fn a_large_contract_is_looked_up_by_name() {
+        let mut s = spec();
+        s.inputs = (0..100)
+            .map(|i| TensorSpec::new(&format!("in{i}"), DataType::Int32, &[-1]))
+            .collect();
+        s.max_batch_size = 0;
+        let all: Vec<Tensor> = (0..100).map(|i| t(&format!("in{i}"), vec![2])).collect();
+        assert_eq!(validate(&req(all.clone()), &s), Ok(1));
+        let mut missing = all;
+        missing.remove(40);
+        let e = validate(&req(missing), &s).unwrap_err();
+        assert_eq!(e.to_string(), "input 'in40' of model 'm' is missing");
     }
 }

@@ -14,7 +14,7 @@ use super::inference::model_metadata_response::TensorMetadata;
 use crate::model::{
     BatchStats, ContentForm, DataType, InferRequest, InferResponse, InvalidRequest, ModelMetadata,
     ModelSpec, ModelStats, Param, Parameters, Rejection, RequestedOutput, StatDuration, Tensor,
-    TensorError, TensorSpec,
+    TensorError, TensorSpec, Violations,
 };
 
 fn params_from_pb(p: HashMap<String, pb::InferParameter>) -> Parameters {
@@ -64,7 +64,7 @@ pub fn infer_request_from_pb(msg: pb::ModelInferRequest) -> Result<InferRequest,
         outputs,
         raw_input_contents,
     } = msg;
-    let mut problems = Vec::new();
+    let mut problems = Violations::default();
     if model_name.is_empty() {
         problems.push(InvalidRequest::MissingModelName.at("model_name"));
     }
@@ -824,7 +824,7 @@ mod tests {
                 match infer_request_from_pb(msg) {
                     Err(r) => prop_assert!(!r.violations().is_empty()),
                     Ok(req) => {
-                        let limits = RequestLimits { max_bytes, max_elements };
+                        let limits = RequestLimits { max_bytes, max_elements, ..RequestLimits::NONE };
                         if check(&req, &contract(), limits).is_ok() {
                             for t in &req.inputs {
                                 let want = contract().input(t.name()).cloned();

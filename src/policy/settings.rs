@@ -228,6 +228,11 @@ group! {
         max_request_bytes: u64,
         /// Tensor elements one inference request may carry, over every input.
         max_elements: u64,
+        /// Input tensors one inference request may carry: validation is linear in them,
+        /// and this bounds what one request can make Keel do.
+        max_inputs: u32,
+        /// Outputs one inference request may ask for.
+        max_outputs: u32,
     }
 }
 
@@ -343,6 +348,8 @@ impl Default for Settings {
                 interactive_reserve: 0.1,
                 max_request_bytes: 64 << 20,
                 max_elements: 64 << 20,
+                max_inputs: 1024,
+                max_outputs: 1024,
             },
             fault: None,
         }
@@ -477,6 +484,8 @@ impl Overrides {
                 max_elements: l
                     .integer(p, "max_elements", 1..=i64::MAX)
                     .map(i64::unsigned_abs),
+                max_inputs: l.count(p, "max_inputs", 1..=100_000),
+                max_outputs: l.count(p, "max_outputs", 1..=100_000),
             };
             l.finish(p);
         }

@@ -52,6 +52,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     }
 }
 
+/// About how long a request's summary in its log line grows before the rest is counted.
+const SUMMARY_BYTES: usize = 512;
+
 /// One kind of per-model call, sent to the backend that serves its model.
 pub trait Operation: Send + Sync + 'static {
     /// What the backend answers.
@@ -107,12 +110,21 @@ impl Operation for InferRequest {
         backend.infer(call)
     }
     fn summary(&self) -> String {
-        let inputs: Vec<String> = self
-            .inputs
-            .iter()
-            .map(|t| format!("{}:{}{:?}", t.name(), t.dtype(), t.shape()))
-            .collect();
-        inputs.join(",")
+        use std::fmt::Write as _;
+        // Bounded, as every log line is: the first inputs, then how many more.
+        let mut out = String::new();
+        for (i, t) in self.inputs.iter().enumerate() {
+            if out.len() >= SUMMARY_BYTES {
+                let _ = write!(out, ",+{} more", self.inputs.len() - i);
+                break;
+            }
+            if i > 0 {
+                out.push(',');
+            }
+            let name = crate::model::clip(t.name(), 64);
+            let _ = write!(out, "{name}:{}{:?}", t.dtype(), t.shape());
+        }
+        out
     }
     fn payload_bytes(&self) -> usize {
         self.inputs.iter().map(|t| t.data().len()).sum()

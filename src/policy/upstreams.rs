@@ -116,7 +116,8 @@ pub struct HealthCheck {
     pub timeout: Duration,
     /// Failed checks in a row that make an endpoint unhealthy.
     pub unhealthy_threshold: u32,
-    /// Passed checks in a row that make an unhealthy endpoint healthy again.
+    /// Passed checks in a row that make an unhealthy endpoint healthy again (and, with
+    /// `outlier.uneject_on_health_check`, end an ejection early).
     pub healthy_threshold: u32,
 }
 

@@ -1,6 +1,6 @@
 //! Upstream pools over loopback: an endpoint lost mid-load costs no call, is taken out, and
-//! comes back after it passes its checks; the last endpoint that still answers is never
-//! ejected; a DNS name becomes endpoints.
+//! comes back after it passes its checks (an ejection included, long before it would end);
+//! the last endpoint that still answers is never ejected; a DNS name becomes endpoints.
 
 #![allow(clippy::unwrap_used)]
 
@@ -124,6 +124,80 @@ async fn an_endpoint_lost_mid_load_costs_no_call_and_returns_after_its_checks() 
     }
     assert!(back, "A was not re-admitted within 15s");
     assert_eq!(endpoint_state(admin, a_addr).await, Some(0.0));
+    keel.stop().await.unwrap();
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_endpoint_is_back_when_its_checks_pass_not_when_its_ejection_ends() {
+    let a_addr = free_port();
+    let a = Keel::start_on(keel::Options::default(), a_addr).await;
+    let b = Keel::embedded().await;
+    // One refused call ejects A for 60 s: only passing checks can bring it back within the
+    // test's bounds. Three failed checks (200 ms or more) take A out by its checks too, long
+    // after the next call to it has ejected it.
+    let keel = Keel::with_admin(&format!(
+        "[upstreams.up]\nendpoints = [\"{a_addr}\", \"{}\"]\n\
+         [upstreams.up.health_check]\nkind = \"server_ready\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\n\
+         unhealthy_threshold = 3\nhealthy_threshold = 2\n\
+         [upstreams.up.outlier]\nconsecutive_failures = 1\nbase_ejection = \"60s\"\n\
+         [models.simple]\nbackend = \"up\"\n",
+        b.addr
+    ))
+    .await;
+    let admin = keel.admin.unwrap();
+    let mut c = keel.client().await;
+    let (on_a, on_b) = (format!("up@{a_addr}"), format!("up@{}", b.addr));
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        served.insert(served_by(&c.model_infer(simple_request()).await.unwrap()));
+        if served.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(served, [on_a.clone(), on_b.clone()].into(), "both serve");
+
+    // A stops: the next call to it is refused (and retried on B), which ejects it.
+    a.stop().await.unwrap();
+    let mut state = None;
+    for _ in 0..200 {
+        let resp = c.model_infer(simple_request()).await.unwrap();
+        assert_eq!(served_by(&resp), on_b, "no call is lost while A is down");
+        state = endpoint_state(admin, a_addr).await;
+        if state == Some(2.0) {
+            break;
+        }
+    }
+    assert_eq!(state, Some(2.0), "A is ejected");
+
+    // A restarts on its port. Two passed checks (200 ms) end the 60 s ejection: poll,
+    // bounded by 300 calls 20 ms apart (6 s), for a call that A serves.
+    let a = Keel::start_on(keel::Options::default(), a_addr).await;
+    let mut calls_until_back = None;
+    for n in 1..=300 {
+        if served_by(&c.model_infer(simple_request()).await.unwrap()) == on_a {
+            calls_until_back = Some(n);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        calls_until_back.is_some(),
+        "A was not back within 300 calls; it stands at {:?}",
+        endpoint_state(admin, a_addr).await
+    );
+    assert_eq!(endpoint_state(admin, a_addr).await, Some(0.0));
+    // Back in rotation: the two share the calls again.
+    let mut count = std::collections::BTreeMap::<String, usize>::new();
+    for _ in 0..20 {
+        let resp = c.model_infer(simple_request()).await.unwrap();
+        *count.entry(served_by(&resp)).or_default() += 1;
+    }
+    assert!(
+        count.get(&on_a).is_some_and(|&n| n >= 5) && count.get(&on_b).is_some_and(|&n| n >= 5),
+        "{count:?}"
+    );
     keel.stop().await.unwrap();
     a.stop().await.unwrap();
     b.stop().await.unwrap();

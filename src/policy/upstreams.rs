@@ -116,7 +116,8 @@ pub struct HealthCheck {
     pub timeout: Duration,
     /// Failed checks in a row that make an endpoint unhealthy.
     pub unhealthy_threshold: u32,
-    /// Passed checks in a row that make an unhealthy endpoint healthy again.
+    /// Passed checks in a row that make an unhealthy endpoint healthy again (and, with
+    /// `outlier.uneject_on_health_check`, end an ejection early).
     pub healthy_threshold: u32,
 }
 
@@ -135,6 +136,10 @@ pub struct Outlier {
     /// The most of a pool ejected at once, in percent (at least one endpoint may always be
     /// ejected), so a bad threshold cannot empty the pool.
     pub max_ejection_percent: u32,
+    /// Whether `healthy_threshold` active checks passed in a row, all begun after the
+    /// ejection, end it early (Envoy's `successful_active_health_check_uneject_host`):
+    /// a restarted endpoint is back in seconds, not after `base_ejection × n`.
+    pub uneject_on_health_check: bool,
 }
 
 impl Default for Outlier {
@@ -145,6 +150,7 @@ impl Default for Outlier {
             base_ejection: Duration::from_secs(10),
             max_ejection: Duration::from_secs(300),
             max_ejection_percent: 50,
+            uneject_on_health_check: true,
         }
     }
 }
@@ -196,7 +202,7 @@ pub(super) fn read_upstream(mut s: Section<'_>, p: &mut Problems) -> UpstreamSpe
     let health_check = s.table(p, "health_check").map(|c| health_check(c, p));
     let outlier = s
         .table(p, "outlier")
-        .map_or_else(Outlier::default, |o| outlier(o, p));
+        .map_or_else(Outlier::default, |o| outlier(o, p, health_check.is_some()));
     let tls = s.table(p, "tls").map(|t| tls(t, p));
     let sequence_idle_timeout = s
         .duration(p, "sequence_idle_timeout", Duration::from_secs(86_400))
@@ -384,8 +390,14 @@ fn health_check(mut s: Section<'_>, p: &mut Problems) -> HealthCheck {
     check
 }
 
-fn outlier(mut s: Section<'_>, p: &mut Problems) -> Outlier {
+fn outlier(mut s: Section<'_>, p: &mut Problems, checked: bool) -> Outlier {
     let d = Outlier::default();
+    if !checked && s.has("uneject_on_health_check") {
+        p.add(
+            s.at("uneject_on_health_check"),
+            "applies only with a [health_check] table for this upstream",
+        );
+    }
     let o = Outlier {
         enabled: s.boolean(p, "enabled").unwrap_or(d.enabled),
         consecutive_failures: s
@@ -400,6 +412,9 @@ fn outlier(mut s: Section<'_>, p: &mut Problems) -> Outlier {
         max_ejection_percent: s
             .count(p, "max_ejection_percent", 0..=100)
             .unwrap_or(d.max_ejection_percent),
+        uneject_on_health_check: s
+            .boolean(p, "uneject_on_health_check")
+            .unwrap_or(d.uneject_on_health_check),
     };
     if o.max_ejection < o.base_ejection {
         p.add(
@@ -448,6 +463,38 @@ mod tests {
         assert_eq!(o.ejection(1), Duration::from_secs(10));
         assert_eq!(o.ejection(2), Duration::from_secs(20));
         assert_eq!(o.ejection(3), Duration::from_secs(25));
+    }
+
+    #[test]
+    fn a_passing_check_ends_an_ejection_unless_switched_off() {
+        let upstream = |extra: &str| {
+            crate::policy::Policy::parse(&format!(
+                "[upstreams.up]\nendpoints = [\"127.0.0.1:9001\"]\n{extra}"
+            ))
+            .map(|p| p.upstreams["up"].outlier.uneject_on_health_check)
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!(upstream(""), Ok(true), "on by default");
+        assert_eq!(
+            upstream(
+                "[upstreams.up.health_check]\n[upstreams.up.outlier]\nuneject_on_health_check = false\n"
+            ),
+            Ok(false)
+        );
+        let e = upstream("[upstreams.up.outlier]\nuneject_on_health_check = false\n").unwrap_err();
+        assert!(
+            e.contains("upstreams.up.outlier.uneject_on_health_check")
+                && e.contains("only with a [health_check]"),
+            "{e}"
+        );
+        let e = upstream(
+            "[upstreams.up.health_check]\n[upstreams.up.outlier]\nuneject_on_health_check = 1\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("upstreams.up.outlier.uneject_on_health_check"),
+            "{e}"
+        );
     }
 
     #[test]

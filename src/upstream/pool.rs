@@ -8,6 +8,16 @@
 //! once). An endpoint back from an ejection is on probation: one failure ejects it again,
 //! for longer. The same view answers the balancer, readiness and the metrics.
 //!
+//! # Ending an ejection early
+//!
+//! With active checks on (and `outlier.uneject_on_health_check`, on by default), an
+//! ejection also ends when the endpoint passes `healthy_threshold` checks in a row that
+//! all began after the ejection did, as Envoy's `successful_active_health_check_uneject_host`
+//! does: a restarted endpoint is back within `interval × healthy_threshold`, not after
+//! `base_ejection × n`. A check begun before the ejection (in flight while the calls
+//! failed) does not count, so what the endpoint said before its failures cannot undo them.
+//! It comes back on probation, as from an ejection that ran its course.
+//!
 //! Endpoints come from a fixed list or a DNS name re-resolved on an interval; an endpoint
 //! that leaves the pool finishes the attempts it has (they hold it) and gets no more.
 //! Balancing is power of two choices over attempts pending, the pair taken in turn so the
@@ -83,7 +93,15 @@ struct Health {
     ejected_until: Option<Instant>,
     /// Back from an ejection: one failure ejects again.
     probation: bool,
+    /// Bumped by each ejection, so a check begun before it does not count toward ending it.
+    epoch: u64,
+    /// Checks passed in a row that began during the current ejection.
+    passes_ejected: u32,
 }
+
+/// Which ejection (if any) stood when a check of an endpoint began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Begun(u64);
 
 /// One endpoint: its connection and its health.
 #[derive(Debug)]
@@ -115,12 +133,19 @@ impl Endpoint {
                 ejections: 0,
                 ejected_until: None,
                 probation: false,
+                epoch: 0,
+                passes_ejected: 0,
             }),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Health> {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Marks the start of an active check, for [`Pool::record_check`].
+    fn begin_check(&self) -> Begun {
+        Begun(self.lock().epoch)
     }
 
     /// A client on this endpoint's connection.
@@ -251,8 +276,8 @@ impl Pool {
         &self.spec
     }
 
-    /// The same pool, telling `changed` whenever an endpoint is ejected, passes or fails
-    /// its checks, or comes or goes with DNS.
+    /// The same pool, telling `changed` whenever an endpoint is ejected (or its ejection
+    /// ends early), passes or fails its checks, or comes or goes with DNS.
     pub fn notifying(mut self, changed: Changed) -> Self {
         self.on_change = changed;
         self
@@ -490,6 +515,8 @@ impl Pool {
         h.ejected_until = Some(now + length);
         h.consecutive = 0;
         h.probation = false;
+        h.epoch = h.epoch.wrapping_add(1);
+        h.passes_ejected = 0;
         tracing::warn!(upstream = %self.name, endpoint = %endpoint.addr,
             ejections = h.ejections, ejected_for = ?length, "endpoint ejected");
         drop(h);
@@ -497,10 +524,26 @@ impl Pool {
         self.on_change.tell_at(now + length);
     }
 
-    /// Records an active check's outcome on `endpoint`.
-    fn record_check(&self, endpoint: &Endpoint, check: &HealthCheck, passed: Result<(), String>) {
+    /// Records the outcome of an active check of `endpoint` that began at `begun`.
+    ///
+    /// 1. A pass counts toward `healthy_threshold` in a row; reaching it makes an
+    ///    endpoint that failed its checks healthy again.
+    /// 2. A pass of a check begun during the endpoint's current ejection also counts
+    ///    toward ending that ejection; at `healthy_threshold` in a row (and with
+    ///    `uneject_on_health_check`) the endpoint is back, on probation.
+    /// 3. A failure resets both counts, and `unhealthy_threshold` in a row take the
+    ///    endpoint out.
+    fn record_check(
+        &self,
+        endpoint: &Endpoint,
+        check: &HealthCheck,
+        begun: Begun,
+        passed: Result<(), String>,
+    ) {
+        let now = Instant::now();
         let mut h = endpoint.lock();
         let was = h.checked_healthy;
+        let mut cut_short = None;
         match passed {
             Ok(()) => {
                 h.fails = 0;
@@ -510,9 +553,23 @@ impl Pool {
                     tracing::info!(upstream = %self.name, endpoint = %endpoint.addr,
                         "endpoint passes its health checks again");
                 }
+                if let Some(until) = h.ejected_until.filter(|&u| u > now)
+                    && begun == Begun(h.epoch)
+                {
+                    h.passes_ejected = h.passes_ejected.saturating_add(1);
+                    if self.spec.outlier.uneject_on_health_check
+                        && h.passes_ejected >= check.healthy_threshold
+                    {
+                        h.ejected_until = None;
+                        h.probation = true;
+                        h.passes_ejected = 0;
+                        cut_short = Some(until - now);
+                    }
+                }
             }
             Err(why) => {
                 h.passes = 0;
+                h.passes_ejected = 0;
                 h.fails = h.fails.saturating_add(1);
                 if h.checked_healthy && h.fails >= check.unhealthy_threshold {
                     h.checked_healthy = false;
@@ -521,9 +578,14 @@ impl Pool {
                 }
             }
         }
-        let now = h.checked_healthy;
+        let changed = h.checked_healthy != was || cut_short.is_some();
+        if let Some(left) = cut_short {
+            tracing::info!(upstream = %self.name, endpoint = %endpoint.addr,
+                ejections = h.ejections, passes = check.healthy_threshold, ejection_left = ?left,
+                "endpoint ejection ended early: it passes its health checks");
+        }
         drop(h);
-        if now != was {
+        if changed {
             self.on_change.tell();
         }
     }
@@ -548,9 +610,10 @@ impl Pool {
     /// Checks every endpoint once, concurrently, each within the check's timeout.
     pub async fn check_all(&self, check: &HealthCheck) {
         let endpoints = self.endpoints();
+        let begun: Vec<Begun> = endpoints.iter().map(|e| e.begin_check()).collect();
         let outcomes = futures::future::join_all(endpoints.iter().map(|e| probe(e, check))).await;
-        for (e, outcome) in endpoints.iter().zip(outcomes) {
-            self.record_check(e, check, outcome);
+        for ((e, begun), outcome) in endpoints.iter().zip(begun).zip(outcomes) {
+            self.record_check(e, check, begun, outcome);
         }
     }
 

@@ -138,30 +138,141 @@ async fn ejection_can_be_switched_off() {
 #[tokio::test(start_paused = true)]
 async fn checks_take_an_endpoint_out_and_back_by_their_thresholds() {
     let p = pool(2, Outlier::default());
-    let check = HealthCheck {
-        kind: CheckKind::ServerReady,
-        interval: Duration::from_secs(1),
-        timeout: Duration::from_millis(100),
-        unhealthy_threshold: 2,
-        healthy_threshold: 3,
-    };
+    let check = checks(3);
     let e = p.endpoints()[1].clone();
     let fail = || Err("down".to_string());
-    p.record_check(&e, &check, fail());
+    p.record_check(&e, &check, e.begin_check(), fail());
     assert_eq!(standings(&p), [0, 0]);
-    p.record_check(&e, &check, fail());
+    p.record_check(&e, &check, e.begin_check(), fail());
     assert_eq!(standings(&p), [0, 1]);
     for _ in 0..8 {
         assert_eq!(&*p.pick(None).unwrap().addr, "127.0.0.1:9001");
     }
-    p.record_check(&e, &check, Ok(()));
-    p.record_check(&e, &check, Ok(()));
-    p.record_check(&e, &check, fail());
-    p.record_check(&e, &check, Ok(()));
-    p.record_check(&e, &check, Ok(()));
+    p.record_check(&e, &check, e.begin_check(), Ok(()));
+    p.record_check(&e, &check, e.begin_check(), Ok(()));
+    p.record_check(&e, &check, e.begin_check(), fail());
+    p.record_check(&e, &check, e.begin_check(), Ok(()));
+    p.record_check(&e, &check, e.begin_check(), Ok(()));
     assert_eq!(standings(&p), [0, 1], "passes must be in a row");
-    p.record_check(&e, &check, Ok(()));
+    p.record_check(&e, &check, e.begin_check(), Ok(()));
     assert_eq!(standings(&p), [0, 0]);
+}
+
+fn checks(healthy_threshold: u32) -> HealthCheck {
+    HealthCheck {
+        kind: CheckKind::ServerReady,
+        interval: Duration::from_secs(1),
+        timeout: Duration::from_millis(100),
+        unhealthy_threshold: 2,
+        healthy_threshold,
+    }
+}
+
+/// Whether `changed` was told since it was last asked.
+fn told(changed: &tokio::sync::Notify) -> bool {
+    use futures::FutureExt as _;
+    changed.notified().now_or_never().is_some()
+}
+
+#[tokio::test(start_paused = true)]
+async fn passing_checks_begun_after_an_ejection_end_it_early_on_probation() {
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let p = pool(2, outlier(1, 50)).notifying(Changed::to(changed.clone()));
+    let check = checks(3);
+    let e = p.endpoints()[0].clone();
+    let pass = |begun| p.record_check(&e, &check, begun, Ok(()));
+    // A check in flight when the calls start failing: it passed, but says nothing after.
+    let before = e.begin_check();
+    p.record(&e, Verdict::Unreachable);
+    assert_eq!(standings(&p), [2, 0]);
+    assert!(told(&changed));
+    pass(before);
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        pass(e.begin_check());
+    }
+    assert_eq!(
+        standings(&p),
+        [2, 0],
+        "the check begun before does not count"
+    );
+    // A failure in between: the passes must be in a row.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    p.record_check(&e, &check, e.begin_check(), Err("down".into()));
+    for _ in 0..2 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        pass(e.begin_check());
+    }
+    assert_eq!(
+        standings(&p),
+        [2, 0],
+        "two passes in a row since the failure"
+    );
+    assert!(!told(&changed));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    pass(e.begin_check());
+    assert_eq!(
+        standings(&p),
+        [0, 0],
+        "back after 3 passes, 6s into a 10s ejection"
+    );
+    assert!(told(&changed), "readiness is told at once");
+    let mut served = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        served.insert(p.pick(None).unwrap().addr.to_string());
+    }
+    assert_eq!(served.len(), 2, "both endpoints take calls: {served:?}");
+    // On probation: one failure ejects it again, for twice as long.
+    p.record(&e, Verdict::Failed);
+    let now = Instant::now();
+    assert_eq!(
+        e.standing(now),
+        Standing::Ejected {
+            until: now + Duration::from_secs(20)
+        }
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_restarted_endpoint_failing_its_checks_and_ejected_returns_by_its_checks() {
+    let p = pool(2, outlier(1, 50));
+    let check = checks(2);
+    let e = p.endpoints()[1].clone();
+    // Killed: its calls are refused and its checks fail.
+    p.record(&e, Verdict::Unreachable);
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        p.record_check(&e, &check, e.begin_check(), Err("refused".into()));
+    }
+    assert_eq!(standings(&p), [0, 2]);
+    // Restarted: two passes bring it back in both respects at once.
+    tokio::time::advance(Duration::from_secs(1)).await;
+    p.record_check(&e, &check, e.begin_check(), Ok(()));
+    assert_eq!(standings(&p), [0, 2]);
+    tokio::time::advance(Duration::from_secs(1)).await;
+    p.record_check(&e, &check, e.begin_check(), Ok(()));
+    assert_eq!(standings(&p), [0, 0]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_uneject_on_health_check_off_an_ejection_runs_its_course() {
+    let p = pool(
+        2,
+        Outlier {
+            uneject_on_health_check: false,
+            ..outlier(1, 50)
+        },
+    );
+    let check = checks(1);
+    let e = p.endpoints()[0].clone();
+    p.record(&e, Verdict::Failed);
+    for _ in 0..9 {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        p.record_check(&e, &check, e.begin_check(), Ok(()));
+        assert_eq!(standings(&p), [2, 0]);
+    }
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert_eq!(standings(&p), [0, 0], "back after base_ejection");
 }
 
 #[tokio::test(start_paused = true)]
@@ -174,7 +285,8 @@ async fn every_endpoint_failing_checks_is_unavailable_not_open() {
         unhealthy_threshold: 1,
         healthy_threshold: 1,
     };
-    p.record_check(&p.endpoints()[0], &check, Err("down".into()));
+    let e = p.endpoints()[0].clone();
+    p.record_check(&e, &check, e.begin_check(), Err("down".into()));
     match p.pick(None) {
         Err(Error::UpstreamUnavailable {
             detail, never_sent, ..

@@ -2,8 +2,9 @@
 //!
 //! The crate map, one line per module, in the order a request meets them:
 //!
-//! - [`transport`]: accepting connections: TLS (reloadable), connection caps, the peer, the
-//!   HTTP/2 connection loop of the traffic listener.
+//! - [`transport`]: accepting connections: TLS (reloadable), connection caps and who makes
+//!   room at them, the handshake deadline, the peer, the HTTP/2 connection loop of the
+//!   traffic listener.
 //! - [`api`]: the gRPC edge: OIP v2 and legacy v1 services, PolicyAdmin, call context, the
 //!   edge deadline, error → status, request records.
 //! - [`auth`]: tenants at the edge: API keys, model access, rate limits, in-flight quotas.

@@ -483,8 +483,10 @@ impl Keel {
         let accept = Accept {
             name: "traffic",
             max_connections: limits.max_connections,
+            reports_use: true,
             tls: self.tls.clone(),
-            handshake_timeout: limits.tls_handshake_timeout,
+            tls_handshake_timeout: limits.tls_handshake_timeout,
+            handshake_timeout: limits.handshake_timeout,
             metrics: metrics.clone(),
         };
         let admin_server = match admin {
@@ -501,6 +503,8 @@ impl Keel {
                 let routes = tonic::service::Routes::from(routes.into_axum_router().merge(http));
                 let accept = Accept {
                     name: "admin",
+                    // tonic's server does not say which connections made a call.
+                    reports_use: false,
                     tls: self.admin_tls.clone(),
                     ..accept.clone()
                 };

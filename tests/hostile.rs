@@ -27,11 +27,31 @@ fn many_inputs(model: &str, n: usize) -> pb::ModelInferRequest {
 }
 
 /// A well-behaved client on its own connection: `simple` calls with a 2 s deadline until
-/// `stop`, counting the ones that fail.
-fn bystander(
-    addr: std::net::SocketAddr,
-) -> (tokio::sync::watch::Sender<bool>, JoinHandle<(u32, u32)>) {
+/// stopped, counting the ones that fail.
+struct Bystander {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: JoinHandle<(u32, u32)>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl Bystander {
+    /// Waits (bounded) until one of its calls was answered: its connection is open and
+    /// has made a call.
+    async fn serving(&self) {
+        for _ in 0..1000 {
+            if self.ok.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the well-behaved client never got an answer");
+    }
+}
+
+fn bystander(addr: std::net::SocketAddr) -> Bystander {
     let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let ok = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let count = ok.clone();
     let task = tokio::spawn(async move {
         let mut client = connect(addr).await;
         let (mut ok, mut failed) = (0, 0);
@@ -39,7 +59,10 @@ fn bystander(
             let mut req = tonic::Request::new(simple_request());
             req.set_timeout(Duration::from_secs(2));
             match client.model_infer(req).await {
-                Ok(_) => ok += 1,
+                Ok(_) => {
+                    ok += 1;
+                    count.store(ok, std::sync::atomic::Ordering::Relaxed);
+                }
                 Err(s) => {
                     eprintln!("bystander call failed: {s:?}");
                     failed += 1;
@@ -48,14 +71,12 @@ fn bystander(
         }
         (ok, failed)
     });
-    (stop, task)
+    Bystander { stop, task, ok }
 }
 
-async fn stop_bystander(
-    (stop, task): (tokio::sync::watch::Sender<bool>, JoinHandle<(u32, u32)>),
-) -> (u32, u32) {
-    stop.send(true).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), task)
+async fn stop_bystander(b: Bystander) -> (u32, u32) {
+    b.stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), b.task)
         .await
         .expect("the bystander finished")
         .unwrap()
@@ -158,5 +179,222 @@ async fn a_request_of_empty_inputs_gets_an_answer_of_fixed_size() {
         ok + failed
     );
     assert!(ok > 0);
+    keel.stop().await.unwrap();
+}
+
+// Half-open connections (issue 22, item 4) and what unfinished bodies and unread answers
+// may hold (item 3).
+
+/// Stops the well-behaved client and asserts it lost no call.
+async fn assert_lost_nothing(b: Bystander) {
+    let (ok, failed) = stop_bystander(b).await;
+    assert_eq!(
+        failed,
+        0,
+        "the well-behaved client lost {failed} of {}",
+        ok + failed
+    );
+    assert!(ok > 0);
+}
+
+/// A TCP connection that sent the first 10 bytes of the HTTP/2 preface, and no more.
+async fn half_open(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt as _;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..10])
+        .await
+        .unwrap();
+    s
+}
+
+/// Completes when Keel has closed `socket` (what it sent before is read and ignored).
+async fn closed_by_keel(socket: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = socket.read(&mut buf).await
+        && n > 0
+    {}
+}
+
+/// A counter of Keel's metrics, 0 when absent.
+async fn counter(keel: &Keel, series: &str) -> f64 {
+    let (_, scrape) = get(keel.admin.unwrap(), "/metrics").await;
+    value(&scrape, series).unwrap_or(0.0)
+}
+
+/// An HTTP/2 connection whose preface is complete, that makes no call; the driver task
+/// ends when Keel closes it.
+async fn idle_connection(
+    addr: std::net::SocketAddr,
+) -> (h2::client::SendRequest<bytes::Bytes>, JoinHandle<()>) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send.ready().await.unwrap(), driver)
+}
+
+const BOUND: Duration = Duration::from_secs(10);
+
+/// The headers of a ModelInfer call, raw.
+fn model_infer_headers() -> http::Request<()> {
+    http::Request::post("http://keel/inference.GRPCInferenceService/ModelInfer")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
+
+/// `message` as one length-prefixed gRPC frame.
+fn grpc_frame(message: &impl prost::Message) -> bytes::Bytes {
+    use bytes::BufMut as _;
+    let len = message.encoded_len();
+    let mut b = bytes::BytesMut::with_capacity(5 + len);
+    b.put_u8(0);
+    b.put_u32(u32::try_from(len).unwrap());
+    message.encode(&mut b).unwrap();
+    b.freeze()
+}
+
+/// The status an answer carries: in its headers (trailers-only) or its trailers, reading
+/// (and releasing) its body.
+async fn status_of(res: http::Response<h2::RecvStream>) -> tonic::Status {
+    let (parts, mut body) = res.into_parts();
+    if let Some(s) = tonic::Status::from_header_map(&parts.headers) {
+        return s;
+    }
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    tonic::Status::from_header_map(&trailers).unwrap()
+}
+
+/// One whole ModelInfer call on a raw connection; its status.
+async fn unary(
+    mut send: h2::client::SendRequest<bytes::Bytes>,
+    request: &keel::pb::inference::ModelInferRequest,
+) -> tonic::Status {
+    let (res, mut body) = send.send_request(model_infer_headers(), false).unwrap();
+    body.send_data(grpc_frame(request), true).unwrap();
+    let res = tokio::time::timeout(BOUND, res)
+        .await
+        .expect("an answer within the bound")
+        .unwrap();
+    status_of(res).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_are_closed_at_the_handshake_timeout() {
+    let keel = Keel::with_admin("[server]\nhandshake_timeout = \"1s\"\n").await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    // Its preface is complete: the deadline does not apply to it.
+    let (idle, _idle_driver) = idle_connection(keel.addr).await;
+    // The attack of issue 22 sent 10 bytes of the preface on 10,000 sockets; none was
+    // ever closed.
+    let mut sockets = Vec::new();
+    for _ in 0..200 {
+        sockets.push(half_open(keel.addr).await);
+    }
+    tokio::time::timeout(
+        BOUND,
+        futures::future::join_all(sockets.iter_mut().map(closed_by_keel)),
+    )
+    .await
+    .expect("every half-open connection was closed within the bound");
+    assert_eq!(
+        counter(
+            &keel,
+            "keel_connections_closed_total{listener=\"traffic\",reason=\"handshake_timeout\"}"
+        )
+        .await,
+        200.0
+    );
+    // The idle connection outlived the deadline and still serves.
+    let s = unary(idle, &simple_request()).await;
+    assert_eq!(s.code(), Code::Ok, "{s:?}");
+    assert_lost_nothing(watch).await;
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_max_connections_new_clients_displace_connections_that_never_made_a_call() {
+    // A long handshake timeout: only making room closes a connection here.
+    let keel =
+        Keel::with_admin("[server]\nmax_connections = 4\nhandshake_timeout = \"60s\"\n").await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    let (_idle, idle_driver) = idle_connection(keel.addr).await;
+    // Two slots are left: each half-open connection beyond them displaces the oldest one.
+    let mut sockets = Vec::new();
+    for _ in 0..20 {
+        sockets.push(half_open(keel.addr).await);
+    }
+    tokio::time::timeout(
+        BOUND,
+        futures::future::join_all(sockets[..18].iter_mut().map(closed_by_keel)),
+    )
+    .await
+    .expect("the oldest half-open connections were closed to make room");
+    // Well-behaved clients get in: the two half-open ones left make room for them...
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = keel.client().await;
+        c.model_infer(simple_request()).await.unwrap();
+        clients.push(c);
+    }
+    tokio::time::timeout(
+        BOUND,
+        futures::future::join_all(sockets[18..].iter_mut().map(closed_by_keel)),
+    )
+    .await
+    .expect("the last half-open connections were closed to make room");
+    // ...then the connection that never made a call (GOAWAY, then closed)...
+    let mut c = keel.client().await;
+    c.model_infer(simple_request()).await.unwrap();
+    clients.push(c);
+    tokio::time::timeout(BOUND, idle_driver)
+        .await
+        .expect("the idle connection was closed to make room")
+        .unwrap();
+    // ...and once every open connection has made a call, a new one is refused.
+    let refused = match tonic::transport::Endpoint::from_shared(keel.url())
+        .unwrap()
+        .connect()
+        .await
+    {
+        Err(_) => true,
+        Ok(ch) => {
+            keel::pb::inference::grpc_inference_service_client::GrpcInferenceServiceClient::new(ch)
+                .model_infer(simple_request())
+                .await
+                .is_err()
+        }
+    };
+    assert!(
+        refused,
+        "a fifth connection was served beside four used ones"
+    );
+    let displaced = counter(
+        &keel,
+        "keel_connections_closed_total{listener=\"traffic\",reason=\"displaced\"}",
+    )
+    .await;
+    assert_eq!(displaced, 21.0);
+    assert!(
+        counter(
+            &keel,
+            "keel_connections_refused_total{listener=\"traffic\"}"
+        )
+        .await
+            >= 1.0
+    );
+    for mut c in clients {
+        c.model_infer(simple_request()).await.unwrap();
+    }
+    assert_lost_nothing(watch).await;
     keel.stop().await.unwrap();
 }

@@ -183,6 +183,17 @@ pub struct ListenerLabels {
     pub listener: &'static str,
 }
 
+/// Why Keel closed a connection it had let in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionClosedLabels {
+    /// `traffic` or `admin`.
+    pub listener: &'static str,
+    /// `handshake_timeout` (no HTTP/2 preface within `server.handshake_timeout`), or
+    /// `displaced` (closed at `server.max_connections` for a new connection, having never
+    /// made a call).
+    pub reason: &'static str,
+}
+
 /// The outcome of re-reading a listener's certificate files.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TlsReloadLabels {
@@ -203,6 +214,8 @@ pub struct RuntimeState {
     pub models: Vec<(String, i64, i64)>,
     /// Calls in flight, all models.
     pub gateway_in_flight: i64,
+    /// Bytes held for request messages still arriving and answers not taken yet.
+    pub buffered_bytes: i64,
     /// The current policy revision.
     pub policy_revision: i64,
     /// 1 when ready, 0 while draining.
@@ -260,6 +273,8 @@ pub struct Metrics {
     pub connections_refused: Family<ListenerLabels, Counter>,
     /// `keel_tls_handshake_failures_total`.
     pub tls_handshake_failures: Family<ListenerLabels, Counter>,
+    /// `keel_connections_closed_total`.
+    pub connections_closed: Family<ConnectionClosedLabels, Counter>,
     /// `keel_tls_reloads_total`.
     pub tls_reloads: Family<TlsReloadLabels, Counter>,
 }
@@ -309,6 +324,7 @@ impl Metrics {
             auth_failures: Family::default(),
             connections_refused: Family::default(),
             tls_handshake_failures: Family::default(),
+            connections_closed: Family::default(),
             tls_reloads: Family::default(),
             registry: Registry::default(),
             runtime: runtime.clone(),
@@ -418,6 +434,11 @@ impl Metrics {
             "keel_tls_handshake_failures",
             "TLS handshakes that failed or timed out (no certificate, an untrusted one, not TLS)",
             m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "keel_connections_closed",
+            "Connections Keel closed before they made a call: no HTTP/2 preface within server.handshake_timeout, or displaced at server.max_connections",
+            m.connections_closed.clone(),
         );
         registry.register(
             "keel_tls_reloads",
@@ -536,6 +557,12 @@ impl Collector for Runtime {
             "keel_gateway_in_flight",
             "Calls in flight, all models",
             state.gateway_in_flight,
+        )?;
+        gauge(
+            &mut encoder,
+            "keel_buffered_bytes",
+            "Bytes held for request messages still arriving and answers their clients have not taken, all connections",
+            state.buffered_bytes,
         )?;
 
         let mut family = encoder.encode_descriptor(

@@ -218,6 +218,28 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
     let tls_handshake_timeout = s
         .duration(p, "tls_handshake_timeout", Duration::from_secs(300))
         .unwrap_or(d.tls_handshake_timeout);
+    let handshake_timeout = s
+        .duration(p, "handshake_timeout", Duration::from_secs(300))
+        .unwrap_or(d.handshake_timeout);
+    // Each bound must let one message of the largest size arrive, or such a message could
+    // never be received: unset, they grow with max_message_size.
+    let max_buffered_per_connection = s
+        .size(p, "max_buffered_per_connection")
+        .unwrap_or(d.max_buffered_per_connection.max(max_message_size));
+    let max_buffered = s
+        .size(p, "max_buffered")
+        .unwrap_or(d.max_buffered.max(max_buffered_per_connection));
+    if max_buffered_per_connection < max_message_size {
+        p.add(
+            s.at("max_buffered_per_connection"),
+            "must be at least server.max_message_size: one whole message must fit",
+        );
+    } else if max_buffered < max_buffered_per_connection {
+        p.add(
+            s.at("max_buffered"),
+            "must be at least server.max_buffered_per_connection",
+        );
+    }
     s.finish(p);
     ServerSettings {
         listen,
@@ -239,6 +261,9 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         max_connection_age,
         max_connections,
         tls_handshake_timeout,
+        handshake_timeout,
+        max_buffered_per_connection,
+        max_buffered,
     }
 }
 

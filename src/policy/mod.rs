@@ -169,6 +169,14 @@ pub struct ServerSettings {
     pub max_connections: u32,
     /// How long a client has to complete its TLS handshake.
     pub tls_handshake_timeout: Duration,
+    /// How long a connection has, from its accept, to complete its TLS handshake and its
+    /// HTTP/2 preface, so half-open connections cannot fill `max_connections`.
+    pub handshake_timeout: Duration,
+    /// Bytes one connection may make Keel hold for request messages still arriving and
+    /// answers its client has not taken, so one client cannot hold Keel's memory.
+    pub max_buffered_per_connection: usize,
+    /// The same bound for all connections together.
+    pub max_buffered: usize,
 }
 
 impl Default for ServerSettings {
@@ -193,6 +201,9 @@ impl Default for ServerSettings {
             max_connection_age: None,
             max_connections: 10_000,
             tls_handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            max_buffered_per_connection: 256 << 20,
+            max_buffered: 1 << 30,
         }
     }
 }

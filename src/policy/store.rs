@@ -536,6 +536,15 @@ fn restart_needed(old: &Policy, new: &Policy) -> Vec<String> {
             "server.tls_handshake_timeout",
             a.tls_handshake_timeout != b.tls_handshake_timeout,
         ),
+        (
+            "server.handshake_timeout",
+            a.handshake_timeout != b.handshake_timeout,
+        ),
+        (
+            "server.max_buffered_per_connection",
+            a.max_buffered_per_connection != b.max_buffered_per_connection,
+        ),
+        ("server.max_buffered", a.max_buffered != b.max_buffered),
     ];
     out.extend(
         limits

@@ -5,20 +5,33 @@
 //! # Accepting
 //!
 //! 1. The loop accepts a TCP connection and takes one of the listener's
-//!    `server.max_connections` slots; with none free the connection is closed at once and
-//!    counted in `keel_connections_refused_total`.
-//! 2. On a TLS listener the handshake runs in its own task, bounded by
-//!    `server.tls_handshake_timeout`, so a slow or silent client never stalls the loop.
-//!    A failed handshake closes the connection and counts in
+//!    `server.max_connections` slots. At the cap, a connection that never became useful
+//!    is closed to make room ([`open`](self::open) says which); when every open one made
+//!    a call, the new one is closed at once and counted in
+//!    `keel_connections_refused_total`.
+//! 2. On a TLS listener the handshake runs in its own task, so a slow or silent client
+//!    never stalls the loop. A failed handshake closes the connection and counts in
 //!    `keel_tls_handshake_failures_total`.
 //! 3. The connection goes to the server with its [`Peer`] (Keel's [`serve`] on the traffic
 //!    listener, tonic's on the admin one); the slot is freed when the server drops the
 //!    connection.
 //!
+//! # Handshake deadline
+//!
+//! From its accept, a connection has `server.handshake_timeout` to complete its TLS
+//! handshake (itself bounded by `server.tls_handshake_timeout` too) and the first bytes a
+//! client must send, the HTTP/2 preface ([`preface`](self::preface)). Until then, every
+//! read of the connection also watches that deadline; when it passes the read fails, the
+//! server drops the connection, and `keel_connections_closed_total{reason =
+//! "handshake_timeout"}` counts it. A connection whose first bytes are not HTTP/2 (the
+//! admin listener's HTTP/1.1) is left to its server once they arrive.
+//!
 //! The loop stops, and the listening socket closes, when the server stops reading from it
 //! (at shutdown).
 
+mod open;
 mod peer;
+mod preface;
 mod serve;
 mod tls;
 
@@ -32,26 +45,37 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
+
+use open::{Admitted, Open, Slot};
+use preface::{Preface, Progress};
 
 pub use peer::{Peer, identity};
 pub use serve::{Http2, MAX_LOCAL_ERROR_RESETS, serve};
 pub use tls::Tls;
 
 use crate::observe::Metrics;
-use crate::observe::metrics::ListenerLabels;
+use crate::observe::metrics::{ConnectionClosedLabels, ListenerLabels};
 
 /// How one listener accepts.
 #[derive(Clone)]
 pub struct Accept {
     /// `traffic` or `admin`, for logs and metrics.
     pub name: &'static str,
-    /// Connections open at once; more are closed as they are accepted.
+    /// Connections open at once; at the cap, one that never became useful makes room for
+    /// a new one, else the new one is closed.
     pub max_connections: u32,
+    /// Whether the server marks connections that made a call (Keel's [`serve`] does), so
+    /// one that never did may make room at the cap.
+    pub reports_use: bool,
     /// TLS, when the listener speaks it.
     pub tls: Option<Arc<Tls>>,
     /// How long a client has to finish its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// How long a connection has, from its accept, to finish its TLS handshake and its
+    /// HTTP/2 preface.
     pub handshake_timeout: Duration,
     /// Where refusals and failed handshakes are counted.
     pub metrics: Arc<Metrics>,
@@ -74,7 +98,7 @@ async fn accept_loop(
     accept: Accept,
     tx: mpsc::Sender<Result<Conn, io::Error>>,
 ) {
-    let slots = Arc::new(Semaphore::new(accept.max_connections as usize));
+    let open = Open::new(accept.max_connections, accept.reports_use);
     let labels = ListenerLabels {
         listener: accept.name,
     };
@@ -93,20 +117,47 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            accept
-                .metrics
-                .connections_refused
-                .get_or_create(&labels)
-                .inc();
-            tracing::debug!(listener = accept.name, peer = %remote, max_connections = accept.max_connections, "connection refused: too many open");
-            drop(stream);
-            continue;
+        let deadline = Instant::now() + accept.handshake_timeout;
+        let slot = match open.admit() {
+            Some(Admitted::Room(slot)) => slot,
+            Some(Admitted::Displacing(slot, stage)) => {
+                accept
+                    .metrics
+                    .connections_closed
+                    .get_or_create(&ConnectionClosedLabels {
+                        listener: accept.name,
+                        reason: "displaced",
+                    })
+                    .inc();
+                tracing::debug!(listener = accept.name, peer = %remote, max_connections = accept.max_connections, displaced = ?stage, "a connection that never made a call closed to make room");
+                slot
+            }
+            None => {
+                accept
+                    .metrics
+                    .connections_refused
+                    .get_or_create(&labels)
+                    .inc();
+                tracing::debug!(listener = accept.name, peer = %remote, max_connections = accept.max_connections, "connection refused: too many open, all of them used");
+                drop(stream);
+                continue;
+            }
         };
         // Small gRPC frames go out at once instead of waiting out the peer's delayed ACK.
         let _ = stream.set_nodelay(true);
+        let closed = Closed {
+            metrics: accept.metrics.clone(),
+            listener: accept.name,
+        };
         let Some(tls) = &accept.tls else {
-            let conn = Conn::new(Io::Plain(stream), Some(remote), None, slot);
+            let conn = Conn::new(
+                Io::Plain(stream),
+                Some(remote),
+                None,
+                slot,
+                deadline,
+                closed,
+            );
             if tx.send(Ok(conn)).await.is_err() {
                 return;
             }
@@ -118,16 +169,22 @@ async fn accept_loop(
             accept.metrics.clone(),
             labels.clone(),
         );
-        let timeout = accept.handshake_timeout;
+        let tls_deadline = deadline.min(Instant::now() + accept.tls_handshake_timeout);
         tokio::spawn(async move {
             let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
-            let stream = match tokio::time::timeout(timeout, handshake).await {
+            let tracked = slot.tracked().clone();
+            let outcome = tokio::select! {
+                outcome = tokio::time::timeout_at(tls_deadline, handshake) => outcome,
+                // Closed to make room for a newer connection; counted as that.
+                () = tracked.closing() => return,
+            };
+            let stream = match outcome {
                 Ok(Ok(stream)) => stream,
                 outcome => {
                     metrics.tls_handshake_failures.get_or_create(&labels).inc();
                     let error = match outcome {
                         Ok(Err(e)) => e.to_string(),
-                        _ => format!("no handshake within {timeout:?}"),
+                        _ => "no handshake in time (server.tls_handshake_timeout, server.handshake_timeout)".to_string(),
                     };
                     tracing::debug!(listener = labels.listener, peer = %remote, %error, "TLS handshake failed");
                     return;
@@ -139,10 +196,23 @@ async fn accept_loop(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(peer::identity);
-            let conn = Conn::new(Io::Tls(Box::new(stream)), Some(remote), identity, slot);
+            let conn = Conn::new(
+                Io::Tls(Box::new(stream)),
+                Some(remote),
+                identity,
+                slot,
+                deadline,
+                closed,
+            );
             let _ = tx.send(Ok(conn)).await;
         });
     }
+}
+
+/// Where a connection closed for its handshake deadline is counted.
+struct Closed {
+    metrics: Arc<Metrics>,
+    listener: &'static str,
 }
 
 /// The byte stream of a connection: plain TCP or TLS over it.
@@ -155,7 +225,17 @@ enum Io {
 pub struct Conn {
     io: Io,
     peer: Peer,
-    _slot: OwnedSemaphorePermit,
+    slot: Slot,
+    /// Until the preface is complete: what was read of it, and its deadline.
+    handshake: Option<Handshake>,
+}
+
+/// A connection's HTTP/2 preface, while it is arriving.
+struct Handshake {
+    preface: Preface,
+    /// Boxed: a [`Conn`] must be `Unpin`, and this is one allocation per connection.
+    deadline: Pin<Box<Sleep>>,
+    closed: Closed,
 }
 
 impl Conn {
@@ -163,12 +243,71 @@ impl Conn {
         io: Io,
         remote: Option<SocketAddr>,
         identity: Option<Arc<str>>,
-        slot: OwnedSemaphorePermit,
+        slot: Slot,
+        deadline: Instant,
+        closed: Closed,
     ) -> Conn {
         Conn {
             io,
             peer: Peer { remote, identity },
-            _slot: slot,
+            slot,
+            handshake: Some(Handshake {
+                preface: Preface::default(),
+                deadline: Box::pin(tokio::time::sleep_until(deadline)),
+                closed,
+            }),
+        }
+    }
+
+    /// What the listener knows of this connection: the server marks it used.
+    pub(crate) fn tracked(&self) -> &Arc<open::Tracked> {
+        self.slot.tracked()
+    }
+
+    /// Fails the read of a connection still in its handshake once its deadline passed or
+    /// it was closed to make room; registers the task to be woken for either.
+    fn check_handshake(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let Some(h) = &mut self.handshake else {
+            return Ok(());
+        };
+        let tracked = self.slot.tracked();
+        tracked.wake_reader_when_displaced(cx.waker());
+        if tracked.displaced() {
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed to make room for a new connection (server.max_connections)",
+            ));
+        }
+        if h.deadline.as_mut().poll(cx).is_ready() {
+            h.closed
+                .metrics
+                .connections_closed
+                .get_or_create(&ConnectionClosedLabels {
+                    listener: h.closed.listener,
+                    reason: "handshake_timeout",
+                })
+                .inc();
+            tracing::debug!(listener = h.closed.listener, peer = ?self.peer.remote, "connection closed: no HTTP/2 preface within server.handshake_timeout");
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "no HTTP/2 preface within server.handshake_timeout",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Feeds newly read bytes to the preface; once it is complete (or the bytes are not
+    /// HTTP/2), the connection is ready and its reads are plain again.
+    fn saw(&mut self, bytes: &[u8]) {
+        let Some(h) = &mut self.handshake else {
+            return;
+        };
+        if bytes.is_empty() {
+            return;
+        }
+        if h.preface.feed(bytes) != Progress::Partial {
+            self.slot.tracked().ready();
+            self.handshake = None;
         }
     }
 }
@@ -187,10 +326,17 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        this.check_handshake(cx)?;
+        let before = buf.filled().len();
+        let read = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let Poll::Ready(Ok(())) = read {
+            this.saw(&buf.filled()[before..]);
         }
+        read
     }
 }
 

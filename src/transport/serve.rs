@@ -13,7 +13,9 @@
 //!    extensions.
 //! 2. A service error becomes the gRPC status it carries, else UNKNOWN, as tonic answered.
 //! 3. A connection older than `max_connection_age` is sent GOAWAY; its calls get
-//!    `max_connection_age_grace` to finish, then it is closed.
+//!    `max_connection_age_grace` to finish, then it is closed. So is a connection that
+//!    never made a call, when it is closed to make room for a new one at
+//!    `server.max_connections` (a call that raced the GOAWAY still finishes).
 //!
 //! # Shutdown
 //!
@@ -23,6 +25,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -37,6 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::Service;
 
+use super::open::Tracked;
 use super::{Conn, Peer};
 use crate::policy::ServerSettings;
 
@@ -158,9 +162,11 @@ async fn connection<S, B>(
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<tower::BoxError>,
 {
+    let tracked = conn.tracked().clone();
     let service = TowerToHyperService::new(PerConnection {
         inner: service,
         peer: conn.peer.clone(),
+        tracked: tracked.clone(),
     });
     let served = builder.serve_connection(TokioIo::new(conn), service);
     let mut served = std::pin::pin!(served);
@@ -192,6 +198,11 @@ async fn connection<S, B>(
                 served.as_mut().graceful_shutdown();
                 cut_at = Some(tokio::time::Instant::now() + http2.max_connection_age_grace);
             }
+            // Closed to make room for a new connection, having made no call.
+            () = tracked.closing(), if cut_at.is_none() => {
+                served.as_mut().graceful_shutdown();
+                cut_at = Some(tokio::time::Instant::now() + http2.max_connection_age_grace);
+            }
             () = cut => {
                 tracing::debug!(grace = ?http2.max_connection_age_grace, "connection closed: calls still running after max_connection_age and its grace");
                 return;
@@ -208,11 +219,13 @@ async fn connection<S, B>(
 }
 
 /// A connection's view of the service: puts the [`Peer`] in each request's extensions (as
-/// tonic's `Connected::connect_info` did) and answers a call's error with its gRPC status.
+/// tonic's `Connected::connect_info` did), marks the connection used, and answers a call's
+/// error with its gRPC status.
 #[derive(Clone)]
 struct PerConnection<S> {
     inner: S,
     peer: Peer,
+    tracked: Arc<Tracked>,
 }
 
 impl<S, B> Service<http::Request<Incoming>> for PerConnection<S>
@@ -231,6 +244,7 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Incoming>) -> Self::Future {
+        self.tracked.used();
         req.extensions_mut().insert(self.peer.clone());
         Recover {
             inner: self.inner.call(req),

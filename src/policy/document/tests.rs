@@ -300,6 +300,35 @@ fn a_public_admin_listener_needs_a_token() {
 }
 
 #[test]
+fn buffer_limits_let_one_whole_message_in_and_grow_with_it() {
+    let p = Policy::parse(
+        "[server]\nhandshake_timeout = \"1s\"\nmax_buffered_per_connection = \"2MiB\"\nmax_buffered = \"3MiB\"\nmax_message_size = \"1MiB\"\n",
+    )
+    .unwrap();
+    assert_eq!(p.server.handshake_timeout, Duration::from_secs(1));
+    assert_eq!(p.server.max_buffered_per_connection, 2 << 20);
+    assert_eq!(p.server.max_buffered, 3 << 20);
+    // Unset, they are never below what one message of the largest size needs.
+    let p = Policy::parse("[server]\nmax_message_size = \"512MiB\"\n").unwrap();
+    assert_eq!(p.server.max_buffered_per_connection, 512 << 20);
+    assert_eq!(p.server.max_buffered, 1 << 30);
+    assert_eq!(
+        errors("[server]\nmax_buffered_per_connection = \"1MiB\"\n"),
+        [
+            "server.max_buffered_per_connection: must be at least server.max_message_size: one whole message must fit"
+        ]
+    );
+    assert_eq!(
+        errors("[server]\nmax_buffered = \"100MiB\"\n"),
+        ["server.max_buffered: must be at least server.max_buffered_per_connection"]
+    );
+    assert_eq!(
+        errors("[server]\nhandshake_timeout = \"0s\"\n"),
+        ["server.handshake_timeout: must be greater than zero"]
+    );
+}
+
+#[test]
 fn syntax_errors_say_where() {
     let errs = errors("a = 1\n[server\nlisten = 1");
     assert_eq!(errs.len(), 1);

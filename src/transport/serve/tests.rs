@@ -58,7 +58,9 @@ async fn start(http2: Http2, release: Arc<Notify>) -> Served {
     let accept = Accept {
         name: "traffic",
         max_connections: 16,
+        reports_use: true,
         tls: None,
+        tls_handshake_timeout: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(1),
         metrics: Metrics::new(),
     };

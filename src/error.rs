@@ -182,6 +182,10 @@ pub enum Error {
         /// For a batch call: the slots kept for interactive calls, which it could not take.
         reserved: Option<u32>,
     },
+    /// The bytes in transit on the call's connection, or in Keel, are at their limit
+    /// (`server.max_buffered_per_connection`, `server.max_buffered`).
+    #[error("{0}")]
+    BufferLimit(crate::transport::BufferFull),
 }
 
 impl From<crate::auth::Refused> for Error {
@@ -224,6 +228,7 @@ impl Error {
             Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
             Error::BreakerOpen(_) => "BREAKER_OPEN",
             Error::Overloaded(_) | Error::GatewayOverloaded { .. } => "OVERLOADED",
+            Error::BufferLimit(_) => "BUFFER_LIMIT",
             Error::Unauthenticated(_) => "UNAUTHENTICATED",
             Error::PermissionDenied { .. } => "PERMISSION_DENIED",
             Error::TenantLimited(crate::auth::Refused::Quota { .. }) => "TENANT_QUOTA_EXCEEDED",
@@ -254,6 +259,7 @@ impl Error {
             Error::BreakerOpen(_)
             | Error::Overloaded(_)
             | Error::GatewayOverloaded { .. }
+            | Error::BufferLimit(_)
             | Error::TenantLimited(_)
             | Error::AnswerTooLarge { .. }
             | Error::DrainTimeout => Origin::LocalRejection,
@@ -278,6 +284,7 @@ impl Error {
             Error::AttemptTimeout(_) => Code::Unavailable,
             Error::Overloaded(_)
             | Error::GatewayOverloaded { .. }
+            | Error::BufferLimit(_)
             | Error::TenantLimited(_)
             | Error::AnswerTooLarge { .. }
             | Error::RequestTooLarge { .. } => Code::ResourceExhausted,
@@ -292,7 +299,9 @@ impl Error {
         match self {
             Error::BreakerOpen(open) => Some(open.retry_after),
             Error::Overloaded(shed) => Some(shed.retry_after),
-            Error::GatewayOverloaded { .. } => Some(Duration::from_millis(100)),
+            Error::GatewayOverloaded { .. } | Error::BufferLimit(_) => {
+                Some(Duration::from_millis(100))
+            }
             Error::TenantLimited(r) => r.retry_after(),
             Error::UpstreamStatus {
                 pushback: Pushback::After(d),

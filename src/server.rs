@@ -390,17 +390,20 @@ impl Keel {
             first.policy.server.max_in_flight,
             first.policy.server.interactive_reserve,
         ));
+        let buffers = transport::Buffers::new(first.policy.server.max_buffered);
         let metrics = self.router.metrics().clone();
         {
-            let (router, store, readiness_for_metrics, gate) = (
+            let (router, store, readiness_for_metrics, gate, buffers) = (
                 self.router.clone(),
                 self.store.clone(),
                 readiness.clone(),
                 gate.clone(),
+                buffers.clone(),
             );
             metrics.set_runtime(Box::new(move || {
                 let mut state = RuntimeState {
                     gateway_in_flight: i64::from(gate.in_flight()),
+                    buffered_bytes: i64::try_from(buffers.used()).unwrap_or(i64::MAX),
                     policy_revision: store.current().revision as i64,
                     ready: i64::from(readiness_for_metrics.ready()),
                     ..RuntimeState::default()
@@ -416,7 +419,7 @@ impl Keel {
             Lifecycle {
                 readiness: readiness.clone(),
                 cut: cut_rx,
-                gate,
+                gate: gate.clone(),
             },
             self.tracing.clone(),
         );
@@ -549,8 +552,11 @@ impl Keel {
             .layer(EdgeMetricsLayer::new(metrics.clone(), known_methods()))
             // As the headers arrive: the client's deadline counts from here, and a call
             // still unanswered at it (its body still arriving, say) hears Keel's
-            // DEADLINE_EXCEEDED. Nothing of tonic's times the call outside it.
-            .layer(EdgeDeadlineLayer::new(self.store.clone()))
+            // DEADLINE_EXCEEDED. Nothing of tonic's times the call outside it. Its bodies
+            // are bounded from here too: a body still arriving holds one of `gate`'s slots
+            // and its bytes from the connection's budget, and must finish within the
+            // policy's longest timeout; an answer not taken is dropped at the deadline.
+            .layer(EdgeDeadlineLayer::new(self.store.clone(), gate))
             .layer(MapResponseLayer::new({
                 let store = self.store.clone();
                 move |res| oversize::fix_response(res, store.current().revision)
@@ -561,6 +567,7 @@ impl Keel {
             transport::incoming(listener, accept),
             traffic_service,
             Http2::from_settings(&first.policy.server),
+            buffers,
             signal,
         );
         let began = began_rx.clone();

@@ -398,3 +398,245 @@ async fn at_max_connections_new_clients_displace_connections_that_never_made_a_c
     assert_lost_nothing(watch).await;
     keel.stop().await.unwrap();
 }
+
+/// A raw HTTP/2 connection to `addr` with the client's flow-control windows at `window`
+/// bytes per stream; the driver task ends with the connection.
+async fn raw_connection(
+    addr: std::net::SocketAddr,
+    window: u32,
+) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}
+
+/// Waits (bounded) until Keel's `series` reads `want`.
+async fn metric_reaches(keel: &Keel, series: &str, want: f64) {
+    let mut last = 0.0;
+    for _ in 0..500 {
+        last = counter(keel, series).await;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{series} stayed at {last}, not {want}");
+}
+
+/// Starts a ModelInfer call that announces a message of `len` bytes and sends only its
+/// first 16 KiB; its answer, and the stream left open.
+fn unfinished_call(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    len: u32,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    use bytes::BufMut as _;
+    let (res, mut body) = send.send_request(model_infer_headers(), false).unwrap();
+    let mut start = bytes::BytesMut::new();
+    start.put_u8(0);
+    start.put_u32(len);
+    start.put_bytes(0, 16 << 10);
+    body.send_data(start.freeze(), false).unwrap();
+    (res, body)
+}
+
+/// The ErrorInfo reason of a status, or its code's name.
+fn outcome(s: &tonic::Status) -> String {
+    s.get_details_error_info()
+        .map_or_else(|| format!("{:?}", s.code()), |i| i.reason)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_bodies_hold_bounded_bytes_and_end_at_the_window() {
+    // The attack, scaled down: 100 streams announcing 60 MiB and sending 8 MiB held
+    // 1.07 GB, with no answer past the 30 s timeout. Here: 3 MiB announced, 16 KiB sent,
+    // budgets of 8 MiB per connection and 12 MiB in all, a 3 s window.
+    let keel = Keel::with_admin(
+        "[server]\nmax_message_size = \"4MiB\"\nmax_buffered_per_connection = \"8MiB\"\nmax_buffered = \"12MiB\"\n[defaults]\ntimeout = \"3s\"\n",
+    )
+    .await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    let buffered = "keel_buffered_bytes";
+    let mut calls = Vec::new();
+    let mut refused = Vec::new();
+    for (conn, held_after) in [(0, 6.0), (1, 12.0), (2, 12.0)] {
+        let mut send = raw_connection(keel.addr, 1 << 20).await;
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(unfinished_call(&mut send, 3 << 20));
+        }
+        // Each message holds its announced 3 MiB: two per connection, four in all.
+        metric_reaches(&keel, buffered, held_after * f64::from(1 << 20)).await;
+        let mut held = Vec::new();
+        for (res, body) in answers {
+            let mut res = Box::pin(res);
+            // The refused answer at once; the held ones are still waiting.
+            match tokio::time::timeout(Duration::from_millis(500), &mut res).await {
+                Ok(answer) => refused.push((conn, status_of(answer.unwrap()).await)),
+                Err(_) => held.push((res, body)),
+            }
+        }
+        calls.push((conn, held));
+    }
+    let per_connection = refused
+        .iter()
+        .filter(|(_, s)| s.message().contains("server.max_buffered_per_connection"))
+        .count();
+    let keel_wide = refused
+        .iter()
+        .filter(|(_, s)| s.message().contains("(server.max_buffered)"))
+        .count();
+    assert_eq!(refused.len(), 26, "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(_, s)| outcome(s) == "BUFFER_LIMIT" && s.code() == Code::ResourceExhausted),
+        "{refused:?}"
+    );
+    // The third connection found Keel's budget full from its first message.
+    assert_eq!((per_connection, keel_wide), (16, 10), "{refused:?}");
+    // The held bodies end at the window: DEADLINE_EXCEEDED, and their bytes come back.
+    let mut expired = 0;
+    for (_, held) in calls {
+        for (res, _body) in held {
+            let res = tokio::time::timeout(BOUND, res)
+                .await
+                .expect("an answer within the bound")
+                .unwrap();
+            let s = status_of(res).await;
+            assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+            expired += 1;
+        }
+    }
+    assert_eq!(expired, 4);
+    metric_reaches(&keel, buffered, 0.0).await;
+    assert_lost_nothing(watch).await;
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_still_arriving_count_against_max_in_flight() {
+    let keel =
+        Keel::with_admin("[server]\nmax_in_flight = 4\n[defaults]\ntimeout = \"2s\"\n").await;
+    let mut send = raw_connection(keel.addr, 1 << 20).await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(unfinished_call(&mut send, 1 << 20));
+    }
+    metric_reaches(&keel, "keel_gateway_in_flight", 4.0).await;
+    // Keel is full: a fifth body still arriving, and a whole call, are refused at once.
+    let (res, _body) = unfinished_call(&mut send, 1 << 20);
+    let s = status_of(tokio::time::timeout(BOUND, res).await.unwrap().unwrap()).await;
+    assert_eq!(
+        (s.code(), outcome(&s)),
+        (Code::ResourceExhausted, "OVERLOADED".into()),
+        "{s:?}"
+    );
+    let mut client = keel.client().await;
+    let s = client.model_infer(simple_request()).await.unwrap_err();
+    assert_eq!(
+        (s.code(), outcome(&s)),
+        (Code::ResourceExhausted, "OVERLOADED".into()),
+        "{s:?}"
+    );
+    // The window ends them, and their slots come back.
+    for (res, _body) in held {
+        let s = status_of(tokio::time::timeout(BOUND, res).await.unwrap().unwrap()).await;
+        assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+    }
+    metric_reaches(&keel, "keel_gateway_in_flight", 0.0).await;
+    client.model_infer(simple_request()).await.unwrap();
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_never_reads_are_bounded_and_dropped_at_the_deadline() {
+    // The 100 unread 4 MiB answers held 478 MB. Here: 1 MB answers on a connection
+    // whose client opens 1 KiB windows and never reads, an 8 MiB connection budget, a 2 s
+    // window.
+    let keel = Keel::with_admin(
+        "[server]\nmax_message_size = \"4MiB\"\nmax_buffered_per_connection = \"8MiB\"\n[defaults]\ntimeout = \"2s\"\n",
+    )
+    .await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    let mut send = raw_connection(keel.addr, 1024).await;
+    let n = 1_000_000;
+    let request = keel::pb::inference::ModelInferRequest {
+        model_name: "identity".into(),
+        inputs: vec![input("x", "UINT8", &[n])],
+        raw_input_contents: vec![bytes::Bytes::from(vec![7u8; n as usize])],
+        ..Default::default()
+    };
+    let mut unread = Vec::new();
+    let mut refused = 0;
+    for i in 0..12 {
+        let mut headers = model_infer_headers();
+        // Half with a client deadline, half without: the window bounds those.
+        if i % 2 == 0 {
+            headers
+                .headers_mut()
+                .insert("grpc-timeout", http::HeaderValue::from_static("1S"));
+        }
+        // One request at a time, so only answers are held, not requests still arriving.
+        let (res, mut body) = send.send_request(headers, false).unwrap();
+        body.send_data(grpc_frame(&request), true).unwrap();
+        let res = tokio::time::timeout(BOUND, res).await.unwrap().unwrap();
+        // Once the unread answers fill the connection's budget, the next request does
+        // not fit in it either.
+        if let Some(s) = tonic::Status::from_header_map(res.headers()) {
+            assert_eq!(outcome(&s), "BUFFER_LIMIT", "{s:?}");
+            refused += 1;
+            continue;
+        }
+        let (_, mut body) = res.into_parts();
+        // What its window lets through, never released; then the answer ends or is reset.
+        let end = tokio::time::timeout(BOUND, async move {
+            loop {
+                match body.data().await {
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => break Err(e),
+                    None => break Ok(body.trailers().await.unwrap()),
+                }
+            }
+        });
+        unread.push(tokio::spawn(end));
+    }
+    // While unread, what Keel holds for them is bounded by the connection's budget.
+    let (_, scrape) = get(keel.admin.unwrap(), "/metrics").await;
+    let held = value(&scrape, "keel_buffered_bytes").unwrap();
+    assert!(
+        held > 0.0 && held <= f64::from(8 << 20),
+        "{held} bytes held"
+    );
+    let mut reset = 0;
+    for end in unread {
+        match end.await.unwrap().expect("dropped within the bound") {
+            // Refused for the budget: no data, Keel's status in the trailers.
+            Ok(Some(trailers)) => {
+                let s = tonic::Status::from_header_map(&trailers).unwrap();
+                assert_eq!(outcome(&s), "BUFFER_LIMIT", "{s:?}");
+                refused += 1;
+            }
+            Ok(None) => panic!("an answer ended without trailers"),
+            // Not taken by the deadline: reset, its bytes dropped.
+            Err(e) => {
+                assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e:?}");
+                reset += 1;
+            }
+        }
+    }
+    eprintln!("{held} bytes held; {reset} answers reset, {refused} refused");
+    assert!(reset >= 6, "{reset} of 12 reset");
+    assert_eq!(reset + refused, 12);
+    metric_reaches(&keel, "keel_buffered_bytes", 0.0).await;
+    assert_lost_nothing(watch).await;
+    keel.stop().await.unwrap();
+}

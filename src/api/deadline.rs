@@ -1,5 +1,7 @@
-//! The client's deadline at the edge: stamps each call's arrival, and answers
-//! DEADLINE_EXCEEDED when the client's `grpc-timeout` passes before the service answered.
+//! The client's deadline at the edge, and what a call's bodies may cost before its handler
+//! answers: stamps each call's arrival, answers DEADLINE_EXCEEDED when the client's
+//! `grpc-timeout` passes before the service answered, and bounds the request body still
+//! arriving ([`Inbound`]) and the answer not taken yet ([`Outbound`]).
 //!
 //! # Why at the edge
 //!
@@ -16,31 +18,50 @@
 //! same instant. The inner service is polled first: at a tie its answer, with the call's
 //! receipt, wins.
 //!
+//! # The window
+//!
+//! A call without a `grpc-timeout` still has a bound on its body, its *window*: the longest
+//! deadline the policy gives any call (each method's and model's `timeout`, capped by its
+//! `max_timeout`; 30 s by default). Which model a call is for is only known once its
+//! message is decoded, so the window is the one bound that can hold from the headers
+//! without cutting a call its model's `timeout` would allow. It is computed once per
+//! policy revision. A body not finished within it fails DEADLINE_EXCEEDED ([`Inbound`]);
+//! an answer not taken within it (or the client's deadline) is dropped ([`Outbound`]).
+//!
 //! # Request id
 //!
-//! A call with a deadline and no usable `x-request-id` is given a generated one here, in
-//! its headers, so the handler and this layer's answer name the same id. A call without a
-//! deadline only gets its arrival.
+//! A call without a usable `x-request-id` is given a generated one here, in its headers, so
+//! the handler and this layer's answers name the same id.
+
+mod inbound;
+mod outbound;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::{Either, Empty};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
+use tonic::metadata::MetadataValue;
 use tower::{Layer, Service};
+
+pub use inbound::Inbound;
+pub use outbound::Outbound;
 
 use super::POLICY_REVISION;
 use super::context::{GRPC_TIMEOUT, client_deadline, is_usable_request_id, new_request_id};
 use crate::error::Error;
-use crate::policy::Store;
-use crate::resilience::Failure as _;
-use crate::transport::Peer;
+use crate::policy::{Policy, Snapshot, Store};
+use crate::resilience::{Failure as _, Slots};
+use crate::transport::{ConnectionBuffers, Peer};
 use crate::upstream::grpc::REQUEST_ID;
 
 /// When a call's request headers arrived, in its extensions.
@@ -51,12 +72,19 @@ pub struct Arrival(pub Instant);
 #[derive(Clone)]
 pub struct EdgeDeadlineLayer {
     store: Arc<Store>,
+    gate: Arc<Slots>,
+    windows: Arc<ArcSwapOption<Window>>,
 }
 
 impl EdgeDeadlineLayer {
-    /// Answers report the revision current in `store`.
-    pub fn new(store: Arc<Store>) -> Self {
-        EdgeDeadlineLayer { store }
+    /// Answers report the revision current in `store`; unfinished bodies take `gate`'s
+    /// slots (Keel's `max_in_flight`).
+    pub fn new(store: Arc<Store>, gate: Arc<Slots>) -> Self {
+        EdgeDeadlineLayer {
+            store,
+            gate,
+            windows: Arc::default(),
+        }
     }
 }
 
@@ -66,22 +94,76 @@ impl<S> Layer<S> for EdgeDeadlineLayer {
         EdgeDeadline {
             inner,
             store: self.store.clone(),
+            gate: self.gate.clone(),
+            windows: self.windows.clone(),
         }
     }
 }
 
-/// Races the inner service against the client's deadline, counted from arrival.
+/// Races the inner service against the client's deadline, counted from arrival, and bounds
+/// the call's bodies.
 #[derive(Clone)]
 pub struct EdgeDeadline<S> {
     inner: S,
     store: Arc<Store>,
+    gate: Arc<Slots>,
+    windows: Arc<ArcSwapOption<Window>>,
+}
+
+/// The window of one policy revision (see the module docs).
+#[derive(Debug)]
+struct Window {
+    revision: u64,
+    window: Duration,
+}
+
+impl<S> EdgeDeadline<S> {
+    /// The window under `snapshot`, computed once per revision.
+    fn window(&self, snapshot: &Snapshot) -> Duration {
+        if let Some(w) = &*self.windows.load()
+            && w.revision == snapshot.revision
+        {
+            return w.window;
+        }
+        let window = longest_timeout(&snapshot.policy);
+        self.windows.store(Some(Arc::new(Window {
+            revision: snapshot.revision,
+            window,
+        })));
+        window
+    }
+}
+
+/// The longest deadline `policy` gives any call: every method's and model's `timeout`,
+/// each capped by its `max_timeout`. Resolves each (method, model) pair once.
+fn longest_timeout(policy: &Policy) -> Duration {
+    let methods: Vec<&str> = std::iter::once("")
+        .chain(policy.methods.keys().map(String::as_str))
+        .collect();
+    let models: Vec<Option<&str>> = std::iter::once(None)
+        .chain(
+            policy
+                .models
+                .iter()
+                .flatten()
+                .map(|(name, _)| Some(name.as_str())),
+        )
+        .collect();
+    let mut longest = Duration::ZERO;
+    for method in &methods {
+        for model in &models {
+            let s = policy.resolve(method, *model);
+            longest = longest.max(s.timeout.min(s.max_timeout));
+        }
+    }
+    longest
 }
 
 impl<S, B, RB> Service<http::Request<B>> for EdgeDeadline<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<RB>>,
+    S: Service<http::Request<Inbound<B>>, Response = http::Response<RB>>,
 {
-    type Response = http::Response<Either<RB, Empty<Bytes>>>;
+    type Response = http::Response<Either<Outbound<RB>, Empty<Bytes>>>;
     type Error = S::Error;
     type Future = EdgeDeadlineFuture<S::Future>;
 
@@ -92,28 +174,40 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let arrival = Instant::now();
         req.extensions_mut().insert(Arrival(arrival));
+        let snapshot = self.store.current();
+        let window = self.window(&snapshot);
+        let call = Arc::new(Call {
+            arrival,
+            answered: AtomicBool::new(false),
+            request_id: request_id(&mut req),
+            method: req.uri().path_and_query().cloned(),
+            peer: req.extensions().get::<Peer>().and_then(|p| p.remote),
+            revision: snapshot.revision,
+        });
+        let buffers = req.extensions().get::<Arc<ConnectionBuffers>>().cloned();
         let timeout = req
             .headers()
             .get(GRPC_TIMEOUT)
             .and_then(|v| v.to_str().ok());
-        let Some((deadline, budget)) = client_deadline(arrival, timeout) else {
-            return EdgeDeadlineFuture {
-                inner: self.inner.call(req),
-                sleep: None,
-                expiry: None,
-            };
+        let deadline = client_deadline(arrival, timeout);
+        let answer = outbound::Terms {
+            buffers: buffers.clone(),
+            client_deadline: deadline.map(|(at, _)| at),
+            window,
         };
-        let expiry = Expiry {
-            budget,
-            request_id: request_id(&mut req),
-            method: req.uri().path_and_query().cloned(),
-            peer: req.extensions().get::<Peer>().and_then(|p| p.remote),
-            store: self.store.clone(),
+        let terms = inbound::Terms {
+            window,
+            gate: self.gate.clone(),
+            buffers,
+            max_message_size: snapshot.policy.server.max_message_size,
         };
+        let req = req.map(|body| Inbound::new(body, call.clone(), terms));
         EdgeDeadlineFuture {
             inner: self.inner.call(req),
-            sleep: Some(tokio::time::sleep_until(deadline)),
-            expiry: Some(expiry),
+            sleep: deadline.map(|(at, _)| tokio::time::sleep_until(at)),
+            budget: deadline.map(|(_, budget)| budget),
+            answer: Some(answer),
+            call,
         }
     }
 }
@@ -131,42 +225,70 @@ fn request_id<B>(req: &mut http::Request<B>) -> Option<HeaderValue> {
     Some(id)
 }
 
-/// What answering a call at its deadline needs.
-struct Expiry {
-    budget: Duration,
+/// One call as the edge knows it: shared by its future and its bodies.
+struct Call {
+    /// When its headers arrived.
+    arrival: Instant,
+    /// Set once the service answered: a stream's body is timed per message from then.
+    answered: AtomicBool,
     request_id: Option<HeaderValue>,
     method: Option<http::uri::PathAndQuery>,
-    peer: Option<std::net::SocketAddr>,
-    store: Arc<Store>,
+    peer: Option<SocketAddr>,
+    revision: u64,
 }
 
-impl Expiry {
-    /// Keel's DEADLINE_EXCEEDED, trailers-only, tagged; logged as the handler logs a call.
-    fn answer<RB>(self) -> http::Response<Either<RB, Empty<Bytes>>> {
-        let revision = self.store.current().revision;
-        let e = Error::DeadlineExceeded {
-            budget: self.budget,
-        };
+impl Call {
+    /// Keel's status for refusing the call with `e`, tagged with the request id and the
+    /// revision; logged as the handler logs a call.
+    fn refuse(&self, e: &Error, client_deadline: Option<Duration>) -> tonic::Status {
         tracing::info!(
             request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
             method = self.method.as_ref().map_or("", |m| m.path().trim_start_matches('/')),
             class = e.class().as_str(),
             grpc_code = crate::grpc_code::name(e.code()),
-            policy_revision = revision,
-            client_deadline_ms = self.budget.as_millis() as u64,
+            policy_revision = self.revision,
+            client_deadline_ms = client_deadline.map(|b| b.as_millis() as u64),
             peer = %self.peer.map(|p| p.to_string()).unwrap_or_default(),
             error = %e,
             "request"
         );
-        let status = super::status::to_status(&e, None, revision);
-        let (mut parts, ()) = status.into_http::<()>().into_parts();
-        if let Some(id) = self.request_id {
-            parts.headers.insert(REQUEST_ID, id);
+        let mut status = super::status::to_status(e, None, self.revision);
+        let md = status.metadata_mut();
+        if let Some(id) = self
+            .request_id
+            .as_ref()
+            .and_then(|id| id.to_str().ok())
+            .and_then(|id| MetadataValue::try_from(id).ok())
+        {
+            md.insert(REQUEST_ID, id);
         }
-        parts
-            .headers
-            .insert(POLICY_REVISION, HeaderValue::from(revision));
+        md.insert(POLICY_REVISION, MetadataValue::from(self.revision));
+        status
+    }
+
+    /// Keel's DEADLINE_EXCEEDED for a call unanswered at the client's deadline,
+    /// trailers-only.
+    fn expired<RB>(&self, budget: Duration) -> http::Response<Either<RB, Empty<Bytes>>> {
+        let e = Error::DeadlineExceeded { budget };
+        let (parts, ()) = self.refuse(&e, Some(budget)).into_http::<()>().into_parts();
         http::Response::from_parts(parts, Either::Right(Empty::new()))
+    }
+}
+
+#[cfg(test)]
+impl Call {
+    /// A call arriving now, with request id `r1` at revision 1.
+    fn arriving() -> Arc<Call> {
+        Arc::new(Call {
+            arrival: Instant::now(),
+            answered: AtomicBool::new(false),
+            request_id: Some(HeaderValue::from_static("r1")),
+            method: Some(http::uri::PathAndQuery::from_static(
+                "/inference.GRPCInferenceService/ModelInfer",
+            )),
+            peer: None,
+            revision: 1,
+        })
     }
 }
 
@@ -178,7 +300,10 @@ pin_project! {
         inner: F,
         #[pin]
         sleep: Option<Sleep>,
-        expiry: Option<Expiry>,
+        budget: Option<Duration>,
+        // Taken when the service answers.
+        answer: Option<outbound::Terms>,
+        call: Arc<Call>,
     }
 }
 
@@ -186,22 +311,30 @@ impl<F, RB, E> Future for EdgeDeadlineFuture<F>
 where
     F: Future<Output = Result<http::Response<RB>, E>>,
 {
-    type Output = Result<http::Response<Either<RB, Empty<Bytes>>>, E>;
+    type Output = Result<http::Response<Either<Outbound<RB>, Empty<Bytes>>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         // The inner call first: an answer ready at the deadline still counts.
         if let Poll::Ready(out) = this.inner.poll(cx) {
-            return Poll::Ready(out.map(|res| res.map(Either::Left)));
+            this.call.answered.store(true, Ordering::Release);
+            let Some(terms) = this.answer.take() else {
+                // Polled again after answering.
+                return Poll::Pending;
+            };
+            let call = this.call.clone();
+            return Poll::Ready(
+                out.map(|res| res.map(|body| Either::Left(Outbound::new(body, call, terms)))),
+            );
         }
         let Some(sleep) = this.sleep.as_pin_mut() else {
             return Poll::Pending;
         };
         ready!(sleep.poll(cx));
-        match this.expiry.take() {
-            Some(expiry) => Poll::Ready(Ok(expiry.answer())),
+        match (this.budget.take(), this.answer.take()) {
+            (Some(budget), Some(_)) => Poll::Ready(Ok(this.call.expired(budget))),
             // Polled again after answering.
-            None => Poll::Pending,
+            _ => Poll::Pending,
         }
     }
 }
@@ -215,19 +348,20 @@ mod tests {
     use tower::{ServiceExt as _, service_fn};
 
     type Seen = Arc<Mutex<Option<http::Request<()>>>>;
+    type Body = Inbound<Empty<Bytes>>;
 
     /// A service that keeps the request it was given and answers OK after `work`.
     fn inner(
         work: Duration,
         seen: Seen,
     ) -> impl Service<
-        http::Request<()>,
+        http::Request<Body>,
         Response = http::Response<&'static str>,
         Error = Infallible,
         Future: Send,
     > + Clone {
-        service_fn(move |req: http::Request<()>| {
-            *seen.lock().unwrap() = Some(req);
+        service_fn(move |req: http::Request<Body>| {
+            *seen.lock().unwrap() = Some(req.map(|_| ()));
             async move {
                 tokio::time::sleep(work).await;
                 Ok(http::Response::builder()
@@ -238,16 +372,27 @@ mod tests {
         })
     }
 
-    fn request(headers: &[(&str, &str)]) -> http::Request<()> {
+    fn request(headers: &[(&str, &str)]) -> http::Request<Empty<Bytes>> {
         let mut b = http::Request::post("/inference.GRPCInferenceService/ModelInfer");
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        b.body(()).unwrap()
+        b.body(Empty::new()).unwrap()
     }
 
     fn layer() -> EdgeDeadlineLayer {
-        EdgeDeadlineLayer::new(Arc::new(Store::with_default()))
+        EdgeDeadlineLayer::new(
+            Arc::new(Store::with_default()),
+            Arc::new(Slots::new(10, 0.0)),
+        )
+    }
+
+    /// Whether the answer is the service's, with this body.
+    fn answered<RB: PartialEq>(
+        res: &http::Response<Either<Outbound<RB>, Empty<Bytes>>>,
+        body: RB,
+    ) -> bool {
+        matches!(res.body(), Either::Left(o) if *o.get_ref() == body)
     }
 
     #[tokio::test(start_paused = true)]
@@ -259,7 +404,7 @@ mod tests {
             .oneshot(request(&[("grpc-timeout", "100m"), ("x-request-id", "r1")]))
             .await
             .unwrap();
-        assert!(matches!(res.body(), Either::Left("answer")));
+        assert!(answered(&res, "answer"));
         let req = seen.lock().unwrap().take().unwrap();
         assert_eq!(req.extensions().get::<Arrival>(), Some(&Arrival(arrived)));
         assert_eq!(req.headers()["x-request-id"], "r1");
@@ -305,24 +450,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn without_a_deadline_nothing_is_timed_or_added_but_the_arrival() {
+    async fn without_a_deadline_the_call_is_not_timed_and_still_gets_an_id() {
         for timeout in [None, Some("soon")] {
             let seen = Seen::default();
             let svc = layer().layer(inner(Duration::from_secs(3600), seen.clone()));
             let headers: Vec<_> = timeout.map(|t| ("grpc-timeout", t)).into_iter().collect();
             let res = svc.oneshot(request(&headers)).await.unwrap();
-            assert!(matches!(res.body(), Either::Left("answer")), "{timeout:?}");
+            assert!(answered(&res, "answer"), "{timeout:?}");
             let req = seen.lock().unwrap().take().unwrap();
             assert!(req.extensions().get::<Arrival>().is_some());
-            assert!(req.headers().get("x-request-id").is_none());
+            assert_eq!(req.headers()["x-request-id"].len(), 36);
         }
+    }
+
+    #[test]
+    fn the_window_is_the_longest_deadline_any_call_may_get() {
+        let policy = |text: &str| Policy::parse(text).unwrap();
+        assert_eq!(longest_timeout(&policy("")), Duration::from_secs(30));
+        let p = policy(
+            "[defaults]\ntimeout = \"10s\"\n\
+             [methods.\"inference.GRPCInferenceService/ModelInfer\"]\ntimeout = \"20s\"\n\
+             [models.slow]\nbackend = \"embedded\"\ntimeout = \"90s\"\n\
+             [models.quick]\nbackend = \"embedded\"\ntimeout = \"1s\"\n",
+        );
+        // The slow model's, though the model is only known once a message is decoded.
+        assert_eq!(longest_timeout(&p), Duration::from_secs(90));
     }
 
     #[tokio::test(start_paused = true)]
     async fn at_the_same_instant_the_calls_own_deadline_answer_wins() {
         // The call's side, as the handler computes it: the client's deadline from the
         // arrival, answered by the call itself when it passes.
-        let call = service_fn(|req: http::Request<()>| async move {
+        let call = service_fn(|req: http::Request<Body>| async move {
             let Arrival(at) = *req.extensions().get::<Arrival>().unwrap();
             let timeout = req.headers()["grpc-timeout"].to_str().unwrap();
             let (deadline, _) = client_deadline(at, Some(timeout)).unwrap();
@@ -341,9 +500,6 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(Instant::now() - start, Duration::from_millis(250));
-        assert!(matches!(
-            res.body(),
-            Either::Left("the call's own answer, with its receipt")
-        ));
+        assert!(answered(&res, "the call's own answer, with its receipt"));
     }
 }

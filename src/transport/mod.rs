@@ -29,10 +29,12 @@
 //! The loop stops, and the listening socket closes, when the server stops reading from it
 //! (at shutdown).
 
+mod budget;
 mod open;
 mod peer;
 mod preface;
 mod serve;
+mod stream;
 mod tls;
 
 use std::io;
@@ -52,8 +54,10 @@ use tonic::transport::server::Connected;
 use open::{Admitted, Open, Slot};
 use preface::{Preface, Progress};
 
+pub use budget::{BufferFull, Buffers, ConnectionBuffers, Held, Scope};
 pub use peer::{Peer, identity};
-pub use serve::{Http2, MAX_LOCAL_ERROR_RESETS, serve};
+pub use serve::{ANSWER_PIECE, Http2, MAX_LOCAL_ERROR_RESETS, MAX_SEND_BUF, serve};
+pub use stream::StreamDeadline;
 pub use tls::Tls;
 
 use crate::observe::Metrics;

@@ -9,8 +9,9 @@
 //! # Connections
 //!
 //! 1. Each connection from [`incoming`](super::incoming) is served in its own task, with
-//!    the HTTP/2 settings of `[server]` ([`Http2`]) and its [`Peer`] in every request's
-//!    extensions.
+//!    the HTTP/2 settings of `[server]` ([`Http2`]), and its [`Peer`] and its
+//!    [`ConnectionBuffers`] in every request's extensions. Each stream runs in a task of
+//!    its own that its answer can give a deadline ([`StreamDeadline`](super::StreamDeadline)).
 //! 2. A service error becomes the gRPC status it carries, else UNKNOWN, as tonic answered.
 //! 3. A connection older than `max_connection_age` is sent GOAWAY; its calls get
 //!    `max_connection_age_grace` to finish, then it is closed. So is a connection that
@@ -33,20 +34,33 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use pin_project_lite::pin_project;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tower::Service;
 
+use super::budget::{Buffers, ConnectionBuffers};
 use super::open::Tracked;
+use super::stream::Exec;
 use super::{Conn, Peer};
 use crate::policy::ServerSettings;
 
 /// Streams one connection may make Keel reset for their protocol errors before it is sent
 /// GOAWAY. tonic passes hyper none, which leaves it unbounded; this is hyper's own default.
 pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+
+/// What h2 queues for one stream ahead of its client's flow-control window. An answer
+/// goes to hyper in pieces no larger than [`ANSWER_PIECE`], and the next piece only once
+/// this has room, so a client that stops reading leaves at most this much plus one piece
+/// in h2 per stream; the rest stays in the answer's body, counted and dropped at its
+/// deadline. (hyper's default is 400 KiB.)
+pub const MAX_SEND_BUF: usize = 64 << 10;
+
+/// The largest piece of an answer handed to hyper at once: one HTTP/2 frame of the
+/// default size.
+pub const ANSWER_PIECE: usize = 16 << 10;
 
 /// How a listener speaks HTTP/2, from `[server]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +77,8 @@ pub struct Http2 {
     pub max_connection_age: Option<Duration>,
     /// How long the calls of a connection sent GOAWAY for its age may still run.
     pub max_connection_age_grace: Duration,
+    /// Bytes in transit one connection may hold (`server.max_buffered_per_connection`).
+    pub max_buffered_per_connection: usize,
 }
 
 impl Http2 {
@@ -76,28 +92,32 @@ impl Http2 {
             keepalive_timeout: s.keepalive_timeout,
             max_connection_age: s.max_connection_age,
             max_connection_age_grace: s.drain_timeout,
+            max_buffered_per_connection: s.max_buffered_per_connection,
         }
     }
 
     /// hyper's connection builder with these settings; its timer is what keepalive needs.
-    fn builder(&self) -> hyper::server::conn::http2::Builder<TokioExecutor> {
-        let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    fn builder(&self) -> hyper::server::conn::http2::Builder<Exec> {
+        let mut b = hyper::server::conn::http2::Builder::new(Exec);
         b.timer(TokioTimer::new())
             .max_header_list_size(self.max_header_list_size)
             .max_concurrent_streams(self.max_concurrent_streams)
             .keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout)
-            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS);
+            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+            .max_send_buf_size(MAX_SEND_BUF);
         b
     }
 }
 
 /// Serves `service` on every connection of `incoming` until `shutdown` completes and the
-/// open connections have closed (see the module docs).
+/// open connections have closed (see the module docs). Every connection's budget draws on
+/// `buffers`.
 pub async fn serve<S, B>(
     incoming: impl Stream<Item = Result<Conn, std::io::Error>>,
     service: S,
     http2: Http2,
+    buffers: Arc<Buffers>,
     shutdown: impl Future<Output = ()>,
 ) where
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
@@ -124,6 +144,7 @@ pub async fn serve<S, B>(
                             service.clone(),
                             builder.clone(),
                             http2.clone(),
+                            buffers.connection(http2.max_buffered_per_connection),
                             stop_rx.clone(),
                         ));
                     }
@@ -152,8 +173,9 @@ fn report(done: Result<(), tokio::task::JoinError>) {
 async fn connection<S, B>(
     conn: Conn,
     service: S,
-    builder: hyper::server::conn::http2::Builder<TokioExecutor>,
+    builder: hyper::server::conn::http2::Builder<Exec>,
     http2: Http2,
+    buffers: Arc<ConnectionBuffers>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
@@ -167,6 +189,7 @@ async fn connection<S, B>(
         inner: service,
         peer: conn.peer.clone(),
         tracked: tracked.clone(),
+        buffers,
     });
     let served = builder.serve_connection(TokioIo::new(conn), service);
     let mut served = std::pin::pin!(served);
@@ -218,14 +241,15 @@ async fn connection<S, B>(
     }
 }
 
-/// A connection's view of the service: puts the [`Peer`] in each request's extensions (as
-/// tonic's `Connected::connect_info` did), marks the connection used, and answers a call's
-/// error with its gRPC status.
+/// A connection's view of the service: puts the [`Peer`] (as tonic's
+/// `Connected::connect_info` did) and the connection's budget in each request's
+/// extensions, marks the connection used, and answers a call's error with its gRPC status.
 #[derive(Clone)]
 struct PerConnection<S> {
     inner: S,
     peer: Peer,
     tracked: Arc<Tracked>,
+    buffers: Arc<ConnectionBuffers>,
 }
 
 impl<S, B> Service<http::Request<Incoming>> for PerConnection<S>
@@ -246,6 +270,7 @@ where
     fn call(&mut self, mut req: http::Request<Incoming>) -> Self::Future {
         self.tracked.used();
         req.extensions_mut().insert(self.peer.clone());
+        req.extensions_mut().insert(self.buffers.clone());
         Recover {
             inner: self.inner.call(req),
         }

@@ -69,6 +69,7 @@ async fn start(http2: Http2, release: Arc<Notify>) -> Served {
         incoming(listener, accept),
         service(release),
         http2,
+        crate::transport::Buffers::new(1 << 20),
         async move {
             let _ = stopped.await;
         },

@@ -255,10 +255,11 @@ where
                 }
                 _ => *this.held = None,
             }
-            if *this.timing == Timing::Message(current) && !this.messages.partial()
-                || matches!(*this.timing, Timing::Message(m) if m != current)
-            {
-                // The message it timed is whole.
+            let timed_is_whole = match *this.timing {
+                Timing::Message(m) => m != current || !this.messages.partial(),
+                _ => false,
+            };
+            if timed_is_whole {
                 this.deadline.set(None);
                 *this.timing = Timing::Nothing;
             }

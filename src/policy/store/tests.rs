@@ -219,6 +219,25 @@ fn listener_settings_cannot_change_without_a_restart() {
         .unwrap_err();
     assert_eq!(err, ApplyError::RestartNeeded(vec!["server.listen".into()]));
     assert!(err.to_string().contains("restart"));
+    let err = store
+        .apply(
+            "[server]
+handshake_timeout = \"1s\"
+max_buffered_per_connection = \"128MiB\"
+max_buffered = \"2GiB\"
+",
+            admin(),
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        ApplyError::RestartNeeded(vec![
+            "server.handshake_timeout".into(),
+            "server.max_buffered_per_connection".into(),
+            "server.max_buffered".into(),
+        ])
+    );
     // drain_timeout is read at shutdown, so it may change.
     assert!(
         store

@@ -116,6 +116,24 @@ pub enum Error {
         /// The size and the limit, as the decoder saw them.
         detail: String,
     },
+    /// The call's metadata (its header block, counted as HTTP/2 counts it) is larger than
+    /// Keel takes (`server.max_metadata_size`): the call is refused, its connection kept.
+    #[error(
+        "the call's metadata is {size} bytes, above the limit of {limit} (server.max_metadata_size)"
+    )]
+    MetadataTooLarge {
+        /// The header list size: each name and value, plus 32 bytes per entry.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The request body is not what the method takes: not a message of its type, a message
+    /// cut short, no message, or a second message in a unary call.
+    #[error("the request is malformed: {detail}")]
+    MalformedRequest {
+        /// What is wrong, in the decoder's words or Keel's.
+        detail: String,
+    },
     /// Keel is shutting down and the drain timeout passed while the call was running.
     #[error("Keel is shutting down and the drain timeout passed; retry on another instance")]
     DrainTimeout,
@@ -222,6 +240,8 @@ impl Error {
             Error::UpstreamProtocol { .. } => "UPSTREAM_PROTOCOL",
             Error::AnswerTooLarge { .. } => "ANSWER_TOO_LARGE",
             Error::RequestTooLarge { .. } => "REQUEST_TOO_LARGE",
+            Error::MetadataTooLarge { .. } => "METADATA_TOO_LARGE",
+            Error::MalformedRequest { .. } => "MALFORMED_REQUEST",
             Error::DrainTimeout => "DRAIN_TIMEOUT",
             Error::FaultInjected { .. } => "FAULT_INJECTED",
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => "DEADLINE_EXCEEDED",
@@ -247,6 +267,8 @@ impl Error {
             | Error::SequenceBroken { .. }
             | Error::InvalidRequest(_)
             | Error::RequestTooLarge { .. }
+            | Error::MetadataTooLarge { .. }
+            | Error::MalformedRequest { .. }
             | Error::Unauthenticated(_)
             | Error::PermissionDenied { .. } => Origin::Request,
             Error::UpstreamUnavailable { .. } => Origin::Transport,
@@ -273,7 +295,9 @@ impl Error {
             Error::ModelNotFound { .. }
             | Error::VersionNotFound { .. }
             | Error::ModelSwitchedOff { .. } => Code::NotFound,
-            Error::InvalidRequest(_) | Error::UnknownRoute { .. } => Code::InvalidArgument,
+            Error::InvalidRequest(_)
+            | Error::UnknownRoute { .. }
+            | Error::MalformedRequest { .. } => Code::InvalidArgument,
             Error::AdapterMismatch { .. } => Code::FailedPrecondition,
             Error::SequenceBroken { .. } => Code::Aborted,
             Error::UpstreamUnavailable { .. } | Error::BreakerOpen(_) => Code::Unavailable,
@@ -287,7 +311,8 @@ impl Error {
             | Error::BufferLimit(_)
             | Error::TenantLimited(_)
             | Error::AnswerTooLarge { .. }
-            | Error::RequestTooLarge { .. } => Code::ResourceExhausted,
+            | Error::RequestTooLarge { .. }
+            | Error::MetadataTooLarge { .. } => Code::ResourceExhausted,
             Error::DrainTimeout => Code::Unavailable,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,

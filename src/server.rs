@@ -40,7 +40,7 @@ use tower::util::{BoxCloneSyncService, MapResponseLayer};
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
 use crate::api::deadline::EdgeDeadlineLayer;
 use crate::api::legacy::LegacyApi;
-use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, oversize, receipt};
+use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, receipt, unreadable};
 use crate::contract::ValidateLayer;
 use crate::fault::FaultLayer;
 use crate::observe::Metrics;
@@ -559,7 +559,7 @@ impl Keel {
             .layer(EdgeDeadlineLayer::new(self.store.clone(), gate))
             .layer(MapResponseLayer::new({
                 let store = self.store.clone();
-                move |res| oversize::fix_response(res, store.current().revision)
+                move |res| unreadable::fix_response(res, store.current().revision)
             }))
             .layer(MapResponseLayer::new(receipt::move_to_trailers))
             .service(routes);

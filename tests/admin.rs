@@ -763,3 +763,100 @@ async fn list_services(channel: tonic::transport::Channel) -> Vec<String> {
     };
     list.service.into_iter().map(|s| s.name).collect()
 }
+
+/// An ApplyPolicy whose body is `message`, framed by hand, over raw HTTP/2 to `addr`, as
+/// `principal`; its status (trailers-only).
+async fn raw_apply(addr: std::net::SocketAddr, principal: &str, message: &[u8]) -> tonic::Status {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let req = http::Request::post("http://keel/keel.admin.v1.PolicyAdmin/ApplyPolicy")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("x-keel-principal", principal)
+        .body(())
+        .unwrap();
+    let (res, mut body) = send.send_request(req, false).unwrap();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(message);
+    body.send_data(framed.into(), true).unwrap();
+    let res = res.await.unwrap();
+    let s = tonic::Status::from_header_map(res.headers()).expect("a trailers-only refusal");
+    driver.abort();
+    s
+}
+
+#[tokio::test]
+async fn changes_the_decoder_refuses_get_the_traffic_codes_and_are_audited() {
+    let a = Admin::start("max_message_size = \"64KiB\"").await;
+    let addr = a.keel.admin.unwrap();
+    // A document over server.max_message_size: OUT_OF_RANGE from tonic, never audited.
+    let big = a.policy("v2", "5s") + &format!("# {}\n", "x".repeat(80 << 10));
+    let s = a
+        .client
+        .clone()
+        .apply_policy(from(
+            "mallory",
+            admin::ApplyPolicyRequest {
+                toml: big,
+                expected_revision: None,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "REQUEST_TOO_LARGE"
+    );
+    assert!(
+        s.message().contains("server.max_message_size"),
+        "{}",
+        s.message()
+    );
+    // A document that is not UTF-8 (field 1, `toml`): INTERNAL from tonic, never audited.
+    let s = raw_apply(addr, "oscar", &[0x0a, 0x02, 0xc3, 0x28]).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "MALFORMED_REQUEST"
+    );
+    assert!(
+        s.message()
+            .contains("ApplyPolicyRequest.toml: invalid string value: data is not UTF-8 encoded"),
+        "{}",
+        s.message()
+    );
+
+    let lines = a.audit();
+    let refused: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["outcome"] == "rejected")
+        .collect();
+    assert_eq!(refused.len(), 2, "{lines:?}");
+    for (line, (who, why)) in refused.iter().zip([
+        ("admin:mallory@127.0.0.1:", "larger than Keel takes"),
+        ("admin:oscar@127.0.0.1:", "not UTF-8 encoded"),
+    ]) {
+        let source = line["source"].as_str().unwrap();
+        assert!(source.starts_with(who), "{source}");
+        let reason = line["reasons"][0].as_str().unwrap();
+        assert!(reason.contains(why), "{reason}");
+    }
+    // The policy did not change.
+    assert_eq!(
+        a.client
+            .clone()
+            .get_policy(admin::GetPolicyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .revision,
+        1
+    );
+    a.stop().await;
+}

@@ -628,3 +628,291 @@ async fn answers_a_client_never_reads_are_bounded_and_dropped_at_the_deadline() 
     assert_lost_nothing(watch).await;
     keel.stop().await.unwrap();
 }
+
+// Items 5 to 9: the protocol edge. Each refusal is of the one call, on a connection that
+// keeps serving; the well-behaved client on its own connection loses nothing.
+
+/// The ModelInfer series of `grpc_server_handled_total` with `code`.
+fn handled(code: &str) -> String {
+    format!(
+        "grpc_server_handled_total{{grpc_type=\"unary\",grpc_service=\"inference.GRPCInferenceService\",grpc_method=\"ModelInfer\",grpc_code=\"{code}\"}}"
+    )
+}
+
+/// A call with the ModelInfer headers plus `extra` metadata, and `body` as its whole body;
+/// its status. Asserts nothing about the connection.
+async fn call_with(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    extra: &[(String, String)],
+    body: Option<bytes::Bytes>,
+) -> Result<tonic::Status, h2::Error> {
+    let mut req = model_infer_headers();
+    for (k, v) in extra {
+        req.headers_mut().append(
+            http::HeaderName::try_from(k.as_str()).unwrap(),
+            http::HeaderValue::try_from(v.as_str()).unwrap(),
+        );
+    }
+    let mut send = send.clone().ready().await?;
+    let (res, mut stream) = send.send_request(req, body.is_none())?;
+    if let Some(b) = body {
+        stream.send_data(b, true)?;
+    }
+    let res = tokio::time::timeout(BOUND, res)
+        .await
+        .expect("an answer within the bound")?;
+    if res.status() != http::StatusCode::OK {
+        return Ok(tonic::Status::unknown(format!("HTTP {}", res.status())));
+    }
+    Ok(status_of(res).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_small_metadata_entries_refuse_the_call_not_the_connection() {
+    let keel = Keel::with_admin("").await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    let mut send = raw_connection(keel.addr, 65_535).await;
+    let ok = simple_request();
+    assert_eq!(
+        call_with(&mut send, &[], Some(grpc_frame(&ok)))
+            .await
+            .unwrap()
+            .code(),
+        Code::Ok
+    );
+    // About 450 KB of header list in 10,000 entries: h2 sent GOAWAY for it, failing every
+    // call of the connection. Now Keel refuses the one call, naming its limit.
+    let many: Vec<(String, String)> = (0..10_000)
+        .map(|i| (format!("x-k{i:05}"), "v".to_string()))
+        .collect();
+    for _ in 0..3 {
+        let s = call_with(&mut send, &many, Some(grpc_frame(&ok)))
+            .await
+            .expect("the connection stays open");
+        assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+        assert_eq!(outcome(&s), "METADATA_TOO_LARGE");
+        assert!(
+            s.message()
+                .contains("above the limit of 16384 (server.max_metadata_size)"),
+            "{}",
+            s.message()
+        );
+    }
+    // A block larger than h2 decodes at all (1 MiB) still only refuses its stream.
+    let huge: Vec<(String, String)> = (0..300)
+        .map(|i| (format!("x-big{i:03}"), "v".repeat(4000)))
+        .collect();
+    let s = call_with(&mut send, &huge, Some(grpc_frame(&ok)))
+        .await
+        .expect("the connection stays open");
+    assert_eq!(s.message(), "HTTP 431 Request Header Fields Too Large");
+    // The same connection still serves.
+    let s = call_with(&mut send, &[], Some(grpc_frame(&ok)))
+        .await
+        .unwrap();
+    assert_eq!(s.code(), Code::Ok, "{s:?}");
+    metric_reaches(&keel, &handled("ResourceExhausted"), 3.0).await;
+    assert_lost_nothing(watch).await;
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_are_not_one_request_are_invalid_argument_naming_what_is_wrong() {
+    use bytes::BufMut as _;
+    let keel = Keel::with_admin("").await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    let mut send = raw_connection(keel.addr, 65_535).await;
+    let framed = |payload: &[u8]| {
+        let mut b = bytes::BytesMut::new();
+        b.put_u8(0);
+        b.put_u32(u32::try_from(payload.len()).unwrap());
+        b.put_slice(payload);
+        b.freeze()
+    };
+    let whole = grpc_frame(&simple_request());
+    let mut two = bytes::BytesMut::from(&whole[..]);
+    two.extend_from_slice(&whole);
+    let cases: Vec<(&str, Option<bytes::Bytes>, &str)> = vec![
+        // Field 1 (model_name) with bytes that are not UTF-8.
+        (
+            "invalid UTF-8",
+            Some(framed(&[0x0a, 0x02, 0xff, 0xfe])),
+            "the request is malformed: failed to decode Protobuf message: ModelInferRequest.model_name: invalid string value: data is not UTF-8 encoded",
+        ),
+        (
+            "not a message",
+            Some(framed(&[0x0b, 0xff, 0xff])),
+            "the request is malformed: failed to decode Protobuf message",
+        ),
+        (
+            "truncated",
+            Some(whole.slice(..whole.len() - 3)),
+            "the request is malformed: the body ended",
+        ),
+        (
+            "empty",
+            None,
+            "the request is malformed: the body has no message; a unary call carries exactly one",
+        ),
+        (
+            "two messages",
+            Some(two.freeze()),
+            "the request is malformed: a second message began; a unary call carries exactly one",
+        ),
+    ];
+    for (what, body, message) in &cases {
+        let s = call_with(&mut send, &[], body.clone()).await.unwrap();
+        assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
+        assert_eq!(outcome(&s), "MALFORMED_REQUEST", "{what}");
+        assert!(s.message().starts_with(message), "{what}: {}", s.message());
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.metadata["class"], "client_error", "{what}");
+    }
+    metric_reaches(&keel, &handled("InvalidArgument"), cases.len() as f64).await;
+    assert_eq!(counter(&keel, &handled("Internal")).await, 0.0);
+    // A stream's message cut short is refused the same way, as the stream's end.
+    let mut req = model_infer_headers();
+    *req.uri_mut() = "http://keel/inference.GRPCInferenceService/ModelStreamInfer"
+        .parse()
+        .unwrap();
+    let (res, mut body) = send
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(req, false)
+        .unwrap();
+    body.send_data(whole.slice(..whole.len() - 3), true)
+        .unwrap();
+    let s = status_of(tokio::time::timeout(BOUND, res).await.unwrap().unwrap()).await;
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert_eq!(outcome(&s), "MALFORMED_REQUEST");
+    // The connection still serves.
+    let s = call_with(&mut send, &[], Some(whole)).await.unwrap();
+    assert_eq!(s.code(), Code::Ok, "{s:?}");
+    assert_lost_nothing(watch).await;
+    keel.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_over_max_message_size_is_resource_exhausted_in_answer_and_metrics() {
+    let keel = Keel::with_admin("[server]\nmax_message_size = \"64KiB\"\n").await;
+    let mut client = keel.client().await;
+    // The identity model echoes its input: a request just under the limit comes back as
+    // an answer just over it (its output's name, model and labels are longer).
+    let echo = |n: usize| pb::ModelInferRequest {
+        model_name: "identity".into(),
+        inputs: vec![input("x", "UINT8", &[n as i64])],
+        raw_input_contents: vec![bytes::Bytes::from(vec![7u8; n])],
+        ..Default::default()
+    };
+    let s = client
+        .model_infer(echo((64 << 10) - 100))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert_eq!(outcome(&s), "ANSWER_TOO_LARGE");
+    assert!(
+        s.message().contains("the limit is 65536"),
+        "{}",
+        s.message()
+    );
+    assert_eq!(
+        s.get_details_error_info().unwrap().metadata["class"],
+        "local_rejection"
+    );
+    // Counted as what the client got, not as OK.
+    metric_reaches(&keel, &handled("ResourceExhausted"), 1.0).await;
+    assert_eq!(counter(&keel, &handled("OK")).await, 0.0);
+    let series =
+        "keel_requests_total{model=\"identity\",tier=\"primary\",class=\"local_rejection\"}";
+    assert_eq!(counter(&keel, series).await, 1.0);
+    // With room for the labels, the answer goes back.
+    let a = client
+        .model_infer(echo(32 << 10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.raw_output_contents[0].len(), 32 << 10);
+    keel.stop().await.unwrap();
+}
+
+/// One raw HTTP/2 frame.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).unwrap().to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// What a raw connection heard from Keel until it was closed: how many RST_STREAM frames,
+/// and the GOAWAY's error code, if one came.
+async fn frames_heard(mut read: tokio::net::tcp::OwnedReadHalf) -> (u32, Option<u32>) {
+    use tokio::io::AsyncReadExt as _;
+    let mut resets = 0;
+    loop {
+        let mut head = [0u8; 9];
+        if read.read_exact(&mut head).await.is_err() {
+            return (resets, None);
+        }
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        if read.read_exact(&mut payload).await.is_err() {
+            return (resets, None);
+        }
+        match head[3] {
+            3 => resets += 1,
+            7 => {
+                let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                return (resets, Some(code));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_provokes_resets_is_sent_goaway_after_a_bounded_number() {
+    use tokio::io::AsyncWriteExt as _;
+    let keel = Keel::with_admin("").await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    let tcp = tokio::net::TcpStream::connect(keel.addr).await.unwrap();
+    let (read, mut write) = tcp.into_split();
+    let heard = tokio::spawn(frames_heard(read));
+    write
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    write.write_all(&h2_frame(4, 0, 0, &[])).await.unwrap();
+    // Each stream: headers (POST, /, http from HPACK's static table), then a WINDOW_UPDATE
+    // that overflows its window, a stream error Keel answers with RST_STREAM. The issue's
+    // 20,000 got 20,000 resets and never a GOAWAY.
+    let streams = 3 * keel::transport::MAX_LOCAL_ERROR_RESETS as u32;
+    let mut written = 0;
+    for i in 0..streams {
+        let id = 2 * i + 1;
+        let mut frames = h2_frame(1, 0x4, id, &[0x83, 0x84, 0x86]);
+        frames.extend(h2_frame(8, 0, id, &0x7fff_ffffu32.to_be_bytes()));
+        if write.write_all(&frames).await.is_err() {
+            break;
+        }
+        written += 1;
+    }
+    let (resets, goaway) = tokio::time::timeout(BOUND, heard)
+        .await
+        .expect("Keel closes the connection within the bound")
+        .unwrap();
+    // ENHANCE_YOUR_CALM, after at most the bound (and the streams refused on the way).
+    assert_eq!(goaway, Some(0xb), "{resets} resets of {written} streams");
+    assert!(
+        resets <= keel::transport::MAX_LOCAL_ERROR_RESETS as u32 + 256,
+        "{resets} resets"
+    );
+    drop(write);
+    assert_lost_nothing(watch).await;
+    keel.stop().await.unwrap();
+}

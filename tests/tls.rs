@@ -359,11 +359,20 @@ async fn oversized_metadata_is_refused_and_normal_calls_pass() {
     let mut r = tonic::Request::new(simple_request());
     r.metadata_mut()
         .insert("x-padding", "a".repeat(8 << 10).parse().unwrap());
-    // HTTP/2 refuses the header block before any gRPC handler sees it: HTTP 431 (Request
-    // Header Fields Too Large), which gRPC clients report as UNKNOWN.
+    // Keel's edge refuses the call before any handler runs, naming the limit, with a gRPC
+    // status (HTTP/2 itself only refuses blocks over 1 MiB, with HTTP 431).
     let s = c.model_infer(r).await.unwrap_err();
-    assert_eq!(s.code(), Code::Unknown, "{s:?}");
-    assert!(s.message().contains("431"), "{s:?}");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(
+        s.message()
+            .contains("above the limit of 4096 (server.max_metadata_size)"),
+        "{s:?}"
+    );
+    use tonic_types::StatusExt as _;
+    assert_eq!(
+        s.get_details_error_info().unwrap().reason,
+        "METADATA_TOO_LARGE"
+    );
     // The connection is still good for calls within the limit.
     assert!(c.model_infer(simple_request()).await.is_ok());
     keel.stop().await.unwrap();

@@ -33,6 +33,12 @@
 //! | stale `expected_revision` | ABORTED |
 //! | unknown revision or flag | NOT_FOUND |
 //! | caller not in `auth.admin_identities` | PERMISSION_DENIED |
+//!
+//! A request tonic's decoder refuses (larger than `server.max_message_size`, or not a
+//! message of its type: invalid UTF-8 in the document, say) never reaches a handler; it is
+//! answered as on the traffic listener (RESOURCE_EXHAUSTED `REQUEST_TOO_LARGE`,
+//! INVALID_ARGUMENT `MALFORMED_REQUEST`, through [`unreadable`](super::unreadable)), and a
+//! refused change is audited all the same ([`Audited`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -59,16 +65,103 @@ const DEFAULT_PRINCIPAL: &str = "admin";
 /// Longest accepted `x-keel-principal`.
 const MAX_PRINCIPAL: usize = 64;
 
-/// The admin service as served: [`AdminApi`] behind [`Authenticate`].
-pub type AdminService = InterceptedService<PolicyAdminServer<AdminApi>, Authenticate>;
+/// The admin service as served: [`AdminApi`] behind [`Authenticate`], its unreadable
+/// requests answered and audited by [`Audited`].
+pub type AdminService = Audited<InterceptedService<PolicyAdminServer<AdminApi>, Authenticate>>;
 
-/// The admin service over `store`; with `token`, every call must present it.
+/// The admin service over `store`; with `token`, every call must present it. It reads
+/// messages up to `server.max_message_size`, as the traffic listener does.
 pub fn service(store: Arc<Store>, token: Option<AdminToken>) -> AdminService {
+    let max_message_size = store.current().policy.server.max_message_size;
     let api = AdminApi {
-        store,
+        store: store.clone(),
         token: token.is_some(),
     };
-    PolicyAdminServer::with_interceptor(api, Authenticate { token })
+    let server = PolicyAdminServer::new(api)
+        .max_decoding_message_size(max_message_size)
+        .max_encoding_message_size(max_message_size);
+    Audited {
+        inner: InterceptedService::new(
+            server,
+            Authenticate {
+                token: token.clone(),
+            },
+        ),
+        store,
+        token: token.is_some(),
+    }
+}
+
+/// The methods that change the policy: a refusal of theirs is audited.
+const CHANGES: [&str; 3] = [
+    "/keel.admin.v1.PolicyAdmin/ApplyPolicy",
+    "/keel.admin.v1.PolicyAdmin/RollbackPolicy",
+    "/keel.admin.v1.PolicyAdmin/SetFlag",
+];
+
+/// Answers a request tonic's decoder refused in Keel's words
+/// ([`unreadable::fix_response`](super::unreadable::fix_response)) and, for a change,
+/// audits the refusal: the handler that audits every other refusal never ran.
+#[derive(Clone)]
+pub struct Audited<S> {
+    inner: S,
+    store: Arc<Store>,
+    token: bool,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Audited<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S, B, RB> tower::Service<http::Request<B>> for Audited<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = http::Response<RB>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Self::Response, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        // Who asked, should the change be refused unread: its metadata and its peer.
+        let asker = CHANGES.contains(&req.uri().path()).then(|| {
+            Request::from_parts(
+                tonic::metadata::MetadataMap::from_headers(req.headers().clone()),
+                req.extensions().clone(),
+                (),
+            )
+        });
+        let (store, token) = (self.store.clone(), self.token);
+        let answer = self.inner.call(req);
+        Box::pin(async move {
+            let res = answer.await?;
+            let res = super::unreadable::fix_response(res, store.current().revision);
+            let refused = tonic::Status::from_header_map(res.headers()).filter(|s| {
+                s.get_details_error_info()
+                    .is_some_and(|i| super::unreadable::is_unreadable(&i.reason))
+            });
+            if let (Some(asker), Some(status)) = (asker, refused) {
+                let principal =
+                    principal(&asker, token).unwrap_or_else(|_| format!("an invalid {PRINCIPAL}"));
+                let source = Source::Admin { principal };
+                let e = ApplyError::Unreadable(status.message().to_string());
+                let audited = tokio::task::spawn_blocking(move || store.refuse(&source, e)).await;
+                if let Err(e) = audited {
+                    tracing::error!(error = %e, "an unreadable admin change could not be audited");
+                }
+            }
+            Ok(res)
+        })
+    }
 }
 
 /// The service.
@@ -265,6 +358,8 @@ pub fn to_status(e: &ApplyError) -> Status {
             (Code::NotFound, "UNKNOWN_FLAG")
         }
         ApplyError::NotAnAdmin(_) => (Code::PermissionDenied, "NOT_AN_ADMIN"),
+        // Answered by `Audited` as the traffic listener answers it; never built here.
+        ApplyError::Unreadable(_) => (Code::InvalidArgument, "MALFORMED_REQUEST"),
     };
     details.set_error_info(reason, DOMAIN, info);
     Status::with_error_details(code, e.to_string(), details)

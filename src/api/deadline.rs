@@ -195,11 +195,20 @@ where
             client_deadline: deadline.map(|(at, _)| at),
             window,
         };
+        let server = &snapshot.policy.server;
+        let metadata = header_list_size(&req);
         let terms = inbound::Terms {
             window,
             gate: self.gate.clone(),
             buffers,
-            max_message_size: snapshot.policy.server.max_message_size,
+            max_message_size: server.max_message_size,
+            one_message: !STREAMED_REQUESTS.contains(&req.uri().path()),
+            refusal: (metadata > server.max_metadata_size as usize).then_some(
+                Error::MetadataTooLarge {
+                    size: metadata,
+                    limit: server.max_metadata_size as usize,
+                },
+            ),
         };
         let req = req.map(|body| Inbound::new(body, call.clone(), terms));
         EdgeDeadlineFuture {
@@ -210,6 +219,41 @@ where
             call,
         }
     }
+}
+
+/// The methods of the traffic listener whose request is a stream of messages; every other
+/// call's body is one message.
+const STREAMED_REQUESTS: &[&str] = &[
+    "/inference.GRPCInferenceService/ModelStreamInfer",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The size of a request's header block as HTTP/2 counts it against
+/// `SETTINGS_MAX_HEADER_LIST_SIZE` (RFC 9113 §6.5.2): each field's name and value plus 32
+/// bytes, the pseudo-headers included.
+fn header_list_size<B>(req: &http::Request<B>) -> usize {
+    const ENTRY: usize = 32;
+    let uri = req.uri();
+    let pseudo = [
+        (":method", req.method().as_str().len()),
+        (":scheme", uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority",
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (
+            ":path",
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+    ];
+    let pseudo: usize = pseudo.iter().map(|(n, v)| n.len() + v + ENTRY).sum();
+    pseudo
+        + req
+            .headers()
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + ENTRY)
+            .sum::<usize>()
 }
 
 /// The client's usable `x-request-id`, else a generated one written into the request.

@@ -19,7 +19,7 @@ mod versions;
 
 use super::context::EdgeContext;
 use super::record::Leg;
-use super::{oversize, receipt, record, status};
+use super::{receipt, record, status, unreadable};
 use crate::auth::{AUTHORIZATION, Caller, Guard, Pass};
 use crate::call::{Call, CallContext, ModelRef};
 use crate::error::Error;
@@ -347,6 +347,21 @@ impl InferenceApi {
             r = svc.clone().oneshot(Call::shared(ctx.clone(), sent)) => r,
             () = cut_off(self.cut.clone()) => return Err(Failed::Cut),
         };
+        // An answer Keel could not send (over `server.max_message_size` once labelled)
+        // fails here, so the log line, the metrics and the ladder see it.
+        let result = result.and_then(|value| {
+            let limit = policy.server.max_message_size;
+            let room = degrade::LABEL_ROOM;
+            match Op::answer_over(&value, limit.saturating_sub(room)) {
+                None => Ok(value),
+                Some(len) => Err(Error::AnswerTooLarge {
+                    upstream: ctx.route.target.upstream.to_string(),
+                    detail: format!(
+                        "{len} bytes, and {room} kept for Keel's labels; the limit is {limit}"
+                    ),
+                }),
+            }
+        });
         if let (Ok(_), Some(slow)) = (&result, ctx.route.settings.slow_threshold)
             && start.elapsed() > slow
         {
@@ -751,7 +766,7 @@ impl GrpcInferenceService for InferenceApi {
                 let (api, stream) = (api.clone(), per_request.clone());
                 async move {
                     let revision = stream.snapshot.revision;
-                    let msg = item.map_err(|s| stream.tag(oversize::fix_status(s, revision)))?;
+                    let msg = item.map_err(|s| stream.tag(unreadable::fix_status(s, revision)))?;
                     let edge = stream.streamed(index, &msg.id);
                     Ok(api.stream_answer(&edge, msg).await)
                 }

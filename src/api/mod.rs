@@ -9,9 +9,9 @@ pub mod context;
 pub mod deadline;
 mod inference;
 pub mod legacy;
-pub mod oversize;
 pub mod receipt;
 mod record;
 pub mod status;
+pub mod unreadable;
 
 pub use inference::{CallService, InferenceApi, Lifecycle, POLICY_REVISION, Stacks};

@@ -209,6 +209,49 @@ pub fn infer_response_to_pb(resp: InferResponse) -> pb::ModelInferResponse {
     }
 }
 
+/// The encoded length of `resp` as [`infer_response_to_pb`] gives it, if it may exceed
+/// `limit`: an upper bound is summed first, without converting, and only an answer whose
+/// bound passes `limit` is converted (a copy) and measured exactly. `None`: within it.
+pub fn infer_response_len(resp: &InferResponse, limit: usize) -> Option<usize> {
+    if infer_response_bound(resp) <= limit {
+        return None;
+    }
+    let len = prost::Message::encoded_len(&infer_response_to_pb(resp.clone()));
+    (len > limit).then_some(len)
+}
+
+/// An upper bound on the encoded length of `resp`, linear in its number of fields: each
+/// field's bytes plus 11 for its tag and length, each tensor's data at 10 bytes per byte
+/// (an INT8 element sent typed is a 10-byte varint at worst).
+fn infer_response_bound(resp: &InferResponse) -> usize {
+    const FIELD: usize = 11;
+    fn params(p: &Parameters) -> usize {
+        p.iter()
+            .map(|(k, v)| {
+                let value = match v {
+                    Param::String(s) => s.len(),
+                    _ => 10,
+                };
+                k.len() + value + 4 * FIELD
+            })
+            .sum()
+    }
+    let head = resp.model.len() + resp.version.len() + resp.id.len() + 3 * FIELD;
+    let outputs: usize = resp
+        .outputs
+        .iter()
+        .map(|t| {
+            t.name().len()
+                + t.dtype().as_str().len()
+                + t.shape().len() * FIELD
+                + params(&t.parameters)
+                + t.data().len() * 10
+                + 6 * FIELD
+        })
+        .sum();
+    head + params(&resp.parameters) + outputs
+}
+
 fn output_to_pb(t: Tensor, contents: Option<pb::InferTensorContents>) -> InferOutputTensor {
     InferOutputTensor {
         name: t.name().to_string(),
@@ -835,5 +878,52 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod answer_len {
+    use bytes::Bytes;
+
+    use super::*;
+
+    fn answer(form: ContentForm, dtype: DataType, data: Vec<u8>) -> InferResponse {
+        let n = i64::try_from(data.len() / dtype.element_size().unwrap_or(1)).unwrap();
+        InferResponse {
+            model: "m".into(),
+            version: "1".into(),
+            id: "r".into(),
+            parameters: [("k".to_string(), Param::String("v".repeat(30)))].into(),
+            outputs: vec![Tensor::new("out", dtype, vec![n], Bytes::from(data)).unwrap()],
+            form,
+        }
+    }
+
+    fn exact(resp: &InferResponse) -> usize {
+        prost::Message::encoded_len(&infer_response_to_pb(resp.clone()))
+    }
+
+    #[test]
+    fn the_bound_holds_for_the_worst_typed_form_and_the_length_is_exact_near_the_limit() {
+        // INT8 -1 sent typed is a 10-byte varint for each byte of raw data.
+        for (form, dtype) in [
+            (ContentForm::Raw, DataType::Int8),
+            (ContentForm::Typed, DataType::Int8),
+            (ContentForm::Typed, DataType::Int64),
+            (ContentForm::Typed, DataType::Fp32),
+        ] {
+            let resp = answer(form, dtype, vec![0xff; 800]);
+            let len = exact(&resp);
+            assert!(infer_response_bound(&resp) >= len, "{form:?} {dtype:?}");
+            assert_eq!(infer_response_len(&resp, len), None, "{form:?} {dtype:?}");
+            assert_eq!(
+                infer_response_len(&resp, len - 1),
+                Some(len),
+                "{form:?} {dtype:?}"
+            );
+        }
+        // Typed INT8 really is that much larger than raw.
+        let typed = exact(&answer(ContentForm::Typed, DataType::Int8, vec![0xff; 800]));
+        assert!(typed > 8000, "{typed}");
     }
 }

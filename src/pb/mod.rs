@@ -7,8 +7,9 @@ mod contents;
 mod convert;
 
 pub use convert::{
-    infer_request_from_pb, infer_request_to_pb, infer_response_from_pb, infer_response_to_pb,
-    metadata_from_pb, metadata_to_pb, spec_from_pb, spec_to_pb, stats_from_pb, stats_to_pb,
+    infer_request_from_pb, infer_request_to_pb, infer_response_from_pb, infer_response_len,
+    infer_response_to_pb, metadata_from_pb, metadata_to_pb, spec_from_pb, spec_to_pb,
+    stats_from_pb, stats_to_pb,
 };
 
 /// `inference`: the Open Inference Protocol v2 with Triton's extensions (generated).

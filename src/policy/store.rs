@@ -77,6 +77,10 @@ pub enum ApplyError {
     /// is not in `auth.admin_identities`.
     #[error("{0} may not change the policy: only the identities in auth.admin_identities may")]
     NotAnAdmin(String),
+    /// The request could not be read: too large, or not a message of its type. Answered
+    /// as the traffic listener answers one (`REQUEST_TOO_LARGE`, `MALFORMED_REQUEST`).
+    #[error("{0}")]
+    Unreadable(String),
 }
 
 /// The store.

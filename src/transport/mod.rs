@@ -56,7 +56,9 @@ use preface::{Preface, Progress};
 
 pub use budget::{BufferFull, Buffers, ConnectionBuffers, Held, Scope};
 pub use peer::{Peer, identity};
-pub use serve::{ANSWER_PIECE, Http2, MAX_LOCAL_ERROR_RESETS, MAX_SEND_BUF, serve};
+pub use serve::{
+    ANSWER_PIECE, HEADER_DECODE_BOUND, Http2, MAX_LOCAL_ERROR_RESETS, MAX_SEND_BUF, serve,
+};
 pub use stream::StreamDeadline;
 pub use tls::Tls;
 

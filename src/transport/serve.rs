@@ -62,10 +62,21 @@ pub const MAX_SEND_BUF: usize = 64 << 10;
 /// default size.
 pub const ANSWER_PIECE: usize = 16 << 10;
 
+/// The header block h2 decodes before refusing a stream itself (HTTP 431), when
+/// `server.max_metadata_size` is smaller: Keel's edge refuses the calls between the two
+/// with a gRPC status, and keeps their connection.
+///
+/// h2 sends GOAWAY, failing every call of the connection, for a header block over four
+/// times its limit or in more CONTINUATION frames than its limit needs; with its limit at
+/// `max_metadata_size` (16 KiB), 10,000 small metadata entries were enough. With this one,
+/// only a block over 4 MiB decoded, or about 1.3 MB on the wire, is treated as a flood.
+pub const HEADER_DECODE_BOUND: u32 = 1 << 20;
+
 /// How a listener speaks HTTP/2, from `[server]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Http2 {
-    /// `SETTINGS_MAX_HEADER_LIST_SIZE`: `server.max_metadata_size`.
+    /// `server.max_metadata_size`: the traffic listener's edge refuses a call over it; h2
+    /// itself only one over [`HEADER_DECODE_BOUND`] too.
     pub max_header_list_size: u32,
     /// Streams open at once on one connection.
     pub max_concurrent_streams: u32,
@@ -100,7 +111,7 @@ impl Http2 {
     fn builder(&self) -> hyper::server::conn::http2::Builder<Exec> {
         let mut b = hyper::server::conn::http2::Builder::new(Exec);
         b.timer(TokioTimer::new())
-            .max_header_list_size(self.max_header_list_size)
+            .max_header_list_size(self.max_header_list_size.max(HEADER_DECODE_BOUND))
             .max_concurrent_streams(self.max_concurrent_streams)
             .keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout)

@@ -90,6 +90,11 @@ pub trait Operation: Send + Sync + 'static {
     fn checked(&self) -> Option<&InferRequest> {
         None
     }
+    /// The encoded length of `answer` as the edge sends it, if it exceeds `limit`; `None`
+    /// when within it. Only an inference answer (tensors) can grow so large.
+    fn answer_over(_answer: &Self::Response, _limit: usize) -> Option<usize> {
+        None
+    }
 }
 
 impl Operation for InferRequest {
@@ -131,6 +136,9 @@ impl Operation for InferRequest {
     }
     fn checked(&self) -> Option<&InferRequest> {
         Some(self)
+    }
+    fn answer_over(answer: &InferResponse, limit: usize) -> Option<usize> {
+        crate::pb::infer_response_len(answer, limit)
     }
     fn pinned(&self) -> bool {
         sequence::of(self).is_some()

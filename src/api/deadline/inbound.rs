@@ -19,6 +19,13 @@
 //!    Keel's until it is whole; past either limit the call fails RESOURCE_EXHAUSTED
 //!    (`BUFFER_LIMIT`) before the decoder sees it.
 //!
+//! 4. **Framing.** A unary call's body is one whole gRPC message: none, a second one, or one
+//!    cut short by the body's end fails INVALID_ARGUMENT (`MALFORMED_REQUEST`) naming
+//!    which, where tonic would answer INTERNAL or ignore the rest. A stream's message cut
+//!    short by the end fails the same way.
+//! 5. **Refused at the headers.** A call its headers already refuse (metadata over
+//!    `server.max_metadata_size`) fails at its first read, before any handler runs.
+//!
 //! A failure is logged as the handler logs a call and handed to the decoder as Keel's
 //! status, tagged with the request id and revision, so the client hears it as the call's
 //! answer (or, on a stream, as the stream's end).
@@ -90,6 +97,27 @@ impl Messages {
     fn announced(&self) -> Option<usize> {
         (self.remaining > 0).then_some(self.len)
     }
+
+    /// What is wrong with a body that ended here (rule 4); `one` for a unary call. Builds
+    /// a text only for a body that ended badly.
+    fn ended_badly(&self, one: bool) -> Option<String> {
+        if self.have > 0 {
+            return Some(format!(
+                "the body ended {} bytes into the 5-byte prefix of message {}",
+                self.have, self.begun
+            ));
+        }
+        if self.remaining > 0 {
+            return Some(format!(
+                "the body ended {} of {} bytes into message {} (truncated)",
+                self.len - self.remaining,
+                self.len,
+                self.begun
+            ));
+        }
+        (one && self.begun == 0)
+            .then(|| "the body has no message; a unary call carries exactly one".to_string())
+    }
 }
 
 /// What bounds one call's body, from its edge layer.
@@ -104,6 +132,10 @@ pub(super) struct Terms {
     /// A message larger than this is refused by the decoder at its prefix; it holds
     /// nothing.
     pub(super) max_message_size: usize,
+    /// A unary call: its body is exactly one message (rule 4).
+    pub(super) one_message: bool,
+    /// Why the call's headers refuse it (rule 5), given at the first read.
+    pub(super) refusal: Option<Error>,
 }
 
 pin_project! {
@@ -168,6 +200,9 @@ where
         if *this.failed {
             return Poll::Ready(None);
         }
+        if let Some(e) = this.terms.refusal.take() {
+            return fail(this.call, this.failed, &e);
+        }
         let answered = this.call.answered.load(Ordering::Acquire);
         if answered {
             // The call's answer holds its own slot from here.
@@ -182,6 +217,9 @@ where
                 *this.held = None;
                 *this.slot = None;
                 this.deadline.set(None);
+                if let Some(detail) = this.messages.ended_badly(this.terms.one_message) {
+                    return fail(this.call, this.failed, &Error::MalformedRequest { detail });
+                }
                 return Poll::Ready(None);
             }
             Poll::Pending => {
@@ -236,6 +274,12 @@ where
         };
         if let Some(data) = frame.data_ref() {
             this.messages.feed(data);
+            if this.terms.one_message && this.messages.begun > 1 {
+                *this.held = None;
+                *this.slot = None;
+                let detail = "a second message began; a unary call carries exactly one".into();
+                return fail(this.call, this.failed, &Error::MalformedRequest { detail });
+            }
             // Rule 3: a message that did not arrive whole holds its announced length.
             let current = this.messages.begun;
             match this.messages.announced() {
@@ -277,7 +321,11 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.failed || self.inner.is_end_stream()
+        // A failure still to report keeps the body open, or it would be dropped unread.
+        self.failed
+            || (self.terms.refusal.is_none()
+                && self.inner.is_end_stream()
+                && self.messages.ended_badly(self.terms.one_message).is_none())
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -63,6 +63,17 @@ impl Story {
     }
 }
 
+/// Bytes an answer leaves under `server.max_message_size` for its labels: all nine, with
+/// `keel.served_by` and `keel.rungs_failed` at their longest ([`MAX_SERVED_BY`],
+/// [`MAX_RUNGS_FAILED`]), take at most about 610 encoded.
+pub(in crate::api) const LABEL_ROOM: usize = 768;
+
+/// The longest `keel.served_by` written (a longer model name and version are clipped).
+const MAX_SERVED_BY: usize = 128;
+
+/// The longest `keel.rungs_failed` written (the tiers of a longer ladder are clipped).
+const MAX_RUNGS_FAILED: usize = 64;
+
 impl Labels<'_> {
     fn stale_ms(&self) -> Option<i64> {
         self.stale
@@ -72,6 +83,7 @@ impl Labels<'_> {
     /// Writes the labels into the answer's parameters; returns what served it.
     fn to_parameters(&self, resp: &mut InferResponse) -> String {
         let served_by = format!("{}:{}", resp.model, resp.version);
+        let served_by = crate::model::clip(&served_by, MAX_SERVED_BY).to_string();
         let p = &mut resp.parameters;
         p.insert("keel.degraded".into(), Param::Bool(self.degraded));
         p.insert("keel.tier".into(), Param::String(self.tier.into()));
@@ -99,6 +111,7 @@ impl Labels<'_> {
                 Param::String(story.primary_code.into()),
             );
             if let Some(rungs) = story.rungs_failed() {
+                let rungs = crate::model::clip(&rungs, MAX_RUNGS_FAILED).to_string();
                 p.insert("keel.rungs_failed".into(), Param::String(rungs));
             }
         }
@@ -172,7 +185,7 @@ impl InferenceApi {
                 story: None,
             };
             self.count(edge, &req.model, "cache", None, Duration::ZERO);
-            return Ok(self.labelled(edge, resp, &labels, None));
+            return self.labelled(edge, resp, &labels, None);
         }
         let started = Instant::now();
         // With a ladder, the request's outcome is known only at its end: counted there.
@@ -209,7 +222,7 @@ impl InferenceApi {
                 if !primary.counted {
                     self.count(edge, &req.model, "primary", None, started.elapsed());
                 }
-                return Ok(self.labelled(edge, value, &PRIMARY, Some(&ctx)));
+                return self.labelled(edge, value, &PRIMARY, Some(&ctx));
             }
             Err(Failed::Cut) => return Err(edge.failed(Failed::Cut)),
             Err(Failed::Error(e, ctx)) => (e, ctx),
@@ -355,7 +368,7 @@ impl InferenceApi {
                     "degraded answer"
                 );
                 // The receipt is the answering call's; cache and static rungs make none.
-                return Ok(self.labelled(edge, resp, &labels, answered_by.as_deref()));
+                return self.labelled(edge, resp, &labels, answered_by.as_deref());
             }
         }
         if !primary.counted {
@@ -411,14 +424,29 @@ impl InferenceApi {
         mut resp: InferResponse,
         labels: &Labels,
         ctx: Option<&CallContext>,
-    ) -> Response<InferResponse> {
+    ) -> Result<Response<InferResponse>, Status> {
         let served_by = labels.to_parameters(&mut resp);
+        // The call checked the answer it got left room for its labels (`LABEL_ROOM`): this
+        // only holds that bound to account.
+        let limit = edge.snapshot.policy.server.max_message_size;
+        if let Some(len) = crate::pb::infer_response_len(&resp, limit) {
+            let e = Error::AnswerTooLarge {
+                upstream: ctx.map_or_else(
+                    || labels.tier.to_string(),
+                    |c| c.route.target.upstream.to_string(),
+                ),
+                detail: format!("{len} bytes with Keel's labels; the limit is {limit}"),
+            };
+            tracing::warn!(request_id = %edge.ctx.request_id, tier = labels.tier, error = %e,
+                "answer refused: its labels took it past server.max_message_size");
+            return Err(edge.status(&e, ctx));
+        }
         let mut out = edge.reply(resp);
         if let Some(ctx) = ctx {
             receipt::write(out.metadata_mut(), ctx);
         }
         labels.to_metadata(out.metadata_mut(), served_by);
-        out
+        Ok(out)
     }
 }
 

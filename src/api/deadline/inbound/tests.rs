@@ -25,8 +25,18 @@ struct Setup {
     buffers: Arc<ConnectionBuffers>,
 }
 
-/// A body fed by hand, with `slots` of Keel's and a connection budget of `budget` bytes.
+/// A unary call's body fed by hand, with `slots` of Keel's and a connection budget of
+/// `budget` bytes.
 fn setup(slots: u32, budget: usize) -> Setup {
+    setup_with(slots, budget, true, None)
+}
+
+/// A stream's body, else as [`setup`].
+fn setup_stream(slots: u32, budget: usize) -> Setup {
+    setup_with(slots, budget, false, None)
+}
+
+fn setup_with(slots: u32, budget: usize, one_message: bool, refusal: Option<Error>) -> Setup {
     let (send, rx) = mpsc::channel(16);
     let call = Call::arriving();
     let gate = Arc::new(Slots::new(slots, 0.0));
@@ -36,6 +46,8 @@ fn setup(slots: u32, budget: usize) -> Setup {
         gate: gate.clone(),
         buffers: Some(buffers.clone()),
         max_message_size: 1 << 20,
+        one_message,
+        refusal,
     };
     let raw = StreamBody::new(ReceiverStream::new(rx));
     Setup {
@@ -178,6 +190,8 @@ async fn a_message_past_the_budget_is_refused_before_the_decoder_sees_it() {
         gate: other.gate.clone(),
         buffers: Some(b.buffers.clone()),
         max_message_size: 1 << 20,
+        one_message: true,
+        refusal: None,
     };
     let (tx, rx) = mpsc::channel(4);
     let mut second = Box::pin(Inbound::new(
@@ -204,7 +218,7 @@ async fn a_message_past_the_budget_is_refused_before_the_decoder_sees_it() {
 
 #[tokio::test(start_paused = true)]
 async fn once_answered_a_stream_is_timed_per_message_and_may_idle_between_them() {
-    let mut b = setup(1, 1 << 20);
+    let mut b = setup_stream(1, 1 << 20);
     b.call.answered.store(true, Ordering::Release);
     let _all = b.gate.try_take(Priority::Interactive).unwrap();
     b.send(message_start(10, 10)).await;
@@ -220,4 +234,86 @@ async fn once_answered_a_stream_is_timed_per_message_and_may_idle_between_them()
     let s = b.failure().await;
     assert_eq!(s.code(), tonic::Code::DeadlineExceeded);
     assert_eq!(Instant::now() - started, WINDOW);
+}
+
+/// The MALFORMED_REQUEST a body failed with: its message.
+async fn malformed(b: &mut Setup) -> String {
+    let s = b.failure().await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert_eq!(reason(&s), "MALFORMED_REQUEST");
+    assert_eq!(s.metadata().get("x-request-id").unwrap(), "r1");
+    s.message().to_string()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_unary_body_without_its_one_whole_message_is_malformed() {
+    // No message at all.
+    let mut b = setup(1, 1 << 20);
+    b.end();
+    assert_eq!(
+        malformed(&mut b).await,
+        "the request is malformed: the body has no message; a unary call carries exactly one"
+    );
+    // Cut short, inside the prefix and inside the message.
+    let mut b = setup(1, 1 << 20);
+    b.send(Bytes::from_static(&[0, 0, 0])).await;
+    b.end();
+    assert_eq!(
+        malformed(&mut b).await,
+        "the request is malformed: the body ended 3 bytes into the 5-byte prefix of message 1"
+    );
+    let mut b = setup(1, 1 << 20);
+    b.send(message_start(100, 40)).await;
+    b.end();
+    assert_eq!(
+        malformed(&mut b).await,
+        "the request is malformed: the body ended 40 of 100 bytes into message 1 (truncated)"
+    );
+    assert_eq!((b.gate.in_flight(), b.buffers.used()), (0, 0));
+    // A second message, even in the chunk that finishes the first: refused, not ignored.
+    let mut b = setup(1, 1 << 20);
+    let mut two = BytesMut::from(&message_start(3, 3)[..]);
+    two.extend_from_slice(&message_start(3, 3));
+    b.send(two.freeze()).await;
+    assert_eq!(
+        malformed(&mut b).await,
+        "the request is malformed: a second message began; a unary call carries exactly one"
+    );
+    assert!(matches!(b.poll(), Poll::Ready(None)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_may_carry_many_messages_or_none_but_not_a_cut_one() {
+    let mut b = setup_stream(1, 1 << 20);
+    b.end();
+    assert!(matches!(b.poll(), Poll::Ready(None)), "an empty stream");
+    let mut b = setup_stream(1, 1 << 20);
+    b.send(message_start(3, 3)).await;
+    b.send(message_start(3, 3)).await;
+    b.send(message_start(9, 2)).await;
+    b.end();
+    assert_eq!(b.data().len(), 8);
+    assert_eq!(b.data().len(), 8);
+    assert_eq!(
+        malformed(&mut b).await,
+        "the request is malformed: the body ended 2 of 9 bytes into message 3 (truncated)"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_refused_at_its_headers_fails_at_its_first_read() {
+    let e = Error::MetadataTooLarge {
+        size: 20_000,
+        limit: 16_384,
+    };
+    let mut b = setup_with(1, 1 << 20, true, Some(e));
+    b.send(message_start(3, 3)).await;
+    let s = b.failure().await;
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(reason(&s), "METADATA_TOO_LARGE");
+    assert_eq!(
+        s.message(),
+        "the call's metadata is 20000 bytes, above the limit of 16384 (server.max_metadata_size)"
+    );
+    assert!(matches!(b.poll(), Poll::Ready(None)));
 }

@@ -116,12 +116,11 @@ async fn eighty_thousand_inputs_are_refused_at_once_and_cost_the_others_nothing(
         .await
         .unwrap()
         .into_inner();
-    let a = answers.message().await.unwrap().unwrap();
-    assert!(
-        a.error_message.contains("limits.max_inputs"),
-        "{}",
-        a.error_message
-    );
+    // Counted from its bytes before it is decoded, a streamed request over every model's
+    // limit ends its stream with the same refusal.
+    let s = answers.message().await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("limits.max_inputs"), "{}", s.message());
     // Within the limit, the same shape of request is served.
     let ok = attacker
         .model_infer(many_inputs("identity", 1024))
@@ -146,19 +145,26 @@ async fn a_request_of_empty_inputs_gets_an_answer_of_fixed_size() {
     let keel = Keel::embedded().await;
     let watch = bystander(keel.addr);
     let mut attacker = keel.client().await.max_encoding_message_size(64 << 20);
-    // 400 KB of `inputs {}` (the attack sent 1-2 MiB; a debug build encodes slowly): each
-    // one is a problem (no name, no datatype). The answer reports the first few and counts
-    // the rest.
-    let empty = pb::ModelInferRequest {
+    let empty = |n: usize| pb::ModelInferRequest {
         model_name: "simple".into(),
-        inputs: vec![Default::default(); 200_000],
+        inputs: vec![Default::default(); n],
         ..Default::default()
     };
+    // 400 KB of `inputs {}` (the attack sent 1-2 MiB; a debug build encodes slowly): more
+    // than any model takes, refused from the count of its bytes, before it is decoded.
+    let s = attacker.model_infer(empty(200_000)).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert_eq!(
+        s.message(),
+        "the request has 200000 inputs, above the limit of 1024 (limits.max_inputs)"
+    );
+    // Within the count, each is a problem (no name, no datatype): the answer reports the
+    // first few and counts the rest.
     for _ in 0..2 {
-        let s = attacker.model_infer(empty.clone()).await.unwrap_err();
+        let s = attacker.model_infer(empty(1024)).await.unwrap_err();
         assert_eq!(s.code(), Code::InvalidArgument);
         assert!(
-            s.message().starts_with("200000 problems: "),
+            s.message().starts_with("1024 problems: "),
             "{}",
             &s.message()[..60]
         );
@@ -915,4 +921,76 @@ async fn a_peer_that_provokes_resets_is_sent_goaway_after_a_bounded_number() {
     drop(write);
     assert_lost_nothing(watch).await;
     keel.stop().await.unwrap();
+}
+
+/// A process's resident and peak resident memory, in KiB (`VmRSS`, `VmHWM`).
+fn memory_of(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resident_memory_returns_near_its_baseline_after_the_attacks() {
+    let keel = KeelProcess::spawn(&[], &[]).await;
+    let watch = bystander(keel.addr);
+    watch.serving().await;
+    let attacker = || async {
+        connect(keel.addr)
+            .await
+            .max_encoding_message_size(64 << 20)
+            .max_decoding_message_size(64 << 20)
+    };
+    // Warm up: every path the attacks take, once, so first-use allocations are in the
+    // baseline.
+    let mut warm = attacker().await;
+    let empty = |n: usize| pb::ModelInferRequest {
+        model_name: "identity".into(),
+        inputs: vec![pb::model_infer_request::InferInputTensor::default(); n],
+        ..Default::default()
+    };
+    let _ = warm.model_infer(empty(1000)).await;
+    let _ = warm.model_infer(many_inputs("identity", 2000)).await;
+    let (baseline, _) = memory_of(keel.pid());
+    // The attacks: 1-2 MiB of empty inputs (RSS went to 1.2-2.0 GB and stayed
+    // above 1 GB), and 80,000 inputs; four attackers at once, ten requests each.
+    let mut attacks = Vec::new();
+    for a in 0..4 {
+        let mut client = attacker().await;
+        attacks.push(tokio::spawn(async move {
+            for i in 0..10 {
+                let req = if (a + i) % 2 == 0 {
+                    empty(750_000)
+                } else {
+                    many_inputs("identity", 80_000)
+                };
+                let s = client.model_infer(req).await.unwrap_err();
+                assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+            }
+        }));
+    }
+    for a in attacks {
+        a.await.unwrap();
+    }
+    let (after, peak) = memory_of(keel.pid());
+    eprintln!("resident: {baseline} KiB before, {after} KiB after, {peak} KiB at most");
+    // Before the count from the bytes, the decoded entries took Keel to 1 GB while the
+    // attacks ran and left it at 320 MB after.
+    assert!(
+        after <= baseline + (96 << 10),
+        "resident memory went from {baseline} KiB to {after} KiB after the attacks"
+    );
+    assert!(
+        peak <= baseline + (96 << 10),
+        "resident memory reached {peak} KiB during the attacks, from {baseline} KiB"
+    );
+    assert_lost_nothing(watch).await;
+    assert_eq!(keel.stop().await, Some(0));
 }

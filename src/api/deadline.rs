@@ -110,33 +110,37 @@ pub struct EdgeDeadline<S> {
     windows: Arc<ArcSwapOption<Window>>,
 }
 
-/// The window of one policy revision (see the module docs).
+/// The window of one policy revision (see the module docs), and the most entries any of
+/// its models takes in one request.
 #[derive(Debug)]
 struct Window {
     revision: u64,
     window: Duration,
+    caps: inbound::Caps,
 }
 
 impl<S> EdgeDeadline<S> {
-    /// The window under `snapshot`, computed once per revision.
-    fn window(&self, snapshot: &Snapshot) -> Duration {
+    /// The window and the entry caps under `snapshot`, computed once per revision.
+    fn window(&self, snapshot: &Snapshot) -> (Duration, inbound::Caps) {
         if let Some(w) = &*self.windows.load()
             && w.revision == snapshot.revision
         {
-            return w.window;
+            return (w.window, w.caps);
         }
-        let window = longest_timeout(&snapshot.policy);
+        let (window, caps) = bounds(&snapshot.policy);
         self.windows.store(Some(Arc::new(Window {
             revision: snapshot.revision,
             window,
+            caps,
         })));
-        window
+        (window, caps)
     }
 }
 
-/// The longest deadline `policy` gives any call: every method's and model's `timeout`,
-/// each capped by its `max_timeout`. Resolves each (method, model) pair once.
-fn longest_timeout(policy: &Policy) -> Duration {
+/// The longest deadline `policy` gives any call (every method's and model's `timeout`,
+/// each capped by its `max_timeout`), and the most inputs and outputs it lets any call
+/// carry. Resolves each (method, model) pair once.
+fn bounds(policy: &Policy) -> (Duration, inbound::Caps) {
     let methods: Vec<&str> = std::iter::once("")
         .chain(policy.methods.keys().map(String::as_str))
         .collect();
@@ -150,13 +154,19 @@ fn longest_timeout(policy: &Policy) -> Duration {
         )
         .collect();
     let mut longest = Duration::ZERO;
+    let mut caps = inbound::Caps {
+        inputs: 0,
+        outputs: 0,
+    };
     for method in &methods {
         for model in &models {
             let s = policy.resolve(method, *model);
             longest = longest.max(s.timeout.min(s.max_timeout));
+            caps.inputs = caps.inputs.max(s.limits.max_inputs as usize);
+            caps.outputs = caps.outputs.max(s.limits.max_outputs as usize);
         }
     }
-    longest
+    (longest, caps)
 }
 
 impl<S, B, RB> Service<http::Request<B>> for EdgeDeadline<S>
@@ -175,7 +185,7 @@ where
         let arrival = Instant::now();
         req.extensions_mut().insert(Arrival(arrival));
         let snapshot = self.store.current();
-        let window = self.window(&snapshot);
+        let (window, caps) = self.window(&snapshot);
         let call = Arc::new(Call {
             arrival,
             answered: AtomicBool::new(false),
@@ -203,6 +213,7 @@ where
             buffers,
             max_message_size: server.max_message_size,
             one_message: !STREAMED_REQUESTS.contains(&req.uri().path()),
+            caps: INFERENCE.contains(&req.uri().path()).then_some(caps),
             refusal: (metadata > server.max_metadata_size as usize).then_some(
                 Error::MetadataTooLarge {
                     size: metadata,
@@ -227,6 +238,12 @@ const STREAMED_REQUESTS: &[&str] = &[
     "/inference.GRPCInferenceService/ModelStreamInfer",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The methods whose messages are ModelInferRequests, which [`inbound::Caps`] bound.
+const INFERENCE: &[&str] = &[
+    "/inference.GRPCInferenceService/ModelInfer",
+    "/inference.GRPCInferenceService/ModelStreamInfer",
 ];
 
 /// The size of a request's header block as HTTP/2 counts it against
@@ -508,17 +525,25 @@ mod tests {
     }
 
     #[test]
-    fn the_window_is_the_longest_deadline_any_call_may_get() {
+    fn the_window_is_the_longest_deadline_any_call_may_get_and_the_caps_the_largest_limits() {
         let policy = |text: &str| Policy::parse(text).unwrap();
-        assert_eq!(longest_timeout(&policy("")), Duration::from_secs(30));
+        let defaults = inbound::Caps {
+            inputs: 1024,
+            outputs: 1024,
+        };
+        assert_eq!(bounds(&policy("")), (Duration::from_secs(30), defaults));
         let p = policy(
             "[defaults]\ntimeout = \"10s\"\n\
              [methods.\"inference.GRPCInferenceService/ModelInfer\"]\ntimeout = \"20s\"\n\
              [models.slow]\nbackend = \"embedded\"\ntimeout = \"90s\"\n\
-             [models.quick]\nbackend = \"embedded\"\ntimeout = \"1s\"\n",
+             [models.slow.limits]\nmax_inputs = 5000\n\
+             [models.quick]\nbackend = \"embedded\"\ntimeout = \"1s\"\n\
+             [models.quick.limits]\nmax_outputs = 8\n",
         );
         // The slow model's, though the model is only known once a message is decoded.
-        assert_eq!(longest_timeout(&p), Duration::from_secs(90));
+        let (window, caps) = bounds(&p);
+        assert_eq!(window, Duration::from_secs(90));
+        assert_eq!((caps.inputs, caps.outputs), (5000, 1024));
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@
 //! Only the edges (`api`, `upstream`) use this module; everything between them speaks
 //! [`crate::model`].
 
+pub mod census;
 mod contents;
 mod convert;
 

@@ -23,7 +23,12 @@
 //!    cut short by the body's end fails INVALID_ARGUMENT (`MALFORMED_REQUEST`) naming
 //!    which, where tonic would answer INTERNAL or ignore the rest. A stream's message cut
 //!    short by the end fails the same way.
-//! 5. **Refused at the headers.** A call its headers already refuse (metadata over
+//! 5. **Entries.** An inference request (ModelInfer, each message of ModelStreamInfer)
+//!    with more inputs, raw contents or requested outputs than any model of the policy may
+//!    take (`limits.max_inputs`, `limits.max_outputs`) fails INVALID_ARGUMENT as the
+//!    contract check would fail it, counted from its bytes ([`Census`]) before the decoder
+//!    builds them: decoded, an entry of 2 bytes takes about 200.
+//! 6. **Refused at the headers.** A call its headers already refuse (metadata over
 //!    `server.max_metadata_size`) fails at its first read, before any handler runs.
 //!
 //! A failure is logged as the handler logs a call and handed to the decoder as Keel's
@@ -43,6 +48,8 @@ use tokio::time::{Instant, Sleep};
 
 use super::Call;
 use crate::error::Error;
+use crate::model::InvalidRequest;
+use crate::pb::census::Census;
 use crate::policy::Priority;
 use crate::resilience::{Slot, Slots};
 use crate::transport::{ConnectionBuffers, Held};
@@ -60,16 +67,37 @@ struct Messages {
     remaining: usize,
     /// The current message's announced length.
     len: usize,
+    /// The entries of the current message so far, when they are bounded (rule 5).
+    census: Option<Census>,
+}
+
+/// The most entries any model of the policy takes in one request (rule 5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(in crate::api) struct Caps {
+    /// The largest `limits.max_inputs`.
+    pub(in crate::api) inputs: usize,
+    /// The largest `limits.max_outputs`.
+    pub(in crate::api) outputs: usize,
 }
 
 impl Messages {
-    /// Takes a chunk of the body; linear in its length.
-    fn feed(&mut self, mut data: &[u8]) {
+    /// Takes a chunk of the body; linear in its length. With `caps`, a message whose
+    /// entries pass them is refused once it is whole (rule 5).
+    fn feed(&mut self, mut data: &[u8], caps: Option<Caps>) -> Option<Error> {
         while !data.is_empty() {
             if self.remaining > 0 {
                 let n = self.remaining.min(data.len());
+                if let Some(c) = &mut self.census {
+                    c.feed(&data[..n]);
+                }
                 self.remaining -= n;
                 data = &data[n..];
+                if self.remaining == 0
+                    && let (Some(c), Some(caps)) = (&self.census, caps)
+                    && let Some(e) = over(c, caps)
+                {
+                    return Some(e);
+                }
                 continue;
             }
             if self.have == 0 {
@@ -84,8 +112,10 @@ impl Messages {
                 self.len = u32::from_be_bytes([a, b, c, d]) as usize;
                 self.remaining = self.len;
                 self.have = 0;
+                self.census = caps.map(|_| Census::new());
             }
         }
+        None
     }
 
     /// Whether a message is partly received.
@@ -120,6 +150,27 @@ impl Messages {
     }
 }
 
+/// The contract check's refusal for a message with more entries than `caps`.
+fn over(c: &Census, caps: Caps) -> Option<Error> {
+    let inputs = c.inputs.max(c.raw);
+    if inputs > caps.inputs {
+        return Some(
+            InvalidRequest::TooManyInputs {
+                inputs,
+                max: caps.inputs,
+            }
+            .into(),
+        );
+    }
+    (c.outputs > caps.outputs).then(|| {
+        InvalidRequest::TooManyOutputs {
+            outputs: c.outputs,
+            max: caps.outputs,
+        }
+        .into()
+    })
+}
+
 /// What bounds one call's body, from its edge layer.
 pub(super) struct Terms {
     /// The window of rule 1.
@@ -134,6 +185,8 @@ pub(super) struct Terms {
     pub(super) max_message_size: usize,
     /// A unary call: its body is exactly one message (rule 4).
     pub(super) one_message: bool,
+    /// For an inference request, the entries its messages may have (rule 5).
+    pub(super) caps: Option<Caps>,
     /// Why the call's headers refuse it (rule 5), given at the first read.
     pub(super) refusal: Option<Error>,
 }
@@ -273,7 +326,11 @@ where
             }
         };
         if let Some(data) = frame.data_ref() {
-            this.messages.feed(data);
+            if let Some(e) = this.messages.feed(data, this.terms.caps) {
+                *this.held = None;
+                *this.slot = None;
+                return fail(this.call, this.failed, &e);
+            }
             if this.terms.one_message && this.messages.begun > 1 {
                 *this.held = None;
                 *this.slot = None;

@@ -28,15 +28,21 @@ struct Setup {
 /// A unary call's body fed by hand, with `slots` of Keel's and a connection budget of
 /// `budget` bytes.
 fn setup(slots: u32, budget: usize) -> Setup {
-    setup_with(slots, budget, true, None)
+    setup_with(slots, budget, true, None, None)
 }
 
 /// A stream's body, else as [`setup`].
 fn setup_stream(slots: u32, budget: usize) -> Setup {
-    setup_with(slots, budget, false, None)
+    setup_with(slots, budget, false, None, None)
 }
 
-fn setup_with(slots: u32, budget: usize, one_message: bool, refusal: Option<Error>) -> Setup {
+fn setup_with(
+    slots: u32,
+    budget: usize,
+    one_message: bool,
+    caps: Option<Caps>,
+    refusal: Option<Error>,
+) -> Setup {
     let (send, rx) = mpsc::channel(16);
     let call = Call::arriving();
     let gate = Arc::new(Slots::new(slots, 0.0));
@@ -47,6 +53,7 @@ fn setup_with(slots: u32, budget: usize, one_message: bool, refusal: Option<Erro
         buffers: Some(buffers.clone()),
         max_message_size: 1 << 20,
         one_message,
+        caps,
         refusal,
     };
     let raw = StreamBody::new(ReceiverStream::new(rx));
@@ -191,6 +198,7 @@ async fn a_message_past_the_budget_is_refused_before_the_decoder_sees_it() {
         buffers: Some(b.buffers.clone()),
         max_message_size: 1 << 20,
         one_message: true,
+        caps: None,
         refusal: None,
     };
     let (tx, rx) = mpsc::channel(4);
@@ -306,7 +314,7 @@ async fn a_call_refused_at_its_headers_fails_at_its_first_read() {
         size: 20_000,
         limit: 16_384,
     };
-    let mut b = setup_with(1, 1 << 20, true, Some(e));
+    let mut b = setup_with(1, 1 << 20, true, None, Some(e));
     b.send(message_start(3, 3)).await;
     let s = b.failure().await;
     assert_eq!(s.code(), tonic::Code::ResourceExhausted);
@@ -316,4 +324,45 @@ async fn a_call_refused_at_its_headers_fails_at_its_first_read() {
         "the call's metadata is 20000 bytes, above the limit of 16384 (server.max_metadata_size)"
     );
     assert!(matches!(b.poll(), Poll::Ready(None)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inference_request_over_every_models_caps_is_refused_before_it_is_decoded() {
+    use prost::Message as _;
+    let caps = Caps {
+        inputs: 2,
+        outputs: 1,
+    };
+    let message = |inputs: usize, outputs: usize| {
+        let req = crate::pb::inference::ModelInferRequest {
+            inputs: vec![Default::default(); inputs],
+            outputs: vec![Default::default(); outputs],
+            ..Default::default()
+        };
+        let mut b = BytesMut::new();
+        b.put_u8(0);
+        b.put_u32(u32::try_from(req.encoded_len()).unwrap());
+        b.extend_from_slice(&req.encode_to_vec());
+        b.freeze()
+    };
+    let with_caps = || setup_with(1, 1 << 20, true, Some(caps), None);
+    let mut b = with_caps();
+    b.send(message(2, 1)).await;
+    b.end();
+    assert!(b.data().len() > 5, "within the caps: handed on");
+    let mut b = with_caps();
+    // Split inside the message: refused only once it is whole, before the decoder has it.
+    let m = message(3, 0);
+    b.send(m.slice(..4)).await;
+    assert_eq!(b.data().len(), 4);
+    b.send(m.slice(4..)).await;
+    let s = b.failure().await;
+    assert_eq!(s.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        s.message(),
+        "the request has 3 inputs, above the limit of 2 (limits.max_inputs)"
+    );
+    let mut b = with_caps();
+    b.send(message(0, 2)).await;
+    assert!(b.failure().await.message().contains("limits.max_outputs"));
 }

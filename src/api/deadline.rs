@@ -302,17 +302,7 @@ impl Call {
     /// Keel's status for refusing the call with `e`, tagged with the request id and the
     /// revision; logged as the handler logs a call.
     fn refuse(&self, e: &Error, client_deadline: Option<Duration>) -> tonic::Status {
-        tracing::info!(
-            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
-            method = self.method.as_ref().map_or("", |m| m.path().trim_start_matches('/')),
-            class = e.class().as_str(),
-            grpc_code = crate::grpc_code::name(e.code()),
-            policy_revision = self.revision,
-            client_deadline_ms = client_deadline.map(|b| b.as_millis() as u64),
-            peer = %self.peer.map(|p| p.to_string()).unwrap_or_default(),
-            error = %e,
-            "request"
-        );
+        self.log(e, client_deadline);
         let mut status = super::status::to_status(e, None, self.revision);
         let md = status.metadata_mut();
         if let Some(id) = self
@@ -325,6 +315,21 @@ impl Call {
         }
         md.insert(POLICY_REVISION, MetadataValue::from(self.revision));
         status
+    }
+
+    /// Logs the call as refused with `e`, as the handler logs a call.
+    fn log(&self, e: &Error, client_deadline: Option<Duration>) {
+        tracing::info!(
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(""),
+            method = self.method.as_ref().map_or("", |m| m.path().trim_start_matches('/')),
+            class = e.class().as_str(),
+            grpc_code = crate::grpc_code::name(e.code()),
+            policy_revision = self.revision,
+            client_deadline_ms = client_deadline.map(|b| b.as_millis() as u64),
+            peer = %self.peer.map(|p| p.to_string()).unwrap_or_default(),
+            error = %e,
+            "request"
+        );
     }
 
     /// Keel's DEADLINE_EXCEEDED for a call unanswered at the client's deadline,
@@ -379,6 +384,12 @@ where
         // The inner call first: an answer ready at the deadline still counts.
         if let Poll::Ready(out) = this.inner.poll(cx) {
             this.call.answered.store(true, Ordering::Release);
+            // A request tonic's decoder refused never reached a handler to log it.
+            if let Ok(res) = &out
+                && let Some(super::unreadable::Refused(e)) = res.extensions().get()
+            {
+                this.call.log(e, *this.budget);
+            }
             let Some(terms) = this.answer.take() else {
                 // Polled again after answering.
                 return Poll::Pending;
@@ -544,6 +555,56 @@ mod tests {
         let (window, caps) = bounds(&p);
         assert_eq!(window, Duration::from_secs(90));
         assert_eq!((caps.inputs, caps.outputs), (5000, 1024));
+    }
+
+    /// Log lines written while `f` runs on this thread.
+    async fn logged<F: Future>(f: F) -> (F::Output, String) {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let out = f.await;
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_the_decoder_refused_is_logged_as_a_call() {
+        let refusing = service_fn(|_req: http::Request<Body>| async move {
+            let res = http::Response::builder()
+                .header("grpc-status", "13")
+                .header("grpc-message", "failed to decode Protobuf message: x")
+                .body("")
+                .unwrap();
+            Ok::<_, Infallible>(super::super::unreadable::fix_response(res, 1))
+        });
+        let svc = layer().layer(refusing);
+        let (res, lines) = logged(svc.oneshot(request(&[("x-request-id", "r9")]))).await;
+        assert_eq!(res.unwrap().headers()["grpc-status"], "3");
+        let line: serde_json::Value = serde_json::from_str(lines.trim()).unwrap();
+        assert_eq!(line["message"], "request");
+        assert_eq!(line["request_id"], "r9");
+        assert_eq!(line["grpc_code"], "INVALID_ARGUMENT");
+        assert_eq!(line["class"], "client_error");
+        // A call that was answered is not logged here: its handler logs it.
+        let svc = layer().layer(inner(Duration::ZERO, Seen::default()));
+        let (_, lines) = logged(svc.oneshot(request(&[]))).await;
+        assert_eq!(lines, "");
     }
 
     #[tokio::test(start_paused = true)]

@@ -45,8 +45,13 @@ pub fn is_unreadable(reason: &str) -> bool {
     matches!(reason, "REQUEST_TOO_LARGE" | "MALFORMED_REQUEST")
 }
 
+/// In the extensions of an answer [`fix_response`] rewrote: the error it answered, for the
+/// edge to log as it logs a call (no handler ran to do it).
+#[derive(Clone, Debug)]
+pub struct Refused(pub Error);
+
 /// Rewrites a trailers-only answer of tonic's decoder (status, message and details in its
-/// headers); used with `tower::util::MapResponseLayer`.
+/// headers), and marks it [`Refused`]; used with `tower::util::MapResponseLayer`.
 pub fn fix_response<B>(mut res: http::Response<B>, revision: u64) -> http::Response<B> {
     let headers = res.headers_mut();
     let code = match headers.get("grpc-status").map(|v| v.as_bytes()) {
@@ -67,6 +72,7 @@ pub fn fix_response<B>(mut res: http::Response<B>, revision: u64) -> http::Respo
     if let Some(e) = unreadable(code, &message) {
         // Only fails on a message that cannot be a header value, which Keel's is not.
         let _ = super::status::to_status(&e, None, revision).add_header(headers);
+        res.extensions_mut().insert(Refused(e));
     }
     res
 }

@@ -9,7 +9,7 @@
 use std::hint::black_box;
 
 use bytes::Bytes;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use keel::adapt::v1;
 use keel::model::{Contract, DataType, RequestLimits, TensorSpec, check};
 use keel::pb::inference as pb;
@@ -77,6 +77,41 @@ fn validation(c: &mut Criterion) {
     });
 }
 
+/// Validation's cost against the request's size: per input, flat from 10 to 100,000
+/// inputs when it is linear (the limits raised so the loops really run).
+fn validation_by_input_count(c: &mut Criterion) {
+    let mut group = c.benchmark_group("validation by input count (limits raised)");
+    for n in [10usize, 1_000, 100_000] {
+        let msg = pb::ModelInferRequest {
+            model_name: "m".into(),
+            inputs: (0..n)
+                .map(|i| pb::model_infer_request::InferInputTensor {
+                    name: format!("input_{i}"),
+                    datatype: "INT32".into(),
+                    shape: vec![1],
+                    ..Default::default()
+                })
+                .collect(),
+            raw_input_contents: (0..n).map(|_| Bytes::from(vec![0u8; 4])).collect(),
+            ..Default::default()
+        };
+        let req = keel::pb::infer_request_from_pb(msg).unwrap();
+        let contract = Contract {
+            model: "m".into(),
+            inputs: vec![],
+            outputs: vec![],
+            max_batch_size: None,
+            any_inputs: true,
+            outputs_complete: true,
+        };
+        group.throughput(Throughput::Elements(n as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(n), &req, |b, req| {
+            b.iter(|| check(black_box(req), &contract, RequestLimits::NONE).unwrap())
+        });
+    }
+    group.finish();
+}
+
 fn legacy(c: &mut Criterion) {
     let iris = Contract {
         model: "iris".into(),
@@ -103,5 +138,12 @@ fn legacy(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, policy, resilience, validation, legacy);
+criterion_group!(
+    benches,
+    policy,
+    resilience,
+    validation,
+    validation_by_input_count,
+    legacy
+);
 criterion_main!(benches);

@@ -1,8 +1,10 @@
 //! Arbitrary bytes decoded as a ModelInferRequest, converted and checked against the
-//! contract of every embedded model: never a panic, and a request that passes fits.
+//! contract of every embedded model: never a panic, a request that passes fits, and the
+//! check's work stays within `Work::allowance` of the input's length (the cost oracle:
+//! linear, counted in steps, not wall time).
 #![no_main]
 
-use keel::model::{Contract, RequestLimits, check};
+use keel::model::{Contract, RequestLimits, Work, check_counted};
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 
@@ -23,11 +25,22 @@ fuzz_target!(|data: &[u8]| {
         RequestLimits {
             max_bytes: 64,
             max_elements: 8,
+            ..RequestLimits::NONE
         },
     ];
     for contract in &contracts {
         for limits in limits {
-            if check(&req, contract, limits).is_ok() && !contract.any_inputs {
+            let mut work = Work::default();
+            let checked = check_counted(&req, contract, limits, &mut work);
+            let allowed = Work::allowance(data.len(), contract);
+            assert!(
+                work <= allowed,
+                "{} steps for {} bytes, allowed {}",
+                work.steps(),
+                data.len(),
+                allowed.steps()
+            );
+            if checked.is_ok() && !contract.any_inputs {
                 for t in &req.inputs {
                     let spec = contract
                         .input(t.name())

@@ -557,56 +557,6 @@ mod tests {
         assert_eq!((caps.inputs, caps.outputs), (5000, 1024));
     }
 
-    /// Log lines written while `f` runs on this thread.
-    async fn logged<F: Future>(f: F) -> (F::Output, String) {
-        #[derive(Clone, Default)]
-        struct Lines(Arc<Mutex<Vec<u8>>>);
-        impl std::io::Write for Lines {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let lines = Lines::default();
-        let writer = lines.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(move || writer.clone())
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
-        let out = f.await;
-        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
-        (out, text)
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_request_the_decoder_refused_is_logged_as_a_call() {
-        let refusing = service_fn(|_req: http::Request<Body>| async move {
-            let res = http::Response::builder()
-                .header("grpc-status", "13")
-                .header("grpc-message", "failed to decode Protobuf message: x")
-                .body("")
-                .unwrap();
-            Ok::<_, Infallible>(super::super::unreadable::fix_response(res, 1))
-        });
-        let svc = layer().layer(refusing);
-        let (res, lines) = logged(svc.oneshot(request(&[("x-request-id", "r9")]))).await;
-        assert_eq!(res.unwrap().headers()["grpc-status"], "3");
-        let line: serde_json::Value = serde_json::from_str(lines.trim()).unwrap();
-        assert_eq!(line["message"], "request");
-        assert_eq!(line["request_id"], "r9");
-        assert_eq!(line["grpc_code"], "INVALID_ARGUMENT");
-        assert_eq!(line["class"], "client_error");
-        // A call that was answered is not logged here: its handler logs it.
-        let svc = layer().layer(inner(Duration::ZERO, Seen::default()));
-        let (_, lines) = logged(svc.oneshot(request(&[]))).await;
-        assert_eq!(lines, "");
-    }
-
     #[tokio::test(start_paused = true)]
     async fn at_the_same_instant_the_calls_own_deadline_answer_wins() {
         // The call's side, as the handler computes it: the client's deadline from the

@@ -19,5 +19,5 @@ pub use tensor::{
 };
 pub use validate::{
     Contract, InvalidRequest, MAX_REPORTED, MAX_VIOLATION_TEXT, Rejection, RequestLimits,
-    Violation, Violations, check, clip, validate,
+    Violation, Violations, Work, check, check_counted, clip, validate,
 };

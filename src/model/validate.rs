@@ -249,6 +249,62 @@ impl InvalidRequest {
         }
     }
 
+    /// Bytes and items this problem copied from the request and the contract when it was
+    /// built (names, name lists, shapes): its cost in [`Work`].
+    fn held(&self) -> usize {
+        let list = |v: &[String]| v.len() + v.iter().map(String::len).sum::<usize>();
+        match self {
+            InvalidRequest::MissingModelName
+            | InvalidRequest::RawCount { .. }
+            | InvalidRequest::TooManyBytes { .. }
+            | InvalidRequest::TooManyElements { .. }
+            | InvalidRequest::TooManyInputs { .. }
+            | InvalidRequest::TooManyOutputs { .. } => 0,
+            InvalidRequest::Tensor { tensor, .. }
+            | InvalidRequest::MixedContents { tensor }
+            | InvalidRequest::DuplicateInput { tensor }
+            | InvalidRequest::InputDataType { tensor, .. }
+            | InvalidRequest::BatchSize { tensor, .. }
+            | InvalidRequest::BadElement { tensor, .. } => tensor.len(),
+            InvalidRequest::UnknownDataType {
+                tensor,
+                datatype: other,
+            }
+            | InvalidRequest::MissingInput {
+                tensor,
+                model: other,
+            }
+            | InvalidRequest::BatchMismatch {
+                tensor,
+                first: other,
+                ..
+            }
+            | InvalidRequest::Adapter {
+                tensor,
+                reason: other,
+            }
+            | InvalidRequest::V1 {
+                field: tensor,
+                message: other,
+            } => tensor.len() + other.len(),
+            InvalidRequest::UnknownInput {
+                model,
+                tensor: name,
+                expected,
+            }
+            | InvalidRequest::UnknownOutput {
+                model,
+                output: name,
+                expected,
+            } => model.len() + name.len() + list(expected),
+            InvalidRequest::InputShape {
+                tensor,
+                expected,
+                actual,
+            } => tensor.len() + expected.len() + actual.len(),
+        }
+    }
+
     /// This problem at `field`.
     pub fn at(self, field: impl Into<String>) -> Violation {
         Violation {
@@ -286,10 +342,19 @@ pub struct Violations {
 impl Violations {
     /// Adds one.
     pub fn push(&mut self, v: Violation) {
+        self.push_with(|| v);
+    }
+
+    /// Adds the one `make` builds, calling it only when it will be reported: past
+    /// [`MAX_REPORTED`] a violation is only counted, and copies nothing. Returns it when
+    /// kept.
+    pub fn push_with(&mut self, make: impl FnOnce() -> Violation) -> Option<&Violation> {
         if self.kept.len() < MAX_REPORTED {
-            self.kept.push(v);
+            self.kept.push(make());
+            self.kept.last()
         } else {
             self.more += 1;
+            None
         }
     }
 
@@ -526,7 +591,8 @@ pub fn validate(req: &InferRequest, spec: &ModelSpec) -> Result<u64, Rejection> 
 ///
 /// Linear in the request and the contract: names are looked up in sets, never by scanning
 /// earlier inputs, and the counts are checked first, so a request with more tensors than
-/// `limits` allow costs one comparison. At most [`MAX_REPORTED`] violations are kept.
+/// `limits` allow costs one comparison. At most [`MAX_REPORTED`] violations are built; the
+/// rest are only counted. [`check_counted`] measures it.
 ///
 /// # Rules
 ///
@@ -542,6 +608,93 @@ pub fn check(
     contract: &Contract,
     limits: RequestLimits,
 ) -> Result<u64, Rejection> {
+    // A plain counter on the stack, dropped: the price of measuring is a few adds.
+    check_counted(req, contract, limits, &mut Work::default())
+}
+
+/// Elementary steps of a [`check`], so its cost can be asserted in a unit the tests and
+/// the fuzzer see (not wall time, which is noise on a shared machine).
+///
+/// It exists because quadratic validation was a denial of service (issue 22): 80,000
+/// inputs in 1.5 MB cost 18 CPU-seconds. [`Work::allowance`] is the bound every request
+/// must stay under; a regression to a scan of earlier inputs breaks it at a few thousand
+/// inputs.
+///
+/// # Units
+///
+/// One step per:
+///
+/// 1. request tensor or requested output visited, per pass over it;
+/// 2. dimension read (element counts, shape matches);
+/// 3. byte of a name hashed (a set or map insert or probe), and again when the probe finds
+///    it (the keys are compared);
+/// 4. contract entry scanned, plus the bytes compared when the names have the same length
+///    (`str` equality compares lengths first);
+/// 5. violation found; one more per byte a reported one copies (names, lists, shapes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Work(u64);
+
+impl Work {
+    /// Steps a request may cost per byte of its encoding. Per name byte: a hash, a compare
+    /// on a duplicate, compares against at most 16 contract names of its length (a
+    /// contract's index scans up to 16), and copies into at most three reported violations (2 + 16 + 3 = 21). Per
+    /// entry, the fixed steps (about 20 with a scan) are spread over its encoding, at least
+    /// two bytes for an output and eight for an input that decodes (`datatype: "BOOL"`).
+    pub const PER_BYTE: u64 = 24;
+
+    /// Steps counted so far.
+    pub fn steps(self) -> u64 {
+        self.0
+    }
+
+    /// What checking a request of `request_bytes` encoded bytes against `contract` may
+    /// cost: [`Work::PER_BYTE`] per byte, and for the contract's side (building its
+    /// indexes, looking up every declared input, the contract names each reported
+    /// violation copies) a fixed part proportional to the contract's size.
+    pub fn allowance(request_bytes: usize, contract: &Contract) -> Work {
+        let size = contract.model.len()
+            + contract
+                .inputs
+                .iter()
+                .chain(&contract.outputs)
+                .map(|t| 1 + t.name.len() + t.dims.len())
+                .sum::<usize>();
+        let per_request = Self::PER_BYTE.saturating_mul(request_bytes as u64);
+        // Each reported violation may copy the whole contract (an unknown input lists the
+        // model's inputs) and a field path; the indexes and the missing-input pass read
+        // it a few times more.
+        let fixed = ((MAX_REPORTED + 8) * (size + 64)) as u64;
+        Work(per_request.saturating_add(fixed))
+    }
+
+    fn add(&mut self, steps: usize) {
+        self.0 = self.0.saturating_add(steps as u64);
+    }
+
+    /// A name hashed, and compared when the probe found it.
+    fn hash(&mut self, name: &str, found: bool) {
+        self.add(1 + name.len() * (1 + usize::from(found)));
+    }
+}
+
+/// Records the violation `make` builds, building it only when it will be reported: past
+/// [`MAX_REPORTED`] a violation costs one step, whatever it would have copied.
+fn report(out: &mut Violations, work: &mut Work, make: impl FnOnce() -> Violation) {
+    work.add(1);
+    if let Some(v) = out.push_with(make) {
+        work.add(v.field.len() + v.problem.held());
+    }
+}
+
+/// [`check`], adding the steps it takes to `work`. This is the only implementation:
+/// [`check`] calls it, so what a test or the fuzzer counts is what production runs.
+pub fn check_counted(
+    req: &InferRequest,
+    contract: &Contract,
+    limits: RequestLimits,
+    work: &mut Work,
+) -> Result<u64, Rejection> {
+    work.add(2);
     if req.inputs.len() > limits.max_inputs {
         return Err(InvalidRequest::TooManyInputs {
             inputs: req.inputs.len(),
@@ -558,135 +711,139 @@ pub fn check(
     }
     let mut out = Violations::default();
     let (bytes, elements) = req.inputs.iter().fold((0u64, 0u64), |(b, e), t| {
+        work.add(1 + t.shape().len());
         (
             b.saturating_add(t.data().len() as u64),
             e.saturating_add(t.element_count() as u64),
         )
     });
     if bytes > limits.max_bytes {
-        out.push(
+        report(&mut out, work, || {
             InvalidRequest::TooManyBytes {
                 bytes,
                 max: limits.max_bytes,
             }
-            .at("inputs"),
-        );
+            .at("inputs")
+        });
     }
     if elements > limits.max_elements {
-        out.push(
+        report(&mut out, work, || {
             InvalidRequest::TooManyElements {
                 elements,
                 max: limits.max_elements,
             }
-            .at("inputs"),
-        );
+            .at("inputs")
+        });
     }
     let batching = contract.max_batch_size.filter(|&m| m > 0);
     let mut batch: Option<(&str, i64)> = None;
-    let declared = Index::of(&contract.inputs);
+    let declared = Index::of(&contract.inputs, work);
     let mut seen: HashSet<&str> = HashSet::with_capacity(req.inputs.len());
     for (i, input) in req.inputs.iter().enumerate() {
         let name = input.name();
-        if !seen.insert(name) {
-            out.push(
+        let fresh = seen.insert(name);
+        work.hash(name, !fresh);
+        if !fresh {
+            report(&mut out, work, || {
                 InvalidRequest::DuplicateInput {
                     tensor: name.to_string(),
                 }
-                .at(format!("inputs[{i}].name")),
-            );
+                .at(format!("inputs[{i}].name"))
+            });
             continue;
         }
         if contract.any_inputs {
             continue;
         }
-        let Some(want) = declared.get(name) else {
-            out.push(
+        let Some(want) = declared.get(name, work) else {
+            report(&mut out, work, || {
                 InvalidRequest::UnknownInput {
                     model: contract.model.clone(),
                     tensor: name.to_string(),
                     expected: names(&contract.inputs),
                 }
-                .at(format!("inputs[{i}].name")),
-            );
+                .at(format!("inputs[{i}].name"))
+            });
             continue;
         };
         if input.dtype() != want.dtype {
-            out.push(
+            report(&mut out, work, || {
                 InvalidRequest::InputDataType {
                     tensor: name.to_string(),
                     expected: want.dtype,
                     actual: input.dtype(),
                 }
-                .at(format!("inputs[{i}].datatype")),
-            );
+                .at(format!("inputs[{i}].datatype"))
+            });
         }
         let shape = input.shape();
-        let matches = shape.len() == want.dims.len()
-            && shape.iter().zip(&want.dims).all(|(&d, &w)| w < 0 || d == w);
+        let same_rank = shape.len() == want.dims.len();
+        work.add(if same_rank { shape.len() } else { 1 });
+        let matches = same_rank && shape.iter().zip(&want.dims).all(|(&d, &w)| w < 0 || d == w);
         if !matches {
-            out.push(
+            report(&mut out, work, || {
                 InvalidRequest::InputShape {
                     tensor: name.to_string(),
                     expected: want.dims.clone(),
                     actual: shape.to_vec(),
                 }
-                .at(format!("inputs[{i}].shape")),
-            );
+                .at(format!("inputs[{i}].shape"))
+            });
             continue;
         }
         if let (Some(max), Some(&b)) = (batching, shape.first()) {
             if b < 1 || b > i64::from(max) {
-                out.push(
+                report(&mut out, work, || {
                     InvalidRequest::BatchSize {
                         tensor: name.to_string(),
                         batch: b,
                         max,
                     }
-                    .at(format!("inputs[{i}].shape")),
-                );
+                    .at(format!("inputs[{i}].shape"))
+                });
             }
             match batch {
-                Some((first, first_batch)) if first_batch != b => out.push(
+                Some((first, first_batch)) if first_batch != b => report(&mut out, work, || {
                     InvalidRequest::BatchMismatch {
                         tensor: name.to_string(),
                         batch: b,
                         first: first.to_string(),
                         first_batch,
                     }
-                    .at(format!("inputs[{i}].shape")),
-                ),
+                    .at(format!("inputs[{i}].shape"))
+                }),
                 Some(_) => {}
                 None => batch = Some((name, b)),
             }
         }
     }
     if !contract.any_inputs {
-        for missing in contract
-            .inputs
-            .iter()
-            .filter(|s| !seen.contains(s.name.as_str()))
-        {
-            out.push(
-                InvalidRequest::MissingInput {
-                    model: contract.model.clone(),
-                    tensor: missing.name.clone(),
-                }
-                .at("inputs"),
-            );
+        for spec in &contract.inputs {
+            let present = seen.contains(spec.name.as_str());
+            work.hash(&spec.name, present);
+            if !present {
+                report(&mut out, work, || {
+                    InvalidRequest::MissingInput {
+                        model: contract.model.clone(),
+                        tensor: spec.name.clone(),
+                    }
+                    .at("inputs")
+                });
+            }
         }
     }
     if contract.outputs_complete && !contract.any_inputs {
-        let outputs = Index::of(&contract.outputs);
+        let outputs = Index::of(&contract.outputs, work);
         for (j, o) in req.outputs.iter().enumerate() {
-            if outputs.get(&o.name).is_none() {
-                out.push(
+            if outputs.get(&o.name, work).is_none() {
+                report(&mut out, work, || {
                     InvalidRequest::UnknownOutput {
                         model: contract.model.clone(),
                         output: o.name.clone(),
                         expected: names(&contract.outputs),
                     }
-                    .at(format!("outputs[{j}].name")),
-                );
+                    .at(format!("outputs[{j}].name"))
+                });
             }
         }
     }
@@ -707,23 +864,41 @@ impl<'a> Index<'a> {
     /// Past this many tensors, a map.
     const SCAN: usize = 16;
 
-    fn of(specs: &'a [TensorSpec]) -> Index<'a> {
+    fn of(specs: &'a [TensorSpec], work: &mut Work) -> Index<'a> {
         if specs.len() <= Self::SCAN {
             Index::Few(specs)
         } else {
             // The first of a name wins, as a scan would find it.
             let mut map = HashMap::with_capacity(specs.len());
             for s in specs {
-                map.entry(s.name.as_str()).or_insert(s);
+                let mut fresh = false;
+                map.entry(s.name.as_str()).or_insert_with(|| {
+                    fresh = true;
+                    s
+                });
+                work.hash(&s.name, !fresh);
             }
             Index::Many(map)
         }
     }
 
-    fn get(&self, name: &str) -> Option<&'a TensorSpec> {
+    fn get(&self, name: &str, work: &mut Work) -> Option<&'a TensorSpec> {
         match self {
-            Index::Few(specs) => specs.iter().find(|t| t.name == name),
-            Index::Many(map) => map.get(name).copied(),
+            Index::Few(specs) => specs.iter().find(|t| {
+                work.add(
+                    1 + if t.name.len() == name.len() {
+                        name.len()
+                    } else {
+                        0
+                    },
+                );
+                t.name == name
+            }),
+            Index::Many(map) => {
+                let found = map.get(name).copied();
+                work.hash(name, found.is_some());
+                found
+            }
         }
     }
 }
@@ -1020,3 +1195,6 @@ mod tests {
         assert_eq!(e.to_string(), "input 'in40' of model 'm' is missing");
     }
 }
+
+#[cfg(test)]
+mod cost_tests;

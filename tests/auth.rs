@@ -416,42 +416,9 @@ async fn keels_own_slots_shed_batch_callers_first() {
     batch_is_shed_first("[server]\nmax_in_flight = 2\ninteractive_reserve = 0.5\n").await;
 }
 
-/// Log lines written in this test binary, as JSON objects.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines_of(&self, request_id: &str) -> Vec<serde_json::Value> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|l| l["request_id"] == request_id)
-            .collect()
-    }
-}
-
 #[tokio::test]
 async fn the_log_lines_of_a_call_name_its_tenant() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(move || writer.clone())
-            .finish(),
-    )
-    .expect("the only subscriber of this test binary");
+    let logs = capture_logs();
     let up = ScriptedUpstream::new(Script::failing(Code::InvalidArgument, "no"));
     let (addr, _stop) = up.serve().await;
     let keel = Keel::with_config(&simple_via(addr, &tenants("", ""))).await;

@@ -145,15 +145,12 @@ where
         Box::pin(async move {
             let res = answer.await?;
             let res = super::unreadable::fix_response(res, store.current().revision);
-            let refused = tonic::Status::from_header_map(res.headers()).filter(|s| {
-                s.get_details_error_info()
-                    .is_some_and(|i| super::unreadable::is_unreadable(&i.reason))
-            });
-            if let (Some(asker), Some(status)) = (asker, refused) {
+            let refused = res.extensions().get::<super::unreadable::Refused>();
+            if let (Some(asker), Some(super::unreadable::Refused(e))) = (asker, refused) {
                 let principal =
                     principal(&asker, token).unwrap_or_else(|_| format!("an invalid {PRINCIPAL}"));
                 let source = Source::Admin { principal };
-                let e = ApplyError::Unreadable(status.message().to_string());
+                let e = ApplyError::Unreadable(e.to_string());
                 let audited = tokio::task::spawn_blocking(move || store.refuse(&source, e)).await;
                 if let Err(e) = audited {
                     tracing::error!(error = %e, "an unreadable admin change could not be audited");

@@ -679,3 +679,49 @@ pub fn violation_fields(s: &Status) -> Vec<String> {
         .map(|v| v.field)
         .collect()
 }
+
+/// Log lines written in this test binary, as JSON objects, from [`capture_logs`].
+#[derive(Clone, Default)]
+pub struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    /// The lines naming `request_id`.
+    pub fn lines_of(&self, request_id: &str) -> Vec<serde_json::Value> {
+        self.text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|l| l["request_id"] == request_id)
+            .collect()
+    }
+
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+/// Sends this test binary's log lines, as JSON, to the returned [`Captured`]. The global
+/// subscriber: call it from one test per binary.
+pub fn capture_logs() -> Captured {
+    let logs = Captured::default();
+    let writer = logs.clone();
+    tracing::subscriber::set_global_default(
+        tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish(),
+    )
+    .expect("the only subscriber of this test binary");
+    logs
+}

@@ -65,7 +65,7 @@ impl Story {
 
 /// Bytes an answer leaves under `server.max_message_size` for its labels: all nine, with
 /// `keel.served_by` and `keel.rungs_failed` at their longest ([`MAX_SERVED_BY`],
-/// [`MAX_RUNGS_FAILED`]), take at most about 610 encoded.
+/// [`MAX_RUNGS_FAILED`]), take at most about 500 encoded (a test measures it).
 pub(in crate::api) const LABEL_ROOM: usize = 768;
 
 /// The longest `keel.served_by` written (a longer model name and version are clipped).
@@ -457,5 +457,46 @@ fn rung_failed(edge: &Edge, step: &ladder::Step, failed: &Failed, story: &mut St
     if let Failed::Error(e, _) = failed {
         tracing::debug!(request_id = %edge.ctx.request_id, tenant = edge.tenant().unwrap_or(""),
             tier = step.rung.tier(), error = %e, "fallback rung failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn encoded(resp: &InferResponse) -> usize {
+        crate::pb::infer_response_to_pb(resp.clone()).encoded_len()
+    }
+
+    #[test]
+    fn the_labels_at_their_longest_fit_in_their_room() {
+        let mut resp = InferResponse {
+            model: "m".repeat(500),
+            version: "v".repeat(500),
+            id: String::new(),
+            parameters: Default::default(),
+            outputs: Vec::new(),
+            form: crate::model::ContentForm::Raw,
+        };
+        let bare = encoded(&resp);
+        let story = Story {
+            primary_attempts: u32::MAX,
+            primary_error: "local_rejection",
+            primary_code: "FAILED_PRECONDITION",
+            rungs_failed: vec!["a_long_fallback_tier"; 40],
+        };
+        let labels = Labels {
+            tier: "a_long_fallback_tier_name_of_32b",
+            degraded: true,
+            reason: Some(Trigger::BudgetExhausted),
+            stale: Some(Duration::MAX),
+            story: Some(&story),
+        };
+        labels.to_parameters(&mut resp);
+        let added = encoded(&resp) - bare;
+        assert!(added <= LABEL_ROOM, "the labels took {added} bytes");
+        assert!(added > LABEL_ROOM / 2, "{added}: the room is far too large");
     }
 }

@@ -1,5 +1,6 @@
-//! The log line of a call refused before any handler ran: a request tonic's decoder could
-//! not read is logged as the handler logs a call, with its request id and Keel's code.
+//! Log lines at the edge: a request tonic's decoder could not read is logged as the handler
+//! logs a call, with its request id and Keel's code; and a request's log lines have a fixed
+//! upper size, whatever it quotes.
 
 #![allow(clippy::unwrap_used)]
 
@@ -7,32 +8,9 @@ mod common;
 
 use common::*;
 
-/// Log lines written in this test binary.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_request_the_decoder_refused_is_logged_as_a_call() {
-    let logs = Captured::default();
-    let writer = logs.clone();
-    tracing::subscriber::set_global_default(
-        tracing_subscriber::fmt()
-            .json()
-            .flatten_event(true)
-            .with_writer(move || writer.clone())
-            .finish(),
-    )
-    .expect("the only subscriber of this test binary");
+    let logs = capture_logs();
     let keel = Keel::embedded().await;
     let tcp = tokio::net::TcpStream::connect(keel.addr).await.unwrap();
     let (send, conn) = h2::client::handshake(tcp).await.unwrap();
@@ -56,13 +34,8 @@ async fn a_request_the_decoder_refused_is_logged_as_a_call() {
     let res = res.await.unwrap();
     let s = tonic::Status::from_header_map(res.headers()).unwrap();
     assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|l| l["request_id"] == "undecodable-1")
-        .collect();
-    assert_eq!(lines.len(), 1, "{text}");
+    let lines = logs.lines_of("undecodable-1");
+    assert_eq!(lines.len(), 1, "{}", logs.text());
     assert_eq!(lines[0]["message"], "request");
     assert_eq!(lines[0]["grpc_code"], "INVALID_ARGUMENT");
     assert_eq!(lines[0]["class"], "client_error");
@@ -75,5 +48,47 @@ async fn a_request_the_decoder_refused_is_logged_as_a_call() {
         lines[0]
     );
     driver.abort();
+
+    // 1,000 inputs with 1 KiB names and 1 KiB datatypes, every one a problem: each log
+    // line of the call stays under its bound (the attack of issue 22 wrote 178 MB lines).
+    let mut client = keel.client().await.max_encoding_message_size(64 << 20);
+    let mut req = tonic::Request::new(keel::pb::inference::ModelInferRequest {
+        model_name: "simple".into(),
+        inputs: (0..1000)
+            .map(|i| {
+                input(
+                    &format!("{i:04}{}", "n".repeat(1020)),
+                    &"X".repeat(1024),
+                    &[1],
+                )
+            })
+            .collect(),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("x-request-id", "quoting-1".parse().unwrap());
+    // The answer comes back: its details list what fits in 4 KiB and count the rest (32
+    // violations at their longest took the trailers past tonic's 16 KiB and the client
+    // reset the stream).
+    let s = client.model_infer(req).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.details().len() < 7 << 10,
+        "{} bytes of details",
+        s.details().len()
+    );
+    use tonic_types::StatusExt as _;
+    let bad = s.get_details_bad_request().unwrap();
+    let last = bad.field_violations.last().unwrap();
+    assert!(
+        last.description.ends_with("more problems, not listed"),
+        "{last:?}"
+    );
+    let lines = logs.lines_of("quoting-1");
+    assert!(!lines.is_empty(), "{}", logs.text());
+    for line in &lines {
+        let len = line.to_string().len();
+        assert!(len < 8 << 10, "a log line of {len} bytes: {line}");
+    }
     keel.stop().await.unwrap();
 }

@@ -327,7 +327,7 @@ impl Call {
             policy_revision = self.revision,
             client_deadline_ms = client_deadline.map(|b| b.as_millis() as u64),
             peer = %self.peer.map(|p| p.to_string()).unwrap_or_default(),
-            error = %e,
+            error = crate::model::clip(&e.to_string(), super::status::MAX_MESSAGE),
             "request"
         );
     }

@@ -98,13 +98,15 @@ pub(super) fn rejected(metrics: &Metrics, from: &Sender<'_>, model: &str, invali
     if let Some(tenant) = tenant {
         tenant_request(metrics, tenant, tonic::Code::InvalidArgument);
     }
+    // Clipped as every field that quotes a client is (see `finish`).
+    let error = invalid.to_string();
     tracing::info!(
         request_id,
         api,
         tenant = tenant.unwrap_or(""),
         model = model,
         rule,
-        error = %invalid,
+        error = clip(&error, crate::api::status::MAX_MESSAGE),
         "request rejected"
     );
 }

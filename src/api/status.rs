@@ -22,6 +22,12 @@ pub const DOMAIN: &str = "keel";
 /// (model names, upstream errors), and an error answer has a fixed upper size.
 pub const MAX_MESSAGE: usize = 2048;
 
+/// The most text of `BadRequest` violations an answer lists; the rest are counted. With
+/// `grpc-message` (also inside the details), an error's trailers stay near 10 KiB, under
+/// the 16 KiB header list tonic's and grpc-go's clients take by default (32 violations
+/// quoting 256-byte names and datatypes were 23 KiB, and tonic's client reset the stream).
+const MAX_DETAILS: usize = 4096;
+
 /// The longest value of an `ErrorInfo` metadata entry that quotes a client or upstream.
 const MAX_INFO: usize = 256;
 
@@ -77,13 +83,22 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
         details.add_bad_request_violation("keel-route", e.to_string());
     }
     if let Error::InvalidRequest(rejection) = e {
+        let mut room = MAX_DETAILS;
+        let mut listed = 0;
         for v in rejection.violations() {
-            details.add_bad_request_violation(v.field_text(), v.problem_text());
+            let (field, problem) = (v.field_text(), v.problem_text());
+            let Some(left) = room.checked_sub(field.len() + problem.len()) else {
+                break;
+            };
+            room = left;
+            listed += 1;
+            details.add_bad_request_violation(field, problem);
         }
-        if rejection.more() > 0 {
+        let more = rejection.more() + rejection.violations().len() - listed;
+        if more > 0 {
             details.add_bad_request_violation(
                 "request",
-                format!("and {} more problems, not listed", rejection.more()),
+                format!("and {more} more problems, not listed"),
             );
         }
     }
@@ -154,16 +169,24 @@ mod tests {
             "{}",
             &s.message()[..40]
         );
+        // What fits in MAX_DETAILS is listed (fewer than MAX_REPORTED of these long ones),
+        // the rest counted.
         let bad = s.get_details_bad_request().unwrap();
-        assert_eq!(bad.field_violations.len(), crate::model::MAX_REPORTED + 1);
+        let listed = bad.field_violations.len() - 1;
+        assert!(
+            (1..crate::model::MAX_REPORTED).contains(&listed),
+            "{listed}"
+        );
+        let text: usize = bad.field_violations[..listed]
+            .iter()
+            .map(|v| v.field.len() + v.description.len())
+            .sum();
+        assert!(text <= MAX_DETAILS, "{text}");
         let last = bad.field_violations.last().unwrap();
         assert_eq!(last.field, "request");
         assert_eq!(
             last.description,
-            format!(
-                "and {} more problems, not listed",
-                10_000 - crate::model::MAX_REPORTED
-            )
+            format!("and {} more problems, not listed", 10_000 - listed)
         );
         assert!(
             bad.field_violations
@@ -172,7 +195,7 @@ mod tests {
         );
         // The whole answer: message and details together stay small.
         let details_len = s.details().len();
-        assert!(details_len < 16 * 1024, "{details_len} bytes of details");
+        assert!(details_len < 7 * 1024, "{details_len} bytes of details");
 
         // A client's long model name is clipped in the message and in ErrorInfo.
         let e = Error::ModelNotFound {

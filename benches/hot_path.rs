@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the pieces every call goes through: taking the policy snapshot,
 //! resolving settings, classifying an error, a backoff, a breaker admission and record,
-//! decoding and validating a 1 MiB tensor, and upgrading a v1 request.
+//! decoding and validating a 1 MiB tensor, the forwarding path's bytes (reading a request,
+//! appending Keel's labels to an answer), and upgrading a v1 request.
 //!
 //! `cargo bench --bench hot_path`; figures are recorded in docs/benchmarks.md.
 
@@ -112,6 +113,75 @@ fn validation_by_input_count(c: &mut Criterion) {
     group.finish();
 }
 
+/// The forwarding path's own pieces: reading the routing view out of a request's bytes
+/// (the domain request, tensor data left in the bytes), the bytes sent upstream for it, and
+/// an answer's bytes with Keel's labels appended, against encoding the answer whole.
+fn wire(c: &mut Criterion) {
+    use keel::model::Param;
+    use keel::pb::wire;
+    use prost::Message as _;
+    let simple = pb::ModelInferRequest {
+        model_name: "simple".into(),
+        id: "req-1".into(),
+        inputs: ["INPUT0", "INPUT1"]
+            .map(|name| pb::model_infer_request::InferInputTensor {
+                name: name.into(),
+                datatype: "INT32".into(),
+                shape: vec![1, 16],
+                ..Default::default()
+            })
+            .to_vec(),
+        raw_input_contents: vec![Bytes::from(vec![1u8; 64]), Bytes::from(vec![2u8; 64])],
+        ..Default::default()
+    };
+    let bytes = Bytes::from(simple.encode_to_vec());
+    c.bench_function("wire: read a simple ModelInfer from its bytes", |b| {
+        b.iter(|| {
+            let msg = wire::decode_request(black_box(&bytes)).unwrap();
+            wire::request_from(msg, bytes.clone()).unwrap()
+        })
+    });
+    let req = wire::request_from(wire::decode_request(&bytes).unwrap(), bytes.clone()).unwrap();
+    c.bench_function("wire: the bytes sent upstream for it (unchanged)", |b| {
+        b.iter(|| wire::request(black_box(&req)))
+    });
+    let answer = pb::ModelInferResponse {
+        model_name: "simple".into(),
+        model_version: "1".into(),
+        id: "req-1".into(),
+        outputs: ["OUTPUT0", "OUTPUT1"]
+            .map(|name| pb::model_infer_response::InferOutputTensor {
+                name: name.into(),
+                datatype: "INT32".into(),
+                shape: vec![1, 16],
+                ..Default::default()
+            })
+            .to_vec(),
+        raw_output_contents: vec![Bytes::from(vec![3u8; 64]), Bytes::from(vec![4u8; 64])],
+        ..Default::default()
+    };
+    let answer = Bytes::from(answer.encode_to_vec());
+    let labelled = |mut r: keel::model::InferResponse| {
+        for (k, v) in [("keel.tier", "primary"), ("keel.served_by", "simple:1")] {
+            r.parameters.insert(k.into(), Param::String(v.into()));
+        }
+        r.parameters
+            .insert("keel.degraded".into(), Param::Bool(false));
+        r
+    };
+    let resp = labelled(
+        wire::decode_response(answer.clone(), Default::default(), Default::default()).unwrap(),
+    );
+    c.bench_function("wire: an answer with Keel's labels appended", |b| {
+        b.iter(|| wire::response(black_box(resp.clone())))
+    });
+    let mut whole = resp.clone();
+    whole.wire = keel::model::Wire::none();
+    c.bench_function("wire: the same answer encoded whole (as before)", |b| {
+        b.iter(|| wire::response(black_box(whole.clone())))
+    });
+}
+
 fn legacy(c: &mut Criterion) {
     let iris = Contract {
         model: "iris".into(),
@@ -144,6 +214,7 @@ criterion_group!(
     resilience,
     validation,
     validation_by_input_count,
+    wire,
     legacy
 );
 criterion_main!(benches);

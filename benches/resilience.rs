@@ -26,6 +26,7 @@ fn request() -> InferRequest {
         inputs: vec![],
         outputs: vec![],
         form: ContentForm::Raw,
+        wire: Default::default(),
     }
 }
 

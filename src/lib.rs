@@ -29,6 +29,7 @@
 //!   policy and metrics).
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
 //! - [`load`]: `keel load`, the OIP load generator.
+//! - [`worker`]: which per-core worker the current thread is.
 
 pub mod adapt;
 pub mod api;
@@ -50,6 +51,7 @@ pub mod route;
 pub mod server;
 pub mod transport;
 pub mod upstream;
+pub mod worker;
 
 pub use error::Error;
 pub use policy::Policy;

@@ -40,7 +40,9 @@ use tower::util::{BoxCloneSyncService, MapResponseLayer};
 use crate::api::admin::{self as admin_api, AdminService, AdminToken, AdminTokenError};
 use crate::api::deadline::EdgeDeadlineLayer;
 use crate::api::legacy::LegacyApi;
-use crate::api::{CallService, InferenceApi, Lifecycle, Stacks, receipt, unreadable};
+use crate::api::{
+    CallService, InferenceApi, InferenceRoutes, Lifecycle, Stacks, receipt, unreadable,
+};
 use crate::contract::ValidateLayer;
 use crate::fault::FaultLayer;
 use crate::observe::Metrics;
@@ -429,9 +431,8 @@ impl Keel {
         let legacy = PredictionServiceServer::new(LegacyApi::new(api.clone()))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
-        let api = GrpcInferenceServiceServer::from_arc(api)
-            .max_decoding_message_size(max)
-            .max_encoding_message_size(max);
+        // ModelInfer is served from its bytes; the other methods by tonic's generated code.
+        let api = InferenceRoutes::new(api, max);
         let (reflection, reflection_alpha) =
             reflection_for(&[name_of(&api), name_of(&legacy), health_name])?;
 

@@ -30,6 +30,7 @@ async fn the_success_path_through_every_layer_allocates_nothing() {
             inputs: vec![],
             outputs: vec![],
             form: ContentForm::Raw,
+            wire: Default::default(),
         },
     );
     let noop = service_fn(|_: Call<InferRequest>| std::future::ready(Ok::<_, Error>(())));

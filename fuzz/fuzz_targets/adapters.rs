@@ -61,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
             parameters: Default::default(),
             outputs: adapted.inputs.clone(),
             form: keel::model::ContentForm::Raw,
+            wire: Default::default(),
         };
         let _ = version::response(answer, &adapter);
     }

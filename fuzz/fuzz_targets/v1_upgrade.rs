@@ -78,6 +78,7 @@ fuzz_target!(|data: &[u8]| {
             parameters: Default::default(),
             outputs: req.inputs.clone(),
             form: keel::model::ContentForm::Raw,
+            wire: Default::default(),
         };
         let _ = v1::downgrade(&answer, n, &map);
     }

@@ -436,6 +436,7 @@ pub fn upgrade(
         inputs,
         outputs,
         form: crate::model::ContentForm::Raw,
+        wire: Default::default(),
     })
 }
 

@@ -14,8 +14,11 @@ use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
 use tower::util::BoxCloneSyncService;
 
+mod bytes;
 mod degrade;
 mod versions;
+
+pub use bytes::InferenceRoutes;
 
 use super::context::EdgeContext;
 use super::record::Leg;
@@ -442,16 +445,32 @@ impl InferenceApi {
         method: &'static str,
         msg: proto::ModelInferRequest,
     ) -> Result<Response<proto::ModelInferResponse>, Status> {
+        let resp = self.infer_message(edge, method, msg, None).await?;
+        Ok(resp.map(pb::infer_response_to_pb))
+    }
+
+    /// [`Self::infer_pb`] to the domain answer; `bytes`, when given, are what `msg` was
+    /// decoded from, kept to send upstream as they came.
+    async fn infer_message(
+        &self,
+        edge: &Edge,
+        method: &'static str,
+        msg: proto::ModelInferRequest,
+        bytes: Option<::bytes::Bytes>,
+    ) -> Result<Response<crate::model::InferResponse>, Status> {
         let model = msg.model_name.clone();
         let _pass = self
             .admit(edge, method, Some(&model))
             .map_err(|e| edge.status(&e, None))?;
-        let req = pb::infer_request_from_pb(msg).map_err(|invalid| {
+        let req = match bytes {
+            Some(bytes) => pb::wire::request_from(msg, bytes),
+            None => pb::infer_request_from_pb(msg),
+        }
+        .map_err(|invalid| {
             self.rejected(edge, &model, &invalid);
             edge.status(&invalid.into(), None)
         })?;
-        let resp = self.infer_adapted(edge, method, req).await?;
-        Ok(resp.map(pb::infer_response_to_pb))
+        self.infer_adapted(edge, method, req).await
     }
 
     /// The answer to one request of a ModelStreamInfer stream. An error becomes the

@@ -9,9 +9,12 @@ pub mod context;
 pub mod deadline;
 mod inference;
 pub mod legacy;
+pub mod passed;
 pub mod receipt;
 mod record;
 pub mod status;
 pub mod unreadable;
 
-pub use inference::{CallService, InferenceApi, Lifecycle, POLICY_REVISION, Stacks};
+pub use inference::{
+    CallService, InferenceApi, InferenceRoutes, Lifecycle, POLICY_REVISION, Stacks,
+};

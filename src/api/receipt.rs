@@ -60,8 +60,15 @@ pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
 /// they are: their headers are the trailers.
 pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailers<B>> {
     let (mut parts, body) = res.into_parts();
-    let mut extra = HeaderMap::new();
-    if !parts.headers.contains_key("grpc-status") {
+    // An upstream's own trailers go first; Keel's, written after, win.
+    let mut extra = parts
+        .extensions
+        .remove::<super::passed::UpstreamTrailers>()
+        .map(|t| super::passed::filter(&t.0))
+        .unwrap_or_default();
+    if parts.headers.contains_key("grpc-status") {
+        extra.clear();
+    } else {
         for key in [
             ATTEMPTS,
             RETRY_DELAYS,

@@ -171,6 +171,7 @@ fn simple(inputs: &[&str]) -> InferRequest {
             .collect(),
         outputs: vec![],
         form: ContentForm::Raw,
+        wire: Default::default(),
     }
 }
 

@@ -10,6 +10,7 @@ mod request;
 mod spec;
 mod tensor;
 mod validate;
+mod wire;
 
 pub use dtype::DataType;
 pub use request::{ContentForm, InferRequest, InferResponse, Param, Parameters, RequestedOutput};
@@ -21,3 +22,4 @@ pub use validate::{
     Contract, InvalidRequest, MAX_REPORTED, MAX_VIOLATION_TEXT, Rejection, RequestLimits,
     Violation, Violations, Work, check, check_counted, clip, validate,
 };
+pub use wire::{Patch, Wire};

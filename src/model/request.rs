@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::Tensor;
+use super::{Tensor, Wire};
 
 /// A request, response or tensor parameter value.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,6 +62,8 @@ pub struct InferRequest {
     pub outputs: Vec<RequestedOutput>,
     /// How the client sent inputs (error messages name the field it used).
     pub form: ContentForm,
+    /// The message as the client sent it, to forward as received ([`Wire`]).
+    pub wire: Wire,
 }
 
 /// The answer to an [`InferRequest`].
@@ -80,4 +82,6 @@ pub struct InferResponse {
     /// How the answer goes back: raw for Keel's own answers, the upstream's form for a
     /// forwarded one.
     pub form: ContentForm,
+    /// The message as the upstream answered it, to pass on as received ([`Wire`]).
+    pub wire: Wire,
 }

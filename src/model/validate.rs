@@ -937,6 +937,7 @@ mod tests {
             inputs,
             outputs: vec![],
             form: ContentForm::Raw,
+            wire: Default::default(),
         }
     }
 

@@ -164,6 +164,7 @@ pub fn infer_request_from_pb(msg: pb::ModelInferRequest) -> Result<InferRequest,
         inputs: tensors,
         outputs,
         form,
+        wire: Default::default(),
     })
 }
 
@@ -179,6 +180,7 @@ pub fn infer_response_to_pb(resp: InferResponse) -> pb::ModelInferResponse {
         parameters,
         outputs,
         form,
+        wire: _,
     } = resp;
     let typed: Option<Vec<pb::InferTensorContents>> = match form {
         ContentForm::Typed => outputs.iter().map(raw_to_typed).collect(),
@@ -273,6 +275,7 @@ pub fn infer_request_to_pb(req: &InferRequest) -> pb::ModelInferRequest {
         inputs,
         outputs,
         form: _,
+        wire: _,
     } = req;
     pb::ModelInferRequest {
         model_name: model.clone(),
@@ -355,6 +358,7 @@ pub fn infer_response_from_pb(msg: pb::ModelInferResponse) -> Result<InferRespon
         parameters: params_from_pb(parameters),
         outputs: tensors,
         form,
+        wire: Default::default(),
     })
 }
 
@@ -896,6 +900,7 @@ mod answer_len {
             parameters: [("k".to_string(), Param::String("v".repeat(30)))].into(),
             outputs: vec![Tensor::new("out", dtype, vec![n], Bytes::from(data)).unwrap()],
             form,
+            wire: Default::default(),
         }
     }
 

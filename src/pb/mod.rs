@@ -6,6 +6,7 @@
 pub mod census;
 mod contents;
 mod convert;
+pub mod wire;
 
 pub use convert::{
     infer_request_from_pb, infer_request_to_pb, infer_response_from_pb, infer_response_len,

@@ -140,6 +140,7 @@ mod tests {
             inputs: vec![t.clone()],
             outputs: vec![],
             form: ContentForm::Raw,
+            wire: Default::default(),
         };
         let resp = InferResponse {
             model: "m".into(),
@@ -148,6 +149,7 @@ mod tests {
             parameters: Parameters::new(),
             outputs: vec![t],
             form: ContentForm::Raw,
+            wire: Default::default(),
         };
         (req, resp)
     }

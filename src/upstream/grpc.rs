@@ -14,9 +14,10 @@ use std::sync::Arc;
 
 use futures::FutureExt as _;
 use tokio::time::Instant;
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 
+use super::forward::NoAnswer;
 use super::pool::{self, Pending, Pool, Resolve, SystemResolver, Verdict};
 use super::sequence;
 use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
@@ -112,7 +113,8 @@ impl GrpcUpstream {
         self.pool.states()
     }
 
-    /// Runs one unary attempt on the next endpoint with the call's metadata and deadline.
+    /// Runs one unary attempt of a tonic-generated method on the next endpoint, with the
+    /// call's metadata and deadline.
     fn unary<Q, Req, Resp, Out, F, Fut>(
         &self,
         method: &'static str,
@@ -129,6 +131,34 @@ impl GrpcUpstream {
         F: FnOnce(GrpcInferenceServiceClient<Channel>, tonic::Request<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>> + Send + 'static,
     {
+        self.attempt(method, call, target, move |endpoint, md, time| async move {
+            let mut req = tonic::Request::new(body);
+            *req.metadata_mut() = md;
+            // Becomes the upstream's grpc-timeout.
+            req.set_timeout(time);
+            match send(endpoint.client(), req).await {
+                Ok(resp) => convert(resp.into_inner()).map_err(NoAnswer::Protocol),
+                Err(status) => Err(NoAnswer::Status(status)),
+            }
+        })
+    }
+
+    /// Runs one attempt on `target`: `send` gets the endpoint, the metadata to send (the
+    /// client's, the request id, the retry's number, the trace) and the time the attempt
+    /// has, and the rest is the same for every method: the receipt, metrics, the span, the
+    /// failure's class and what it says of the endpoint.
+    fn attempt<Q, Out, F, Fut>(
+        &self,
+        method: &'static str,
+        call: &Call<Q>,
+        target: Result<Arc<pool::Endpoint>, Error>,
+        send: F,
+    ) -> BackendFuture<Out>
+    where
+        Out: Send + 'static,
+        F: FnOnce(Arc<pool::Endpoint>, MetadataMap, std::time::Duration) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Out, NoAnswer>> + Send + 'static,
+    {
         let name = self.name.clone();
         let pool = self.pool.clone();
         let ctx = call.ctx.clone();
@@ -144,17 +174,13 @@ impl GrpcUpstream {
             }
             ctx.receipt
                 .update(|r| r.served_by = Some(format!("{name}@{}", target.addr)));
-            let mut req = tonic::Request::new(body);
-            *req.metadata_mut() = ctx.metadata.clone();
-            let md = req.metadata_mut();
+            let mut md = ctx.metadata.clone();
             if let Ok(v) = MetadataValue::try_from(&*ctx.request_id) {
                 md.insert(REQUEST_ID, v);
             }
             if attempt > 1 {
                 md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(attempt - 1));
             }
-            // Becomes the upstream's grpc-timeout.
-            req.set_timeout(time);
             let labels = ClientLabels {
                 grpc_service: SERVICE,
                 grpc_method: method,
@@ -178,13 +204,13 @@ impl GrpcUpstream {
                         attrs.push(KeyValue::new("keel.backoff_ms", wait.as_millis() as i64));
                     }
                 }
-                trace.attempt(&format!("{SERVICE}/{method}"), attrs, req.metadata_mut())
+                trace.attempt(&format!("{SERVICE}/{method}"), attrs, &mut md)
             });
             let start = Instant::now();
-            let answer = send(target.client(), req).await;
+            let answer = send(target.clone(), md, time).await;
             let code = answer
                 .as_ref()
-                .map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                .map_or_else(NoAnswer::code, |_| tonic::Code::Ok);
             if let Some(span) = span {
                 span.end(crate::grpc_code::name(code), code as i64);
             }
@@ -201,19 +227,9 @@ impl GrpcUpstream {
                 .client_handling
                 .get_or_create(&labels)
                 .observe(start.elapsed().as_secs_f64());
-            let result = match answer {
-                Ok(resp) => convert(resp.into_inner()).map_err(|detail| Error::UpstreamProtocol {
-                    upstream: name.to_string(),
-                    detail,
-                }),
-                Err(status) => Err(status_error(
-                    &name,
-                    &target.addr,
-                    &ctx,
-                    attempt_deadline,
-                    status,
-                )),
-            };
+            let result = answer.map_err(|failure| {
+                failure_error(&name, &target.addr, &ctx, attempt_deadline, failure)
+            });
             // A server without ModelConfig (a KServe runtime) answers UNIMPLEMENTED: it is
             // up, and Keel asks for the config to learn batching. A refused connection says
             // the endpoint is down, whatever else it says.
@@ -231,6 +247,52 @@ impl GrpcUpstream {
             result
         }
         .boxed()
+    }
+}
+
+impl NoAnswer {
+    /// The gRPC code the attempt ended with, for the client metrics and the span.
+    fn code(&self) -> tonic::Code {
+        match self {
+            NoAnswer::Status(s) => s.code(),
+            NoAnswer::Transport { .. } => tonic::Code::Unavailable,
+            NoAnswer::TimedOut => tonic::Code::DeadlineExceeded,
+            NoAnswer::TooLarge(_) => tonic::Code::ResourceExhausted,
+            NoAnswer::Protocol(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+/// Classifies an attempt's failure, once.
+fn failure_error(
+    name: &str,
+    addr: &str,
+    ctx: &crate::call::CallContext,
+    attempt_deadline: Option<Instant>,
+    failure: NoAnswer,
+) -> Error {
+    match failure {
+        NoAnswer::Status(status) => status_error(name, addr, ctx, attempt_deadline, status),
+        NoAnswer::TimedOut => status_error(
+            name,
+            addr,
+            ctx,
+            attempt_deadline,
+            tonic::Status::deadline_exceeded("the attempt's time ran out"),
+        ),
+        NoAnswer::Transport { detail, never_sent } => Error::UpstreamUnavailable {
+            upstream: name.to_string(),
+            detail,
+            never_sent,
+        },
+        NoAnswer::TooLarge(detail) => Error::AnswerTooLarge {
+            upstream: name.to_string(),
+            detail,
+        },
+        NoAnswer::Protocol(detail) => Error::UpstreamProtocol {
+            upstream: name.to_string(),
+            detail,
+        },
     }
 }
 
@@ -312,7 +374,8 @@ fn status_error(
 
 impl Backend for GrpcUpstream {
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
-        let body = pb::infer_request_to_pb(&call.body);
+        // The client's bytes, as they came where nothing changed them.
+        let body = pb::wire::request(&call.body);
         // A sequence's calls go where its first call went.
         let marks = sequence::of(&call.body);
         let target = match &marks {
@@ -320,13 +383,18 @@ impl Backend for GrpcUpstream {
             None => self.target(&call),
         };
         let endpoint = target.as_ref().ok().map(|e| e.addr.to_string());
-        let answer = self.unary(
+        let answer = self.attempt(
             "ModelInfer",
             &call,
             target,
-            body,
-            |mut c, r| async move { c.model_infer(r).await },
-            pb::infer_response_from_pb,
+            |endpoint, md, time| async move {
+                let answered = endpoint
+                    .forwarder()
+                    .infer(body, md.into_headers(), time)
+                    .await?;
+                pb::wire::decode_response(answered.message, answered.headers, answered.trailers)
+                    .map_err(NoAnswer::Protocol)
+            },
         );
         let Some(marks) = marks else {
             return answer;

@@ -4,6 +4,7 @@
 //! backend answers, so a single generic tower stack can carry each of them.
 
 pub mod embedded;
+pub mod forward;
 pub mod grpc;
 pub mod pool;
 pub mod sequence;

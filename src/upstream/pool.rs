@@ -110,13 +110,20 @@ pub struct Endpoint {
     pub addr: Arc<str>,
     channel: Channel,
     client: GrpcInferenceServiceClient<Channel>,
+    /// ModelInfer as bytes, on Keel's own connections.
+    forwarder: super::forward::Forwarder,
     /// Attempts sent here and not yet answered: the load the balancer compares.
     pending: AtomicUsize,
     health: Mutex<Health>,
 }
 
 impl Endpoint {
-    fn new(addr: &str, channel: Channel, max_message_size: usize) -> Endpoint {
+    fn new(
+        addr: &str,
+        channel: Channel,
+        forwarder: super::forward::Forwarder,
+        max_message_size: usize,
+    ) -> Endpoint {
         let client = GrpcInferenceServiceClient::new(channel.clone())
             .max_decoding_message_size(max_message_size)
             .max_encoding_message_size(max_message_size);
@@ -124,6 +131,7 @@ impl Endpoint {
             addr: addr.into(),
             channel,
             client,
+            forwarder,
             pending: AtomicUsize::new(0),
             health: Mutex::new(Health {
                 checked_healthy: true,
@@ -146,6 +154,11 @@ impl Endpoint {
     /// Marks the start of an active check, for [`Pool::record_check`].
     fn begin_check(&self) -> Begun {
         Begun(self.lock().epoch)
+    }
+
+    /// How ModelInfer calls reach this endpoint.
+    pub fn forwarder(&self) -> &super::forward::Forwarder {
+        &self.forwarder
     }
 
     /// A client on this endpoint's connection.
@@ -332,9 +345,14 @@ impl Pool {
                 }
             }
         }
+        let channel = endpoint.connect_lazy();
+        let tls = self.spec.tls.is_some().then(|| channel.clone());
+        let forwarder =
+            super::forward::Forwarder::new(addr, &self.spec, self.max_message_size, tls);
         Arc::new(Endpoint::new(
             addr,
-            endpoint.connect_lazy(),
+            channel,
+            forwarder,
             self.max_message_size,
         ))
     }

@@ -142,6 +142,7 @@ mod tests {
             inputs: Vec::new(),
             outputs: Vec::new(),
             form: Default::default(),
+            wire: Default::default(),
         };
         assert_eq!(of(&r), None);
         r.parameters.insert("sequence_id".into(), Param::Int64(0));

@@ -575,10 +575,19 @@ impl GrpcInferenceService for ScriptedUpstream {
             }
         }
         let typed = script.typed && req.inputs.iter().all(|i| i.datatype == "INT32");
+        // A client's typed request reaches the upstream as the client sent it, as any
+        // model server takes it: echo its elements in raw form.
+        let raw_inputs: Vec<Bytes> = if req.raw_input_contents.is_empty() {
+            keel::pb::infer_request_from_pb(req.clone())
+                .map(|r| r.inputs.iter().map(|t| t.data().clone()).collect())
+                .unwrap_or_default()
+        } else {
+            req.raw_input_contents.clone()
+        };
         let outputs = req
             .inputs
             .iter()
-            .zip(&req.raw_input_contents)
+            .zip(&raw_inputs)
             .map(|(i, raw)| pb::model_infer_response::InferOutputTensor {
                 name: i.name.clone(),
                 datatype: i.datatype.clone(),
@@ -590,11 +599,7 @@ impl GrpcInferenceService for ScriptedUpstream {
                 }),
             })
             .collect();
-        let raw_output_contents = if typed {
-            Vec::new()
-        } else {
-            req.raw_input_contents
-        };
+        let raw_output_contents = if typed { Vec::new() } else { raw_inputs };
         Ok(Response::new(pb::ModelInferResponse {
             model_name: req.model_name,
             // The version asked for, else the upstream's own.

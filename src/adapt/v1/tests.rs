@@ -253,6 +253,7 @@ fn answer(outputs: Vec<Tensor>) -> InferResponse {
         parameters: Parameters::new(),
         outputs,
         form: crate::model::ContentForm::Raw,
+        wire: Default::default(),
     }
 }
 
@@ -380,6 +381,7 @@ fn round_trip(dtype: DataType, instances: Vec<Vec<Value>>) {
         parameters: Parameters::new(),
         outputs: req.inputs.clone(),
         form: crate::model::ContentForm::Raw,
+        wire: Default::default(),
     };
     let back = downgrade(&resp, sent.len(), &V1Mapping::default()).unwrap();
     assert_eq!(back, sent, "{dtype}");

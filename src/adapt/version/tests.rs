@@ -15,6 +15,7 @@ fn request_with(inputs: Vec<Tensor>) -> InferRequest {
         inputs,
         outputs: vec![],
         form: ContentForm::Raw,
+        wire: Default::default(),
     }
 }
 
@@ -26,6 +27,7 @@ fn answer_with(outputs: Vec<Tensor>) -> InferResponse {
         parameters: Parameters::new(),
         outputs,
         form: ContentForm::Raw,
+        wire: Default::default(),
     }
 }
 

@@ -335,6 +335,7 @@ impl InferenceApi {
                         parameters: Default::default(),
                         outputs: outputs.as_ref().clone(),
                         form: crate::model::ContentForm::Raw,
+                        wire: Default::default(),
                     },
                     None,
                     None,
@@ -441,11 +442,20 @@ impl InferenceApi {
                 "answer refused: its labels took it past server.max_message_size");
             return Err(edge.status(&e, ctx));
         }
+        // What the upstream sent with its answer goes on with it, under Keel's own.
+        let upstream = resp.wire.metadata().map(|(h, t)| (h.clone(), t.clone()));
         let mut out = edge.reply(resp);
         if let Some(ctx) = ctx {
             receipt::write(out.metadata_mut(), ctx);
         }
         labels.to_metadata(out.metadata_mut(), served_by);
+        if let Some((headers, trailers)) = upstream {
+            crate::api::passed::add_headers(out.metadata_mut(), &headers);
+            if !trailers.is_empty() {
+                out.extensions_mut()
+                    .insert(crate::api::passed::UpstreamTrailers(trailers));
+            }
+        }
         Ok(out)
     }
 }
@@ -479,6 +489,7 @@ mod tests {
             parameters: Default::default(),
             outputs: Vec::new(),
             form: crate::model::ContentForm::Raw,
+            wire: Default::default(),
         };
         let bare = encoded(&resp);
         let story = Story {

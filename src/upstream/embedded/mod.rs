@@ -223,6 +223,7 @@ fn execute(
         outputs,
         // Raw whatever the request's form, as Triton answers.
         form: ContentForm::Raw,
+        wire: Default::default(),
     };
     let done = Instant::now();
     Ok((
@@ -302,6 +303,7 @@ mod tests {
             inputs,
             outputs: vec![],
             form: ContentForm::Raw,
+            wire: Default::default(),
         }
     }
 

@@ -360,6 +360,7 @@ sleep 2
 RSS_AFTER=$(rss_kib "$GWS_PID")
 
 # --- report -------------------------------------------------------------------------------
+say "runs done; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 python3 benches/e2e/report.py "$WORK" "$ROUNDS" "$S1" "$S2" "$(getconf CLK_TCK)" \
   "$RSS_IDLE" "$RSS_1K" "$RSS_10K" "$RSS_AFTER" "$LOADGEN" "$STREAMS" "$RATE" \
   "$([ -n "$HAVE_NGINX" ] && echo canned || echo embedded)" "$JSON_OUT"

@@ -163,7 +163,7 @@ forward() { # forward <upstream port> [extra policy]
 }
 
 # --- the model server and the stored frames ------------------------------------------------
-UP=$(port); start_keel "$UP" "$SERVER"
+UP=$(port); start_keel "$UP" "$SERVER"; UP_PID=$LAST_PID
 python3 benches/e2e/frames.py request "$WORK/request.bin"
 python3 benches/e2e/frames.py capture "$UP" "$WORK/request.bin" "$WORK/answer.bin" >&2
 
@@ -212,7 +212,7 @@ if [ -n "$HAVE_NGINX" ]; then
   say "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') grpc_pass on 127.0.0.1:$NGINX_S1 (canned) and :$NGINX_S2 (model server)"
 else
   CANNED=$UP
-  CANNED_PID=""
+  CANNED_PID=$UP_PID
 fi
 
 GW=$(port)
@@ -229,7 +229,7 @@ GW_PID=$LAST_PID
 
 # Scenario 1's targets (name:port:pid of the processes whose CPU and memory count) and
 # scenario 2's (name:port).
-S1="direct:$CANNED:${CANNED_PID:-none} keel:$GW:$GW_PID"
+S1="direct:$CANNED:$CANNED_PID keel:$GW:$GW_PID"
 S2="direct:$UP keel:$GW"
 if [ -n "$NGINX_S1" ]; then
   S1="$S1 nginx:$NGINX_S1:$NGINX_PID"
@@ -286,10 +286,10 @@ for mode in sat rate; do
     for t in $S1; do
       IFS=: read -r name p pid <<<"$t"
       say "s1_$mode round $r: $name"
-      before=$(cpu_ticks "$pid") up_before=$(cpu_ticks "${CANNED_PID:-none}")
+      before=$(cpu_ticks "$pid") up_before=$(cpu_ticks "$CANNED_PID")
       small "s1_$mode-$name-$r" "$p" "$([ "$mode" = rate ] && echo "$RATE")"
       # The proxy's CPU over the run, and the canned upstream's (the same work every time).
-      echo "$(($(cpu_ticks "$pid") - before)) $(($(cpu_ticks "${CANNED_PID:-none}") - up_before))" \
+      echo "$(($(cpu_ticks "$pid") - before)) $(($(cpu_ticks "$CANNED_PID") - up_before))" \
         >"$WORK/s1_$mode-$name-$r.ticks"
       hwm_kib "$pid" >"$WORK/s1-$name.hwm"
     done

@@ -58,7 +58,7 @@ for t, x in sat.items():
     cpu = "-" if t == "direct" else f"{x['cpu_us']:.1f}"
     print(f"  {t:<7} {x['rps']:>8.0f} {x['mean']:>8.3f} {x['p50']:>7.3f} {x['p99']:>7.3f} {x['ok']:>8.3f} "
           f"{cpu:>11} {x['upstream_cpu_us']:>11.1f} {x['peak_rss_mib']:>12.1f}  {x['rps_all']}; {x['cpu_us_all']}")
-print("  (direct's peak RSS and upstream µs are the canned upstream's own)")
+print(f"  (upstream µs: the {upstream} upstream's CPU per call; direct's peak RSS is that upstream's own)")
 figures["s1_saturation"] = sat
 d, k = sat["direct"], sat["keel"]
 ratios = {"keel_vs_direct_rps": k["rps"] / d["rps"]}

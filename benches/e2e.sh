@@ -178,8 +178,8 @@ if [ -n "$HAVE_NGINX" ]; then
   cp "$WORK/answer.bin" "$WORK/canned/answer.bin"
   # A POST for a static file is 405, which error_page turns into the file with status 200
   # (an internal GET). mirror makes nginx read the whole request body first: without it
-  # nginx answers as soon as the HEADERS frame arrives and resets the stream. Any other
-  # method is UNIMPLEMENTED, so nothing mistakes the answer for another call's.
+  # nginx answers as soon as the HEADERS frame arrives and resets the stream. Any other gRPC
+  # method (path) is UNIMPLEMENTED, so nothing mistakes the answer for another call's.
   start_nginx "$CANNED" "  types { }
   default_type application/grpc;
   server {

@@ -1,29 +1,80 @@
 #!/usr/bin/env bash
-# End-to-end benchmark: the same load against a model server directly, through Keel, and
-# through nginx's grpc_pass (where Debian's nginx is installed or installable), in
-# alternation (A B C A B C ...) in one run, reported as medians and ratios, because absolute
-# timings on a shared machine are noise.
+# End-to-end benchmark: the same load against an upstream directly, through Keel, and
+# through nginx's grpc_pass, in alternation (A B C A B C ...) in one run, reported as medians
+# and ratios, because absolute timings on a shared machine are noise.
 #
-#   benches/e2e.sh                 # ROUNDS=3 DURATION=5s by default
-#   ROUNDS=5 DURATION=10s benches/e2e.sh
+#   benches/e2e.sh                 # ROUNDS=3 DURATION=5 (seconds) by default
+#   ROUNDS=5 DURATION=10 benches/e2e.sh
+#   LOADGEN=keel benches/e2e.sh    # `keel load` instead of h2load for scenario 1
 #   benches/e2e.sh --json out.json # also write every figure as JSON
 #
-# The model server is a Keel on its embedded backend (the `simple`, `identity` and `iris`
-# models); sick servers are Keels with fault injection. Everything listens on 127.0.0.1 on
-# ports the OS picks, and every process started here is stopped on exit.
+# Knobs: ROUNDS, DURATION (seconds per run), STREAMS (scenario 1's streams in flight on its
+# one connection, 8), RATE (scenario 1's fixed rate, 1000 req/s), LOADGEN (h2load or keel),
+# KEEP=1 (keep the work directory).
+#
+# Scenario 1 (small unary) runs against a canned-answer upstream: an nginx that reads each
+# request body and answers every ModelInfer with one stored gRPC frame (the embedded `simple`
+# model's real answer, captured at the start) and a `grpc-status: 0` trailer, so the proxy,
+# not a model server, is the bottleneck. The load is h2load with a stored request frame, one
+# connection, STREAMS in flight (`keel load --connections 1` where h2load is missing). For
+# each target: req/s, mean / p50 / p99 latency, CPU per call of the proxy's processes
+# (utime + stime from /proc, every thread and, for nginx, master and workers) and their peak
+# RSS. h2load counts HTTP 200 as success, so a short `keel load` run through each target
+# first checks that the answers decode and carry grpc-status 0.
+#
+# Scenarios 2-5 (4 MiB payloads, sick upstreams, memory) use Keels on their embedded backend
+# as model servers, and Keels with fault injection as sick ones.
+#
+# Everything listens on 127.0.0.1 on ports the OS picks, and every process started here is
+# stopped on exit. Run as root, it installs what it lacks (Debian's nginx-light and
+# nghttp2-client); otherwise it says what is missing and leaves that part out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-5s}
+DURATION=${DURATION:-5}
+DURATION=${DURATION%s}
+STREAMS=${STREAMS:-8}
+RATE=${RATE:-1000}
+LOADGEN=${LOADGEN:-h2load}
 JSON_OUT=""
 if [ "${1:-}" = "--json" ]; then JSON_OUT=${2:?--json needs a file}; fi
 
-say() { printf '==> %s\n' "$*" >&2; }
+say() { printf '==> [%4ss] %s\n' "$SECONDS" "$*" >&2; }
+die() {
+  printf 'e2e.sh: %s\n' "$*" >&2
+  exit 1
+}
+
+command -v python3 >/dev/null 2>&1 || die "python3 is missing (it builds the frames and the report)"
 
 say "building keel (release)"
 cargo build --release --quiet
-KEEL=$PWD/target/release/keel
+BUILT=${CARGO_TARGET_DIR:-$PWD/target}/release/keel
+
+# apt_install <command> <Debian package>: installs the package when the command is missing
+# and this runs as root; true when the command is there afterwards.
+apt_install() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    say "installing Debian's $2 (for $1)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null 2>&1; } \
+      || true
+  fi
+  command -v "$1" >/dev/null 2>&1
+}
+HAVE_NGINX=1
+apt_install nginx nginx-light || {
+  HAVE_NGINX=""
+  say "MISSING: nginx (Debian's nginx-light): no canned upstream and no reference proxy;" \
+    "scenario 1 runs against a Keel on its embedded backend, without an nginx column"
+}
+if [ "$LOADGEN" = h2load ] && ! apt_install h2load nghttp2-client; then
+  say "MISSING: h2load (Debian's nghttp2-client): scenario 1 uses keel load --connections 1"
+  LOADGEN=keel
+fi
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -33,6 +84,10 @@ cleanup() {
   if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
+# A copy, so a build in a shared target directory during the run changes nothing.
+cp "$BUILT" "$WORK/keel"
+KEEL=$WORK/keel
+say "keel $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- src Cargo.toml Cargo.lock || echo ' (with uncommitted changes)'); $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 
@@ -58,6 +113,35 @@ start_keel() {
   wait_port "$traffic"
 }
 
+# Starts an nginx with the http{} body $2 (listening on port $1) and $3 worker processes;
+# sets LAST_PID (the master).
+start_nginx() {
+  local p=$1 body=$2 workers=$3 dir=$WORK/nginx-$1
+  mkdir -p "$dir"
+  cat >"$dir/nginx.conf" <<EOF
+worker_processes $workers;
+pid $dir/nginx.pid;
+error_log $dir/error.log error;
+daemon off;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  server_tokens off;
+  client_body_temp_path $dir/body;
+  client_max_body_size 0;
+  # nginx ends an HTTP/2 connection after 1000 requests by default.
+  keepalive_requests 1000000000;
+  keepalive_timeout 600s;
+  http2_max_concurrent_streams 1024;
+$body
+}
+EOF
+  nginx -c "$dir/nginx.conf" -p "$dir" >"$dir/stderr" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+  wait_port "$p"
+}
+
 LIMITS='[server]
 max_in_flight = 100000
 watch = false
@@ -78,79 +162,147 @@ forward() { # forward <upstream port> [extra policy]
   printf '%s\n' "${2:-}"
 }
 
-# --- the servers ---------------------------------------------------------------------
+# --- the model server and the stored frames ------------------------------------------------
 UP=$(port); start_keel "$UP" "$SERVER"; UP_PID=$LAST_PID
-GW=$(port); start_keel "$GW" "$(forward "$UP")"; GW_PID=$LAST_PID
+python3 benches/e2e/frames.py request "$WORK/request.bin"
+python3 benches/e2e/frames.py capture "$UP" "$WORK/request.bin" "$WORK/answer.bin" >&2
 
-NGINX=""
-if ! command -v nginx >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  say "installing Debian's nginx (the reference proxy)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1 \
-    || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null 2>&1; } \
-    || true
-fi
-if command -v nginx >/dev/null 2>&1; then
-  NG=$(port)
-  mkdir -p "$WORK/nginx"
-  cat >"$WORK/nginx/nginx.conf" <<EOF
-worker_processes auto;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log error;
-daemon off;
-events { worker_connections 65536; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/nginx/body;
-  client_max_body_size 0;
-  upstream up { server 127.0.0.1:$UP; keepalive 64; }
+# --- the canned upstream and the proxies ----------------------------------------------------
+# Scenario 1's upstream: CANNED (nginx with the stored answer) or, without nginx, the model
+# server. Scenario 2's: the model server. Keel routes by model; nginx has a port for each.
+NGINX_S1="" NGINX_S2="" NGINX_PID=""
+if [ -n "$HAVE_NGINX" ]; then
+  CANNED=$(port)
+  mkdir -p "$WORK/canned"
+  chmod 711 "$WORK" # nginx's workers run as another user and read the stored answer
+  cp "$WORK/answer.bin" "$WORK/canned/answer.bin"
+  # A POST for a static file is 405, which error_page turns into the file with status 200
+  # (an internal GET). mirror makes nginx read the whole request body first: without it
+  # nginx answers as soon as the HEADERS frame arrives and resets the stream. Any other gRPC
+  # method (path) is UNIMPLEMENTED, so nothing mistakes the answer for another call's.
+  start_nginx "$CANNED" "  types { }
+  default_type application/grpc;
   server {
-    listen 127.0.0.1:$NG http2;
-    location / { grpc_pass grpc://up; grpc_read_timeout 60s; grpc_send_timeout 60s; }
+    listen 127.0.0.1:$CANNED http2;
+    root $WORK/canned;
+    location = /inference.GRPCInferenceService/ModelInfer {
+      mirror /read-body;
+      mirror_request_body on;
+      try_files /answer.bin =500;
+      error_page 405 =200 /answer.bin;
+    }
+    location = /answer.bin { internal; etag off; add_trailer grpc-status 0 always; }
+    location = /read-body { internal; return 204; }
+    location / { add_header grpc-status 12 always; return 200; }
+  }" 1
+  CANNED_PID=$LAST_PID
+  say "canned upstream: nginx on 127.0.0.1:$CANNED answering $(stat -c %s "$WORK/answer.bin") bytes"
+  NGINX_S1=$(port); NGINX_S2=$(port)
+  start_nginx "$NGINX_S1" "  upstream canned { server 127.0.0.1:$CANNED; keepalive 64; keepalive_requests 1000000000; }
+  upstream model { server 127.0.0.1:$UP; keepalive 64; keepalive_requests 1000000000; }
+  server {
+    listen 127.0.0.1:$NGINX_S1 http2;
+    location / { grpc_pass grpc://canned; grpc_read_timeout 60s; grpc_send_timeout 60s; }
   }
-}
-EOF
-  nginx -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" >/dev/null 2>&1 &
-  PIDS+=("$!")
-  wait_port "$NG"
-  NGINX=$NG
-  say "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') grpc_pass on 127.0.0.1:$NG"
+  server {
+    listen 127.0.0.1:$NGINX_S2 http2;
+    location / { grpc_pass grpc://model; grpc_read_timeout 60s; grpc_send_timeout 60s; }
+  }" auto
+  NGINX_PID=$LAST_PID
+  say "nginx $(nginx -v 2>&1 | sed 's/.*nginx\///') grpc_pass on 127.0.0.1:$NGINX_S1 (canned) and :$NGINX_S2 (model server)"
 else
-  say "nginx not available: the reference proxy column is left out"
+  CANNED=$UP
+  CANNED_PID=$UP_PID
 fi
 
-targets="direct:$UP keel:$GW"
-[ -n "$NGINX" ] && targets="$targets nginx:$NGINX"
+GW=$(port)
+start_keel "$GW" "$LIMITS
+[upstreams.canned]
+endpoints = [\"127.0.0.1:$CANNED\"]
+[upstreams.model]
+endpoints = [\"127.0.0.1:$UP\"]
+[models.simple]
+backend = \"canned\"
+[models.identity]
+backend = \"model\""
+GW_PID=$LAST_PID
 
-# load <name> <target port> <extra keel load flags...>: one run, JSON kept.
-load() {
+# Scenario 1's targets (name:port:pid of the processes whose CPU and memory count) and
+# scenario 2's (name:port).
+S1="direct:$CANNED:$CANNED_PID keel:$GW:$GW_PID"
+S2="direct:$UP keel:$GW"
+if [ -n "$NGINX_S1" ]; then
+  S1="$S1 nginx:$NGINX_S1:$NGINX_PID"
+  S2="$S2 nginx:$NGINX_S2"
+fi
+
+# CPU ticks (utime + stime) and peak resident KiB of a process tree (nginx: the master and
+# its workers).
+cpu_ticks() { python3 benches/e2e/proc.py cpu "$1"; }
+hwm_kib() { python3 benches/e2e/proc.py hwm "$1"; }
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+
+# keel_load <name> <target port> <keel load flags...>: one run, its JSON kept.
+keel_load() {
   local name=$1 target=$2; shift 2
   "$KEEL" load --target "127.0.0.1:$target" --json "$WORK/$name.json" "$@" >/dev/null 2>"$WORK/$name.err" \
     || { cat "$WORK/$name.err" >&2; return 1; }
 }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+# small <name> <target port> [rate]: scenario 1's load, one connection, STREAMS in flight,
+# closed loop or at a fixed rate; leaves $WORK/<name>.json (rps, ok, latency in ms).
+small() {
+  local name=$1 target=$2 rate=${3:-}
+  if [ "$LOADGEN" = h2load ]; then
+    # shellcheck disable=SC2046
+    h2load -c 1 -m "$STREAMS" -D "$DURATION" $([ -n "$rate" ] && echo "--rps $rate") \
+      -d "$WORK/request.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
+      --log-file "$WORK/$name.log" \
+      "http://127.0.0.1:$target/inference.GRPCInferenceService/ModelInfer" >"$WORK/$name.out" 2>&1 \
+      || { cat "$WORK/$name.out" >&2; return 1; }
+    python3 benches/e2e/frames.py h2load "$WORK/$name.out" "$WORK/$name.log" "$WORK/$name.json"
+  else
+    keel_load "$name" "$target" --payload simple --connections 1 --concurrency "$STREAMS" \
+      --duration "${DURATION}s" ${rate:+--rate "$rate"}
+  fi
+}
 
-# --- 1 and 2: throughput and added latency, in alternation ------------------------------
-declare -A SCEN=(
-  [s1_saturation]="--payload simple --concurrency 64 --connections 4 --duration $DURATION"
-  [s1_rate]="--payload simple --rate 1000 --concurrency 256 --connections 4 --duration $DURATION"
-  [s2_large]="--payload identity:4MiB --concurrency 8 --connections 2 --duration $DURATION"
-)
-CPU_KEEL_TICKS=0; CPU_KEEL_REQS=0
-for scenario in s1_saturation s1_rate s2_large; do
+# --- 0: every target of scenario 1 answers the stored frame with grpc-status 0 -----------------
+for t in $S1; do
+  IFS=: read -r name p _ <<<"$t"
+  keel_load "verify-$name" "$p" --payload simple --connections 1 --concurrency "$STREAMS" --requests 2000
+  python3 - "$WORK/verify-$name.json" "$name" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+if r["success_ratio"] != 1.0:
+    sys.exit(f"{sys.argv[2]}: keel load saw {r['errors_by_code']} in {r['requests']} calls")
+print(f"==> {sys.argv[2]}: {r['requests']} calls decoded as ModelInferResponse, all grpc-status 0", file=sys.stderr)
+PY
+done
+
+# --- 1: small unary, at saturation and at a fixed rate, in alternation ----------------------
+for mode in sat rate; do
   for r in $(seq 1 "$ROUNDS"); do
-    for t in $targets; do
-      name=${t%%:*}; p=${t##*:}
-      say "$scenario round $r: $name"
-      before=$(cpu_ticks "$GW_PID")
-      # shellcheck disable=SC2086
-      load "$scenario-$name-$r" "$p" ${SCEN[$scenario]}
-      if [ "$scenario" = s1_saturation ] && [ "$name" = keel ]; then
-        CPU_KEEL_TICKS=$((CPU_KEEL_TICKS + $(cpu_ticks "$GW_PID") - before))
-        CPU_KEEL_REQS=$((CPU_KEEL_REQS + $(python3 -c "import json;print(json.load(open('$WORK/$scenario-$name-$r.json'))['requests'])")))
-      fi
+    for t in $S1; do
+      IFS=: read -r name p pid <<<"$t"
+      say "s1_$mode round $r: $name"
+      before=$(cpu_ticks "$pid") up_before=$(cpu_ticks "$CANNED_PID")
+      small "s1_$mode-$name-$r" "$p" "$([ "$mode" = rate ] && echo "$RATE")"
+      # The proxy's CPU over the run, and the canned upstream's (the same work every time).
+      echo "$(($(cpu_ticks "$pid") - before)) $(($(cpu_ticks "$CANNED_PID") - up_before))" \
+        >"$WORK/s1_$mode-$name-$r.ticks"
+      hwm_kib "$pid" >"$WORK/s1-$name.hwm"
     done
+  done
+done
+
+# --- 2: 4 MiB payloads to the model server, in alternation -------------------------------------
+for r in $(seq 1 "$ROUNDS"); do
+  for t in $S2; do
+    name=${t%%:*}; p=${t##*:}
+    say "s2_large round $r: $name"
+    keel_load "s2_large-$name-$r" "$p" --payload identity:4MiB --concurrency 8 --connections 2 \
+      --duration "${DURATION}s"
   done
 done
 
@@ -167,7 +319,7 @@ code = \"UNAVAILABLE\""
 GW10=$(port); start_keel "$GW10" "$(forward "$SICK10" '[defaults.breaker]
 consecutive_failures = 50')"
 say "s3: upstream failing 10% UNAVAILABLE"
-load s3_sick10 "$GW10" --payload simple --concurrency 32 --requests 20000
+keel_load s3_sick10 "$GW10" --payload simple --concurrency 32 --requests 20000
 
 DEAD=$(port); start_keel "$DEAD" "$SERVER
 [models.simple]
@@ -177,7 +329,7 @@ percent = 100
 code = \"UNAVAILABLE\""
 GWD=$(port); start_keel "$GWD" "$(forward "$DEAD")"
 say "s4: upstream failing 100%"
-load s4_dead "$GWD" --payload simple --concurrency 32 --requests 20000
+keel_load s4_dead "$GWD" --payload simple --concurrency 32 --requests 20000
 
 # --- 5: memory ----------------------------------------------------------------------------
 SLOW=$(port); start_keel "$SLOW" "$SERVER
@@ -208,56 +360,7 @@ sleep 2
 RSS_AFTER=$(rss_kib "$GWS_PID")
 
 # --- report -------------------------------------------------------------------------------
-python3 - "$WORK" "$ROUNDS" "$targets" "$CPU_KEEL_TICKS" "$CPU_KEEL_REQS" "$(getconf CLK_TCK)" \
-  "$RSS_IDLE" "$RSS_1K" "$RSS_10K" "$RSS_AFTER" "$JSON_OUT" <<'PY'
-import json, statistics, sys
-work, rounds, targets = sys.argv[1], int(sys.argv[2]), [t.split(":")[0] for t in sys.argv[3].split()]
-cpu_ticks, cpu_reqs, clk = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-rss = dict(zip(["idle", "1k", "10k", "after"], (int(x) / 1024 for x in sys.argv[7:11])))
-out_json = sys.argv[11]
-
-def runs(scen, t):
-    return [json.load(open(f"{work}/{scen}-{t}-{r}.json")) for r in range(1, rounds + 1)]
-
-def med(scen, t, f):
-    return statistics.median(f(r) for r in runs(scen, t))
-
-figures = {}
-print(f"\n{rounds} rounds per target, in alternation ({', '.join(targets)})\n")
-for scen, title in [("s1_saturation", "1. small unary (simple [1,16] INT32) at saturation, 64 in flight"),
-                    ("s1_rate", "1. small unary at a fixed 1000 req/s (open loop)"),
-                    ("s2_large", "2. large payload (identity, 4 MiB FP32), 8 in flight")]:
-    print(title)
-    print(f"  {'target':<8} {'req/s':>10} {'p50 ms':>9} {'p99 ms':>9} {'ok %':>8}")
-    row = {}
-    for t in targets:
-        rps = med(scen, t, lambda r: r["rps"])
-        p50 = med(scen, t, lambda r: r["latency_ms"]["p50"])
-        p99 = med(scen, t, lambda r: r["latency_ms"]["p99"])
-        ok = med(scen, t, lambda r: r["success_ratio"]) * 100
-        row[t] = dict(rps=rps, p50=p50, p99=p99, ok=ok)
-        print(f"  {t:<8} {rps:>10.0f} {p50:>9.3f} {p99:>9.3f} {ok:>8.3f}")
-    d, k = row["direct"], row["keel"]
-    print(f"  keel/direct throughput {k['rps']/d['rps']:.3f}; added p50 {k['p50']-d['p50']:+.3f} ms, p99 {k['p99']-d['p99']:+.3f} ms")
-    if "nginx" in row:
-        n = row["nginx"]
-        print(f"  keel/nginx throughput {k['rps']/n['rps']:.3f}; nginx added p50 {n['p50']-d['p50']:+.3f} ms, p99 {n['p99']-d['p99']:+.3f} ms")
-    figures[scen] = row
-    print()
-
-s3 = json.load(open(f"{work}/s3_sick10.json"))
-print("3. upstream failing 10% UNAVAILABLE, 3 attempts, through Keel")
-print(f"  success {s3['success_ratio']*100:.3f}% of {s3['requests']}; attempts per request {s3['attempts_per_request']:.3f}\n")
-s4 = json.load(open(f"{work}/s4_dead.json"))
-print("4. upstream failing 100%, through Keel")
-print(f"  attempts per request {s4['attempts_per_request']:.3f} (budget: 1 + 0.2 + floor); "
-      f"p99 {s4['latency_ms']['p99']:.3f} ms; errors by reason {s4['errors_by_reason']}\n")
-print("5. Keel's resident memory (MiB)")
-print(f"  idle {rss['idle']:.1f}; peak with 1,000 in flight {rss['1k']:.1f}; with 10,000 {rss['10k']:.1f}; after {rss['after']:.1f}\n")
-cpu = cpu_ticks / clk / max(cpu_reqs / 1000, 1e-9)
-print("6. CPU (scenario 1 at saturation, through Keel)")
-print(f"  {cpu:.4f} CPU-seconds per 1,000 requests\n")
-figures.update(s3=s3, s4=s4, rss_mib=rss, cpu_s_per_1000=cpu)
-if out_json:
-    json.dump(figures, open(out_json, "w"), indent=2)
-PY
+say "runs done; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+python3 benches/e2e/report.py "$WORK" "$ROUNDS" "$S1" "$S2" "$(getconf CLK_TCK)" \
+  "$RSS_IDLE" "$RSS_1K" "$RSS_10K" "$RSS_AFTER" "$LOADGEN" "$STREAMS" "$RATE" \
+  "$([ -n "$HAVE_NGINX" ] && echo canned || echo embedded)" "$JSON_OUT"

@@ -28,6 +28,7 @@
 //! - [`grpc_code`]: gRPC status codes by name and by metric label (a leaf, shared by
 //!   policy and metrics).
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
+//! - [`worker`]: the traffic workers (a thread and runtime per core) and which one runs.
 //! - [`load`]: `keel load`, the OIP load generator.
 
 pub mod adapt;
@@ -50,6 +51,7 @@ pub mod route;
 pub mod server;
 pub mod transport;
 pub mod upstream;
+pub mod worker;
 
 pub use error::Error;
 pub use policy::Policy;

@@ -90,10 +90,14 @@ pub(crate) fn enter(index: usize) {
 /// Binds `workers` listening sockets on `addr`, all with `SO_REUSEPORT`, so the kernel
 /// spreads new connections over them. With port 0, the first socket's port is used for the
 /// others. Needs a Tokio runtime (the sockets are returned deregistered from it).
+///
+/// # Errors
+///
+/// When the address is already in use, by anything: before the group binds, a socket
+/// without `SO_REUSEPORT` tries the address, so a second Keel started on the same port
+/// fails as it always did instead of silently sharing the port's connections.
 pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
-    let mut addr = addr;
-    let mut out = Vec::with_capacity(workers);
-    for _ in 0..workers.max(1) {
+    let socket = |addr: SocketAddr| -> io::Result<tokio::net::TcpSocket> {
         let socket = match addr {
             SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
             SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -101,6 +105,16 @@ pub fn bind(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpLis
         // As tokio's TcpListener::bind does: a restart may bind while old connections of
         // the last process are still in TIME_WAIT.
         socket.set_reuseaddr(true)?;
+        Ok(socket)
+    };
+    if addr.port() != 0 {
+        // Closed at once; only its bind matters.
+        socket(addr)?.bind(addr)?;
+    }
+    let mut addr = addr;
+    let mut out = Vec::with_capacity(workers);
+    for _ in 0..workers.max(1) {
+        let socket = socket(addr)?;
         #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos"))))]
         socket.set_reuseport(true)?;
         socket.bind(addr)?;
@@ -287,6 +301,21 @@ mod tests {
         assert!(seen.1 >= 3);
         // The index is the thread's own: this thread is still no worker.
         assert_eq!(index(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_sockets_of_the_workers_share_one_port_and_no_one_else_may_join() {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let group = bind(any, 3).unwrap();
+        let port = group[0].local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        assert!(group.iter().all(|l| l.local_addr().unwrap().port() == port));
+        // A second Keel on the same address fails, as it would without SO_REUSEPORT.
+        let taken = SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(bind(taken, 2).unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        let plain = std::net::TcpListener::bind(any).unwrap();
+        let held = plain.local_addr().unwrap();
+        assert_eq!(bind(held, 2).unwrap_err().kind(), io::ErrorKind::AddrInUse);
     }
 
     #[test]

@@ -378,3 +378,69 @@ async fn shutdown_drains_the_calls_of_every_worker() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_drain_timeout_cuts_the_calls_of_every_worker() {
+    let up = ScriptedUpstream::new(Script::slow(Duration::from_secs(600)));
+    let (addr, _stop) = up.serve().await;
+    let mut keel = Workers::start(&simple_via(addr, "[server]\ndrain_timeout = \"200ms\"")).await;
+    let mut calls = Vec::new();
+    for c in keel.clients().await {
+        calls.push(up.call_in_flight(c).await);
+    }
+    keel.begin_shutdown();
+    // `stop` bounds the wait at 20s; the drain timeout ends it far sooner.
+    keel.stop().await.unwrap();
+    for (i, call) in calls.into_iter().enumerate() {
+        let cut = tokio::time::timeout(Duration::from_secs(10), call)
+            .await
+            .unwrap()
+            .unwrap();
+        let s = cut.expect_err("a call still running after the drain timeout is cut");
+        assert_eq!(s.code(), Code::Unavailable, "worker {i}");
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "DRAIN_TIMEOUT",
+            "worker {i}"
+        );
+    }
+}
+
+/// The threads of process `pid` named `keel-worker-*`.
+#[cfg(target_os = "linux")]
+fn worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .filter(|name| name.starts_with("keel-worker-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn keel_serve_runs_server_workers_threads_on_one_port_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("policy.toml");
+    std::fs::write(&config, "[server]\nworkers = 3\ndrain_grace = \"10ms\"\n").unwrap();
+    let process = KeelProcess::spawn(&["--config", config.to_str().unwrap()], &[]).await;
+    // The startup line is printed as the workers start: poll, bounded.
+    let mut threads = 0;
+    for _ in 0..200 {
+        threads = worker_threads(process.pid());
+        if threads == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(threads, 3, "one thread per worker");
+    // Connections to the one port are served, whichever worker the kernel gives each.
+    for _ in 0..6 {
+        let mut client = connect(process.addr).await;
+        client.model_infer(simple_request()).await.unwrap();
+    }
+    assert_eq!(process.stop().await, Some(0));
+}

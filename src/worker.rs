@@ -24,7 +24,8 @@
 //! # Index and count
 //!
 //! - [`index`] is the worker this thread serves, set once when the worker thread starts;
-//!   0 on any other thread (the main runtime, a test's runtime, an in-process server).
+//!   0 on any other thread (the main runtime, a test's runtime, an in-process server),
+//!   where [`current`] is `None`.
 //! - [`count`] is at least 1 and above every [`index`] any thread of this process can see,
 //!   so a table of `count()` entries indexed by `index()` never overflows. It only grows:
 //!   it is the most workers any server of this process started.
@@ -49,8 +50,9 @@ use tower::Service;
 use crate::transport::{self, Accept, Buffers, Connections, Http2};
 
 thread_local! {
-    /// Set by [`enter`] when a worker thread starts; never changed after.
-    static INDEX: Cell<usize> = const { Cell::new(0) };
+    /// Set by [`enter`] when a worker thread starts; never changed after. `None`: this
+    /// thread is no worker.
+    static INDEX: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
 /// The most workers any server of this process started; 0 before any did.
@@ -58,6 +60,13 @@ static COUNT: AtomicUsize = AtomicUsize::new(0);
 
 /// The index of the worker running on this thread; 0 outside any worker.
 pub fn index() -> usize {
+    current().unwrap_or(0)
+}
+
+/// The index of the worker running on this thread, `None` outside any worker: for state
+/// that must tell a worker's own use from the main runtime's (an upstream connection whose
+/// task should not be spawned on the main runtime, say).
+pub fn current() -> Option<usize> {
     INDEX.with(Cell::get)
 }
 
@@ -84,7 +93,7 @@ pub(crate) fn starting(workers: usize) {
 
 /// Marks the current thread as worker `index`; called first thing on a worker thread.
 pub(crate) fn enter(index: usize) {
-    INDEX.with(|i| i.set(index));
+    INDEX.with(|i| i.set(Some(index)));
 }
 
 /// Binds `workers` listening sockets on `addr`, all with `SO_REUSEPORT`, so the kernel
@@ -288,19 +297,19 @@ mod tests {
 
     #[test]
     fn a_thread_outside_any_worker_is_worker_zero_and_every_index_is_below_the_count() {
-        assert_eq!(index(), 0);
+        assert_eq!((index(), current()), (0, None));
         assert!(count() >= 1);
         starting(3);
         let seen = std::thread::spawn(|| {
             enter(2);
-            (index(), count())
+            (index(), current(), count())
         })
         .join()
         .unwrap_or_default();
-        assert_eq!(seen.0, 2);
-        assert!(seen.1 >= 3);
+        assert_eq!((seen.0, seen.1), (2, Some(2)));
+        assert!(seen.2 >= 3);
         // The index is the thread's own: this thread is still no worker.
-        assert_eq!(index(), 0);
+        assert_eq!((index(), current()), (0, None));
     }
 
     #[tokio::test]

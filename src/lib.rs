@@ -28,6 +28,7 @@
 //! - [`grpc_code`]: gRPC status codes by name and by metric label (a leaf, shared by
 //!   policy and metrics).
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
+//! - [`worker`]: the traffic workers (a thread and runtime per core) and which one runs.
 //! - [`load`]: `keel load`, the OIP load generator.
 //! - [`worker`]: which per-core worker the current thread is.
 

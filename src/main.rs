@@ -405,7 +405,9 @@ fn serve(args: ServeArgs) -> ExitCode {
             .is_some_and(|v| v.split(',').any(|x| x.trim() == "rpc/dup")),
         drain_grace: None,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // The main runtime runs what runs once (admin listener, policy watch, SIGHUP, health,
+    // span export, the drain); traffic runs on `server.workers` threads of their own.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -432,13 +434,18 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
         let server = keel.store().current().policy.server.clone();
-        let listener = match tokio::net::TcpListener::bind(server.listen).await {
+        let workers = keel::worker::resolve(server.workers);
+        let listeners = match keel::worker::bind(server.listen, workers) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("keel: cannot listen on {} (traffic): {e}", server.listen);
                 return ExitCode::FAILURE;
             }
         };
+        let local = listeners
+            .first()
+            .and_then(|l| l.local_addr().ok())
+            .unwrap_or(server.listen);
         let admin = match tokio::net::TcpListener::bind(server.admin_listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -454,11 +461,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         println!(
             "keel {} listening on {} (gRPC, OIP v2), admin on {}, serving models: {}",
             env!("CARGO_PKG_VERSION"),
-            listener.local_addr().unwrap_or(server.listen),
+            local,
             admin.local_addr().unwrap_or(server.admin_listen),
             names.join(", ")
         );
-        match keel.serve(listener, Some(admin), shutdown).await {
+        match keel.serve_workers(listeners, Some(admin), shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keel: {e}");

@@ -22,6 +22,13 @@
 //! GOAWAY), and in-flight calls finish. Calls still running after `server.drain_timeout`
 //! are cut (UNAVAILABLE); traffic connections still open a moment later are closed, admin
 //! ones are left behind.
+//!
+//! # Workers
+//!
+//! [`Keel::serve`] serves traffic in the caller's runtime; [`Keel::serve_workers`] on a
+//! worker thread per listener ([`crate::worker`]), all sharing one traffic stack and its
+//! state. Everything above runs once, in the caller's runtime; the drain reaches every
+//! worker, and `serve_workers` returns when all have drained (or the cut passed).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -30,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures::future::Either;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::transport::Server;
@@ -59,6 +67,7 @@ use crate::route::{self, Deliver, Router};
 use crate::transport::{self, Accept, Http2, Tls};
 use crate::upstream::Operation;
 use crate::upstream::embedded::Embedded;
+use crate::worker;
 
 /// What to serve and where: the inputs of [`Keel::new`].
 #[derive(Clone, Debug, Default)]
@@ -138,6 +147,33 @@ pub struct Keel {
     tls: Option<Arc<Tls>>,
     /// The admin listener's TLS, when `[server.admin_tls]` is set; re-read likewise.
     admin_tls: Option<Arc<Tls>>,
+}
+
+/// Where traffic is served: by one worker in the caller's runtime, or by a worker thread
+/// per listener.
+enum Traffic {
+    Here(TcpListener),
+    Threads(Vec<std::net::TcpListener>),
+}
+
+impl Traffic {
+    /// The traffic address (the first listener's, with several).
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Traffic::Here(l) => l.local_addr(),
+            Traffic::Threads(ls) => ls.first().map_or_else(
+                || Err(std::io::Error::from(std::io::ErrorKind::InvalidInput)),
+                std::net::TcpListener::local_addr,
+            ),
+        }
+    }
+
+    fn workers(&self) -> usize {
+        match self {
+            Traffic::Here(_) => 1,
+            Traffic::Threads(ls) => ls.len(),
+        }
+    }
 }
 
 /// The tower stack of one per-model method, outermost layer first.
@@ -262,6 +298,24 @@ impl Keel {
                 );
             }));
         }
+        {
+            // The workers start once: a swap that changes `server.workers` is accepted
+            // (nothing else depends on it) and says when it applies.
+            let (weak, started) = (Arc::downgrade(&store), server.workers);
+            store.listen(Box::new(move |_, result| {
+                let Some(store) = weak.upgrade().filter(|_| result == "accepted") else {
+                    return;
+                };
+                let workers = store.current().policy.server.workers;
+                if workers != started {
+                    tracing::warn!(
+                        workers,
+                        started,
+                        "server.workers changed; it applies at the next start"
+                    );
+                }
+            }));
+        }
         metrics
             .policy_reloads
             .get_or_create(&ReloadLabels {
@@ -324,14 +378,51 @@ impl Keel {
     }
 
     /// Serves traffic on `listener` and, when given, the admin API on `admin`, until
-    /// `shutdown` completes and in-flight calls have drained.
+    /// `shutdown` completes and in-flight calls have drained. Traffic is served by one
+    /// worker, in the caller's runtime.
     pub async fn serve(
         self,
         listener: TcpListener,
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let local: SocketAddr = listener.local_addr()?;
+        self.run(Traffic::Here(listener), admin, shutdown).await
+    }
+
+    /// As [`Keel::serve`], with one traffic worker per listener: each an OS thread with a
+    /// `current_thread` runtime of its own, serving the connections of its listener
+    /// ([`crate::worker`]). The binary passes `server.workers` sockets bound to one
+    /// address with `SO_REUSEPORT` ([`crate::worker::bind`]); a test may pass listeners
+    /// on distinct ports, to know which worker each connection reaches. The admin
+    /// listener, the policy watch, health and the drain run in the caller's runtime.
+    ///
+    /// # Errors
+    ///
+    /// As [`Keel::serve`]; also when `listeners` is empty, or a worker's thread or runtime
+    /// cannot be made.
+    pub async fn serve_workers(
+        self,
+        listeners: Vec<std::net::TcpListener>,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        if listeners.is_empty() {
+            return Err(ServeError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "no traffic listener for the workers",
+            )));
+        }
+        self.run(Traffic::Threads(listeners), admin, shutdown).await
+    }
+
+    async fn run(
+        self,
+        traffic: Traffic,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let local: SocketAddr = traffic.local_addr()?;
+        let workers = traffic.workers();
         let admin_local = admin.as_ref().map(TcpListener::local_addr).transpose()?;
         let first = self.store.current();
         let max = first.policy.server.max_message_size;
@@ -530,6 +621,7 @@ impl Keel {
 
         tracing::info!(
             listen = %local,
+            workers,
             admin_listen = %admin_local.map_or_else(|| "none".to_string(), |a| a.to_string()),
             admin_token = self.admin_token.is_some(),
             policy_revision = first.revision,
@@ -564,13 +656,48 @@ impl Keel {
             }))
             .layer(MapResponseLayer::new(receipt::move_to_trailers))
             .service(routes);
-        let server = transport::serve(
-            transport::incoming(listener, accept),
-            traffic_service,
-            Http2::from_settings(&first.policy.server),
+        // True once the drain begins: every worker stops accepting and drains.
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let work = worker::Traffic {
+            service: traffic_service,
+            open: transport::Connections::new(&accept),
+            accept,
+            http2: Http2::from_settings(&first.policy.server),
             buffers,
-            signal,
-        );
+        };
+        let (drained, exit) = match traffic {
+            Traffic::Here(listener) => {
+                let incoming = transport::incoming_counted(listener, work.accept, work.open);
+                let mut stop = stop_rx;
+                let stopped = async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                };
+                let served =
+                    transport::serve(incoming, work.service, work.http2, work.buffers, stopped);
+                (Either::Left(served), worker::Exit::none())
+            }
+            Traffic::Threads(listeners) => {
+                let (drained, exit) = worker::spawn(listeners, &work, &stop_rx).await?;
+                (Either::Right(drained), exit)
+            }
+        };
+        // The drain sequence runs here, once, whatever the number of workers; when it
+        // ends, every worker stops accepting. Dropped unfinished when the workers ended on
+        // their own.
+        let server = async move {
+            let mut drained = std::pin::pin!(drained);
+            let mut signal = std::pin::pin!(signal);
+            let mut signalled = false;
+            loop {
+                tokio::select! {
+                    () = &mut drained => return,
+                    () = &mut signal, if !signalled => {
+                        signalled = true;
+                        let _ = stop_tx.send(true);
+                    }
+                }
+            }
+        };
         let began = began_rx.clone();
         let drain_deadline = async move {
             match shutdown_began(began).await {
@@ -579,7 +706,8 @@ impl Keel {
             }
         };
         let traffic = async move {
-            tokio::pin!(server);
+            // Boxed, once per serve, so it can be dropped before the workers end.
+            let mut server = Box::pin(server);
             tokio::select! {
                 () = &mut server => tracing::info!("shutdown: drained"),
                 () = drain_deadline => {
@@ -591,6 +719,10 @@ impl Keel {
                     }
                 }
             }
+            // One worker here: its connections still open close with `server`. Worker
+            // threads: their runtimes end, closing theirs.
+            drop(server);
+            exit.now(CUT_GRACE).await;
             Ok::<(), ServeError>(())
         };
         let (traffic, admin) = tokio::join!(traffic, run_admin(admin_server, began_rx));

@@ -240,6 +240,7 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
             "must be at least server.max_buffered_per_connection",
         );
     }
+    let workers = s.count(p, "workers", 0..=1024).unwrap_or(d.workers);
     s.finish(p);
     ServerSettings {
         listen,
@@ -264,6 +265,7 @@ fn server(mut s: Section<'_>, p: &mut Problems) -> ServerSettings {
         handshake_timeout,
         max_buffered_per_connection,
         max_buffered,
+        workers,
     }
 }
 

@@ -177,6 +177,10 @@ pub struct ServerSettings {
     pub max_buffered_per_connection: usize,
     /// The same bound for all connections together.
     pub max_buffered: usize,
+    /// Traffic workers: OS threads, each with its own runtime and listening socket on
+    /// `listen`, so a call's wake-ups stay on one core. 0: one per core Keel may use. Read
+    /// at startup only; a swap that changes it is accepted and applies at the next start.
+    pub workers: u32,
 }
 
 impl Default for ServerSettings {
@@ -204,6 +208,7 @@ impl Default for ServerSettings {
             handshake_timeout: Duration::from_secs(5),
             max_buffered_per_connection: 256 << 20,
             max_buffered: 1 << 30,
+            workers: 0,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! # Accepting
 //!
 //! 1. The loop accepts a TCP connection and takes one of the listener's
-//!    `server.max_connections` slots. At the cap, a connection that never became useful
+//!    `server.max_connections` slots ([`Connections`], one for all the sockets the
+//!    listener's workers accept on). At the cap, a connection that never became useful
 //!    is closed to make room ([`open`](self::open) says which); when every open one made
 //!    a call, the new one is closed at once and counted in
 //!    `keel_connections_refused_total`.
@@ -87,24 +88,49 @@ pub struct Accept {
     pub metrics: Arc<Metrics>,
 }
 
+/// A listener's open connections, counted against its `max_connections`: one for all the
+/// sockets of a listener, so the cap bounds the listener however many workers accept on it
+/// (each with its own socket). Taken on accept and on close only, never per call.
+#[derive(Clone)]
+pub struct Connections(Arc<Open>);
+
+impl Connections {
+    /// No connection open yet, with the cap and the use reports of `accept`.
+    pub fn new(accept: &Accept) -> Connections {
+        Connections(Open::new(accept.max_connections, accept.reports_use))
+    }
+}
+
 /// The connections accepted on `listener`, for [`serve`] or tonic's
-/// `serve_with_incoming_shutdown`.
+/// `serve_with_incoming_shutdown`, counted against a cap of their own.
 pub fn incoming(
     listener: TcpListener,
     accept: Accept,
 ) -> impl Stream<Item = Result<Conn, io::Error>> + Send + 'static {
+    let open = Connections::new(&accept);
+    incoming_counted(listener, accept, open)
+}
+
+/// The connections accepted on `listener`, counted in `open` with those of the other
+/// sockets of the same listener (one per worker). The accept loop runs on the calling
+/// runtime.
+pub fn incoming_counted(
+    listener: TcpListener,
+    accept: Accept,
+    open: Connections,
+) -> impl Stream<Item = Result<Conn, io::Error>> + Send + 'static {
     // A short queue: the server takes connections as fast as they come.
     let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(accept_loop(listener, accept, tx));
+    tokio::spawn(accept_loop(listener, accept, open.0, tx));
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 async fn accept_loop(
     listener: TcpListener,
     accept: Accept,
+    open: Arc<Open>,
     tx: mpsc::Sender<Result<Conn, io::Error>>,
 ) {
-    let open = Open::new(accept.max_connections, accept.reports_use);
     let labels = ListenerLabels {
         listener: accept.name,
     };

@@ -329,6 +329,27 @@ fn buffer_limits_let_one_whole_message_in_and_grow_with_it() {
 }
 
 #[test]
+fn workers_default_to_the_cores_and_are_bounded() {
+    assert_eq!(Policy::parse("").unwrap().server.workers, 0);
+    assert_eq!(
+        Policy::parse("[server]\nworkers = 4\n")
+            .unwrap()
+            .server
+            .workers,
+        4
+    );
+    assert_eq!(
+        errors("[server]\nworkers = 1025\n"),
+        ["server.workers: 1025 is out of range: must be 0..=1024"]
+    );
+    assert_eq!(
+        errors("[server]\nworkers = -1\n"),
+        ["server.workers: -1 is out of range: must be 0..=1024"]
+    );
+    assert_eq!(errors("[server]\nworkers = \"all\"\n").len(), 1);
+}
+
+#[test]
 fn syntax_errors_say_where() {
     let errs = errors("a = 1\n[server\nlisten = 1");
     assert_eq!(errs.len(), 1);

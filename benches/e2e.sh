@@ -10,7 +10,8 @@
 #
 # Knobs: ROUNDS, DURATION (seconds per run), STREAMS (scenario 1's streams in flight on its
 # one connection, 8), RATE (scenario 1's fixed rate, 1000 req/s), LOADGEN (h2load or keel),
-# KEEP=1 (keep the work directory).
+# KEEP=1 (keep the work directory), KEEL_B (another keel binary, measured as `keel_b` in
+# scenarios 1 and 2 beside this tree's: an A/B in one run).
 #
 # Scenario 1 (small unary) runs against a canned-answer upstream: an nginx that reads each
 # request body and answers every ModelInfer with one stored gRPC frame (the embedded `simple`
@@ -226,11 +227,28 @@ backend = \"canned\"
 [models.identity]
 backend = \"model\""
 GW_PID=$LAST_PID
+# KEEL_B=<binary>: a second Keel gateway with the same policy, from another build, measured
+# in the same rounds (an A/B of a change, in one run).
+GWB=""
+if [ -n "${KEEL_B:-}" ]; then
+  cp "$KEEL_B" "$WORK/keel_b"
+  GWB=$(port); GWB_ADMIN=$(port)
+  cp "$WORK/keel-$GW.toml" "$WORK/keel_b.toml"
+  "$WORK/keel_b" --log-level error serve --config "$WORK/keel_b.toml" --listen "127.0.0.1:$GWB" \
+    --admin-listen "127.0.0.1:$GWB_ADMIN" >"$WORK/keel_b.log" 2>&1 &
+  GWB_PID=$!
+  PIDS+=("$GWB_PID")
+  wait_port "$GWB"
+fi
 
 # Scenario 1's targets (name:port:pid of the processes whose CPU and memory count) and
 # scenario 2's (name:port).
 S1="direct:$CANNED:$CANNED_PID keel:$GW:$GW_PID"
 S2="direct:$UP keel:$GW"
+if [ -n "$GWB" ]; then
+  S1="$S1 keel_b:$GWB:$GWB_PID"
+  S2="$S2 keel_b:$GWB"
+fi
 if [ -n "$NGINX_S1" ]; then
   S1="$S1 nginx:$NGINX_S1:$NGINX_PID"
   S2="$S2 nginx:$NGINX_S2"

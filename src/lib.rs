@@ -30,7 +30,6 @@
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
 //! - [`worker`]: the traffic workers (a thread and runtime per core) and which one runs.
 //! - [`load`]: `keel load`, the OIP load generator.
-//! - [`worker`]: which per-core worker the current thread is.
 
 pub mod adapt;
 pub mod api;

@@ -142,6 +142,15 @@ async fn upstream(
     (addr, seen, task)
 }
 
+/// The ModelInfer requests the upstream received, in order.
+fn model_infers(seen: &Mutex<Vec<Received>>) -> Vec<Received> {
+    let seen = seen.lock().unwrap();
+    seen.iter()
+        .filter(|r| r.path.ends_with("/ModelInfer"))
+        .cloned()
+        .collect()
+}
+
 /// What a client gets for one raw ModelInfer.
 struct Got {
     headers: http::HeaderMap,
@@ -216,13 +225,7 @@ async fn the_upstream_receives_the_clients_bytes_and_the_client_the_upstreams_wi
         got.trailers
     );
 
-    let infers: Vec<Received> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r.path.ends_with("/ModelInfer"))
-        .cloned()
-        .collect();
+    let infers = model_infers(&seen);
     assert_eq!(infers.len(), 1);
     assert_eq!(
         infers[0].body, sent,
@@ -300,13 +303,7 @@ async fn a_routed_version_is_appended_to_the_clients_bytes() {
     let message = clients_message();
     let got = raw_call(keel.addr, frame(&message)).await;
     assert_eq!(got.trailers.get("grpc-status").unwrap(), "0");
-    let infers: Vec<Received> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|r| r.path.ends_with("/ModelInfer"))
-        .cloned()
-        .collect();
+    let infers = model_infers(&seen);
     let body = &infers[0].body;
     assert!(
         body[5..].starts_with(&message),
@@ -371,4 +368,44 @@ async fn a_malformed_answer_is_a_classified_upstream_error() {
         .await;
         assert_eq!(reason, "UPSTREAM_PROTOCOL", "{what}: {code:?}");
     }
+}
+
+#[tokio::test]
+async fn a_version_adapter_sends_a_whole_new_message_the_upstream_reads() {
+    let (up, seen, task) = upstream(ok_answer()).await;
+    let policy = format!(
+        "{}[models.simple.adapters.\"old\"]\nto = \"1\"\nrename_inputs = {{ A = \"INPUT0\", B = \"INPUT1\" }}\n",
+        common::simple_via(up, "")
+    );
+    let keel = Keel::with_config(&policy).await;
+    let mut old = simple_request();
+    old.model_version = "old".into();
+    old.inputs[0].name = "A".into();
+    old.inputs[1].name = "B".into();
+    let mut message = old.encode_to_vec();
+    message.extend(unknown_field());
+    let got = raw_call(keel.addr, frame(&message)).await;
+    assert_eq!(
+        got.trailers.get("grpc-status").unwrap(),
+        "0",
+        "{:?}",
+        got.trailers
+    );
+    let infers = model_infers(&seen);
+    let body = &infers[0].body;
+    assert!(
+        !body[5..].starts_with(&message),
+        "an adapted request went out as the client's bytes"
+    );
+    let upstream_saw = pb::ModelInferRequest::decode(&body[5..]).unwrap();
+    assert_eq!(upstream_saw.model_version, "1");
+    let names: Vec<&str> = upstream_saw
+        .inputs
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    assert_eq!(names, vec!["INPUT0", "INPUT1"]);
+    assert_eq!(upstream_saw.raw_input_contents, old.raw_input_contents);
+    keel.stop().await.unwrap();
+    task.abort();
 }

@@ -54,15 +54,15 @@ pub fn add_headers(md: &mut MetadataMap, upstream: &HeaderMap) {
     if upstream.is_empty() {
         return;
     }
-    let mine = std::mem::take(md).into_headers();
-    let mut all = filter(upstream);
-    for name in mine.keys() {
-        all.remove(name);
+    let mut headers = std::mem::take(md).into_headers();
+    for name in upstream.keys() {
+        if passes(name) && !headers.contains_key(name) {
+            for value in upstream.get_all(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
     }
-    for (name, value) in &mine {
-        all.append(name.clone(), value.clone());
-    }
-    *md = MetadataMap::from_headers(all);
+    *md = MetadataMap::from_headers(headers);
 }
 
 #[cfg(test)]

@@ -145,23 +145,29 @@ fn wire(c: &mut Criterion) {
     c.bench_function("wire: the bytes sent upstream for it (unchanged)", |b| {
         b.iter(|| wire::request(black_box(&req)))
     });
-    let answer = pb::ModelInferResponse {
-        model_name: "simple".into(),
-        model_version: "1".into(),
-        id: "req-1".into(),
-        outputs: ["OUTPUT0", "OUTPUT1"]
-            .map(|name| pb::model_infer_response::InferOutputTensor {
-                name: name.into(),
-                datatype: "INT32".into(),
-                shape: vec![1, 16],
-                ..Default::default()
-            })
-            .to_vec(),
-        raw_output_contents: vec![Bytes::from(vec![3u8; 64]), Bytes::from(vec![4u8; 64])],
-        ..Default::default()
-    };
-    let answer = Bytes::from(answer.encode_to_vec());
-    let labelled = |mut r: keel::model::InferResponse| {
+    // An answer with two outputs of `each` bytes, its labels set as the edge sets them.
+    let labelled = |each: usize| {
+        let answer = pb::ModelInferResponse {
+            model_name: "simple".into(),
+            model_version: "1".into(),
+            id: "req-1".into(),
+            outputs: ["OUTPUT0", "OUTPUT1"]
+                .map(|name| pb::model_infer_response::InferOutputTensor {
+                    name: name.into(),
+                    datatype: "INT32".into(),
+                    shape: vec![1, (each / 4) as i64],
+                    ..Default::default()
+                })
+                .to_vec(),
+            raw_output_contents: vec![Bytes::from(vec![3u8; each]), Bytes::from(vec![4u8; each])],
+            ..Default::default()
+        };
+        let mut r = wire::decode_response(
+            Bytes::from(answer.encode_to_vec()),
+            Default::default(),
+            Default::default(),
+        )
+        .unwrap();
         for (k, v) in [("keel.tier", "primary"), ("keel.served_by", "simple:1")] {
             r.parameters.insert(k.into(), Param::String(v.into()));
         }
@@ -169,17 +175,31 @@ fn wire(c: &mut Criterion) {
             .insert("keel.degraded".into(), Param::Bool(false));
         r
     };
-    let resp = labelled(
-        wire::decode_response(answer.clone(), Default::default(), Default::default()).unwrap(),
-    );
-    c.bench_function("wire: an answer with Keel's labels appended", |b| {
-        b.iter(|| wire::response(black_box(resp.clone())))
-    });
-    let mut whole = resp.clone();
-    whole.wire = keel::model::Wire::none();
-    c.bench_function("wire: the same answer encoded whole (as before)", |b| {
-        b.iter(|| wire::response(black_box(whole.clone())))
-    });
+    for (each, size) in [(64, "64 B"), (1 << 20, "1 MiB")] {
+        let resp = labelled(each);
+        let mut whole = resp.clone();
+        whole.wire = keel::model::Wire::none();
+        c.bench_function(
+            &format!("wire: an answer (2 x {size}) with Keel's labels appended"),
+            |b| {
+                b.iter_batched(
+                    || resp.clone(),
+                    wire::response,
+                    criterion::BatchSize::SmallInput,
+                )
+            },
+        );
+        c.bench_function(
+            &format!("wire: the same answer (2 x {size}) encoded whole (as before)"),
+            |b| {
+                b.iter_batched(
+                    || whole.clone(),
+                    wire::response,
+                    criterion::BatchSize::SmallInput,
+                )
+            },
+        );
+    }
 }
 
 fn legacy(c: &mut Criterion) {

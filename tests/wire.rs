@@ -409,3 +409,39 @@ async fn a_version_adapter_sends_a_whole_new_message_the_upstream_reads() {
     keel.stop().await.unwrap();
     task.abort();
 }
+
+#[tokio::test]
+async fn an_endpoints_stream_limit_holds_further_calls_until_one_ends() {
+    use common::{Script, ScriptedUpstream};
+    let up = ScriptedUpstream::new(Script::slow(std::time::Duration::from_millis(800)));
+    let (addr, _stop) = up.serve().await;
+    let policy = format!(
+        "[upstreams.up]\nendpoints = [\"{addr}\"]\nmax_concurrent_streams = 1\n\
+         [models.simple]\nbackend = \"up\"\n"
+    );
+    let keel = Keel::with_config(&policy).await;
+    let first = up
+        .hold(keel.client().await, tonic::Request::new(simple_request()))
+        .await;
+    let mut client = keel.client().await;
+    let second = tokio::spawn(async move { client.model_infer(simple_request()).await });
+    // While the first holds the endpoint's one stream, the second waits in Keel.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let infers = |up: &ScriptedUpstream| {
+        up.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.method == "ModelInfer")
+            .count()
+    };
+    assert_eq!(
+        infers(&up),
+        1,
+        "a second call reached the upstream past the limit"
+    );
+    assert!(first.await.unwrap().is_ok());
+    assert!(second.await.unwrap().is_ok());
+    assert_eq!(infers(&up), 2);
+    keel.stop().await.unwrap();
+}

@@ -175,6 +175,15 @@ impl Forwarder {
 
     async fn via_hyper(&self, message: Encoded, headers: HeaderMap) -> Result<Answered, NoAnswer> {
         let mut send = self.sender().await?;
+        // As tonic's channel does before each call: a connection that closed or was told to
+        // go away since it was taken takes no new stream, so the request never waits in a
+        // dying connection's queue. It never left: the next attempt connects again.
+        if let Err(e) = send.ready().await {
+            return Err(NoAnswer::Transport {
+                detail: format!("{}: the connection closed: {}", self.addr, chain(&e)),
+                never_sent: true,
+            });
+        }
         let mut req = Request::new(Full::new(message.framed()));
         *req.method_mut() = http::Method::POST;
         *req.uri_mut() = self.uri.clone();

@@ -10,7 +10,8 @@ use http::HeaderMap;
 use http::header::HeaderName;
 use tonic::metadata::MetadataMap;
 
-/// In the extensions of an answer: the upstream's trailers to send, before Keel's own.
+/// In the extensions of an answer: the upstream's trailers to send, already [`filter`]ed,
+/// before Keel's own.
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamTrailers(pub HeaderMap);
 

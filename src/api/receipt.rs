@@ -64,7 +64,7 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
     let mut extra = parts
         .extensions
         .remove::<super::passed::UpstreamTrailers>()
-        .map(|t| super::passed::filter(&t.0))
+        .map(|t| t.0)
         .unwrap_or_default();
     if parts.headers.contains_key("grpc-status") {
         extra.clear();

@@ -329,7 +329,7 @@ impl Forwarder {
         }
         match status_of(&mut trailers) {
             Some(status) => return Err(NoAnswer::Status(status)),
-            None if !trailers.contains_key("grpc-status") && !ok_status(&trailers) => {
+            None if !trailers.contains_key("grpc-status") => {
                 return Err(NoAnswer::Protocol(
                     "the answer ended without a grpc-status".into(),
                 ));
@@ -345,11 +345,6 @@ impl Forwarder {
             trailers,
         })
     }
-}
-
-/// Whether `trailers` say OK.
-fn ok_status(trailers: &HeaderMap) -> bool {
-    trailers.get("grpc-status").map(HeaderValue::as_bytes) == Some(b"0")
 }
 
 /// The status in `headers` when it is not OK; a `grpc-status-details-bin` that is not

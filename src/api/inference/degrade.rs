@@ -443,17 +443,18 @@ impl InferenceApi {
             return Err(edge.status(&e, ctx));
         }
         // What the upstream sent with its answer goes on with it, under Keel's own.
-        let upstream = resp.wire.metadata().map(|(h, t)| (h.clone(), t.clone()));
+        let wire = resp.wire.clone();
         let mut out = edge.reply(resp);
         if let Some(ctx) = ctx {
             receipt::write(out.metadata_mut(), ctx);
         }
         labels.to_metadata(out.metadata_mut(), served_by);
-        if let Some((headers, trailers)) = upstream {
-            crate::api::passed::add_headers(out.metadata_mut(), &headers);
+        if let Some((headers, trailers)) = wire.metadata() {
+            crate::api::passed::add_headers(out.metadata_mut(), headers);
             if !trailers.is_empty() {
+                let passed = crate::api::passed::filter(trailers);
                 out.extensions_mut()
-                    .insert(crate::api::passed::UpstreamTrailers(trailers));
+                    .insert(crate::api::passed::UpstreamTrailers(passed));
             }
         }
         Ok(out)

@@ -31,6 +31,7 @@
 //! (at shutdown).
 
 mod budget;
+pub(crate) mod coalesce;
 mod open;
 mod peer;
 mod preface;
@@ -52,6 +53,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tonic::transport::server::Connected;
 
+use coalesce::Coalesce;
 use open::{Admitted, Open, Slot};
 use preface::{Preface, Progress};
 
@@ -183,7 +185,7 @@ async fn accept_loop(
         };
         let Some(tls) = &accept.tls else {
             let conn = Conn::new(
-                Io::Plain(stream),
+                Io::Plain(Coalesce::new(stream)),
                 Some(remote),
                 None,
                 slot,
@@ -229,7 +231,7 @@ async fn accept_loop(
                 .and_then(|chain| chain.first())
                 .and_then(peer::identity);
             let conn = Conn::new(
-                Io::Tls(Box::new(stream)),
+                Io::Tls(Box::new(Coalesce::new(stream))),
                 Some(remote),
                 identity,
                 slot,
@@ -248,9 +250,10 @@ struct Closed {
 }
 
 /// The byte stream of a connection: plain TCP or TLS over it.
+/// Writes are gathered ([`coalesce`]) so that h2 writes a connection's frames together.
 enum Io {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(Coalesce<TcpStream>),
+    Tls(Box<Coalesce<tokio_rustls::server::TlsStream<TcpStream>>>),
 }
 
 /// An accepted connection, holding its listener slot until dropped.

@@ -25,12 +25,14 @@ use http_body::Body;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
 use crate::pb::wire::{Encoded, Frame};
 use crate::policy::UpstreamSpec;
+use crate::transport::coalesce::Coalesce;
 
 /// The path of ModelInfer.
 pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
@@ -264,7 +266,7 @@ impl Forwarder {
             .keep_alive_interval(self.keepalive_interval)
             .keep_alive_timeout(self.keepalive_timeout)
             .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tcp))
+            .handshake(TokioIo::new(Coalesce::new(tcp)))
             .await
             .map_err(|e| unreachable(format!("HTTP/2 handshake failed: {}", chain(&e)), true))?;
         let addr = self.addr.clone();

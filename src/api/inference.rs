@@ -32,7 +32,7 @@ use crate::pb::{self, inference as proto};
 use crate::policy::{ErrorClass, Priority, Snapshot, Store};
 use crate::resilience::{Failure as _, Slots};
 use crate::route::{Route, Router};
-use crate::upstream::grpc::REQUEST_ID;
+use crate::upstream::grpc::{REQUEST_ID, request_id_value};
 use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
 use opentelemetry::KeyValue;
 use proto::grpc_inference_service_server::GrpcInferenceService;
@@ -664,7 +664,7 @@ impl Edge {
 
 /// Adds the request id and the policy revision to an answer's metadata.
 fn tag(md: &mut MetadataMap, request_id: &str, revision: u64) {
-    if let Ok(v) = MetadataValue::try_from(request_id) {
+    if let Some(v) = request_id_value(request_id) {
         md.insert(REQUEST_ID, v);
     }
     md.insert(POLICY_REVISION, MetadataValue::from(revision));

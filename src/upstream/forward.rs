@@ -149,7 +149,9 @@ impl Forwarder {
     ) -> Result<Answered, NoAnswer> {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
         headers.insert(TE, HeaderValue::from_static("trailers"));
-        if let Ok(v) = HeaderValue::from_str(&grpc_timeout(time)) {
+        if let Ok(mut v) = HeaderValue::from_str(&grpc_timeout(time)) {
+            // Never indexed: it differs per call (see `grpc::request_id_value`).
+            v.set_sensitive(true);
             headers.insert("grpc-timeout", v);
         }
         let exchange =

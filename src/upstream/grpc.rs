@@ -38,6 +38,16 @@ const SERVICE: &str = "inference.GRPCInferenceService";
 /// The header that carries the request id.
 pub const REQUEST_ID: &str = "x-request-id";
 
+/// `id` as the value of [`REQUEST_ID`], marked for HPACK's never-indexed form: a value that
+/// differs on every call would otherwise enter the connection's dynamic table each time,
+/// evicting the entries that do repeat (callgrind: h2's table lookups per proxied call
+/// halved).
+pub fn request_id_value(id: &str) -> Option<MetadataValue<tonic::metadata::Ascii>> {
+    let mut v = MetadataValue::try_from(id).ok()?;
+    v.set_sensitive(true);
+    Some(v)
+}
+
 /// The header gRPC's retry design uses to number retries.
 const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 
@@ -175,7 +185,7 @@ impl GrpcUpstream {
             ctx.receipt
                 .update(|r| r.served_by = Some(format!("{name}@{}", target.addr)));
             let mut md = ctx.metadata.clone();
-            if let Ok(v) = MetadataValue::try_from(&*ctx.request_id) {
+            if let Some(v) = request_id_value(&ctx.request_id) {
                 md.insert(REQUEST_ID, v);
             }
             if attempt > 1 {

@@ -43,6 +43,23 @@ pub const RUNGS_FAILED: &str = "keel-rungs-failed";
 /// On legacy v1 answers when the policy deprecates v1: what to move to.
 pub const DEPRECATION: &str = "keel-deprecation";
 
+/// Every key a receipt may hold, moved to the trailers by [`move_to_trailers`].
+const RECEIPT: [&str; 13] = [
+    ATTEMPTS,
+    RETRY_DELAYS,
+    SERVED_BY,
+    DEGRADED,
+    TIER,
+    SERVED_MODEL,
+    DEGRADED_REASON,
+    STALE_MS,
+    PRIMARY_ATTEMPTS,
+    PRIMARY_ERROR,
+    PRIMARY_CODE,
+    RUNGS_FAILED,
+    DEPRECATION,
+];
+
 /// Writes a call's receipt into answer metadata.
 pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
     let r = ctx.receipt.read();
@@ -69,28 +86,31 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
     if parts.headers.contains_key("grpc-status") {
         extra.clear();
     } else {
-        for key in [
-            ATTEMPTS,
-            RETRY_DELAYS,
-            SERVED_BY,
-            DEGRADED,
-            TIER,
-            SERVED_MODEL,
-            DEGRADED_REASON,
-            STALE_MS,
-            PRIMARY_ATTEMPTS,
-            PRIMARY_ERROR,
-            PRIMARY_CODE,
-            RUNGS_FAILED,
-            DEPRECATION,
-        ] {
-            if let Some(v) = parts.headers.remove(key) {
-                extra.insert(HeaderName::from_static(key), v);
+        // One pass over the headers: removing each receipt key by name parsed and hashed
+        // thirteen names on every answer.
+        let headers = std::mem::take(&mut parts.headers);
+        parts.headers.reserve(headers.len());
+        let mut name: Option<HeaderName> = None;
+        for (n, v) in headers {
+            // A name's first value comes with it, its others with `None`.
+            let first = n.is_some();
+            if first {
+                name = n;
             }
-        }
-        // The revision stays in the headers too, for clients that read it early.
-        if let Some(v) = parts.headers.get(POLICY_REVISION) {
-            extra.insert(HeaderName::from_static(POLICY_REVISION), v.clone());
+            let Some(n) = &name else { continue };
+            if n.as_str().starts_with("keel-") && RECEIPT.contains(&n.as_str()) {
+                if first {
+                    extra.insert(n.clone(), v);
+                } else {
+                    extra.append(n.clone(), v);
+                }
+            } else {
+                if *n == POLICY_REVISION {
+                    // The revision stays in the headers too, for clients that read it early.
+                    extra.insert(n.clone(), v.clone());
+                }
+                parts.headers.append(n.clone(), v);
+            }
         }
     }
     let extra = (!extra.is_empty()).then_some(extra);

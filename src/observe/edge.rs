@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http_body::{Body, Frame, SizeHint};
@@ -18,11 +18,9 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::histogram::Histogram;
 use tonic::Code;
 
-use super::metrics::{CodeLabel, Metrics, ServerCodeLabels, ServerLabels};
+use super::metrics::{Metrics, RpcSeries, ServerLabels};
 use crate::grpc_code;
 
 /// The methods the server knows, with their gRPC type; other paths count as `unknown`, so
@@ -68,58 +66,8 @@ impl KnownMethods {
     }
 }
 
-/// One method's labels and, from its first call, its series: a call reaches its counters
-/// through the path's map, not through each family's (its labels hashed and compared, and
-/// two strings allocated, three times per call).
-#[derive(Debug)]
-struct Series {
-    labels: ServerLabels,
-    started: OnceLock<Counter>,
-    handling: OnceLock<Histogram>,
-    /// By gRPC code (0 to 16).
-    handled: [OnceLock<Counter>; 17],
-}
-
-impl Series {
-    fn new(labels: ServerLabels) -> Arc<Series> {
-        Arc::new(Series {
-            labels,
-            started: OnceLock::new(),
-            handling: OnceLock::new(),
-            handled: std::array::from_fn(|_| OnceLock::new()),
-        })
-    }
-
-    fn started(&self, metrics: &Metrics) -> &Counter {
-        self.started
-            .get_or_init(|| metrics.server_started.get_or_create(&self.labels).clone())
-    }
-
-    fn handling(&self, metrics: &Metrics) -> &Histogram {
-        self.handling
-            .get_or_init(|| metrics.server_handling.get_or_create(&self.labels).clone())
-    }
-
-    fn handled(&self, metrics: &Metrics, code: Code) -> &Counter {
-        let slot = &self.handled[(code as usize).min(16)];
-        slot.get_or_init(|| {
-            let ServerLabels {
-                grpc_type,
-                grpc_service,
-                grpc_method,
-            } = self.labels.clone();
-            metrics
-                .server_handled
-                .get_or_create(&ServerCodeLabels {
-                    grpc_type,
-                    grpc_service,
-                    grpc_method,
-                    grpc_code: CodeLabel(code),
-                })
-                .clone()
-        })
-    }
-}
+/// A method's series at the edge.
+type Series = RpcSeries<ServerLabels>;
 
 /// The series of every known method, and of `unknown`, for one [`Metrics`].
 #[derive(Debug)]
@@ -134,9 +82,9 @@ impl Methods {
             known: known
                 .0
                 .keys()
-                .map(|path| (path.clone(), Series::new(known.labels(path))))
+                .map(|path| (path.clone(), Arc::new(Series::new(known.labels(path)))))
                 .collect(),
-            unknown: Series::new(known.labels("")),
+            unknown: Arc::new(Series::new(known.labels(""))),
         }
     }
 

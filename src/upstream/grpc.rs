@@ -25,7 +25,7 @@ use crate::call::Call;
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
 use crate::observe::Metrics;
-use crate::observe::metrics::{ClientCodeLabels, ClientLabels};
+use crate::observe::metrics::{ClientLabels, RpcSeries};
 use crate::pb::{self, inference as proto};
 use crate::policy::{Endpoints, UpstreamSpec};
 use crate::resilience::{Failure, Handling, Pushback};
@@ -34,6 +34,15 @@ use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// The service every upstream call is on.
 const SERVICE: &str = "inference.GRPCInferenceService";
+
+/// The methods Keel calls on an upstream.
+const METHODS: [&str; 5] = [
+    "ModelInfer",
+    "ModelReady",
+    "ModelMetadata",
+    "ModelConfig",
+    "ModelStatistics",
+];
 
 /// The header that carries the request id.
 pub const REQUEST_ID: &str = "x-request-id";
@@ -59,6 +68,8 @@ pub struct GrpcUpstream {
     name: Arc<str>,
     pool: Arc<Pool>,
     metrics: Arc<Metrics>,
+    /// Each method's client series on this upstream.
+    series: [Arc<RpcSeries<ClientLabels>>; METHODS.len()],
     /// DNS re-resolution and active checks, stopped when the upstream is dropped.
     maintenance: Option<tokio::task::JoinHandle<()>>,
 }
@@ -98,10 +109,18 @@ impl GrpcUpstream {
             matches!(spec.endpoints, Endpoints::Dns { .. }) || spec.health_check.is_some();
         let maintenance =
             background.then(|| tokio::spawn(pool::maintain(Arc::downgrade(&pool), resolver)));
+        let series = METHODS.map(|method| {
+            Arc::new(RpcSeries::new(ClientLabels {
+                grpc_service: SERVICE,
+                grpc_method: method,
+                upstream: name.to_string(),
+            }))
+        });
         Arc::new(GrpcUpstream {
             name: name.into(),
             pool,
             metrics,
+            series,
             maintenance,
         })
     }
@@ -176,6 +195,14 @@ impl GrpcUpstream {
         let attempt_deadline = call.attempt_deadline;
         let time = call.attempt_budget();
         let metrics = self.metrics.clone();
+        let series = match METHODS.iter().position(|m| *m == method) {
+            Some(i) => self.series[i].clone(),
+            None => Arc::new(RpcSeries::new(ClientLabels {
+                grpc_service: SERVICE,
+                grpc_method: method,
+                upstream: self.name.to_string(),
+            })),
+        };
         async move {
             let target = target?;
             let _pending = Pending::start(&target);
@@ -191,12 +218,7 @@ impl GrpcUpstream {
             if attempt > 1 {
                 md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(attempt - 1));
             }
-            let labels = ClientLabels {
-                grpc_service: SERVICE,
-                grpc_method: method,
-                upstream: name.to_string(),
-            };
-            metrics.client_started.get_or_create(&labels).inc();
+            series.started(&metrics).inc();
             let span = ctx.trace.as_ref().map(|trace| {
                 let r = ctx.receipt.read();
                 let (host, port) = target.addr.rsplit_once(':').unwrap_or((&target.addr, ""));
@@ -224,18 +246,9 @@ impl GrpcUpstream {
             if let Some(span) = span {
                 span.end(crate::grpc_code::name(code), code as i64);
             }
-            metrics
-                .client_handled
-                .get_or_create(&ClientCodeLabels {
-                    grpc_service: SERVICE,
-                    grpc_method: method,
-                    upstream: name.to_string(),
-                    grpc_code: crate::observe::metrics::CodeLabel(code),
-                })
-                .inc();
-            metrics
-                .client_handling
-                .get_or_create(&labels)
+            series.handled(&metrics, code).inc();
+            series
+                .handling(&metrics)
                 .observe(start.elapsed().as_secs_f64());
             let result = answer.map_err(|failure| {
                 failure_error(&name, &target.addr, &ctx, attempt_deadline, failure)

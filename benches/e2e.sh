@@ -143,12 +143,7 @@ EOF
   wait_port "$p"
 }
 
-LIMITS='[server]
-max_in_flight = 100000
-watch = false
-[defaults.limits]
-max_in_flight = 100000
-max_queue = 100000'
+LIMITS=$(cat benches/e2e/limits.toml)
 
 # A simulated model server answers as it is told: no retries or breakers of its own.
 SERVER="$LIMITS

@@ -57,12 +57,7 @@ wait_port() { # bounded: valgrind starts slowly
   die "nothing listens on 127.0.0.1:$1 after 60s"
 }
 
-LIMITS='[server]
-max_in_flight = 100000
-watch = false
-[defaults.limits]
-max_in_flight = 100000
-max_queue = 100000'
+LIMITS=$(cat benches/e2e/limits.toml)
 
 UP=$(port)
 printf '%s\n' "$LIMITS" >"$WORK/up.toml"

@@ -82,7 +82,7 @@ pub struct ClientCodeLabels {
 
 /// The labels of one side's RPC series (the server's or the client's), which gain the
 /// status code in `*_handled_total`.
-pub trait RpcLabels: Clone + std::hash::Hash + Eq + Sized {
+pub trait RpcLabels: Clone + std::hash::Hash + Eq {
     /// The labels with the code.
     type Coded: Clone + std::hash::Hash + Eq;
     /// These labels and `code`.

@@ -25,7 +25,6 @@ use http_body::Body;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;

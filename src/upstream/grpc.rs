@@ -197,11 +197,14 @@ impl GrpcUpstream {
         let metrics = self.metrics.clone();
         let series = match METHODS.iter().position(|m| *m == method) {
             Some(i) => self.series[i].clone(),
-            None => Arc::new(RpcSeries::new(ClientLabels {
-                grpc_service: SERVICE,
-                grpc_method: method,
-                upstream: self.name.to_string(),
-            })),
+            None => {
+                debug_assert!(false, "{method} is missing from METHODS");
+                Arc::new(RpcSeries::new(ClientLabels {
+                    grpc_service: SERVICE,
+                    grpc_method: method,
+                    upstream: self.name.to_string(),
+                }))
+            }
         };
         async move {
             let target = target?;

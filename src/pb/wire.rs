@@ -1,7 +1,7 @@
 //! ModelInfer messages as bytes: a request sent upstream as the client sent it, an answer
 //! sent to the client as the upstream gave it, with what Keel changed appended
-//! ([`crate::model::Wire`] says what changed), and the gRPC codec that hands such bytes to
-//! and from tonic without decoding them.
+//! ([`crate::model::Wire`] says what changed). The edge frames them itself
+//! (`api::inference::bytes`).
 //!
 //! Protobuf's merge rules make appending enough: of a singular field repeated the last
 //! value counts (a routed `model_version`), and map entries are merged, the last one of a
@@ -160,55 +160,6 @@ fn debug_assert_response(resp: &InferResponse, encoded: &Encoded) {
             sent.as_ref() == Some(resp),
             "the answer's wire no longer stands for it: {sent:?} != {resp:?}"
         );
-    }
-}
-
-/// A gRPC codec for messages kept as bytes: decoding hands over the message's bytes (no
-/// copy: they are split off tonic's buffer), encoding writes an [`Encoded`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct BytesCodec;
-
-impl tonic::codec::Codec for BytesCodec {
-    type Encode = Encoded;
-    type Decode = Bytes;
-    type Encoder = BytesCodec;
-    type Decoder = BytesCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        BytesCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        BytesCodec
-    }
-}
-
-impl tonic::codec::Encoder for BytesCodec {
-    type Item = Encoded;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Encoded,
-        buf: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        buf.reserve(item.len());
-        buf.put(item.head);
-        buf.put(item.tail);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for BytesCodec {
-    type Item = Bytes;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        buf: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Bytes>, tonic::Status> {
-        let n = buf.remaining();
-        Ok(Some(buf.copy_to_bytes(n)))
     }
 }
 

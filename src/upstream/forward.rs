@@ -317,6 +317,9 @@ impl Forwarder {
                         None if more.is_empty() => first = Some(data),
                         _ => {
                             if let Some(f) = first.take() {
+                                // The answer's length is in its prefix: room for all of
+                                // it at once, not regrown (and copied) as frames come.
+                                more.reserve(framed_len(&f).min(limit));
                                 more.extend_from_slice(&f);
                             }
                             more.extend_from_slice(&data);
@@ -359,6 +362,15 @@ fn status_of(headers: &mut HeaderMap) -> Option<tonic::Status> {
     }
     headers.remove("grpc-status-details-bin");
     tonic::Status::from_header_map(headers)
+}
+
+/// The length of the gRPC frame that `start` begins, prefix included (0 when `start` is
+/// shorter than the prefix).
+fn framed_len(start: &[u8]) -> usize {
+    match start {
+        [_, a, b, c, d, ..] => 5 + u32::from_be_bytes([*a, *b, *c, *d]) as usize,
+        _ => 0,
+    }
 }
 
 /// The one message of a unary answer's body.

@@ -6,7 +6,8 @@
 //!
 //! tonic's generated server would decode the message into its proto type and encode the
 //! answer again; [`InferenceRoutes`] takes ModelInfer's path before it and leaves every
-//! other method to it.
+//! other method to it. ModelInfer's gRPC framing is Keel's own ([`unary`]): tonic's would
+//! copy the answer into a buffer of its own, and grow its request buffer as frames arrive.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,13 +16,15 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use tonic::body::Body as TonicBody;
-use tonic::server::{NamedService, UnaryService};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use super::{InferenceApi, MODEL_INFER};
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
-use crate::pb::wire::{BytesCodec, Encoded};
+use crate::pb::wire::Encoded;
 use crate::upstream::forward::MODEL_INFER_PATH;
+
+mod unary;
 
 impl InferenceApi {
     /// One ModelInfer from its bytes.
@@ -68,18 +71,6 @@ impl NamedService for InferenceRoutes {
     const NAME: &'static str = <GrpcInferenceServiceServer<InferenceApi> as NamedService>::NAME;
 }
 
-struct ModelInfer(Arc<InferenceApi>);
-
-impl UnaryService<Bytes> for ModelInfer {
-    type Response = Encoded;
-    type Future = BoxFuture<'static, Result<Response<Encoded>, Status>>;
-
-    fn call(&mut self, request: Request<Bytes>) -> Self::Future {
-        let api = self.0.clone();
-        Box::pin(async move { api.model_infer_bytes(request).await })
-    }
-}
-
 impl<B> tower::Service<http::Request<B>> for InferenceRoutes
 where
     B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -97,12 +88,8 @@ where
         if req.uri().path() != MODEL_INFER_PATH {
             return self.generated.call(req);
         }
-        let method = ModelInfer(self.api.clone());
+        let api = self.api.clone();
         let max = self.max_message_size;
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(BytesCodec)
-                .apply_max_message_size_config(Some(max), Some(max));
-            Ok(grpc.unary(method, req).await)
-        })
+        Box::pin(async move { Ok(unary::serve(req, max, |r| api.model_infer_bytes(r)).await) })
     }
 }

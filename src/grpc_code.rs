@@ -9,7 +9,16 @@
 //! go-grpc-prometheus writes into `grpc_code`, so the gRPC dashboards and alerts people
 //! already run (`grpc_code!="OK"`, `grpc_code="Unavailable"`) work on Keel unchanged.
 
+use http::HeaderName;
 use tonic::Code;
+
+/// The header (or trailer) that carries a call's status code. A constant name is looked up
+/// without being parsed again, which a `&str` key is on every call.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// The header that carries a status's message, percent-encoded.
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+/// The header that carries a status's details, base64-encoded `google.rpc.Status`.
+pub const GRPC_STATUS_DETAILS: HeaderName = HeaderName::from_static("grpc-status-details-bin");
 
 /// The start of tonic's message when a message is over its decoding limit.
 const TONIC_TOO_LARGE: &str = "Error, decoded message length too large";

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 
 use super::deadline::Arrival;
+use super::keys;
 use crate::call::CallContext;
 use crate::observe::traces::CallSpan;
 use crate::policy::Snapshot;
@@ -72,12 +73,14 @@ impl EdgeContext {
 
     fn read(md: &MetadataMap, arrival: Instant) -> Self {
         let request_id: Arc<str> = md
-            .get(REQUEST_ID)
+            .get(&*keys::REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .filter(|id| is_usable_request_id(id))
             .map_or_else(|| new_request_id().into(), Into::into);
-        let client_deadline =
-            client_deadline(arrival, md.get(GRPC_TIMEOUT).and_then(|v| v.to_str().ok()));
+        let client_deadline = client_deadline(
+            arrival,
+            md.get(&*keys::GRPC_TIMEOUT).and_then(|v| v.to_str().ok()),
+        );
         let mut metadata = MetadataMap::with_capacity(md.len());
         for kv in md.iter() {
             match kv {

@@ -22,7 +22,7 @@ pub use bytes::InferenceRoutes;
 
 use super::context::EdgeContext;
 use super::record::Leg;
-use super::{receipt, record, status, unreadable};
+use super::{keys, receipt, record, status, unreadable};
 use crate::auth::{AUTHORIZATION, Caller, Guard, Pass};
 use crate::call::{Call, CallContext, ModelRef};
 use crate::error::Error;
@@ -32,7 +32,7 @@ use crate::pb::{self, inference as proto};
 use crate::policy::{ErrorClass, Priority, Snapshot, Store};
 use crate::resilience::{Failure as _, Slots};
 use crate::route::{Route, Router};
-use crate::upstream::grpc::{REQUEST_ID, request_id_value};
+use crate::upstream::grpc::request_id_value;
 use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
 use opentelemetry::KeyValue;
 use proto::grpc_inference_service_server::GrpcInferenceService;
@@ -612,7 +612,7 @@ impl Edge {
 
     /// The trace id of the client's W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
     fn trace_id(&self) -> Option<&str> {
-        let tp = self.ctx.metadata.get("traceparent")?.to_str().ok()?;
+        let tp = self.ctx.metadata.get(&*keys::TRACEPARENT)?.to_str().ok()?;
         tp.split('-').nth(1).filter(|t| t.len() == 32)
     }
 
@@ -665,9 +665,9 @@ impl Edge {
 /// Adds the request id and the policy revision to an answer's metadata.
 fn tag(md: &mut MetadataMap, request_id: &str, revision: u64) {
     if let Some(v) = request_id_value(request_id) {
-        md.insert(REQUEST_ID, v);
+        md.insert(keys::REQUEST_ID.clone(), v);
     }
-    md.insert(POLICY_REVISION, MetadataValue::from(revision));
+    md.insert(keys::POLICY_REVISION.clone(), MetadataValue::from(revision));
 }
 
 /// Whether `method` is an inference request (counted per tenant).

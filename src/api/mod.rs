@@ -8,6 +8,7 @@ pub mod admin;
 pub mod context;
 pub mod deadline;
 mod inference;
+pub mod keys;
 pub mod legacy;
 pub mod passed;
 pub mod receipt;

@@ -13,7 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::metadata::{MetadataMap, MetadataValue};
 
-use super::POLICY_REVISION;
+use super::{POLICY_REVISION, keys};
 use crate::call::CallContext;
 
 /// Attempts made, the first included.
@@ -63,12 +63,15 @@ const RECEIPT: [&str; 13] = [
 /// Writes a call's receipt into answer metadata.
 pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
     let r = ctx.receipt.read();
-    md.insert(ATTEMPTS, MetadataValue::from(r.attempts.max(1)));
+    md.insert(
+        keys::ATTEMPTS.clone(),
+        MetadataValue::from(r.attempts.max(1)),
+    );
     if let Ok(v) = MetadataValue::try_from(r.delays_ms()) {
-        md.insert(RETRY_DELAYS, v);
+        md.insert(keys::RETRY_DELAYS.clone(), v);
     }
     if let Some(v) = r.served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
-        md.insert(SERVED_BY, v);
+        md.insert(keys::SERVED_BY.clone(), v);
     }
 }
 
@@ -83,7 +86,7 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
         .remove::<super::passed::UpstreamTrailers>()
         .map(|t| t.0)
         .unwrap_or_default();
-    if parts.headers.contains_key("grpc-status") {
+    if parts.headers.contains_key(crate::grpc_code::GRPC_STATUS) {
         extra.clear();
     } else {
         // One pass over the headers: removing each receipt key by name parsed and hashed

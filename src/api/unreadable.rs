@@ -10,6 +10,7 @@
 //! is Keel's own (or an upstream's, passed on): never rewritten.
 
 use crate::error::Error;
+use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS, GRPC_STATUS_DETAILS};
 
 /// How prost's decode errors begin.
 const PROST_DECODE_ERROR: &str = "failed to decode Protobuf message";
@@ -49,16 +50,16 @@ pub struct Refused(pub Error);
 /// headers), and marks it [`Refused`]; used with `tower::util::MapResponseLayer`.
 pub fn fix_response<B>(mut res: http::Response<B>, revision: u64) -> http::Response<B> {
     let headers = res.headers_mut();
-    let code = match headers.get("grpc-status").map(|v| v.as_bytes()) {
+    let code = match headers.get(GRPC_STATUS).map(|v| v.as_bytes()) {
         Some(b"11") => tonic::Code::OutOfRange,
         Some(b"13") => tonic::Code::Internal,
         _ => return res,
     };
-    if headers.contains_key("grpc-status-details-bin") {
+    if headers.contains_key(GRPC_STATUS_DETAILS) {
         return res;
     }
     let Some(message) = headers
-        .get("grpc-message")
+        .get(GRPC_MESSAGE)
         .and_then(|v| v.to_str().ok())
         .map(percent_decode)
     else {

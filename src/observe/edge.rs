@@ -193,7 +193,7 @@ where
         Poll::Ready(out.map(|res| {
             let (parts, body) = res.into_parts();
             // A trailers-only answer: the status is in the headers.
-            let record = match (record, parts.headers.get("grpc-status")) {
+            let record = match (record, parts.headers.get(grpc_code::GRPC_STATUS)) {
                 (Some(r), Some(status)) => {
                     r.finish(grpc_code::code_of_status(status.as_bytes()));
                     None
@@ -240,7 +240,7 @@ impl<B: Body> Body for Observed<B> {
         let frame = ready!(this.inner.poll_frame(cx));
         match &frame {
             Some(Ok(f)) => {
-                if let Some(status) = f.trailers_ref().and_then(|t| t.get("grpc-status"))
+                if let Some(status) = f.trailers_ref().and_then(|t| t.get(grpc_code::GRPC_STATUS))
                     && let Some(r) = this.record.take()
                 {
                     r.finish(grpc_code::code_of_status(status.as_bytes()));

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONTENT_TYPE, HeaderValue, TE};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderName, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http2::SendRequest;
@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
+use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS, GRPC_STATUS_DETAILS};
 use crate::pb::wire::{Encoded, Frame};
 use crate::policy::UpstreamSpec;
 use crate::transport::coalesce::Coalesce;
@@ -38,6 +39,8 @@ pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 /// A request body: one gRPC frame, sent with END_STREAM on its DATA frame.
 type RequestBody = Full<Frame>;
+
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// Why an attempt got no answer.
 #[derive(Debug)]
@@ -151,7 +154,7 @@ impl Forwarder {
         if let Ok(mut v) = HeaderValue::from_str(&grpc_timeout(time)) {
             // Never indexed: it differs per call (see `grpc::request_id_value`).
             v.set_sensitive(true);
-            headers.insert("grpc-timeout", v);
+            headers.insert(GRPC_TIMEOUT, v);
         }
         let exchange =
             async {
@@ -335,15 +338,15 @@ impl Forwarder {
         }
         match status_of(&mut trailers) {
             Some(status) => return Err(NoAnswer::Status(status)),
-            None if !trailers.contains_key("grpc-status") => {
+            None if !trailers.contains_key(GRPC_STATUS) => {
                 return Err(NoAnswer::Protocol(
                     "the answer ended without a grpc-status".into(),
                 ));
             }
             None => {}
         }
-        trailers.remove("grpc-status");
-        trailers.remove("grpc-message");
+        trailers.remove(GRPC_STATUS);
+        trailers.remove(GRPC_MESSAGE);
         let data = first.unwrap_or_else(|| more.freeze());
         Ok(Answered {
             message: one_message(data, self.max_message_size)?,
@@ -356,11 +359,11 @@ impl Forwarder {
 /// The status in `headers` when it is not OK; a `grpc-status-details-bin` that is not
 /// base64 is dropped (tonic's reader would panic on it).
 fn status_of(headers: &mut HeaderMap) -> Option<tonic::Status> {
-    let code = headers.get("grpc-status")?;
+    let code = headers.get(GRPC_STATUS)?;
     if code.as_bytes() == b"0" {
         return None;
     }
-    headers.remove("grpc-status-details-bin");
+    headers.remove(GRPC_STATUS_DETAILS);
     tonic::Status::from_header_map(headers)
 }
 

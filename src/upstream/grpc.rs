@@ -216,7 +216,7 @@ impl GrpcUpstream {
                 .update(|r| r.served_by = Some(format!("{name}@{}", target.addr)));
             let mut md = ctx.metadata.clone();
             if let Some(v) = request_id_value(&ctx.request_id) {
-                md.insert(REQUEST_ID, v);
+                md.insert(crate::api::keys::REQUEST_ID.clone(), v);
             }
             if attempt > 1 {
                 md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(attempt - 1));

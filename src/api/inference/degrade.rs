@@ -13,7 +13,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Response, Status};
 
 use super::{Answer, Edge, Failed, InferenceApi, Leg, Plan, Via};
-use crate::api::{receipt, record};
+use crate::api::{keys, receipt, record};
 use crate::call::CallContext;
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, Param};
@@ -121,10 +121,10 @@ impl Labels<'_> {
     /// Writes the labels into answer metadata (moved to the trailers).
     fn to_metadata(&self, md: &mut MetadataMap, served_by: String) {
         let degraded = if self.degraded { "true" } else { "false" };
-        md.insert(receipt::DEGRADED, MetadataValue::from_static(degraded));
-        md.insert(receipt::TIER, MetadataValue::from_static(self.tier));
+        md.insert(keys::DEGRADED.clone(), MetadataValue::from_static(degraded));
+        md.insert(keys::TIER.clone(), MetadataValue::from_static(self.tier));
         if let Ok(v) = MetadataValue::try_from(served_by) {
-            md.insert(receipt::SERVED_MODEL, v);
+            md.insert(keys::SERVED_MODEL.clone(), v);
         }
         if let Some(reason) = self.reason {
             md.insert(

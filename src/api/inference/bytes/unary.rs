@@ -27,13 +27,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
 use tonic::body::Body as TonicBody;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
+use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS};
 use crate::pb::wire::Encoded;
 
 /// The gRPC message prefix: the compressed flag and the length.
@@ -46,13 +47,15 @@ const COPY_BELOW: usize = 16 << 10;
 const GRPC: HeaderValue = HeaderValue::from_static("application/grpc");
 
 /// The headers tonic keeps out of an answer's metadata: its framing sets them.
-const RESERVED: [&str; 5] = [
-    "te",
-    "content-type",
-    "grpc-message",
-    "grpc-message-type",
-    "grpc-status",
+const RESERVED: [HeaderName; 5] = [
+    http::header::TE,
+    http::header::CONTENT_TYPE,
+    GRPC_MESSAGE,
+    HeaderName::from_static("grpc-message-type"),
+    GRPC_STATUS,
 ];
+
+const GRPC_ENCODING: HeaderName = HeaderName::from_static("grpc-encoding");
 
 /// Serves one unary call: reads `req`'s message (at most `max` bytes), calls `handler`,
 /// and frames its answer (see the module docs).
@@ -123,7 +126,7 @@ where
 
 /// tonic's refusal of a compressed request: Keel accepts no compression.
 fn refuse_compression(headers: &HeaderMap) -> Result<(), Status> {
-    let Some(value) = headers.get("grpc-encoding") else {
+    let Some(value) = headers.get(GRPC_ENCODING) else {
         return Ok(());
     };
     let other = value.as_bytes();
@@ -254,7 +257,7 @@ impl Messages {
 fn answer(resp: Response<Encoded>, max: usize) -> http::Response<TonicBody> {
     let (metadata, message, extensions) = resp.into_parts();
     let mut headers = metadata.into_headers();
-    for name in RESERVED {
+    for name in &RESERVED {
         headers.remove(name);
     }
     headers.insert(http::header::CONTENT_TYPE, GRPC);

@@ -1,0 +1,66 @@
+//! The metadata keys the edge reads or writes on every call, parsed once.
+//!
+//! tonic's `MetadataMap` takes a `&'static str` key by parsing it into a header name on
+//! each use (about 300 instructions for a name that is not one of HTTP's standard ones);
+//! a key built once is only cloned, which for a static name copies a pointer. The names
+//! themselves are defined where they are documented ([`REQUEST_ID`](crate::upstream::grpc::REQUEST_ID),
+//! [`POLICY_REVISION`](super::POLICY_REVISION), the receipt's in [`super::receipt`]).
+
+use std::sync::LazyLock;
+
+use tonic::metadata::{Ascii, MetadataKey};
+
+/// A metadata key parsed on first use.
+pub type Key = LazyLock<MetadataKey<Ascii>>;
+
+macro_rules! keys {
+    ($($(#[$doc:meta])* $key:ident = $name:expr;)*) => {
+        $($(#[$doc])* pub static $key: Key = LazyLock::new(|| MetadataKey::from_static($name));)*
+    };
+}
+
+keys! {
+    /// `x-request-id`.
+    REQUEST_ID = crate::upstream::grpc::REQUEST_ID;
+    /// `keel-policy-revision`.
+    POLICY_REVISION = super::POLICY_REVISION;
+    /// `grpc-timeout`.
+    GRPC_TIMEOUT = crate::api::context::GRPC_TIMEOUT;
+    /// `traceparent`.
+    TRACEPARENT = "traceparent";
+    /// `keel-attempts`.
+    ATTEMPTS = super::receipt::ATTEMPTS;
+    /// `keel-retry-delays-ms`.
+    RETRY_DELAYS = super::receipt::RETRY_DELAYS;
+    /// `keel-served-by`.
+    SERVED_BY = super::receipt::SERVED_BY;
+    /// `keel-degraded`.
+    DEGRADED = super::receipt::DEGRADED;
+    /// `keel-tier`.
+    TIER = super::receipt::TIER;
+    /// `keel-served-model`.
+    SERVED_MODEL = super::receipt::SERVED_MODEL;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_key_is_its_name() {
+        for (key, name) in [
+            (&REQUEST_ID, "x-request-id"),
+            (&POLICY_REVISION, "keel-policy-revision"),
+            (&GRPC_TIMEOUT, "grpc-timeout"),
+            (&TRACEPARENT, "traceparent"),
+            (&ATTEMPTS, "keel-attempts"),
+            (&RETRY_DELAYS, "keel-retry-delays-ms"),
+            (&SERVED_BY, "keel-served-by"),
+            (&DEGRADED, "keel-degraded"),
+            (&TIER, "keel-tier"),
+            (&SERVED_MODEL, "keel-served-model"),
+        ] {
+            assert_eq!(key.as_str(), name);
+        }
+    }
+}

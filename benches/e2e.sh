@@ -11,7 +11,7 @@
 # Knobs: ROUNDS, DURATION (seconds per run), STREAMS (scenario 1's streams in flight on its
 # one connection, 8), RATE (scenario 1's fixed rate, 1000 req/s), LOADGEN (h2load or keel),
 # KEEP=1 (keep the work directory), KEEL_B (another keel binary, measured as `keel_b` in
-# scenarios 1 and 2 beside this tree's: an A/B in one run).
+# scenarios 1, 2 and 5 beside this tree's: an A/B in one run).
 #
 # Scenario 1 (small unary) runs against a canned-answer upstream: an nginx that reads each
 # request body and answers every ModelInfer with one stored gRPC frame (the embedded `simple`
@@ -354,13 +354,13 @@ duration = \"3s\""
 GWS=$(port); start_keel "$GWS" "$(forward "$SLOW")"; GWS_PID=$LAST_PID
 sleep 1
 RSS_IDLE=$(rss_kib "$GWS_PID")
-peak_during() { # peak_during <concurrency>
-  local c=$1 peak=0 now
-  "$KEEL" load --target "127.0.0.1:$GWS" --payload simple --concurrency "$c" --connections 64 \
+peak_during() { # peak_during <concurrency> [gateway port] [gateway pid]
+  local c=$1 gw=${2:-$GWS} pid=${3:-$GWS_PID} peak=0 now
+  "$KEEL" load --target "127.0.0.1:$gw" --payload simple --concurrency "$c" --connections 64 \
     --requests "$c" --deadline 60s --json "$WORK/s5-$c.json" >/dev/null 2>"$WORK/s5-$c.err" &
   local lp=$!
   while kill -0 "$lp" 2>/dev/null; do
-    now=$(rss_kib "$GWS_PID"); [ "$now" -gt "$peak" ] && peak=$now
+    now=$(rss_kib "$pid"); [ "$now" -gt "$peak" ] && peak=$now
     sleep 0.1
   done
   wait "$lp" || { cat "$WORK/s5-$c.err" >&2; return 1; }
@@ -371,6 +371,23 @@ RSS_1K=$(peak_during 1000)
 RSS_10K=$(peak_during 10000)
 sleep 2
 RSS_AFTER=$(rss_kib "$GWS_PID")
+# The other build's memory, the same way (idle, 1,000, 10,000, after; KiB).
+if [ -n "$GWB" ]; then
+  GWSB=$(port)
+  printf '%s\n' "$(forward "$SLOW")" >"$WORK/keel_b-s5.toml"
+  "$WORK/keel_b" --log-level error serve --config "$WORK/keel_b-s5.toml" --listen "127.0.0.1:$GWSB" \
+    --admin-listen "127.0.0.1:$(port)" >"$WORK/keel_b-s5.log" 2>&1 &
+  GWSB_PID=$!
+  PIDS+=("$GWSB_PID")
+  wait_port "$GWSB"
+  sleep 1
+  say "s5: the same through keel_b"
+  b_idle=$(rss_kib "$GWSB_PID")
+  b_1k=$(peak_during 1000 "$GWSB" "$GWSB_PID")
+  b_10k=$(peak_during 10000 "$GWSB" "$GWSB_PID")
+  sleep 2
+  echo "$b_idle $b_1k $b_10k $(rss_kib "$GWSB_PID")" >"$WORK/s5-keel_b.kib"
+fi
 
 # --- report -------------------------------------------------------------------------------
 say "runs done; load average $(cut -d' ' -f1-3 /proc/loadavg)"

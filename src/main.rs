@@ -9,10 +9,13 @@ use clap::{Parser, Subcommand};
 use keel::observe::{LogFormat, init_logs};
 use keel::policy::Policy;
 
-/// mimalloc instead of glibc's malloc: under load, glibc's arenas contend on locks and
-/// malloc/free took about 15% of the gateway's CPU in a profile (docs/benchmarks.md).
+/// jemalloc instead of glibc's malloc: under load, glibc's arenas contend on locks and
+/// malloc/free took about 15% of the gateway's CPU in a profile. mimalloc solved that too,
+/// but held more memory: beside it, jemalloc cost the same CPU per proxied call and kept
+/// idle RSS at 14 MiB instead of 25, and 167 MiB with 10,000 calls in flight instead of 198
+/// (docs/benchmarks.md, 2026-12-03).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Keel: a gRPC inference gateway for the KServe Open Inference Protocol v2.
 ///

@@ -6,6 +6,7 @@ the CPU ticks of each scenario-1 run (`<run>.ticks`: the proxy's, the canned ups
 the peak RSS of each scenario-1 target (`s1-<target>.hwm`), all in the work directory.
 """
 import json
+import os
 import statistics
 import sys
 
@@ -107,7 +108,12 @@ print("4. upstream failing 100%, through Keel")
 print(f"  attempts per request {s4['attempts_per_request']:.3f} (budget: 1 + 0.2 + floor); "
       f"p99 {s4['latency_ms']['p99']:.3f} ms; errors by reason {s4['errors_by_reason']}\n")
 print("5. Keel's resident memory (MiB), calls to an upstream that answers in 3 s")
-print(f"  idle {rss['idle']:.1f}; peak with 1,000 in flight {rss['1k']:.1f}; with 10,000 {rss['10k']:.1f}; after {rss['after']:.1f}\n")
+print(f"  idle {rss['idle']:.1f}; peak with 1,000 in flight {rss['1k']:.1f}; with 10,000 {rss['10k']:.1f}; after {rss['after']:.1f}")
+rss_b = None
+if os.path.exists(f"{work}/s5-keel_b.kib"):
+    rss_b = dict(zip(["idle", "1k", "10k", "after"], (int(x) / 1024 for x in open(f"{work}/s5-keel_b.kib").read().split())))
+    print(f"  keel_b: idle {rss_b['idle']:.1f}; peak with 1,000 in flight {rss_b['1k']:.1f}; with 10,000 {rss_b['10k']:.1f}; after {rss_b['after']:.1f}")
+print()
 
 print("Ratios (issue 17's targets)")
 if "nginx" in sat:
@@ -118,7 +124,7 @@ if "nginx" in sat:
 print(f"  4 MiB throughput keel/direct        {ratios['large_keel_vs_direct_rps']:.3f}   (target >= 0.8)")
 print(f"  RSS idle {rss['idle']:.1f} MiB (target <= 30), with 10,000 in flight {rss['10k']:.1f} MiB (target <= 377)")
 print(f"  10% UNAVAILABLE upstream: {s3['success_ratio'] * 100:.3f}% success (target >= 99.9)")
-figures.update(ratios=ratios, s3=s3, s4=s4, rss_mib=rss)
+figures.update(ratios=ratios, s3=s3, s4=s4, rss_mib=rss, rss_mib_keel_b=rss_b)
 if out_json:
     with open(out_json, "w") as f:
         json.dump(figures, f, indent=2)

@@ -6,6 +6,7 @@
 pub mod census;
 mod contents;
 mod convert;
+pub mod framing;
 pub mod wire;
 
 pub use convert::{

@@ -26,7 +26,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt as _;
@@ -35,10 +35,8 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
 use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS};
+use crate::pb::framing::{Messages, PREFIX};
 use crate::pb::wire::Encoded;
-
-/// The gRPC message prefix: the compressed flag and the length.
-const PREFIX: usize = 5;
 
 /// Answers up to this size go out as one copied piece (prefix and message together, one
 /// DATA frame); larger ones as their own bytes, never copied.
@@ -145,111 +143,6 @@ fn refuse_compression(headers: &HeaderMap) -> Result<(), Status> {
         MetadataValue::from_static("identity"),
     );
     Err(status)
-}
-
-/// A request body's gRPC messages, as its DATA frames bring them.
-#[derive(Debug)]
-struct Messages {
-    max: usize,
-    /// A prefix, or a message, read in part.
-    partial: BytesMut,
-    /// The length of the message being read, once its prefix is.
-    len: Option<usize>,
-    first: Option<Bytes>,
-}
-
-impl Messages {
-    fn new(max: usize) -> Messages {
-        Messages {
-            max,
-            partial: BytesMut::new(),
-            len: None,
-            first: None,
-        }
-    }
-
-    /// Takes one DATA frame's bytes.
-    fn push(&mut self, mut data: Bytes) -> Result<(), Status> {
-        loop {
-            let Some(len) = self.len else {
-                if data.is_empty() {
-                    return Ok(());
-                }
-                let prefix = if self.partial.is_empty() && data.len() >= PREFIX {
-                    data.split_to(PREFIX)
-                } else {
-                    let n = (PREFIX - self.partial.len()).min(data.len());
-                    self.partial.put_slice(&data[..n]);
-                    data.advance(n);
-                    if self.partial.len() < PREFIX {
-                        return Ok(());
-                    }
-                    self.partial.split().freeze()
-                };
-                self.len = Some(self.prefix(&prefix)?);
-                continue;
-            };
-            if self.partial.is_empty() && data.len() >= len {
-                // The whole message in this frame: no copy.
-                self.got(data.split_to(len));
-                continue;
-            }
-            if data.is_empty() {
-                return Ok(());
-            }
-            if self.partial.is_empty() {
-                self.partial.reserve(len);
-            }
-            let n = (len - self.partial.len()).min(data.len());
-            self.partial.put_slice(&data[..n]);
-            data.advance(n);
-            if self.partial.len() == len {
-                let message = self.partial.split().freeze();
-                self.got(message);
-            }
-        }
-    }
-
-    /// The length a prefix gives, once its flag and length are checked as tonic checks them.
-    fn prefix(&self, prefix: &[u8]) -> Result<usize, Status> {
-        match prefix[0] {
-            0 => {}
-            1 => {
-                return Err(Status::internal(
-                    "protocol error: received message with compressed-flag but no grpc-encoding was specified",
-                ));
-            }
-            f => {
-                return Err(Status::internal(format!(
-                    "protocol error: received message with invalid compression flag: {f} (valid flags are 0 and 1), while sending request"
-                )));
-            }
-        }
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-        if len > self.max {
-            return Err(Status::out_of_range(format!(
-                "Error, decoded message length too large: found {len} bytes, the limit is: {} bytes",
-                self.max
-            )));
-        }
-        Ok(len)
-    }
-
-    fn got(&mut self, message: Bytes) {
-        self.len = None;
-        if self.first.is_none() {
-            self.first = Some(message);
-        }
-    }
-
-    /// The first message, once the body has ended.
-    fn finish(self) -> Result<Bytes, Status> {
-        if self.len.is_some() || !self.partial.is_empty() {
-            return Err(Status::internal("Unexpected EOF decoding stream."));
-        }
-        self.first
-            .ok_or_else(|| Status::internal("Missing request message."))
-    }
 }
 
 /// The handler's answer as tonic's server frames it: its metadata as headers (less what

@@ -32,18 +32,6 @@ async fn read_all(pieces: Vec<Vec<u8>>) -> Result<Request<Bytes>, Status> {
 }
 
 #[tokio::test]
-async fn a_message_in_one_frame_is_taken_without_a_copy() {
-    let body = framed(0, b"hello");
-    let data = Bytes::from(body.clone());
-    let mut m = Messages::new(1024);
-    m.push(data.clone()).unwrap();
-    let message = m.finish().unwrap();
-    assert_eq!(&message[..], b"hello");
-    // The same allocation as the frame's bytes.
-    assert_eq!(message.as_ptr(), data[PREFIX..].as_ptr());
-}
-
-#[tokio::test]
 async fn a_message_split_anywhere_reads_the_same() {
     let body = framed(0, b"a message split in pieces");
     for cut in 1..body.len() {

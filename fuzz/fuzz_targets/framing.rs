@@ -5,21 +5,14 @@
 #![no_main]
 
 use bytes::Bytes;
-use keel::pb::framing::{Messages, PREFIX};
+use keel::pb::framing::{self, PREFIX};
 use libfuzzer_sys::fuzz_target;
 
 const MAX: usize = 4096;
 
 fn read(body: &[u8], cuts: &[usize]) -> Result<Bytes, (tonic::Code, String)> {
-    let mut m = Messages::new(MAX);
-    let mut at = 0;
-    for &cut in cuts.iter().chain(std::iter::once(&body.len())) {
-        let cut = cut.clamp(at, body.len());
-        m.push(Bytes::copy_from_slice(&body[at..cut]))
-            .map_err(|s| (s.code(), s.message().to_string()))?;
-        at = cut;
-    }
-    m.finish().map_err(|s| (s.code(), s.message().to_string()))
+    framing::first(framing::cut_at(body, cuts), MAX)
+        .map_err(|s| (s.code(), s.message().to_string()))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -28,7 +21,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let n = usize::from(n % 8).min(rest.len());
     let (cut_bytes, body) = rest.split_at(n);
-    let mut cuts: Vec<usize> = cut_bytes.iter().map(|b| usize::from(*b) * body.len() / 255).collect();
+    let mut cuts: Vec<usize> = cut_bytes
+        .iter()
+        .map(|b| usize::from(*b) * body.len() / 255)
+        .collect();
     cuts.sort_unstable();
     let whole = read(body, &[]);
     assert_eq!(read(body, &cuts), whole, "cut at {cuts:?}");

@@ -117,5 +117,30 @@ impl Messages {
     }
 }
 
+/// The first message of a body that came as `frames`, as [`Messages`] reads them.
+pub fn first(frames: impl IntoIterator<Item = Bytes>, max: usize) -> Result<Bytes, Status> {
+    let mut m = Messages::new(max);
+    for frame in frames {
+        m.push(frame)?;
+    }
+    m.finish()
+}
+
+/// `body` as the DATA frames of a body cut at each of `cuts` (ascending; out-of-range cuts
+/// are clamped), for tests and the fuzz target that check cuts change nothing.
+#[doc(hidden)]
+pub fn cut_at<'a>(body: &'a [u8], cuts: &'a [usize]) -> impl Iterator<Item = Bytes> + 'a {
+    let mut at = 0;
+    cuts.iter()
+        .copied()
+        .chain(std::iter::once(body.len()))
+        .map(move |cut| {
+            let cut = cut.clamp(at, body.len());
+            let frame = Bytes::copy_from_slice(&body[at..cut]);
+            at = cut;
+            frame
+        })
+}
+
 #[cfg(test)]
 mod tests;

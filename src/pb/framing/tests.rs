@@ -9,15 +9,7 @@ fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
 
 /// The first message (or the refusal) of `body` cut into frames at `cuts`.
 fn read(body: &[u8], cuts: &[usize], max: usize) -> Result<Bytes, (tonic::Code, String)> {
-    let mut m = Messages::new(max);
-    let mut at = 0;
-    for &cut in cuts.iter().chain(std::iter::once(&body.len())) {
-        let cut = cut.clamp(at, body.len());
-        m.push(Bytes::copy_from_slice(&body[at..cut]))
-            .map_err(|s| (s.code(), s.message().to_string()))?;
-        at = cut;
-    }
-    m.finish().map_err(|s| (s.code(), s.message().to_string()))
+    first(cut_at(body, cuts), max).map_err(|s| (s.code(), s.message().to_string()))
 }
 
 #[test]

@@ -239,15 +239,22 @@ async fn counter(keel: &Keel, series: &str) -> f64 {
 }
 
 /// An HTTP/2 connection whose preface is complete, that makes no call; the driver task
-/// ends when Keel closes it.
+/// ends when Keel closes it. Returns once Keel has read the preface (it answered a ping):
+/// h2's handshake completes as soon as the preface is sent, and a connection whose preface
+/// Keel has not read yet is still in its handshake, the first to make room at the cap.
 async fn idle_connection(
     addr: std::net::SocketAddr,
 ) -> (h2::client::SendRequest<bytes::Bytes>, JoinHandle<()>) {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let (send, mut conn) = h2::client::handshake(tcp).await.unwrap();
+    let mut pings = conn.ping_pong().expect("the connection's ping handle");
     let driver = tokio::spawn(async move {
         let _ = conn.await;
     });
+    tokio::time::timeout(BOUND, pings.ping(h2::Ping::opaque()))
+        .await
+        .expect("Keel answers a ping within the bound")
+        .unwrap();
     (send.ready().await.unwrap(), driver)
 }
 

@@ -32,7 +32,7 @@ use crate::pb::{self, inference as proto};
 use crate::policy::{ErrorClass, Priority, Snapshot, Store};
 use crate::resilience::{Failure as _, Slots};
 use crate::route::{Route, Router};
-use crate::upstream::grpc::request_id_value;
+use crate::upstream::grpc::set_request_id;
 use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
 use opentelemetry::KeyValue;
 use proto::grpc_inference_service_server::GrpcInferenceService;
@@ -664,9 +664,7 @@ impl Edge {
 
 /// Adds the request id and the policy revision to an answer's metadata.
 fn tag(md: &mut MetadataMap, request_id: &str, revision: u64) {
-    if let Some(v) = request_id_value(request_id) {
-        md.insert(keys::REQUEST_ID.clone(), v);
-    }
+    set_request_id(md, request_id);
     md.insert(keys::POLICY_REVISION.clone(), MetadataValue::from(revision));
 }
 

@@ -19,9 +19,10 @@ macro_rules! keys {
     };
 }
 
+/// `x-request-id` (kept by the upstream, which sets it too).
+pub use crate::upstream::grpc::REQUEST_ID_KEY as REQUEST_ID;
+
 keys! {
-    /// `x-request-id`.
-    REQUEST_ID = crate::upstream::grpc::REQUEST_ID;
     /// `keel-policy-revision`.
     POLICY_REVISION = super::POLICY_REVISION;
     /// `grpc-timeout`.

@@ -11,6 +11,22 @@ use tonic::Status;
 /// The gRPC message prefix: the compressed flag and the length.
 pub const PREFIX: usize = 5;
 
+/// The prefix of an uncompressed message of `len` bytes.
+pub fn prefix(len: usize) -> [u8; PREFIX] {
+    let mut p = [0u8; PREFIX];
+    p[1..].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    p
+}
+
+/// The compressed flag and the message length of the prefix `bytes` begin with, when they
+/// hold one.
+pub fn read_prefix(bytes: &[u8]) -> Option<(u8, usize)> {
+    match bytes {
+        [flag, a, b, c, d, ..] => Some((*flag, u32::from_be_bytes([*a, *b, *c, *d]) as usize)),
+        _ => None,
+    }
+}
+
 /// A request body's gRPC messages, as its DATA frames bring them.
 #[derive(Debug)]
 pub struct Messages {
@@ -77,7 +93,8 @@ impl Messages {
 
     /// The length a prefix gives, once its flag and length are checked as tonic checks them.
     fn prefix(&self, prefix: &[u8]) -> Result<usize, Status> {
-        match prefix[0] {
+        let (flag, len) = read_prefix(prefix).unwrap_or_default();
+        match flag {
             0 => {}
             1 => {
                 return Err(Status::internal(
@@ -90,7 +107,6 @@ impl Messages {
                 )));
             }
         }
-        let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
         if len > self.max {
             return Err(Status::out_of_range(format!(
                 "Error, decoded message length too large: found {len} bytes, the limit is: {} bytes",

@@ -43,10 +43,9 @@ impl Encoded {
     /// The message as one gRPC frame (uncompressed): the 5-byte prefix, then the message,
     /// without copying it.
     pub fn framed(self) -> Frame {
-        let mut prefix = BytesMut::with_capacity(5);
-        prefix.put_u8(0);
-        prefix.put_u32(u32::try_from(self.len()).unwrap_or(u32::MAX));
-        prefix.freeze().chain(self.head).chain(self.tail)
+        Bytes::copy_from_slice(&super::framing::prefix(self.len()))
+            .chain(self.head)
+            .chain(self.tail)
     }
 
     /// The message in one piece (copies it when something was appended).

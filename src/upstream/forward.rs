@@ -30,6 +30,7 @@ use tokio::sync::Semaphore;
 use tonic::transport::Channel;
 
 use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS, GRPC_STATUS_DETAILS};
+use crate::pb::framing;
 use crate::pb::wire::{Encoded, Frame};
 use crate::policy::UpstreamSpec;
 use crate::transport::coalesce::Coalesce;
@@ -322,7 +323,9 @@ impl Forwarder {
                             if let Some(f) = first.take() {
                                 // The answer's length is in its prefix: room for all of
                                 // it at once, not regrown (and copied) as frames come.
-                                more.reserve(framed_len(&f).min(limit));
+                                let len = framing::read_prefix(&f)
+                                    .map_or(0, |(_, n)| framing::PREFIX + n);
+                                more.reserve(len.min(limit));
                                 more.extend_from_slice(&f);
                             }
                             more.extend_from_slice(&data);
@@ -367,25 +370,14 @@ fn status_of(headers: &mut HeaderMap) -> Option<tonic::Status> {
     tonic::Status::from_header_map(headers)
 }
 
-/// The length of the gRPC frame that `start` begins, prefix included (0 when `start` is
-/// shorter than the prefix).
-fn framed_len(start: &[u8]) -> usize {
-    match start {
-        [_, a, b, c, d, ..] => 5 + u32::from_be_bytes([*a, *b, *c, *d]) as usize,
-        _ => 0,
-    }
-}
-
 /// The one message of a unary answer's body.
 fn one_message(mut data: Bytes, max: usize) -> Result<Bytes, NoAnswer> {
-    if data.len() < 5 {
+    let Some((compressed, len)) = framing::read_prefix(&data) else {
         return Err(NoAnswer::Protocol(format!(
             "the answer has {} bytes, not a gRPC message",
             data.len()
         )));
-    }
-    let compressed = data[0];
-    let len = u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize;
+    };
     if compressed != 0 {
         return Err(NoAnswer::Protocol(
             "the answer is compressed, and Keel asked for none".into(),
@@ -396,18 +388,18 @@ fn one_message(mut data: Bytes, max: usize) -> Result<Bytes, NoAnswer> {
             "the answer is {len} bytes, over {max}"
         )));
     }
-    if data.len() != 5 + len {
+    if data.len() != framing::PREFIX + len {
         return Err(NoAnswer::Protocol(format!(
             "the answer's body is {} bytes for a message of {len}: {}",
             data.len(),
-            if data.len() < 5 + len {
+            if data.len() < framing::PREFIX + len {
                 "cut short"
             } else {
                 "more than one message"
             }
         )));
     }
-    data.advance(5);
+    data.advance(framing::PREFIX);
     Ok(data)
 }
 

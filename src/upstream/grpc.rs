@@ -10,11 +10,11 @@
 //! upstream, and counts against that endpoint only.
 
 use std::error::Error as _;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use futures::FutureExt as _;
 use tokio::time::Instant;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::{Ascii, MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 
 use super::forward::NoAnswer;
@@ -55,6 +55,18 @@ pub fn request_id_value(id: &str) -> Option<MetadataValue<tonic::metadata::Ascii
     let mut v = MetadataValue::try_from(id).ok()?;
     v.set_sensitive(true);
     Some(v)
+}
+
+/// [`REQUEST_ID`] as a metadata key, parsed once (a `&str` key is parsed on every use).
+pub static REQUEST_ID_KEY: LazyLock<MetadataKey<Ascii>> =
+    LazyLock::new(|| MetadataKey::from_static(REQUEST_ID));
+
+/// Sets `md`'s request id to `id`, never indexed ([`request_id_value`]); an id that cannot
+/// be a header value is left out.
+pub fn set_request_id(md: &mut MetadataMap, id: &str) {
+    if let Some(v) = request_id_value(id) {
+        md.insert(REQUEST_ID_KEY.clone(), v);
+    }
 }
 
 /// The header gRPC's retry design uses to number retries.
@@ -215,9 +227,7 @@ impl GrpcUpstream {
             ctx.receipt
                 .update(|r| r.served_by = Some(format!("{name}@{}", target.addr)));
             let mut md = ctx.metadata.clone();
-            if let Some(v) = request_id_value(&ctx.request_id) {
-                md.insert(crate::api::keys::REQUEST_ID.clone(), v);
-            }
+            set_request_id(&mut md, &ctx.request_id);
             if attempt > 1 {
                 md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(attempt - 1));
             }

@@ -35,7 +35,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Code, Request, Response, Status};
 
 use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS};
-use crate::pb::framing::{Messages, PREFIX};
+use crate::pb::framing::{self, Messages, PREFIX};
 use crate::pb::wire::Encoded;
 
 /// Answers up to this size go out as one copied piece (prefix and message together, one
@@ -169,38 +169,31 @@ fn answer(resp: Response<Encoded>, max: usize) -> http::Response<TonicBody> {
     res
 }
 
-/// An answer's body: its message's pieces, then its trailers.
+/// An answer's body: its message's pieces (empty ones are skipped), then its trailers.
 #[derive(Debug)]
 struct Answer {
-    /// Left to send, in order.
-    pieces: std::collections::VecDeque<Bytes>,
+    pieces: [Bytes; 3],
+    /// The first piece not yet sent.
+    next: usize,
     trailers: Option<HeaderMap>,
 }
 
 impl Answer {
     fn new(message: Encoded) -> Answer {
         let len = message.len();
-        let prefix = {
-            let mut p = [0u8; PREFIX];
-            p[1..].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
-            p
-        };
-        let mut pieces = std::collections::VecDeque::with_capacity(3);
-        if len < COPY_BELOW {
+        let prefix = framing::prefix(len);
+        let pieces = if len < COPY_BELOW {
             let mut one = BytesMut::with_capacity(PREFIX + len);
             one.put_slice(&prefix);
             one.put_slice(&message.head);
             one.put_slice(&message.tail);
-            pieces.push_back(one.freeze());
+            [one.freeze(), Bytes::new(), Bytes::new()]
         } else {
-            pieces.push_back(Bytes::copy_from_slice(&prefix));
-            pieces.push_back(message.head);
-            if !message.tail.is_empty() {
-                pieces.push_back(message.tail);
-            }
-        }
+            [Bytes::copy_from_slice(&prefix), message.head, message.tail]
+        };
         Answer {
             pieces,
+            next: 0,
             trailers: Some(trailers(&Status::ok(""))),
         }
     }
@@ -208,6 +201,7 @@ impl Answer {
     fn failed(status: Status) -> Answer {
         Answer {
             pieces: Default::default(),
+            next: 0,
             trailers: Some(trailers(&status)),
         }
     }
@@ -230,18 +224,22 @@ impl Body for Answer {
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
-        if let Some(piece) = this.pieces.pop_front() {
-            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        while let Some(piece) = this.pieces.get_mut(this.next) {
+            this.next += 1;
+            if !piece.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(std::mem::take(piece)))));
+            }
         }
         Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pieces.is_empty() && self.trailers.is_none()
+        // The trailers go last.
+        self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let n: usize = self.pieces.iter().map(Bytes::len).sum();
+        let n: usize = self.pieces[self.next..].iter().map(Bytes::len).sum();
         SizeHint::with_exact(n as u64)
     }
 }

@@ -191,6 +191,7 @@ async fn an_answer_is_its_prefix_message_and_ok() {
             head: Bytes::from(head.clone()),
             tail: Bytes::from(tail.clone()),
         };
+        let head_at = message.head.as_ptr();
         let mut resp = Response::new(message);
         resp.metadata_mut()
             .insert("x-upstream", MetadataValue::from_static("u"));
@@ -216,6 +217,7 @@ async fn an_answer_is_its_prefix_message_and_ok() {
         if head.len() >= COPY_BELOW {
             // The message's own bytes, not a copy.
             assert_eq!(data[1].len(), head.len());
+            assert_eq!(data[1].as_ptr(), head_at);
         } else {
             assert_eq!(data.len(), 1);
         }

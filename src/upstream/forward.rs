@@ -3,19 +3,26 @@
 //! with its headers and trailers, and nothing is decoded on the way but the status.
 //!
 //! tonic's client `Channel` puts every call through a `tower::buffer` (a hop through a
-//! channel to a task of its own) and re-encodes the message it is given; here a call
-//! clones the connection's `SendRequest` and writes the frame it already has, ending the
-//! stream on its DATA frame.
+//! channel to a task of its own) and re-encodes the message it is given. hyper's HTTP/2
+//! client, in turn, hands each request to its connection task through a channel and spawns
+//! two tasks per call (one awaits the answer, one pipes the body). Here a call clones the
+//! connection's h2 `SendRequest`, opens its stream and queues its one frame with
+//! END_STREAM from its own task, and awaits the answer there: the connection's task does
+//! the I/O and nothing else is spawned.
 //!
 //! # Connections
 //!
 //! Each endpoint keeps one connection per worker ([`crate::worker`]), made on the first
 //! call of that worker and again after it closes, so a call's I/O stays on the core that
-//! serves it. A TLS endpoint's calls take its tonic channel instead, still as bytes.
-//! `connection.max_concurrent_streams`, when set, bounds the calls in flight on the
-//! endpoint as tonic's concurrency limit did.
+//! serves it. Its task also pings the peer (`connection.keepalive_interval`) and closes the
+//! connection when a ping goes unanswered for `keepalive_timeout`. A TLS endpoint's calls
+//! take its tonic channel instead, still as bytes. `connection.max_concurrent_streams`,
+//! when set, bounds the calls in flight on the endpoint as tonic's concurrency limit did.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -23,10 +30,8 @@ use http::header::{CONTENT_TYPE, HeaderValue, TE};
 use http::{HeaderMap, HeaderName, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt as _, Full};
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tonic::transport::Channel;
 
 use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS, GRPC_STATUS_DETAILS};
@@ -38,8 +43,18 @@ use crate::transport::coalesce::Coalesce;
 /// The path of ModelInfer.
 pub const MODEL_INFER_PATH: &str = "/inference.GRPCInferenceService/ModelInfer";
 
-/// A request body: one gRPC frame, sent with END_STREAM on its DATA frame.
-type RequestBody = Full<Frame>;
+/// A connection's handle for opening streams: each carries one gRPC frame.
+type Sender = h2::client::SendRequest<Frame>;
+
+/// The receive window Keel grants each stream and the connection (hyper's defaults, which
+/// the forwarder had before it spoke h2 itself): an answer of a few MiB is not held up
+/// waiting for WINDOW_UPDATEs, as it would be with HTTP/2's 64 KiB.
+const STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 5 * 1024 * 1024;
+/// At most this much of a request is buffered per stream beyond the peer's window.
+const MAX_SEND_BUFFER: usize = 1024 * 1024;
+/// The largest header list Keel accepts from an upstream (hyper's default).
+const MAX_HEADER_LIST: u32 = 16 * 1024;
 
 const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
@@ -79,14 +94,26 @@ pub struct Answered {
 /// makes it while the others wait for it.
 #[derive(Default)]
 struct Slot {
-    live: Mutex<Option<SendRequest<RequestBody>>>,
+    live: Mutex<Option<Live>>,
     connecting: tokio::sync::Mutex<()>,
 }
 
+/// A connection made by a [`Slot`].
+struct Live {
+    send: Sender,
+    /// Set by the connection's task when it ends.
+    closed: Arc<AtomicBool>,
+    /// Dropped with the slot (or when the slot makes a new connection): the connection's
+    /// task ends then, even while h2 would wait for the peer.
+    _stop: oneshot::Sender<()>,
+}
+
 impl Slot {
-    fn open(&self) -> Option<SendRequest<RequestBody>> {
+    fn open(&self) -> Option<Sender> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        live.as_ref().filter(|s| !s.is_closed()).cloned()
+        live.as_ref()
+            .filter(|l| !l.closed.load(Ordering::Acquire))
+            .map(|l| l.send.clone())
     }
 }
 
@@ -171,7 +198,7 @@ impl Forwarder {
                     };
                 match &self.tls {
                     Some(channel) => self.via_channel(channel.clone(), message, headers).await,
-                    None => self.via_hyper(message, headers).await,
+                    None => self.via_h2(message, headers).await,
                 }
             };
         match tokio::time::timeout(time, exchange).await {
@@ -180,29 +207,32 @@ impl Forwarder {
         }
     }
 
-    async fn via_hyper(&self, message: Encoded, headers: HeaderMap) -> Result<Answered, NoAnswer> {
-        let mut send = self.sender().await?;
+    async fn via_h2(&self, message: Encoded, headers: HeaderMap) -> Result<Answered, NoAnswer> {
+        let never_sent = |e: h2::Error| NoAnswer::Transport {
+            detail: format!("{}: the connection closed: {}", self.addr, chain(&e)),
+            never_sent: true,
+        };
         // As tonic's channel does before each call: a connection that closed or was told to
         // go away since it was taken takes no new stream, so the request never waits in a
         // dying connection's queue. It never left: the next attempt connects again.
-        if let Err(e) = send.ready().await {
-            return Err(NoAnswer::Transport {
-                detail: format!("{}: the connection closed: {}", self.addr, chain(&e)),
-                never_sent: true,
-            });
-        }
-        let mut req = Request::new(Full::new(message.framed()));
+        let mut send = self.sender().await?.ready().await.map_err(never_sent)?;
+        let mut req = Request::new(());
         *req.method_mut() = http::Method::POST;
         *req.uri_mut() = self.uri.clone();
         *req.headers_mut() = headers;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| NoAnswer::Transport {
-                detail: format!("{}: {}", self.addr, chain(&e)),
-                never_sent: false,
-            })?;
-        self.read(resp).await
+        let (answer, mut body) = send.send_request(req, false).map_err(never_sent)?;
+        // h2 queues the frame whatever the peer's window: no capacity to wait for here.
+        let sent = body.send_data(message.framed(), true);
+        let resp = match (sent, answer.await) {
+            (_, Ok(resp)) => resp,
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => {
+                return Err(NoAnswer::Transport {
+                    detail: format!("{}: {}", self.addr, chain(&e)),
+                    never_sent: false,
+                });
+            }
+        };
+        self.read(resp.map(Received::new)).await
     }
 
     async fn via_channel(
@@ -231,7 +261,7 @@ impl Forwarder {
     }
 
     /// This worker's connection, made now if it has none open.
-    async fn sender(&self) -> Result<SendRequest<RequestBody>, NoAnswer> {
+    async fn sender(&self) -> Result<Sender, NoAnswer> {
         let slot = &self.slots[crate::worker::index() % self.slots.len()];
         if let Some(s) = slot.open() {
             return Ok(s);
@@ -240,12 +270,13 @@ impl Forwarder {
         if let Some(s) = slot.open() {
             return Ok(s);
         }
-        let send = self.connect().await?;
-        *slot.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(send.clone());
+        let live = self.connect().await?;
+        let send = live.send.clone();
+        *slot.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live);
         Ok(send)
     }
 
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, NoAnswer> {
+    async fn connect(&self) -> Result<Live, NoAnswer> {
         let unreachable = |detail: String, never_sent| NoAnswer::Transport {
             detail: format!("{}: {detail}", self.addr),
             never_sent,
@@ -266,21 +297,54 @@ impl Forwarder {
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(self.keepalive_interval)
-            .keep_alive_timeout(self.keepalive_timeout)
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(Coalesce::new(tcp)))
-            .await
-            .map_err(|e| unreachable(format!("HTTP/2 handshake failed: {}", chain(&e)), true))?;
-        let addr = self.addr.clone();
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(endpoint = %addr, error = %chain(&e), "upstream connection closed");
+        let handshake = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_send_buffer_size(MAX_SEND_BUFFER)
+            .max_header_list_size(MAX_HEADER_LIST)
+            .enable_push(false)
+            .handshake::<_, Frame>(Coalesce::new(tcp));
+        let (send, mut conn) = match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(unreachable(
+                    format!("HTTP/2 handshake failed: {}", chain(&e)),
+                    true,
+                ));
             }
+            Err(_) => {
+                return Err(unreachable(
+                    format!("no HTTP/2 handshake within {:?}", self.connect_timeout),
+                    true,
+                ));
+            }
+        };
+        let closed = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let pings = conn.ping_pong();
+        let (addr, every, within, done) = (
+            self.addr.clone(),
+            self.keepalive_interval,
+            self.keepalive_timeout,
+            closed.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::select! {
+                r = &mut conn => if let Err(e) = r {
+                    tracing::debug!(endpoint = %addr, error = %chain(&e), "upstream connection closed");
+                },
+                () = keepalive(pings, every, within) => {
+                    tracing::debug!(endpoint = %addr, timeout = ?within, "upstream connection closed: a ping went unanswered");
+                }
+                _ = stopped => {}
+            }
+            done.store(true, Ordering::Release);
         });
-        Ok(send)
+        Ok(Live {
+            send,
+            closed,
+            _stop: stop,
+        })
     }
 
     /// Reads an answer: its status, then its one message and trailers.
@@ -356,6 +420,59 @@ impl Forwarder {
             headers,
             trailers,
         })
+    }
+}
+
+/// Pings the peer every `every` and returns when a ping goes unanswered for `within` (or
+/// the connection can take no more pings): the connection is then closed.
+async fn keepalive(pings: Option<h2::PingPong>, every: Duration, within: Duration) {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(within, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) | Err(_) => return,
+        }
+    }
+}
+
+/// An answer's body as h2 receives it: each DATA frame's bytes are handed back to the
+/// stream's window as they are taken, then the trailers.
+struct Received {
+    stream: h2::RecvStream,
+    trailers_read: bool,
+}
+
+impl Received {
+    fn new(stream: h2::RecvStream) -> Received {
+        Received {
+            stream,
+            trailers_read: false,
+        }
+    }
+}
+
+impl Body for Received {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, h2::Error>>> {
+        if self.trailers_read {
+            return Poll::Ready(None);
+        }
+        if let Some(data) = ready!(self.stream.poll_data(cx)) {
+            let data = data?;
+            let _ = self.stream.flow_control().release_capacity(data.len());
+            return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
+        }
+        let trailers = ready!(self.stream.poll_trailers(cx))?;
+        self.trailers_read = true;
+        Poll::Ready(trailers.map(|t| Ok(http_body::Frame::trailers(t))))
     }
 }
 

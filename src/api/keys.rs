@@ -4,7 +4,8 @@
 //! each use (about 300 instructions for a name that is not one of HTTP's standard ones);
 //! a key built once is only cloned, which for a static name copies a pointer. The names
 //! themselves are defined where they are documented ([`REQUEST_ID`](crate::upstream::grpc::REQUEST_ID),
-//! [`POLICY_REVISION`](super::POLICY_REVISION), the receipt's in [`super::receipt`]).
+//! [`POLICY_REVISION`](super::POLICY_REVISION)). The receipt's names, written into a `HeaderMap`, are
+//! `HeaderName` constants ([`super::receipt::names`]).
 
 use std::sync::LazyLock;
 
@@ -29,18 +30,6 @@ keys! {
     GRPC_TIMEOUT = crate::api::context::GRPC_TIMEOUT;
     /// `traceparent`.
     TRACEPARENT = "traceparent";
-    /// `keel-attempts`.
-    ATTEMPTS = super::receipt::ATTEMPTS;
-    /// `keel-retry-delays-ms`.
-    RETRY_DELAYS = super::receipt::RETRY_DELAYS;
-    /// `keel-served-by`.
-    SERVED_BY = super::receipt::SERVED_BY;
-    /// `keel-degraded`.
-    DEGRADED = super::receipt::DEGRADED;
-    /// `keel-tier`.
-    TIER = super::receipt::TIER;
-    /// `keel-served-model`.
-    SERVED_MODEL = super::receipt::SERVED_MODEL;
 }
 
 #[cfg(test)]
@@ -54,12 +43,6 @@ mod tests {
             (&POLICY_REVISION, "keel-policy-revision"),
             (&GRPC_TIMEOUT, "grpc-timeout"),
             (&TRACEPARENT, "traceparent"),
-            (&ATTEMPTS, "keel-attempts"),
-            (&RETRY_DELAYS, "keel-retry-delays-ms"),
-            (&SERVED_BY, "keel-served-by"),
-            (&DEGRADED, "keel-degraded"),
-            (&TIER, "keel-tier"),
-            (&SERVED_MODEL, "keel-served-model"),
         ] {
             assert_eq!(key.as_str(), name);
         }

@@ -10,11 +10,6 @@ use http::HeaderMap;
 use http::header::HeaderName;
 use tonic::metadata::MetadataMap;
 
-/// In the extensions of an answer: the upstream's trailers to send, already [`filter`]ed,
-/// before Keel's own.
-#[derive(Clone, Debug, Default)]
-pub struct UpstreamTrailers(pub HeaderMap);
-
 /// Names never passed on: hop-by-hop (RFC 9110 §7.6.1) and HTTP/2 transport headers.
 const NOT_PASSED: &[&str] = &[
     "connection",
@@ -41,12 +36,17 @@ pub fn passes(name: &HeaderName) -> bool {
 /// The upstream's headers that may reach the client.
 pub fn filter(upstream: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
+    filter_into(&mut out, upstream);
+    out
+}
+
+/// Appends to `out` the upstream's headers that may reach the client.
+pub fn filter_into(out: &mut HeaderMap, upstream: &HeaderMap) {
     for (name, value) in upstream {
         if passes(name) {
             out.append(name.clone(), value.clone());
         }
     }
-    out
 }
 
 /// Adds the upstream's headers to an answer's metadata, under the names Keel has not

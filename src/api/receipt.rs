@@ -3,17 +3,19 @@
 //! Handlers write the receipt into the response metadata ([`write`]); for a successful
 //! unary answer tonic sends that metadata as headers, so [`move_to_trailers`] moves the
 //! receipt's keys into the trailers, where gRPC clients read call outcomes (an error
-//! answer is a single headers frame, which clients read as trailers already).
+//! answer is a single headers frame, which clients read as trailers already). An answer
+//! that knows its trailers when it is made (ModelInfer's) carries them as [`Trailing`]
+//! instead ([`write_to`]), and nothing is moved.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 
-use super::{POLICY_REVISION, keys};
+use super::POLICY_REVISION;
 use crate::call::CallContext;
 
 /// Attempts made, the first included.
@@ -60,19 +62,65 @@ const RECEIPT: [&str; 13] = [
     DEPRECATION,
 ];
 
+/// The names written on every answer, as header names built at compile time: a name
+/// given as `&str` is parsed and checked on each use.
+pub mod names {
+    use http::HeaderName;
+
+    /// [`super::ATTEMPTS`].
+    pub const ATTEMPTS: HeaderName = HeaderName::from_static(super::ATTEMPTS);
+    /// [`super::RETRY_DELAYS`].
+    pub const RETRY_DELAYS: HeaderName = HeaderName::from_static(super::RETRY_DELAYS);
+    /// [`super::SERVED_BY`].
+    pub const SERVED_BY: HeaderName = HeaderName::from_static(super::SERVED_BY);
+    /// [`super::DEGRADED`].
+    pub const DEGRADED: HeaderName = HeaderName::from_static(super::DEGRADED);
+    /// [`super::TIER`].
+    pub const TIER: HeaderName = HeaderName::from_static(super::TIER);
+    /// [`super::SERVED_MODEL`].
+    pub const SERVED_MODEL: HeaderName = HeaderName::from_static(super::SERVED_MODEL);
+    /// [`crate::api::POLICY_REVISION`].
+    pub const POLICY_REVISION: HeaderName = HeaderName::from_static(crate::api::POLICY_REVISION);
+}
+
+/// In the extensions of an answer: its trailers as Keel wrote them when it made the answer
+/// (the upstream's that pass first, then Keel's receipt and labels, which win), so that
+/// [`move_to_trailers`] has nothing to look for among the headers.
+#[derive(Clone, Debug, Default)]
+pub struct Trailing(pub HeaderMap);
+
+/// `s` as a metadata value: visible ASCII, as tonic's ASCII metadata requires.
+pub fn ascii(s: &str) -> Option<HeaderValue> {
+    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        HeaderValue::from_str(s).ok()
+    } else {
+        None
+    }
+}
+
 /// Writes a call's receipt into answer metadata.
 pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
+    let mut headers = std::mem::take(md).into_headers();
+    write_to(&mut headers, ctx);
+    *md = MetadataMap::from_headers(headers);
+}
+
+/// Writes a call's receipt into `h`: an answer's [`Trailing`] or a status's metadata.
+pub fn write_to(h: &mut HeaderMap, ctx: &CallContext) {
     let r = ctx.receipt.read();
-    md.insert(
-        keys::ATTEMPTS.clone(),
-        MetadataValue::from(r.attempts.max(1)),
-    );
-    if let Ok(v) = MetadataValue::try_from(r.delays_ms()) {
-        md.insert(keys::RETRY_DELAYS.clone(), v);
+    h.insert(names::ATTEMPTS, HeaderValue::from(r.attempts.max(1)));
+    if let Some(v) = ascii(&r.delays_ms()) {
+        h.insert(names::RETRY_DELAYS, v);
     }
-    if let Some(v) = r.served_by.and_then(|s| MetadataValue::try_from(s).ok()) {
-        md.insert(keys::SERVED_BY.clone(), v);
+    if let Some(v) = r.served_by.as_deref().and_then(ascii) {
+        h.insert(names::SERVED_BY, v);
     }
+}
+
+/// Whether `name` is one of the receipt's.
+fn in_receipt(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    n.starts_with("keel-") && RECEIPT.contains(&n)
 }
 
 /// Moves the receipt keys out of a response's headers, to be sent with its trailers.
@@ -80,15 +128,11 @@ pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
 /// they are: their headers are the trailers.
 pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailers<B>> {
     let (mut parts, body) = res.into_parts();
-    // An upstream's own trailers go first; Keel's, written after, win.
-    let mut extra = parts
-        .extensions
-        .remove::<super::passed::UpstreamTrailers>()
-        .map(|t| t.0)
-        .unwrap_or_default();
+    let mut extra = parts.extensions.remove::<Trailing>().map(|t| t.0);
     if parts.headers.contains_key(crate::grpc_code::GRPC_STATUS) {
-        extra.clear();
-    } else {
+        extra = None;
+    } else if extra.is_none() || parts.headers.keys().any(in_receipt) {
+        let extra = extra.get_or_insert_with(HeaderMap::new);
         // One pass over the headers: removing each receipt key by name parsed and hashed
         // thirteen names on every answer.
         let headers = std::mem::take(&mut parts.headers);
@@ -101,7 +145,7 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
                 name = n;
             }
             let Some(n) = &name else { continue };
-            if n.as_str().starts_with("keel-") && RECEIPT.contains(&n.as_str()) {
+            if in_receipt(n) {
                 if first {
                     extra.insert(n.clone(), v);
                 } else {
@@ -116,8 +160,24 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
             }
         }
     }
-    let extra = (!extra.is_empty()).then_some(extra);
+    let extra = extra.filter(|e| !e.is_empty());
     http::Response::from_parts(parts, WithTrailers { inner: body, extra })
+}
+
+/// Adds `under`'s entries to `over` under the names `over` does not have: `over`'s win.
+fn merge_under(over: &mut HeaderMap, under: HeaderMap) {
+    // A name's first value comes with it, its others with `None`.
+    let mut taking: Option<HeaderName> = None;
+    for (name, value) in under {
+        if let Some(name) = name {
+            taking = (!over.contains_key(&name)).then_some(name);
+            if let Some(n) = &taking {
+                over.insert(n.clone(), value);
+            }
+        } else if let Some(n) = &taking {
+            over.append(n.clone(), value);
+        }
+    }
 }
 
 pin_project! {
@@ -143,10 +203,16 @@ where
         let this = self.project();
         match ready!(this.inner.poll_frame(cx)) {
             Some(Ok(frame)) => match frame.into_trailers() {
-                Ok(mut trailers) => {
-                    if let Some(extra) = this.extra.take() {
-                        trailers.extend(extra);
-                    }
+                Ok(trailers) => {
+                    // The body's own trailers are a status or two: they go into Keel's,
+                    // which are the more, rather than Keel's into them.
+                    let trailers = match this.extra.take() {
+                        Some(mut extra) => {
+                            merge_under(&mut extra, trailers);
+                            extra
+                        }
+                        None => trailers,
+                    };
                     Poll::Ready(Some(Ok(Frame::trailers(trailers))))
                 }
                 Err(frame) => Poll::Ready(Some(Ok(frame))),

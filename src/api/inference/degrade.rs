@@ -8,12 +8,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::{HeaderMap, HeaderValue};
 use tokio::time::Instant;
-use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Response, Status};
 
 use super::{Answer, Edge, Failed, InferenceApi, Leg, Plan, Via};
-use crate::api::{keys, receipt, record};
+use crate::api::{receipt, record};
 use crate::call::CallContext;
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, Param};
@@ -118,41 +118,39 @@ impl Labels<'_> {
         served_by
     }
 
-    /// Writes the labels into answer metadata (moved to the trailers).
-    fn to_metadata(&self, md: &mut MetadataMap, served_by: String) {
+    /// Writes the labels into an answer's trailers.
+    fn to_trailers(&self, h: &mut HeaderMap, served_by: &str) {
+        use receipt::names;
         let degraded = if self.degraded { "true" } else { "false" };
-        md.insert(keys::DEGRADED.clone(), MetadataValue::from_static(degraded));
-        md.insert(keys::TIER.clone(), MetadataValue::from_static(self.tier));
-        if let Ok(v) = MetadataValue::try_from(served_by) {
-            md.insert(keys::SERVED_MODEL.clone(), v);
+        h.insert(names::DEGRADED, HeaderValue::from_static(degraded));
+        h.insert(names::TIER, HeaderValue::from_static(self.tier));
+        if let Some(v) = receipt::ascii(served_by) {
+            h.insert(names::SERVED_MODEL, v);
         }
         if let Some(reason) = self.reason {
-            md.insert(
+            h.insert(
                 receipt::DEGRADED_REASON,
-                MetadataValue::from_static(reason.as_str()),
+                HeaderValue::from_static(reason.as_str()),
             );
         }
         if let Some(ms) = self.stale_ms() {
-            md.insert(receipt::STALE_MS, MetadataValue::from(ms));
+            h.insert(receipt::STALE_MS, HeaderValue::from(ms));
         }
         if let Some(story) = self.story {
-            md.insert(
+            h.insert(
                 receipt::PRIMARY_ATTEMPTS,
-                MetadataValue::from(story.primary_attempts),
+                HeaderValue::from(story.primary_attempts),
             );
-            md.insert(
+            h.insert(
                 receipt::PRIMARY_ERROR,
-                MetadataValue::from_static(story.primary_error),
+                HeaderValue::from_static(story.primary_error),
             );
-            md.insert(
+            h.insert(
                 receipt::PRIMARY_CODE,
-                MetadataValue::from_static(story.primary_code),
+                HeaderValue::from_static(story.primary_code),
             );
-            if let Some(v) = story
-                .rungs_failed()
-                .and_then(|r| MetadataValue::try_from(r).ok())
-            {
-                md.insert(receipt::RUNGS_FAILED, v);
+            if let Some(v) = story.rungs_failed().as_deref().and_then(receipt::ascii) {
+                h.insert(receipt::RUNGS_FAILED, v);
             }
         }
     }
@@ -445,18 +443,21 @@ impl InferenceApi {
         // What the upstream sent with its answer goes on with it, under Keel's own.
         let wire = resp.wire.clone();
         let mut out = edge.reply(resp);
-        if let Some(ctx) = ctx {
-            receipt::write(out.metadata_mut(), ctx);
-        }
-        labels.to_metadata(out.metadata_mut(), served_by);
-        if let Some((headers, trailers)) = wire.metadata() {
+        let mut trailers = HeaderMap::with_capacity(16);
+        if let Some((headers, upstream)) = wire.metadata() {
             crate::api::passed::add_headers(out.metadata_mut(), headers);
-            if !trailers.is_empty() {
-                let passed = crate::api::passed::filter(trailers);
-                out.extensions_mut()
-                    .insert(crate::api::passed::UpstreamTrailers(passed));
-            }
+            crate::api::passed::filter_into(&mut trailers, upstream);
         }
+        if let Some(ctx) = ctx {
+            receipt::write_to(&mut trailers, ctx);
+        }
+        labels.to_trailers(&mut trailers, &served_by);
+        // The revision goes in the trailers too, for clients that read outcomes there.
+        trailers.insert(
+            receipt::names::POLICY_REVISION,
+            HeaderValue::from(edge.snapshot.revision),
+        );
+        out.extensions_mut().insert(receipt::Trailing(trailers));
         Ok(out)
     }
 }

@@ -619,6 +619,9 @@ impl Edge {
     /// A successful answer, tagged.
     pub(super) fn reply<T>(&self, value: T) -> Response<T> {
         let mut resp = Response::new(value);
+        // Room for Keel's names, an upstream's few and the content type, made once rather
+        // than grown (and rehashed) as they are added.
+        *resp.metadata_mut() = MetadataMap::with_capacity(REPLY_HEADERS);
         tag(
             resp.metadata_mut(),
             &self.ctx.request_id,
@@ -661,6 +664,9 @@ impl Edge {
         s
     }
 }
+
+/// The headers an answer has room for from the start ([`Edge::reply`]).
+const REPLY_HEADERS: usize = 12;
 
 /// Adds the request id and the policy revision to an answer's metadata.
 fn tag(md: &mut MetadataMap, request_id: &str, revision: u64) {

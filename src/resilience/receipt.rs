@@ -26,7 +26,7 @@ pub struct ReceiptData {
     /// The call succeeded but took longer than the method's `slow_threshold`.
     pub slow: bool,
     /// Who answered the last attempt (`embedded`, `triton@10.0.0.7:8001`).
-    pub served_by: Option<String>,
+    pub served_by: Option<Arc<str>>,
 }
 
 impl Receipt {

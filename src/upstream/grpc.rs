@@ -225,7 +225,7 @@ impl GrpcUpstream {
                 return Err(Error::DeadlineExceeded { budget: ctx.budget });
             }
             ctx.receipt
-                .update(|r| r.served_by = Some(format!("{name}@{}", target.addr)));
+                .update(|r| r.served_by = Some(target.served_by.clone()));
             let mut md = ctx.metadata.clone();
             set_request_id(&mut md, &ctx.request_id);
             if attempt > 1 {

@@ -108,6 +108,8 @@ struct Begun(u64);
 pub struct Endpoint {
     /// `host:port`, for logs, metrics and the receipt.
     pub addr: Arc<str>,
+    /// `upstream@host:port`: who answered, in the receipt (`keel-served-by`), made once.
+    pub served_by: Arc<str>,
     channel: Channel,
     client: GrpcInferenceServiceClient<Channel>,
     /// ModelInfer as bytes, on Keel's own connections.
@@ -119,6 +121,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     fn new(
+        upstream: &str,
         addr: &str,
         channel: Channel,
         forwarder: super::forward::Forwarder,
@@ -129,6 +132,7 @@ impl Endpoint {
             .max_encoding_message_size(max_message_size);
         Endpoint {
             addr: addr.into(),
+            served_by: format!("{upstream}@{addr}").into(),
             channel,
             client,
             forwarder,
@@ -350,6 +354,7 @@ impl Pool {
         let forwarder =
             super::forward::Forwarder::new(addr, &self.spec, self.max_message_size, tls);
         Arc::new(Endpoint::new(
+            &self.name,
             addr,
             channel,
             forwarder,

@@ -30,6 +30,9 @@ use crate::model::{
 /// The only version of every embedded model.
 const VERSION: &str = "1";
 
+/// Who answers, in the receipt (`keel-served-by`).
+static EMBEDDED: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "embedded".into());
+
 /// A model computed in process.
 trait Model: Send + Sync {
     /// The model's contract.
@@ -251,7 +254,7 @@ impl Backend for Embedded {
     fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
         call.ctx
             .receipt
-            .update(|r| r.served_by = Some("embedded".into()));
+            .update(|r| r.served_by = Some(EMBEDDED.clone()));
         // The models are microseconds of arithmetic: computing inline beats a task hop.
         futures::future::ready(self.run(&call.body)).boxed()
     }

@@ -634,12 +634,14 @@ impl Keel {
             admin_local,
             self.admin_token.is_some(),
         );
-        let routes = tonic::service::Routes::new(health_service)
-            .add_service(reflection)
-            .add_service(reflection_alpha)
-            .add_service(api)
-            .add_service(legacy)
-            .prepare();
+        let routes = api.clone().in_front_of(
+            tonic::service::Routes::new(health_service)
+                .add_service(reflection)
+                .add_service(reflection_alpha)
+                .add_service(api)
+                .add_service(legacy)
+                .prepare(),
+        );
         let traffic_service = ServiceBuilder::new()
             // Outermost: it sees the status the client gets, the edge deadline's included.
             .layer(EdgeMetricsLayer::new(metrics.clone(), known_methods()))

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::model::{Rejection, clip};
 use crate::observe::Metrics;
 use crate::observe::metrics::{
-    ApiLabels, CodeLabel, ModelLabels, ModelUpstreamLabels, RetryLabels, RuleLabels,
+    ApiLabels, CodeLabel, ModelLabels, ModelUpstreamLabels, Name, RetryLabels, RuleLabels,
     TenantCodeLabels, UpstreamLabels,
 };
 use crate::resilience::Failure;
@@ -131,7 +131,9 @@ fn sampled(request_id: &str, rate: f64) -> bool {
 /// request's inputs and is only asked for when the line is logged.
 pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() -> String) {
     let class = f.error.map_or("ok", |e| e.class().as_str());
-    let model_label = f.ctx.map_or("unknown", |c| &*c.route.model);
+    let model_label = f
+        .ctx
+        .map_or_else(Name::unknown, |c| Name::from(&c.route.model));
     if f.leg.counted
         && (f.method.ends_with("/ModelInfer") || f.method.ends_with("/ModelStreamInfer"))
     {
@@ -155,8 +157,8 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
     }
     let receipt = f.ctx.map(|c| c.receipt.read()).unwrap_or_default();
     if let Some(ctx) = f.ctx {
-        let model = ctx.route.model.to_string();
-        let upstream = ctx.route.target.upstream.to_string();
+        let model = Name::from(&ctx.route.model);
+        let upstream = Name::from(&ctx.route.target.upstream);
         let mu = ModelUpstreamLabels {
             model: model.clone(),
             upstream: upstream.clone(),

@@ -188,11 +188,63 @@ impl<L: RpcLabels> RpcSeries<L> {
     }
 }
 
+/// A label value that names something of the policy (a model, an upstream), shared rather
+/// than copied: the labels of a call are made on every call, and a `String` label would be
+/// allocated and freed each time.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Name(Arc<str>);
+
+impl Name {
+    /// `model="unknown"`: a call for a model the policy does not name.
+    pub fn unknown() -> Name {
+        static UNKNOWN: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| Arc::from("unknown"));
+        Name(UNKNOWN.clone())
+    }
+}
+
+impl From<&Arc<str>> for Name {
+    fn from(s: &Arc<str>) -> Name {
+        Name(s.clone())
+    }
+}
+
+impl From<&str> for Name {
+    fn from(s: &str) -> Name {
+        Name(s.into())
+    }
+}
+
+impl From<String> for Name {
+    fn from(s: String) -> Name {
+        Name(s.into())
+    }
+}
+
+impl From<&String> for Name {
+    fn from(s: &String) -> Name {
+        Name(s.as_str().into())
+    }
+}
+
+impl std::ops::Deref for Name {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl EncodeLabelValue for Name {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
+}
+
 /// A finished request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     /// The model (from policy) or `unknown`.
-    pub model: String,
+    pub model: Name,
     /// What answered: `primary`, `cache` (fresh), `fallback_model` (another model or upstream),
     /// `cache` (stale, from the ladder) or `static`.
     pub tier: &'static str,
@@ -204,25 +256,25 @@ pub struct RequestLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     /// The model.
-    pub model: String,
+    pub model: Name,
 }
 
 /// One model on one upstream.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelUpstreamLabels {
     /// The model.
-    pub model: String,
+    pub model: Name,
     /// The upstream.
-    pub upstream: String,
+    pub upstream: Name,
 }
 
 /// A retry and why.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
     /// The model.
-    pub model: String,
+    pub model: Name,
     /// The upstream.
-    pub upstream: String,
+    pub upstream: Name,
     /// The error class of the failed attempt.
     pub reason: &'static str,
 }
@@ -242,7 +294,7 @@ pub struct DegradedLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     /// The upstream.
-    pub upstream: String,
+    pub upstream: Name,
 }
 
 /// A policy change and its outcome.
@@ -602,22 +654,21 @@ impl Metrics {
     /// Records one finished request: what answered it (`tier`) and how (`class`).
     pub fn observe_call(
         &self,
-        model: &str,
+        model: impl Into<Name>,
         tier: &'static str,
         class: &'static str,
         took: Duration,
     ) {
+        let model = model.into();
         self.requests
             .get_or_create(&RequestLabels {
-                model: model.to_string(),
+                model: model.clone(),
                 tier,
                 class,
             })
             .inc();
         self.request_duration
-            .get_or_create(&ModelLabels {
-                model: model.to_string(),
-            })
+            .get_or_create(&ModelLabels { model })
             .observe(took.as_secs_f64());
     }
 }
@@ -681,8 +732,8 @@ impl Collector for Runtime {
         )?;
         for (model, upstream, s, _) in &state.breakers {
             let labels = ModelUpstreamLabels {
-                model: model.clone(),
-                upstream: upstream.clone(),
+                model: model.into(),
+                upstream: upstream.into(),
             };
             ConstGauge::new(*s).encode(family.encode_family(&labels)?)?;
         }
@@ -694,8 +745,8 @@ impl Collector for Runtime {
         )?;
         for (model, upstream, _, trips) in &state.breakers {
             let labels = ModelUpstreamLabels {
-                model: model.clone(),
-                upstream: upstream.clone(),
+                model: model.into(),
+                upstream: upstream.into(),
             };
             ConstCounter::new(*trips).encode(family.encode_family(&labels)?)?;
         }
@@ -720,7 +771,7 @@ impl Collector for Runtime {
         )?;
         for (model, in_flight, _) in &state.models {
             ConstGauge::new(*in_flight).encode(family.encode_family(&ModelLabels {
-                model: model.clone(),
+                model: model.into(),
             })?)?;
         }
         let mut family = encoder.encode_descriptor(
@@ -731,7 +782,7 @@ impl Collector for Runtime {
         )?;
         for (model, _, queued) in &state.models {
             ConstGauge::new(*queued).encode(family.encode_family(&ModelLabels {
-                model: model.clone(),
+                model: model.into(),
             })?)?;
         }
         Ok(())

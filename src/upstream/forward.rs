@@ -19,6 +19,7 @@
 //! take its tonic channel instead, still as bytes. `connection.max_concurrent_streams`,
 //! when set, bounds the calls in flight on the endpoint as tonic's concurrency limit did.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -106,6 +107,51 @@ struct Live {
     /// Dropped with the slot (or when the slot makes a new connection): the connection's
     /// task ends then, even while h2 would wait for the peer.
     _stop: oneshot::Sender<()>,
+}
+
+/// Why a connection's task ended.
+#[derive(Debug)]
+enum Ended {
+    /// The connection closed (an error, or the peer went away).
+    Closed(Result<(), h2::Error>),
+    /// A keepalive ping went unanswered: the connection is dropped.
+    Unanswered,
+    /// Its slot dropped it.
+    Dropped,
+}
+
+impl Live {
+    /// A connection's handle, and the task that drives it: its I/O, a ping every `every`
+    /// that must be answered within `within`, until it closes or the handle is dropped.
+    fn run<T>(
+        send: Sender,
+        mut conn: h2::client::Connection<T, Frame>,
+        every: Duration,
+        within: Duration,
+    ) -> (Live, impl Future<Output = Ended> + Send + 'static)
+    where
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let closed = Arc::new(AtomicBool::new(false));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let pings = conn.ping_pong();
+        let done = closed.clone();
+        let run = async move {
+            let ended = tokio::select! {
+                r = &mut conn => Ended::Closed(r),
+                () = keepalive(pings, every, within) => Ended::Unanswered,
+                _ = stopped => Ended::Dropped,
+            };
+            done.store(true, Ordering::Release);
+            ended
+        };
+        let live = Live {
+            send,
+            closed,
+            _stop: stop,
+        };
+        (live, run)
+    }
 }
 
 impl Slot {
@@ -304,7 +350,7 @@ impl Forwarder {
             .max_header_list_size(MAX_HEADER_LIST)
             .enable_push(false)
             .handshake::<_, Frame>(Coalesce::new(tcp));
-        let (send, mut conn) = match tokio::time::timeout(self.connect_timeout, handshake).await {
+        let (send, conn) = match tokio::time::timeout(self.connect_timeout, handshake).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(unreachable(
@@ -319,32 +365,20 @@ impl Forwarder {
                 ));
             }
         };
-        let closed = Arc::new(AtomicBool::new(false));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let pings = conn.ping_pong();
-        let (addr, every, within, done) = (
-            self.addr.clone(),
-            self.keepalive_interval,
-            self.keepalive_timeout,
-            closed.clone(),
-        );
+        let (live, run) = Live::run(send, conn, self.keepalive_interval, self.keepalive_timeout);
+        let addr = self.addr.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                r = &mut conn => if let Err(e) = r {
+            match run.await {
+                Ended::Closed(Err(e)) => {
                     tracing::debug!(endpoint = %addr, error = %chain(&e), "upstream connection closed");
-                },
-                () = keepalive(pings, every, within) => {
-                    tracing::debug!(endpoint = %addr, timeout = ?within, "upstream connection closed: a ping went unanswered");
                 }
-                _ = stopped => {}
+                Ended::Unanswered => {
+                    tracing::debug!(endpoint = %addr, "upstream connection closed: a ping went unanswered");
+                }
+                Ended::Closed(Ok(())) | Ended::Dropped => {}
             }
-            done.store(true, Ordering::Release);
         });
-        Ok(Live {
-            send,
-            closed,
-            _stop: stop,
-        })
+        Ok(live)
     }
 
     /// Reads an answer: its status, then its one message and trailers.
@@ -617,6 +651,78 @@ mod tests {
             one_message(framed(0, b"abc", 3), 2),
             Err(NoAnswer::TooLarge(_))
         ));
+    }
+
+    /// A client connection over an in-memory pipe to an h2 server, driven by
+    /// [`Live::run`]: the server's end, handshaken.
+    async fn connection(
+        every: Duration,
+        within: Duration,
+    ) -> (
+        Live,
+        tokio::task::JoinHandle<Ended>,
+        h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+    ) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let (send, conn) = h2::client::Builder::new()
+            .handshake::<_, Frame>(near)
+            .await
+            .expect("client handshake");
+        let (live, run) = Live::run(send, conn, every, within);
+        let run = tokio::spawn(run);
+        let server = h2::server::handshake(far).await.expect("server handshake");
+        (live, run, server)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_answers_pings_keeps_its_connection() {
+        let (live, run, mut server) =
+            connection(Duration::from_secs(1), Duration::from_millis(500)).await;
+        // The server answers pings while it is polled.
+        let serving = tokio::spawn(async move { while server.accept().await.is_some() {} });
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(
+            !live.closed.load(Ordering::Acquire),
+            "closed after 10 pings"
+        );
+        assert!(!run.is_finished());
+        drop(live);
+        // With its last handle gone, h2 may see the connection done before the stop.
+        let ended = run.await.expect("task");
+        assert!(
+            matches!(ended, Ended::Dropped | Ended::Closed(Ok(()))),
+            "{ended:?}"
+        );
+        serving.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_answering_pings_loses_its_connection() {
+        let (live, run, server) =
+            connection(Duration::from_secs(1), Duration::from_millis(500)).await;
+        // Held, never polled: the server reads nothing and answers nothing.
+        let started = tokio::time::Instant::now();
+        let ended = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .expect("the connection outlived a minute of unanswered pings")
+            .expect("task");
+        assert!(matches!(ended, Ended::Unanswered), "{ended:?}");
+        // The first ping goes out after a second and is given half a second.
+        assert_eq!(started.elapsed(), Duration::from_millis(1500));
+        assert!(live.closed.load(Ordering::Acquire));
+        drop(server);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_slot_ends_its_connection() {
+        let (live, run, _server) =
+            connection(Duration::from_secs(60), Duration::from_secs(20)).await;
+        drop(live);
+        let ended = tokio::time::timeout(Duration::from_secs(1), run).await;
+        assert!(
+            matches!(ended, Ok(Ok(Ended::Dropped | Ended::Closed(Ok(()))))),
+            "{ended:?}"
+        );
     }
 
     #[test]

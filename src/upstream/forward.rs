@@ -32,7 +32,7 @@ use http::{HeaderMap, HeaderName, Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt as _, Full};
 use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, watch};
 use tonic::transport::Channel;
 
 use crate::grpc_code::{GRPC_MESSAGE, GRPC_STATUS, GRPC_STATUS_DETAILS};
@@ -102,11 +102,10 @@ struct Slot {
 /// A connection made by a [`Slot`].
 struct Live {
     send: Sender,
-    /// Set by the connection's task when it ends.
+    /// Set when the connection takes no more streams: its task ended, or a call could not
+    /// open a stream on it (it was told to go away, or failed). The slot then makes a new
+    /// one, while this one finishes the streams it has.
     closed: Arc<AtomicBool>,
-    /// Dropped with the slot (or when the slot makes a new connection): the connection's
-    /// task ends then, even while h2 would wait for the peer.
-    _stop: oneshot::Sender<()>,
 }
 
 /// Why a connection's task ended.
@@ -116,50 +115,47 @@ enum Ended {
     Closed(Result<(), h2::Error>),
     /// A keepalive ping went unanswered: the connection is dropped.
     Unanswered,
-    /// Its slot dropped it.
+    /// Its forwarder was dropped.
     Dropped,
 }
 
 impl Live {
     /// A connection's handle, and the task that drives it: its I/O, a ping every `every`
-    /// that must be answered within `within`, until it closes or the handle is dropped.
+    /// that must be answered within `within`, until it closes or `stop`'s sender (the
+    /// forwarder's) is dropped.
     fn run<T>(
         send: Sender,
         mut conn: h2::client::Connection<T, Frame>,
         every: Duration,
         within: Duration,
+        mut stop: watch::Receiver<()>,
     ) -> (Live, impl Future<Output = Ended> + Send + 'static)
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let closed = Arc::new(AtomicBool::new(false));
-        let (stop, stopped) = oneshot::channel::<()>();
         let pings = conn.ping_pong();
         let done = closed.clone();
         let run = async move {
             let ended = tokio::select! {
                 r = &mut conn => Ended::Closed(r),
                 () = keepalive(pings, every, within) => Ended::Unanswered,
-                _ = stopped => Ended::Dropped,
+                _ = stop.changed() => Ended::Dropped,
             };
             done.store(true, Ordering::Release);
             ended
         };
-        let live = Live {
-            send,
-            closed,
-            _stop: stop,
-        };
-        (live, run)
+        (Live { send, closed }, run)
     }
 }
 
 impl Slot {
-    fn open(&self) -> Option<Sender> {
+    /// The live connection's handle and its `closed` flag, if it takes streams.
+    fn open(&self) -> Option<(Sender, Arc<AtomicBool>)> {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         live.as_ref()
             .filter(|l| !l.closed.load(Ordering::Acquire))
-            .map(|l| l.send.clone())
+            .map(|l| (l.send.clone(), l.closed.clone()))
     }
 }
 
@@ -172,6 +168,8 @@ pub struct Forwarder {
     keepalive_timeout: Duration,
     max_message_size: usize,
     slots: Box<[Slot]>,
+    /// Dropped with the forwarder: every connection's task ends.
+    stop: watch::Sender<()>,
     streams: Option<Arc<Semaphore>>,
     /// A TLS endpoint's channel: its calls go through tonic's transport.
     tls: Option<Channel>,
@@ -208,6 +206,7 @@ impl Forwarder {
             keepalive_timeout: c.keepalive_timeout,
             max_message_size,
             slots: (0..workers).map(|_| Slot::default()).collect(),
+            stop: watch::channel(()).0,
             streams: c
                 .max_concurrent_streams
                 .map(|n| Arc::new(Semaphore::new(n))),
@@ -254,14 +253,19 @@ impl Forwarder {
     }
 
     async fn via_h2(&self, message: Encoded, headers: HeaderMap) -> Result<Answered, NoAnswer> {
-        let never_sent = |e: h2::Error| NoAnswer::Transport {
-            detail: format!("{}: the connection closed: {}", self.addr, chain(&e)),
-            never_sent: true,
-        };
+        let (send, closed) = self.sender().await?;
         // As tonic's channel does before each call: a connection that closed or was told to
         // go away since it was taken takes no new stream, so the request never waits in a
-        // dying connection's queue. It never left: the next attempt connects again.
-        let mut send = self.sender().await?.ready().await.map_err(never_sent)?;
+        // dying connection's queue. It never left, and the connection is marked so that the
+        // next attempt makes a new one (while this one finishes the streams it has).
+        let never_sent = |e: h2::Error| {
+            closed.store(true, Ordering::Release);
+            NoAnswer::Transport {
+                detail: format!("{}: the connection closed: {}", self.addr, chain(&e)),
+                never_sent: true,
+            }
+        };
+        let mut send = send.ready().await.map_err(never_sent)?;
         let mut req = Request::new(());
         *req.method_mut() = http::Method::POST;
         *req.uri_mut() = self.uri.clone();
@@ -307,7 +311,7 @@ impl Forwarder {
     }
 
     /// This worker's connection, made now if it has none open.
-    async fn sender(&self) -> Result<Sender, NoAnswer> {
+    async fn sender(&self) -> Result<(Sender, Arc<AtomicBool>), NoAnswer> {
         let slot = &self.slots[crate::worker::index() % self.slots.len()];
         if let Some(s) = slot.open() {
             return Ok(s);
@@ -317,9 +321,9 @@ impl Forwarder {
             return Ok(s);
         }
         let live = self.connect().await?;
-        let send = live.send.clone();
+        let open = (live.send.clone(), live.closed.clone());
         *slot.live.lock().unwrap_or_else(|p| p.into_inner()) = Some(live);
-        Ok(send)
+        Ok(open)
     }
 
     async fn connect(&self) -> Result<Live, NoAnswer> {
@@ -365,7 +369,13 @@ impl Forwarder {
                 ));
             }
         };
-        let (live, run) = Live::run(send, conn, self.keepalive_interval, self.keepalive_timeout);
+        let (live, run) = Live::run(
+            send,
+            conn,
+            self.keepalive_interval,
+            self.keepalive_timeout,
+            self.stop.subscribe(),
+        );
         let addr = self.addr.clone();
         tokio::spawn(async move {
             match run.await {
@@ -654,7 +664,7 @@ mod tests {
     }
 
     /// A client connection over an in-memory pipe to an h2 server, driven by
-    /// [`Live::run`]: the server's end, handshaken.
+    /// [`Live::run`]: the server's end, handshaken, and the stop (the forwarder's part).
     async fn connection(
         every: Duration,
         within: Duration,
@@ -662,21 +672,23 @@ mod tests {
         Live,
         tokio::task::JoinHandle<Ended>,
         h2::server::Connection<tokio::io::DuplexStream, Bytes>,
+        watch::Sender<()>,
     ) {
         let (near, far) = tokio::io::duplex(64 * 1024);
         let (send, conn) = h2::client::Builder::new()
             .handshake::<_, Frame>(near)
             .await
             .expect("client handshake");
-        let (live, run) = Live::run(send, conn, every, within);
+        let (stop, stopped) = watch::channel(());
+        let (live, run) = Live::run(send, conn, every, within, stopped);
         let run = tokio::spawn(run);
         let server = h2::server::handshake(far).await.expect("server handshake");
-        (live, run, server)
+        (live, run, server, stop)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_answers_pings_keeps_its_connection() {
-        let (live, run, mut server) =
+        let (live, run, mut server, stop) =
             connection(Duration::from_secs(1), Duration::from_millis(500)).await;
         // The server answers pings while it is polled.
         let serving = tokio::spawn(async move { while server.accept().await.is_some() {} });
@@ -686,19 +698,15 @@ mod tests {
             "closed after 10 pings"
         );
         assert!(!run.is_finished());
-        drop(live);
-        // With its last handle gone, h2 may see the connection done before the stop.
-        let ended = run.await.expect("task");
-        assert!(
-            matches!(ended, Ended::Dropped | Ended::Closed(Ok(()))),
-            "{ended:?}"
-        );
+        drop(stop);
+        let ended = tokio::time::timeout(Duration::from_secs(1), run).await;
+        assert!(matches!(ended, Ok(Ok(Ended::Dropped))), "{ended:?}");
         serving.abort();
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_peer_that_stops_answering_pings_loses_its_connection() {
-        let (live, run, server) =
+        let (live, run, server, _stop) =
             connection(Duration::from_secs(1), Duration::from_millis(500)).await;
         // Held, never polled: the server reads nothing and answers nothing.
         let started = tokio::time::Instant::now();
@@ -713,16 +721,104 @@ mod tests {
         drop(server);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_dropped_slot_ends_its_connection() {
-        let (live, run, _server) =
-            connection(Duration::from_secs(60), Duration::from_secs(20)).await;
-        drop(live);
-        let ended = tokio::time::timeout(Duration::from_secs(1), run).await;
+    /// Answers each stream of `conn` with the canned answer `OK`, until it closes.
+    async fn answer_all(mut conn: h2::server::Connection<TcpStream, Bytes>) {
+        while let Some(Ok((_req, respond))) = conn.accept().await {
+            answer(respond);
+        }
+    }
+
+    fn answer(mut respond: h2::server::SendResponse<Bytes>) {
+        let mut head = Response::new(());
+        head.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        let Ok(mut body) = respond.send_response(head, false) else {
+            return;
+        };
+        let mut trailers = HeaderMap::new();
+        trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+        let _ = body.send_data(framed(0, b"OK", 2), false);
+        let _ = body.send_trailers(trailers);
+    }
+
+    #[tokio::test]
+    async fn a_connection_told_to_go_away_is_replaced_while_it_finishes_its_calls() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (first_call, first_call_rx) = tokio::sync::oneshot::channel();
+        let server = tokio::spawn(async move {
+            // The first connection: its first call is held, then the server goes away.
+            let (tcp, _) = listener.accept().await.expect("accept");
+            let mut conn = h2::server::handshake(tcp).await.expect("handshake");
+            let (_req, respond) = conn.accept().await.expect("a call").expect("a stream");
+            conn.graceful_shutdown();
+            let _ = first_call.send(respond);
+            let first = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            // Every later connection answers.
+            loop {
+                let (tcp, _) = listener.accept().await.expect("accept");
+                let conn = h2::server::handshake(tcp).await.expect("handshake");
+                tokio::spawn(answer_all(conn));
+                if first.is_finished() {
+                    break;
+                }
+            }
+        });
+        let policy =
+            crate::policy::Policy::parse(&format!("[upstreams.up]\nendpoints = [\"{addr}\"]\n"))
+                .expect("policy");
+        let fwd = Arc::new(Forwarder::new(
+            &addr,
+            &policy.upstreams["up"],
+            1 << 20,
+            None,
+        ));
+        let message = || Encoded {
+            head: Bytes::from_static(b"hi"),
+            tail: Bytes::new(),
+        };
+        let held = tokio::spawn({
+            let fwd = fwd.clone();
+            async move {
+                fwd.infer(message(), HeaderMap::new(), Duration::from_secs(10))
+                    .await
+            }
+        });
+        let respond = first_call_rx.await.expect("the first call arrived");
+        // The next calls meet the GOAWAY: the first of them that does is refused before it
+        // leaves, and the one after it goes on a new connection, while the held call's
+        // connection is still open.
+        let mut refused = 0;
+        let mut served = false;
+        for _ in 0..20 {
+            match fwd
+                .infer(message(), HeaderMap::new(), Duration::from_secs(10))
+                .await
+            {
+                Ok(a) => {
+                    assert_eq!(&a.message[..], b"OK");
+                    served = true;
+                    break;
+                }
+                Err(NoAnswer::Transport { .. }) => refused += 1,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
         assert!(
-            matches!(ended, Ok(Ok(Ended::Dropped | Ended::Closed(Ok(()))))),
-            "{ended:?}"
+            served,
+            "no call served on a new connection after {refused} refusals"
         );
+        assert!(refused <= 2, "{refused} calls refused");
+        assert!(!held.is_finished(), "the held call ended early");
+        answer(respond);
+        let held = held
+            .await
+            .expect("task")
+            .expect("the held call is answered");
+        assert_eq!(&held.message[..], b"OK");
+        server.abort();
     }
 
     #[test]

@@ -57,7 +57,7 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// The largest header list Keel accepts from an upstream (hyper's default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
-const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static(crate::api::context::GRPC_TIMEOUT);
 
 /// Why an attempt got no answer.
 #[derive(Debug)]
@@ -163,6 +163,8 @@ impl Slot {
 pub struct Forwarder {
     addr: Arc<str>,
     uri: http::Uri,
+    /// The same through a TLS endpoint's channel.
+    tls_uri: http::Uri,
     connect_timeout: Duration,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
@@ -192,15 +194,18 @@ impl Forwarder {
         max_message_size: usize,
         tls: Option<Channel>,
     ) -> Forwarder {
-        let uri = format!("http://{addr}{MODEL_INFER_PATH}")
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("http://invalid.invalid:1/"));
+        let uri = |scheme: &'static str| {
+            format!("{scheme}://{addr}{MODEL_INFER_PATH}")
+                .parse()
+                .unwrap_or_else(|_| http::Uri::from_static("http://invalid.invalid:1/"))
+        };
         let workers =
             crate::worker::count().max(std::thread::available_parallelism().map_or(1, usize::from));
         let c = &spec.connection;
         Forwarder {
             addr: addr.into(),
-            uri,
+            uri: uri("http"),
+            tls_uri: uri("https"),
             connect_timeout: spec.connect_timeout,
             keepalive_interval: c.keepalive_interval,
             keepalive_timeout: c.keepalive_timeout,
@@ -296,9 +301,7 @@ impl Forwarder {
         let body = tonic::body::Body::new(Full::new(frame.copy_to_bytes(frame.remaining())));
         let mut req = Request::new(body);
         *req.method_mut() = http::Method::POST;
-        *req.uri_mut() = format!("https://{}{MODEL_INFER_PATH}", self.addr)
-            .parse()
-            .unwrap_or_else(|_| http::Uri::from_static("https://invalid.invalid:1/"));
+        *req.uri_mut() = self.tls_uri.clone();
         *req.headers_mut() = headers;
         let resp = (&mut channel)
             .oneshot(req)

@@ -89,15 +89,6 @@ pub mod names {
 #[derive(Clone, Debug, Default)]
 pub struct Trailing(pub HeaderMap);
 
-/// `s` as a metadata value: visible ASCII, as tonic's ASCII metadata requires.
-pub fn ascii(s: &str) -> Option<HeaderValue> {
-    if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        HeaderValue::from_str(s).ok()
-    } else {
-        None
-    }
-}
-
 /// Writes a call's receipt into answer metadata.
 pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
     let mut headers = std::mem::take(md).into_headers();
@@ -109,10 +100,14 @@ pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
 pub fn write_to(h: &mut HeaderMap, ctx: &CallContext) {
     let r = ctx.receipt.read();
     h.insert(names::ATTEMPTS, HeaderValue::from(r.attempts.max(1)));
-    if let Some(v) = ascii(&r.delays_ms()) {
+    if let Ok(v) = HeaderValue::from_str(&r.delays_ms()) {
         h.insert(names::RETRY_DELAYS, v);
     }
-    if let Some(v) = r.served_by.as_deref().and_then(ascii) {
+    if let Some(v) = r
+        .served_by
+        .as_deref()
+        .and_then(|s| HeaderValue::from_str(s).ok())
+    {
         h.insert(names::SERVED_BY, v);
     }
 }

@@ -191,7 +191,7 @@ impl<L: RpcLabels> RpcSeries<L> {
 /// A label value that names something of the policy (a model, an upstream), shared rather
 /// than copied: the labels of a call are made on every call, and a `String` label would be
 /// allocated and freed each time.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct Name(Arc<str>);
 
 impl Name {
@@ -215,22 +215,9 @@ impl From<&str> for Name {
     }
 }
 
-impl From<String> for Name {
-    fn from(s: String) -> Name {
-        Name(s.into())
-    }
-}
-
 impl From<&String> for Name {
     fn from(s: &String) -> Name {
         Name(s.as_str().into())
-    }
-}
-
-impl std::ops::Deref for Name {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
     }
 }
 

@@ -18,6 +18,15 @@ pub fn prefix(len: usize) -> [u8; PREFIX] {
     p
 }
 
+/// `message` as one frame whose compressed flag is `flag`: the frames tests read.
+#[cfg(test)]
+pub(crate) fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
+    let mut v = prefix(message.len()).to_vec();
+    v[0] = flag;
+    v.extend_from_slice(message);
+    v
+}
+
 /// The compressed flag and the message length of the prefix `bytes` begin with, when they
 /// hold one.
 pub fn read_prefix(bytes: &[u8]) -> Option<(u8, usize)> {

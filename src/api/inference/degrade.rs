@@ -124,7 +124,7 @@ impl Labels<'_> {
         let degraded = if self.degraded { "true" } else { "false" };
         h.insert(names::DEGRADED, HeaderValue::from_static(degraded));
         h.insert(names::TIER, HeaderValue::from_static(self.tier));
-        if let Some(v) = receipt::ascii(served_by) {
+        if let Ok(v) = HeaderValue::from_str(served_by) {
             h.insert(names::SERVED_MODEL, v);
         }
         if let Some(reason) = self.reason {
@@ -149,7 +149,10 @@ impl Labels<'_> {
                 receipt::PRIMARY_CODE,
                 HeaderValue::from_static(story.primary_code),
             );
-            if let Some(v) = story.rungs_failed().as_deref().and_then(receipt::ascii) {
+            if let Some(v) = story
+                .rungs_failed()
+                .and_then(|r| HeaderValue::from_str(&r).ok())
+            {
                 h.insert(receipt::RUNGS_FAILED, v);
             }
         }

@@ -1,12 +1,5 @@
 use super::*;
 
-fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
-    let mut v = vec![flag];
-    v.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    v.extend_from_slice(message);
-    v
-}
-
 /// The first message (or the refusal) of `body` cut into frames at `cuts`.
 fn read(body: &[u8], cuts: &[usize], max: usize) -> Result<Bytes, (tonic::Code, String)> {
     first(cut_at(body, cuts), max).map_err(|s| (s.code(), s.message().to_string()))

@@ -1,13 +1,7 @@
 use http_body_util::{BodyExt as _, StreamBody};
 
 use super::*;
-
-fn framed(flag: u8, message: &[u8]) -> Vec<u8> {
-    let mut v = vec![flag];
-    v.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    v.extend_from_slice(message);
-    v
-}
+use crate::pb::framing::framed;
 
 /// A request whose body arrives as `pieces`, then `trailers` if any.
 fn request(

@@ -6,8 +6,10 @@
   frames.py capture PORT REQUEST OUT
                             # posts REQUEST to the ModelInfer of the gRPC server on
                             # 127.0.0.1:PORT (a Keel on its embedded backend) over HTTP/2 in
-                            # clear text, writes the answer's one gRPC message to OUT and
-                            # checks it as `check` does
+                            # clear text, writes the answer's one gRPC message to OUT, less
+                            # the `keel.*` response parameters that Keel's labelling added
+                            # (a model server such as Triton sends none), and checks it as
+                            # `check` does
   frames.py check FRAME     # FRAME is one gRPC message holding a ModelInferResponse for
                             # `simple` (OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1):
                             # decodes it and exits non-zero when it is not that answer
@@ -124,6 +126,16 @@ def check(frame):
     return f"ModelInferResponse for simple, {len(frame)} bytes: OUTPUT0 and OUTPUT1 as expected"
 
 
+def without_keel_labels(frame):
+    """FRAME less its `keel.*` response parameters (field 4 entries), prefix rewritten."""
+    out = b""
+    for num, wire, v in fields(frame[5:]):
+        if num == 4 and any(k == 1 and val.startswith(b"keel.") for k, _, val in fields(v)):
+            continue
+        out += field(num, wire, v) if wire == 2 else field(num, wire, varint(v) if wire == 0 else v)
+    return b"\x00" + struct.pack(">I", len(out)) + out
+
+
 def h2_frame(kind, flags, stream, payload):
     return struct.pack(">I", len(payload))[1:] + bytes([kind, flags]) + struct.pack(">I", stream) + payload
 
@@ -230,7 +242,7 @@ if __name__ == "__main__":
         open(path, "wb").write(request())
     elif what == "capture":
         try:
-            frame = capture(int(path), open(sys.argv[3], "rb").read())
+            frame = without_keel_labels(capture(int(path), open(sys.argv[3], "rb").read()))
             print(f"==> captured the answer: {check(frame)}")
         except (OSError, ValueError, IndexError, struct.error, UnicodeDecodeError) as e:
             sys.exit(f"capturing the simple model's answer from 127.0.0.1:{path}: {e}")

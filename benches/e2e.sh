@@ -10,7 +10,8 @@
 #
 # Knobs: ROUNDS, DURATION (seconds per run), STREAMS (scenario 1's streams in flight on its
 # one connection, 8), RATE (scenario 1's fixed rate, 1000 req/s), LOADGEN (h2load or keel),
-# KEEP=1 (keep the work directory), KEEL_B (another keel binary, measured as `keel_b` in
+# KEEP=1 (keep the work directory), FLOOR=1 (also measure examples/floor.rs, the forwarding
+# floor of Keel's crates, in scenario 1), KEEL_B (another keel binary, measured as `keel_b` in
 # scenarios 1, 2 and 5 beside this tree's: an A/B in one run).
 #
 # Scenario 1 (small unary) runs against a canned-answer upstream: an nginx that reads each
@@ -236,6 +237,21 @@ if [ -n "${KEEL_B:-}" ]; then
   wait_port "$GWB"
 fi
 
+# FLOOR=1: the forwarding floor (examples/floor.rs: hyper's server and h2's client forwarding
+# bytes as received, nothing else) in front of the canned upstream, measured in scenario 1's
+# rounds: what Keel costs above its own crates.
+FLOORP=""
+if [ -n "${FLOOR:-}" ]; then
+  say "building the forwarding floor (examples/floor.rs)"
+  cargo build --release --quiet --example floor
+  cp "${CARGO_TARGET_DIR:-$PWD/target}/release/examples/floor" "$WORK/floor"
+  FLOORP=$(port)
+  "$WORK/floor" "127.0.0.1:$FLOORP" "127.0.0.1:$CANNED" >"$WORK/floor.log" 2>&1 &
+  FLOOR_PID=$!
+  PIDS+=("$FLOOR_PID")
+  wait_port "$FLOORP"
+fi
+
 # Scenario 1's targets (name:port:pid of the processes whose CPU and memory count) and
 # scenario 2's (name:port).
 S1="direct:$CANNED:$CANNED_PID keel:$GW:$GW_PID"
@@ -244,6 +260,7 @@ if [ -n "$GWB" ]; then
   S1="$S1 keel_b:$GWB:$GWB_PID"
   S2="$S2 keel_b:$GWB"
 fi
+if [ -n "$FLOORP" ]; then S1="$S1 floor:$FLOORP:$FLOOR_PID"; fi
 if [ -n "$NGINX_S1" ]; then
   S1="$S1 nginx:$NGINX_S1:$NGINX_PID"
   S2="$S2 nginx:$NGINX_S2"

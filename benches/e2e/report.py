@@ -70,6 +70,11 @@ if "nginx" in sat:
                   keel_vs_nginx_cpu_per_call=k["cpu_us"] / n["cpu_us"])
     print(f"  keel/nginx throughput {k['rps'] / n['rps']:.3f} (nginx/direct {n['rps'] / d['rps']:.3f}); "
           f"CPU per call keel/nginx {k['cpu_us'] / n['cpu_us']:.2f} ({k['cpu_us']:.1f} against {n['cpu_us']:.1f} µs)")
+if "floor" in sat:
+    f = sat["floor"]
+    ratios.update(keel_vs_floor_cpu_per_call=k["cpu_us"] / f["cpu_us"], keel_vs_floor_rps=k["rps"] / f["rps"])
+    print(f"  keel/floor throughput {k['rps'] / f['rps']:.3f}; CPU per call keel/floor {k['cpu_us'] / f['cpu_us']:.2f} "
+          f"({k['cpu_us']:.1f} against {f['cpu_us']:.1f} µs: what Keel costs above hyper and h2 forwarding bytes)")
 print()
 
 print(f"1b. small unary at a fixed {float(rate):.0f} req/s: one connection, at most {streams} streams")

@@ -14,7 +14,6 @@ use prost::encoding::{self, WireType};
 
 use super::convert::{infer_request_to_pb, infer_response_to_pb};
 use super::inference as pb;
-use super::inference::infer_parameter::ParameterChoice;
 use crate::model::{InferRequest, InferResponse, Param, Parameters, Patch};
 
 /// A gRPC frame: prefix, message, appended fields.
@@ -115,24 +114,61 @@ fn patched(patch: &Patch<'_>, heads: [&String; 3], parameters: &Parameters) -> E
     }
 }
 
-/// Encodes one entry of the `parameters` map (field 4).
+/// Encodes one entry of the `parameters` map (field 4), as prost encodes it, from the
+/// borrowed name and value: building the proto's `InferParameter` copied every string of
+/// Keel's labels on each answer (an eighth of labelling it, callgrind).
 pub fn append_parameter(out: &mut BytesMut, name: &str, value: &Param) {
-    let choice = match value {
-        Param::Bool(b) => ParameterChoice::BoolParam(*b),
-        Param::Int64(i) => ParameterChoice::Int64Param(*i),
-        Param::String(s) => ParameterChoice::StringParam(s.clone()),
-        Param::Double(d) => ParameterChoice::DoubleParam(*d),
-        Param::Uint64(u) => ParameterChoice::Uint64Param(*u),
+    use encoding::{encode_key, encode_varint, encoded_len_varint, key_len};
+    // InferParameter's oneof: bool 1, int64 2, string 3, double 4, uint64 5. A oneof's
+    // field is written even at its default value.
+    let value_len = match value {
+        Param::Bool(_) => key_len(1) + 1,
+        Param::Int64(i) => key_len(2) + encoded_len_varint(*i as u64),
+        Param::String(s) => key_len(3) + encoded_len_varint(s.len() as u64) + s.len(),
+        Param::Double(_) => key_len(4) + 8,
+        Param::Uint64(u) => key_len(5) + encoded_len_varint(*u),
     };
-    let value = pb::InferParameter {
-        parameter_choice: Some(choice),
+    // prost leaves out a map entry's key at its default, the empty string.
+    let name_len = if name.is_empty() {
+        0
+    } else {
+        key_len(1) + encoded_len_varint(name.len() as u64) + name.len()
     };
-    let key = name.to_string();
-    let len = encoding::string::encoded_len(1, &key) + encoding::message::encoded_len(2, &value);
-    encoding::encode_key(4, WireType::LengthDelimited, out);
-    encoding::encode_varint(len as u64, out);
-    encoding::string::encode(1, &key, out);
-    encoding::message::encode(2, &value, out);
+    let entry_len = name_len + key_len(2) + encoded_len_varint(value_len as u64) + value_len;
+    encode_key(4, WireType::LengthDelimited, out);
+    encode_varint(entry_len as u64, out);
+    if !name.is_empty() {
+        put_str(1, name, out);
+    }
+    encode_key(2, WireType::LengthDelimited, out);
+    encode_varint(value_len as u64, out);
+    match value {
+        Param::Bool(b) => {
+            encode_key(1, WireType::Varint, out);
+            encode_varint(u64::from(*b), out);
+        }
+        // int64 is the varint of its two's complement, ten bytes when negative.
+        Param::Int64(i) => {
+            encode_key(2, WireType::Varint, out);
+            encode_varint(*i as u64, out);
+        }
+        Param::String(s) => put_str(3, s, out),
+        Param::Double(d) => {
+            encode_key(4, WireType::SixtyFourBit, out);
+            out.put_f64_le(*d);
+        }
+        Param::Uint64(u) => {
+            encode_key(5, WireType::Varint, out);
+            encode_varint(*u, out);
+        }
+    }
+}
+
+/// A length-delimited string field.
+fn put_str(field: u32, s: &str, out: &mut BytesMut) {
+    encoding::encode_key(field, WireType::LengthDelimited, out);
+    encoding::encode_varint(s.len() as u64, out);
+    out.put_slice(s.as_bytes());
 }
 
 /// In tests (debug builds), checks that what is sent decodes to the value it stands for: a
@@ -190,4 +226,54 @@ pub fn request_from(
     let mut req = super::infer_request_from_pb(msg)?;
     req.wire = crate::model::Wire::of_request(bytes, &req);
     Ok(req)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind of value, at its edges, encodes to the bytes prost writes for the same
+    /// map entry.
+    #[test]
+    fn an_appended_parameter_is_what_prost_would_write() {
+        let values = [
+            Param::Bool(false),
+            Param::Bool(true),
+            Param::Int64(0),
+            Param::Int64(-1),
+            Param::Int64(i64::MIN),
+            Param::Int64(i64::MAX),
+            Param::String(String::new()),
+            Param::String("primary".into()),
+            Param::String("é".repeat(100)),
+            Param::Double(0.0),
+            Param::Double(-2.5),
+            Param::Double(f64::NAN),
+            Param::Uint64(0),
+            Param::Uint64(u64::MAX),
+        ];
+        for value in values {
+            for name in ["", "keel.tier", &"n".repeat(200)] {
+                let mut ours = BytesMut::new();
+                append_parameter(&mut ours, name, &value);
+                let choice = match &value {
+                    Param::Bool(b) => pb::infer_parameter::ParameterChoice::BoolParam(*b),
+                    Param::Int64(i) => pb::infer_parameter::ParameterChoice::Int64Param(*i),
+                    Param::String(s) => {
+                        pb::infer_parameter::ParameterChoice::StringParam(s.clone())
+                    }
+                    Param::Double(d) => pb::infer_parameter::ParameterChoice::DoubleParam(*d),
+                    Param::Uint64(u) => pb::infer_parameter::ParameterChoice::Uint64Param(*u),
+                };
+                let mut msg = pb::ModelInferResponse::default();
+                msg.parameters.insert(
+                    name.to_string(),
+                    pb::InferParameter {
+                        parameter_choice: Some(choice),
+                    },
+                );
+                assert_eq!(&ours[..], &msg.encode_to_vec()[..], "{name:?} = {value:?}");
+            }
+        }
+    }
 }

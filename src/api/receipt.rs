@@ -20,7 +20,7 @@ use crate::call::CallContext;
 
 /// Attempts made, the first included.
 pub const ATTEMPTS: &str = "keel-attempts";
-/// Waits before each retry, in milliseconds, comma-separated.
+/// Waits before each retry, in milliseconds, comma-separated; absent when no retry waited.
 pub const RETRY_DELAYS: &str = "keel-retry-delays-ms";
 /// Who answered the last attempt (`triton@10.0.0.7:8001`, `embedded`).
 pub const SERVED_BY: &str = "keel-served-by";
@@ -100,7 +100,10 @@ pub fn write(md: &mut MetadataMap, ctx: &CallContext) {
 pub fn write_to(h: &mut HeaderMap, ctx: &CallContext) {
     let r = ctx.receipt.read();
     h.insert(names::ATTEMPTS, HeaderValue::from(r.attempts.max(1)));
-    if let Ok(v) = HeaderValue::from_str(&r.delays_ms()) {
+    // Absent when no retry waited: an empty value cost an HPACK entry on every answer.
+    if !r.delays.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&r.delays_ms())
+    {
         h.insert(names::RETRY_DELAYS, v);
     }
     if let Some(v) = r

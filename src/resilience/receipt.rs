@@ -42,7 +42,8 @@ impl Receipt {
 }
 
 impl ReceiptData {
-    /// `keel-retry-delays-ms`: the waits in whole milliseconds, comma-separated.
+    /// `keel-retry-delays-ms`: the waits in whole milliseconds, comma-separated (the
+    /// trailer is left out when there were none).
     pub fn delays_ms(&self) -> String {
         self.delays
             .iter()

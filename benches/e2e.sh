@@ -12,7 +12,8 @@
 # one connection, 8), RATE (scenario 1's fixed rate, 1000 req/s), LOADGEN (h2load or keel),
 # KEEP=1 (keep the work directory), FLOOR=1 (also measure examples/floor.rs, the forwarding
 # floor of Keel's crates, in scenario 1), KEEL_B (another keel binary, measured as `keel_b` in
-# scenarios 1, 2 and 5 beside this tree's: an A/B in one run).
+# scenarios 1, 2 and 5 beside this tree's: an A/B in one run), PGO=1 (measure the
+# profile-guided build of deploy/pgo.sh, the plain release build as `keel_b`).
 #
 # Scenario 1 (small unary) runs against a canned-answer upstream: an nginx that reads each
 # request body and answers every ModelInfer with one stored gRPC frame (the embedded `simple`
@@ -53,6 +54,14 @@ command -v python3 >/dev/null 2>&1 || die "python3 is missing (it builds the fra
 say "building keel (release)"
 cargo build --release --quiet
 BUILT=${CARGO_TARGET_DIR:-$PWD/target}/release/keel
+# PGO=1: the Keel measured is deploy/pgo.sh's build (profile-guided, as the container image
+# is built), and the plain release build beside it as `keel_b` unless KEEL_B names another.
+if [ -n "${PGO:-}" ]; then
+  say "building keel with profile-guided optimisation (deploy/pgo.sh)"
+  OUT=$PWD/target/pgo/keel deploy/pgo.sh
+  KEEL_B=${KEEL_B:-$BUILT}
+  BUILT=$PWD/target/pgo/keel
+fi
 
 # apt_install <command> <Debian package>: installs the package when the command is missing
 # and this runs as root; true when the command is there afterwards.

@@ -70,6 +70,10 @@ if "nginx" in sat:
                   keel_vs_nginx_cpu_per_call=k["cpu_us"] / n["cpu_us"])
     print(f"  keel/nginx throughput {k['rps'] / n['rps']:.3f} (nginx/direct {n['rps'] / d['rps']:.3f}); "
           f"CPU per call keel/nginx {k['cpu_us'] / n['cpu_us']:.2f} ({k['cpu_us']:.1f} against {n['cpu_us']:.1f} µs)")
+if "nginx" in sat and "keel_b" in sat:
+    b, n = sat["keel_b"], sat["nginx"]
+    ratios.update(keel_b_vs_nginx_rps=b["rps"] / n["rps"], keel_b_vs_nginx_cpu_per_call=b["cpu_us"] / n["cpu_us"])
+    print(f"  keel_b/nginx throughput {b['rps'] / n['rps']:.3f}; CPU per call keel_b/nginx {b['cpu_us'] / n['cpu_us']:.2f}")
 if "floor" in sat:
     f = sat["floor"]
     ratios.update(keel_vs_floor_cpu_per_call=k["cpu_us"] / f["cpu_us"], keel_vs_floor_rps=k["rps"] / f["rps"])
@@ -90,6 +94,8 @@ for t, x in fixed.items():
 figures["s1_rate"] = fixed
 if "nginx" in fixed:
     ratios["keel_minus_nginx_added_p50_ms"] = fixed["keel"]["added_p50"] - fixed["nginx"]["added_p50"]
+    if "keel_b" in fixed:
+        ratios["keel_b_minus_nginx_added_p50_ms"] = fixed["keel_b"]["added_p50"] - fixed["nginx"]["added_p50"]
 print()
 
 print("2. large payload (identity, 4 MiB FP32) to a Keel on its embedded backend, 8 in flight on 2 connections")
@@ -99,6 +105,9 @@ for t, x in large.items():
     print(f"  {t:<7} {x['rps']:>8.1f} {x['mean']:>8.2f} {x['p50']:>7.2f} {x['p99']:>7.2f} {x['ok']:>8.3f}  {x['rps_all']}")
 ratios["large_keel_vs_direct_rps"] = large["keel"]["rps"] / large["direct"]["rps"]
 line = f"  keel/direct throughput {ratios['large_keel_vs_direct_rps']:.3f}"
+if "keel_b" in large:
+    ratios["large_keel_b_vs_direct_rps"] = large["keel_b"]["rps"] / large["direct"]["rps"]
+    line += f"; keel_b/direct {ratios['large_keel_b_vs_direct_rps']:.3f}"
 if "nginx" in large:
     ratios["large_nginx_vs_direct_rps"] = large["nginx"]["rps"] / large["direct"]["rps"]
     line += f" (nginx/direct {ratios['large_nginx_vs_direct_rps']:.3f})"

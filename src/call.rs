@@ -15,6 +15,7 @@ use crate::resilience::{
     Receipt, RetryBudget,
 };
 use crate::route::Route;
+use crate::upstream::{Attempt, Timing};
 
 /// Per-call context, built once at the edge and shared by every attempt.
 #[derive(Debug)]
@@ -128,28 +129,29 @@ impl<T> Call<T> {
         }
     }
 
-    /// Time this attempt may take: until the call's deadline less the policy's margin (so
-    /// Keel can still answer after the upstream gives up), or the per-try deadline if
-    /// sooner. Zero when nothing is left.
-    pub fn attempt_budget(&self) -> Duration {
-        let margin = self.ctx.route.settings.deadline_margin;
-        let call_end = self
-            .ctx
-            .deadline
-            .checked_sub(margin)
-            .unwrap_or(self.ctx.deadline);
-        let end = self.attempt_deadline.map_or(call_end, |a| a.min(call_end));
-        end.saturating_duration_since(Instant::now())
+    /// What the backend gets for this attempt: what to send, the time it has, the endpoint
+    /// the attempt before it took; none of the route or the policy.
+    pub fn attempt(&self) -> Attempt<T> {
+        let ctx = &self.ctx;
+        let settings = &ctx.route.settings;
+        Attempt {
+            body: self.body.clone(),
+            request_id: ctx.request_id.clone(),
+            metadata: ctx.metadata.clone(),
+            number: self.attempt,
+            timing: Timing {
+                deadline: ctx.deadline,
+                margin: settings.deadline_margin,
+                budget: ctx.budget,
+                per_try: self
+                    .attempt_deadline
+                    .map(|at| (at, settings.retry.per_try_timeout.unwrap_or_default())),
+            },
+            avoid: (self.attempt > 1).then(|| ctx.receipt.endpoint()).flatten(),
+            trace: ctx.trace.clone(),
+            receipt: ctx.receipt.clone(),
+        }
     }
-}
-
-/// A model and optional version, as the metadata RPCs name them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ModelRef {
-    /// Model name.
-    pub name: String,
-    /// Version; empty lets the backend choose.
-    pub version: String,
 }
 
 impl<T> HasDeadline for Call<T> {
@@ -215,5 +217,33 @@ impl<T> HasAttempt for Call<T> {
     }
     fn latency(&self) -> &Arc<Latency> {
         &self.ctx.route.target.latency
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_s_attempt_avoids_the_endpoint_the_one_before_it_took() {
+        let ctx = CallContext::standalone("simple", Duration::from_secs(10)).expect("context");
+        let mut call = Call::new(ctx.clone(), ());
+        let first = call.attempt();
+        assert_eq!((first.number, first.avoid.clone()), (1, None));
+        assert_eq!(first.request_id, ctx.request_id);
+        first
+            .receipt
+            .served("triton@10.0.0.7:8001".into(), Some("10.0.0.7:8001".into()));
+        call.attempt = 2;
+        let second = call.attempt();
+        assert_eq!(second.number, 2);
+        assert_eq!(second.avoid.as_deref(), Some("10.0.0.7:8001"));
+        // The call's time, less the route's margin, and no per-try deadline unless one is set.
+        let margin = ctx.route.settings.deadline_margin;
+        assert_eq!(second.timing.margin, margin);
+        assert_eq!(second.timing.left(), Duration::from_secs(10) - margin);
+        assert!(second.timing.per_try.is_none());
+        call.attempt_deadline = Some(Instant::now() + Duration::from_millis(200));
+        assert_eq!(call.attempt().timing.left(), Duration::from_millis(200));
     }
 }

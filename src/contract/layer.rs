@@ -84,7 +84,7 @@ where
             return Passthrough::inner(self.inner.call(call));
         };
         let contracts = &call.ctx.route.target.contracts;
-        let fetch = match contracts.lookup(&req.version, &call.ctx) {
+        let fetch = match contracts.lookup(&req.version, call.ctx.deadline) {
             Lookup::Fetch(fetch) => fetch,
             found => {
                 let known = match found {
@@ -99,7 +99,7 @@ where
                 // refusal stands only against a fresh contract.
                 let recheck = match (&known, &refused) {
                     (Some(_), Error::InvalidRequest(_)) => {
-                        contracts.recheck(&req.version, &call.ctx)
+                        contracts.recheck(&req.version, call.ctx.deadline)
                     }
                     _ => None,
                 };

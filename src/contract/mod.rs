@@ -24,12 +24,9 @@ use std::time::Duration;
 use futures::FutureExt as _;
 use futures::future::{BoxFuture, Shared};
 use tokio::time::Instant;
-use tonic::metadata::MetadataMap;
 
-use crate::call::{Call, CallContext, ModelRef};
-use crate::model::Contract;
-use crate::resilience::Receipt;
-use crate::upstream::{Backend, MetadataQuery};
+use crate::model::{Contract, ModelRef};
+use crate::upstream::{Attempt, Backend, MetadataQuery};
 
 /// How long a fetched contract is used before it is fetched again.
 pub const REFRESH: Duration = Duration::from_secs(60);
@@ -99,10 +96,10 @@ impl Contracts {
         Arc::ptr_eq(&self.backend, backend)
     }
 
-    /// The contract of `version` for a call under `ctx`: known, unknown, or a fetch to wait
-    /// for. Starts a fetch when one is due; a stale contract is refreshed in the background
+    /// The contract of `version` for a call that must end by `until`: known, unknown, or a
+    /// fetch to wait for. Starts a fetch when one is due; a stale contract is refreshed in the background
     /// and served meanwhile.
-    pub fn lookup(self: &Arc<Self>, version: &str, ctx: &CallContext) -> Lookup {
+    pub fn lookup(self: &Arc<Self>, version: &str, until: Instant) -> Lookup {
         let now = Instant::now();
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         match slots.get_mut(version) {
@@ -113,7 +110,7 @@ impl Contracts {
                 ..
             }) => {
                 if now.saturating_duration_since(*at) >= REFRESH && refreshing.is_none() {
-                    *refreshing = Some(self.spawn_fetch(version, ctx, now + FETCH_TIMEOUT));
+                    *refreshing = Some(self.spawn_fetch(version, now + FETCH_TIMEOUT));
                 }
                 Lookup::Known(contract.clone())
             }
@@ -122,8 +119,8 @@ impl Contracts {
             }
             Some(Slot::Fetching(f)) => Lookup::Fetch(f.clone()),
             _ => {
-                let deadline = ctx.deadline.min(now + FETCH_TIMEOUT);
-                let fetch = self.fetch(version, ctx, deadline).boxed().shared();
+                let deadline = until.min(now + FETCH_TIMEOUT);
+                let fetch = self.fetch(version, deadline).boxed().shared();
                 slots.insert(version.to_string(), Slot::Fetching(fetch.clone()));
                 Lookup::Fetch(fetch)
             }
@@ -132,8 +129,8 @@ impl Contracts {
 
     /// A fetch of the contract of `version` that runs on its own (callers may wait for it
     /// or not).
-    fn spawn_fetch(self: &Arc<Self>, version: &str, ctx: &CallContext, deadline: Instant) -> Fetch {
-        let fetch = self.fetch(version, ctx, deadline).boxed().shared();
+    fn spawn_fetch(self: &Arc<Self>, version: &str, deadline: Instant) -> Fetch {
+        let fetch = self.fetch(version, deadline).boxed().shared();
         tokio::spawn(fetch.clone());
         fetch
     }
@@ -141,7 +138,7 @@ impl Contracts {
     /// A fetch to wait for before refusing a request the known contract of `version`
     /// refuses: the one under way, or a new one when the contract is at least [`RETRY`]
     /// old. `None`: the contract is fresh (or unknown), so the refusal stands.
-    pub fn recheck(self: &Arc<Self>, version: &str, ctx: &CallContext) -> Option<Fetch> {
+    pub fn recheck(self: &Arc<Self>, version: &str, until: Instant) -> Option<Fetch> {
         let now = Instant::now();
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         let Some(Slot::Known {
@@ -158,8 +155,8 @@ impl Contracts {
         if now.saturating_duration_since(*tried) < RETRY {
             return None;
         }
-        let deadline = ctx.deadline.min(now + FETCH_TIMEOUT);
-        let fetch = self.spawn_fetch(version, ctx, deadline);
+        let deadline = until.min(now + FETCH_TIMEOUT);
+        let fetch = self.spawn_fetch(version, deadline);
         *refreshing = Some(fetch.clone());
         Some(fetch)
     }
@@ -168,31 +165,19 @@ impl Contracts {
     fn fetch(
         self: &Arc<Self>,
         version: &str,
-        ctx: &CallContext,
         deadline: Instant,
     ) -> impl Future<Output = Option<Arc<Contract>>> + Send + 'static {
-        // A context of its own: the fetch must not write the client's receipt, and a
+        // An attempt of its own: the fetch must not write the client's receipt, and a
         // background refresh outlives the call that started it. It is Keel's call, not the
         // client's: its own request id, and none of the client's metadata (its request id,
         // custom headers, a fault-injection header meant for the inference call).
         let n = self.fetches.fetch_add(1, Ordering::Relaxed) + 1;
-        let fetch_ctx = Arc::new(CallContext {
-            request_id: format!("keel-contract-{}-{n}", self.model).into(),
-            deadline,
-            budget: deadline.saturating_duration_since(Instant::now()),
-            metadata: MetadataMap::new(),
-            snapshot: ctx.snapshot.clone(),
-            route: ctx.route.clone(),
-            receipt: Receipt::default(),
-            trace: None,
-            pinned: false,
-            priority: ctx.priority,
-        });
         let query = MetadataQuery(ModelRef {
             name: self.model.to_string(),
             version: version.to_string(),
         });
-        let future = self.backend.contract(Call::new(fetch_ctx, query));
+        let id = format!("keel-contract-{}-{n}", self.model).into();
+        let future = self.backend.contract(Attempt::own(id, query, deadline));
         let this = self.clone();
         let version = version.to_string();
         async move {

@@ -7,13 +7,13 @@ use futures::FutureExt as _;
 use tower::{Layer as _, Service, ServiceExt as _};
 
 use super::*;
-use crate::call::Call;
+use crate::call::{Call, CallContext};
 use crate::error::Error;
 use crate::model::{
     ContentForm, DataType, InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats,
     Parameters, Tensor, TensorSpec,
 };
-use crate::upstream::{BackendFuture, ConfigQuery, ReadyQuery, StatisticsQuery};
+use crate::upstream::{Attempt, BackendFuture, ConfigQuery, ReadyQuery, StatisticsQuery};
 
 /// A backend whose contract fetches are counted and may be made to fail.
 #[derive(Debug, Default)]
@@ -29,25 +29,25 @@ fn unused<T: Send + 'static>() -> BackendFuture<T> {
 }
 
 impl Backend for Fake {
-    fn infer(&self, _: Call<InferRequest>) -> BackendFuture<InferResponse> {
+    fn infer(&self, _: Attempt<InferRequest>) -> BackendFuture<InferResponse> {
         unused()
     }
-    fn model_ready(&self, _: Call<ReadyQuery>) -> BackendFuture<bool> {
+    fn model_ready(&self, _: Attempt<ReadyQuery>) -> BackendFuture<bool> {
         unused()
     }
-    fn model_metadata(&self, _: Call<MetadataQuery>) -> BackendFuture<ModelMetadata> {
+    fn model_metadata(&self, _: Attempt<MetadataQuery>) -> BackendFuture<ModelMetadata> {
         unused()
     }
-    fn model_config(&self, _: Call<ConfigQuery>) -> BackendFuture<ModelSpec> {
+    fn model_config(&self, _: Attempt<ConfigQuery>) -> BackendFuture<ModelSpec> {
         unused()
     }
-    fn model_statistics(&self, _: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>> {
+    fn model_statistics(&self, _: Attempt<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>> {
         unused()
     }
     fn describe(&self) -> String {
         "fake".into()
     }
-    fn contract(&self, _: Call<MetadataQuery>) -> BackendFuture<Contract> {
+    fn contract(&self, _: Attempt<MetadataQuery>) -> BackendFuture<Contract> {
         self.fetches.fetch_add(1, Ordering::SeqCst);
         let failing = self.failing.load(Ordering::SeqCst);
         let columns = if self.widened.load(Ordering::SeqCst) {
@@ -88,7 +88,7 @@ fn cache() -> (Arc<Fake>, Arc<Contracts>) {
 
 async fn get(contracts: &Arc<Contracts>) -> Option<Arc<Contract>> {
     let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
-    match contracts.lookup("", &ctx) {
+    match contracts.lookup("", ctx.deadline) {
         Lookup::Known(c) => Some(c),
         Lookup::Unknown => None,
         Lookup::Fetch(f) => f.await,
@@ -208,21 +208,21 @@ async fn a_refused_request_has_the_contract_fetched_again_at_most_once_per_retry
 
     // Fetched a moment ago: the refusal stands without asking the upstream again.
     tokio::time::advance(Duration::from_secs(1)).await;
-    assert!(contracts.recheck("", &ctx).is_none());
+    assert!(contracts.recheck("", ctx.deadline).is_none());
     assert_eq!(fake.fetches.load(Ordering::SeqCst), 1);
 
     // Older than RETRY: one fetch, shared by every refused request meanwhile.
     tokio::time::advance(RETRY).await;
-    let first = contracts.recheck("", &ctx).unwrap();
-    let second = contracts.recheck("", &ctx).unwrap();
+    let first = contracts.recheck("", ctx.deadline).unwrap();
+    let second = contracts.recheck("", ctx.deadline).unwrap();
     let (a, b) = futures::future::join(first, second).await;
     assert_eq!(columns(a), Some(vec![-1, 5]));
     assert_eq!(columns(b), Some(vec![-1, 5]));
     assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
     assert_eq!(columns(get(&contracts).await), Some(vec![-1, 5]), "cached");
-    assert!(contracts.recheck("", &ctx).is_none(), "fresh again");
+    assert!(contracts.recheck("", ctx.deadline).is_none(), "fresh again");
     assert!(
-        contracts.recheck("7", &ctx).is_none(),
+        contracts.recheck("7", ctx.deadline).is_none(),
         "a version never fetched is not rechecked"
     );
 }
@@ -285,14 +285,14 @@ async fn a_failing_metadata_endpoint_is_not_asked_once_per_refused_request() {
     get(&contracts).await.unwrap();
     fake.failing.store(true, Ordering::SeqCst);
     tokio::time::advance(RETRY).await;
-    let failed = contracts.recheck("", &ctx).unwrap().await;
+    let failed = contracts.recheck("", ctx.deadline).unwrap().await;
     assert!(failed.is_some(), "the stale contract still answers");
     assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
     // Right after a failed attempt: no new fetch, however many requests are refused.
     for _ in 0..5 {
-        assert!(contracts.recheck("", &ctx).is_none());
+        assert!(contracts.recheck("", ctx.deadline).is_none());
     }
     assert_eq!(fake.fetches.load(Ordering::SeqCst), 2);
     tokio::time::advance(RETRY).await;
-    assert!(contracts.recheck("", &ctx).is_some());
+    assert!(contracts.recheck("", ctx.deadline).is_some());
 }

@@ -13,7 +13,9 @@ mod validate;
 mod wire;
 
 pub use dtype::DataType;
-pub use request::{ContentForm, InferRequest, InferResponse, Param, Parameters, RequestedOutput};
+pub use request::{
+    ContentForm, InferRequest, InferResponse, ModelRef, Param, Parameters, RequestedOutput,
+};
 pub use spec::{BatchStats, ModelMetadata, ModelSpec, ModelStats, StatDuration, TensorSpec};
 pub use tensor::{
     Element, Tensor, TensorError, element_count, encode_byte_strings, split_bytes_elements,

@@ -85,3 +85,12 @@ pub struct InferResponse {
     /// The message as the upstream answered it, to pass on as received ([`Wire`]).
     pub wire: Wire,
 }
+
+/// A model and optional version, as the metadata RPCs name them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelRef {
+    /// Model name.
+    pub name: String,
+    /// Version; empty lets the backend choose.
+    pub version: String,
+}

@@ -27,12 +27,32 @@ pub struct ReceiptData {
     pub slow: bool,
     /// Who answered the last attempt (`embedded`, `triton@10.0.0.7:8001`).
     pub served_by: Option<Arc<str>>,
+    /// The endpoint (`10.0.0.7:8001`) the last attempt went to, for the next to avoid.
+    pub endpoint: Option<Arc<str>>,
 }
 
 impl Receipt {
     /// Changes the receipt.
     pub fn update(&self, f: impl FnOnce(&mut ReceiptData)) {
         f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Records who takes the attempt under way, and at which endpoint (none for the
+    /// embedded backend).
+    pub fn served(&self, by: Arc<str>, endpoint: Option<Arc<str>>) {
+        self.update(|r| {
+            r.served_by = Some(by);
+            r.endpoint = endpoint;
+        });
+    }
+
+    /// The endpoint the last attempt went to.
+    pub fn endpoint(&self) -> Option<Arc<str>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .endpoint
+            .clone()
     }
 
     /// A copy of the contents.

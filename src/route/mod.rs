@@ -901,8 +901,7 @@ impl<Op: Operation> Service<Call<Op>> for Deliver<Op> {
     }
 
     fn call(&mut self, call: Call<Op>) -> Self::Future {
-        let backend = call.ctx.route.target.backend.clone();
-        Op::send(backend.as_ref(), call)
+        Op::send(call.ctx.route.target.backend.as_ref(), call.attempt())
     }
 }
 

@@ -20,8 +20,10 @@ use tonic::transport::Channel;
 use super::forward::NoAnswer;
 use super::pool::{self, Pending, Pool, Resolve, SystemResolver, Verdict};
 use super::sequence;
-use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
-use crate::call::Call;
+use super::{
+    Attempt, Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery,
+    Timing,
+};
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
 use crate::observe::Metrics;
@@ -137,16 +139,10 @@ impl GrpcUpstream {
         })
     }
 
-    /// The endpoint for `call`: a retry goes elsewhere than the attempt before it, where it
-    /// can.
-    fn target<Q>(&self, call: &Call<Q>) -> Result<Arc<pool::Endpoint>, Error> {
-        let previous = (call.attempt > 1)
-            .then(|| call.ctx.receipt.read().served_by)
-            .flatten();
-        let avoid = previous
-            .as_deref()
-            .and_then(|s| s.strip_prefix(&*self.name)?.strip_prefix('@'));
-        self.pool.pick(avoid)
+    /// The endpoint for `attempt`: a retry goes elsewhere than the attempt before it, where
+    /// it can.
+    fn target<Q>(&self, attempt: &Attempt<Q>) -> Result<Arc<pool::Endpoint>, Error> {
+        self.pool.pick(attempt.avoid.as_deref())
     }
 
     /// Each endpoint with its standing (0 serving, 1 failing checks, 2 ejected), for metrics.
@@ -159,7 +155,7 @@ impl GrpcUpstream {
     fn unary<Q, Req, Resp, Out, F, Fut>(
         &self,
         method: &'static str,
-        call: &Call<Q>,
+        attempt: Attempt<Q>,
         target: Result<Arc<pool::Endpoint>, Error>,
         body: Req,
         send: F,
@@ -172,16 +168,21 @@ impl GrpcUpstream {
         F: FnOnce(GrpcInferenceServiceClient<Channel>, tonic::Request<Req>) -> Fut + Send + 'static,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>> + Send + 'static,
     {
-        self.attempt(method, call, target, move |endpoint, md, time| async move {
-            let mut req = tonic::Request::new(body);
-            *req.metadata_mut() = md;
-            // Becomes the upstream's grpc-timeout.
-            req.set_timeout(time);
-            match send(endpoint.client(), req).await {
-                Ok(resp) => convert(resp.into_inner()).map_err(NoAnswer::Protocol),
-                Err(status) => Err(NoAnswer::Status(status)),
-            }
-        })
+        self.attempt(
+            method,
+            attempt,
+            target,
+            move |endpoint, md, time| async move {
+                let mut req = tonic::Request::new(body);
+                *req.metadata_mut() = md;
+                // Becomes the upstream's grpc-timeout.
+                req.set_timeout(time);
+                match send(endpoint.client(), req).await {
+                    Ok(resp) => convert(resp.into_inner()).map_err(NoAnswer::Protocol),
+                    Err(status) => Err(NoAnswer::Status(status)),
+                }
+            },
+        )
     }
 
     /// Runs one attempt on `target`: `send` gets the endpoint, the metadata to send (the
@@ -191,7 +192,7 @@ impl GrpcUpstream {
     fn attempt<Q, Out, F, Fut>(
         &self,
         method: &'static str,
-        call: &Call<Q>,
+        attempt: Attempt<Q>,
         target: Result<Arc<pool::Endpoint>, Error>,
         send: F,
     ) -> BackendFuture<Out>
@@ -202,10 +203,16 @@ impl GrpcUpstream {
     {
         let name = self.name.clone();
         let pool = self.pool.clone();
-        let ctx = call.ctx.clone();
-        let attempt = call.attempt;
-        let attempt_deadline = call.attempt_deadline;
-        let time = call.attempt_budget();
+        let Attempt {
+            request_id,
+            metadata: mut md,
+            number,
+            timing,
+            trace,
+            receipt,
+            ..
+        } = attempt;
+        let time = timing.left();
         let metrics = self.metrics.clone();
         let series = match METHODS.iter().position(|m| *m == method) {
             Some(i) => self.series[i].clone(),
@@ -222,26 +229,26 @@ impl GrpcUpstream {
             let target = target?;
             let _pending = Pending::start(&target);
             if time.is_zero() {
-                return Err(Error::DeadlineExceeded { budget: ctx.budget });
+                return Err(Error::DeadlineExceeded {
+                    budget: timing.budget,
+                });
             }
-            ctx.receipt
-                .update(|r| r.served_by = Some(target.served_by.clone()));
-            let mut md = ctx.metadata.clone();
-            set_request_id(&mut md, &ctx.request_id);
-            if attempt > 1 {
-                md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(attempt - 1));
+            receipt.served(target.served_by.clone(), Some(target.addr.clone()));
+            set_request_id(&mut md, &request_id);
+            if number > 1 {
+                md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(number - 1));
             }
             series.started(&metrics).inc();
-            let span = ctx.trace.as_ref().map(|trace| {
-                let r = ctx.receipt.read();
+            let span = trace.as_ref().map(|trace| {
+                let r = receipt.read();
                 let (host, port) = target.addr.rsplit_once(':').unwrap_or((&target.addr, ""));
                 let mut attrs = vec![
-                    KeyValue::new("keel.attempt", i64::from(attempt)),
+                    KeyValue::new("keel.attempt", i64::from(number)),
                     KeyValue::new("keel.upstream", name.to_string()),
                     KeyValue::new("server.address", host.to_string()),
                     KeyValue::new("server.port", port.parse::<i64>().unwrap_or(0)),
                 ];
-                if attempt > 1 {
+                if number > 1 {
                     if let Some(reason) = r.retry_reasons.last() {
                         attrs.push(KeyValue::new("keel.retry_reason", *reason));
                     }
@@ -263,9 +270,8 @@ impl GrpcUpstream {
             series
                 .handling(&metrics)
                 .observe(start.elapsed().as_secs_f64());
-            let result = answer.map_err(|failure| {
-                failure_error(&name, &target.addr, &ctx, attempt_deadline, failure)
-            });
+            let result =
+                answer.map_err(|failure| failure_error(&name, &target.addr, &timing, failure));
             // A server without ModelConfig (a KServe runtime) answers UNIMPLEMENTED: it is
             // up, and Keel asks for the config to learn batching. A refused connection says
             // the endpoint is down, whatever else it says.
@@ -300,20 +306,13 @@ impl NoAnswer {
 }
 
 /// Classifies an attempt's failure, once.
-fn failure_error(
-    name: &str,
-    addr: &str,
-    ctx: &crate::call::CallContext,
-    attempt_deadline: Option<Instant>,
-    failure: NoAnswer,
-) -> Error {
+fn failure_error(name: &str, addr: &str, timing: &Timing, failure: NoAnswer) -> Error {
     match failure {
-        NoAnswer::Status(status) => status_error(name, addr, ctx, attempt_deadline, status),
+        NoAnswer::Status(status) => status_error(name, addr, timing, status),
         NoAnswer::TimedOut => status_error(
             name,
             addr,
-            ctx,
-            attempt_deadline,
+            timing,
             tonic::Status::deadline_exceeded("the attempt's time ran out"),
         ),
         NoAnswer::Transport { detail, never_sent } => Error::UpstreamUnavailable {
@@ -347,13 +346,7 @@ fn refused(status: &tonic::Status) -> bool {
 }
 
 /// Classifies an upstream's status: unreachable, out of time, or its own answer passed on.
-fn status_error(
-    name: &str,
-    addr: &str,
-    ctx: &crate::call::CallContext,
-    attempt_deadline: Option<Instant>,
-    status: tonic::Status,
-) -> Error {
+fn status_error(name: &str, addr: &str, timing: &Timing, status: tonic::Status) -> Error {
     // Keel's own client-side timeout: the attempt was given the call's time less the margin,
     // or the per-try timeout, and it ran out.
     let now = Instant::now();
@@ -361,16 +354,13 @@ fn status_error(
         status.code(),
         tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
     );
-    let margin = ctx.route.settings.deadline_margin;
-    if timed_out && now + margin >= ctx.deadline {
-        return Error::DeadlineExceeded { budget: ctx.budget };
+    if timed_out && timing.call_ran_out(now) {
+        return Error::DeadlineExceeded {
+            budget: timing.budget,
+        };
     }
-    if timed_out
-        && let Some(at) = attempt_deadline
-        && now >= at
-    {
-        let per_try = ctx.route.settings.retry.per_try_timeout.unwrap_or_default();
-        return Error::AttemptTimeout(crate::resilience::AttemptTimedOut { after: per_try });
+    if timed_out && let Some(after) = timing.try_ran_out(now) {
+        return Error::AttemptTimeout(crate::resilience::AttemptTimedOut { after });
     }
     let pushback = Pushback::parse(
         status
@@ -409,19 +399,20 @@ fn status_error(
 }
 
 impl Backend for GrpcUpstream {
-    fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
+    fn infer(&self, attempt: Attempt<InferRequest>) -> BackendFuture<InferResponse> {
         // The client's bytes, as they came where nothing changed them.
-        let body = pb::wire::request(&call.body);
+        let body = pb::wire::request(&attempt.body);
         // A sequence's calls go where its first call went.
-        let marks = sequence::of(&call.body);
+        let marks = sequence::of(&attempt.body);
         let target = match &marks {
-            Some(m) => self.pool.pick_for_sequence(&call.body.model, m),
-            None => self.target(&call),
+            Some(m) => self.pool.pick_for_sequence(&attempt.body.model, m),
+            None => self.target(&attempt),
         };
         let endpoint = target.as_ref().ok().map(|e| e.addr.to_string());
+        let model = marks.as_ref().map(|_| attempt.body.model.clone());
         let answer = self.attempt(
             "ModelInfer",
-            &call,
+            attempt,
             target,
             |endpoint, md, time| async move {
                 let answered = endpoint
@@ -432,11 +423,11 @@ impl Backend for GrpcUpstream {
                     .map_err(NoAnswer::Protocol)
             },
         );
-        let Some(marks) = marks else {
+        let (Some(marks), Some(model)) = (marks, model) else {
             return answer;
         };
         // An endpoint that refuses a sequence's later call has lost the sequence's state.
-        let (pool, model) = (self.pool.clone(), call.body.model.clone());
+        let pool = self.pool.clone();
         Box::pin(async move {
             match answer.await {
                 Err(Error::UpstreamUnavailable {
@@ -458,45 +449,48 @@ impl Backend for GrpcUpstream {
         })
     }
 
-    fn model_ready(&self, call: Call<ReadyQuery>) -> BackendFuture<bool> {
+    fn model_ready(&self, attempt: Attempt<ReadyQuery>) -> BackendFuture<bool> {
         let body = proto::ModelReadyRequest {
-            name: call.body.0.name.clone(),
-            version: call.body.0.version.clone(),
+            name: attempt.body.0.name.clone(),
+            version: attempt.body.0.version.clone(),
         };
+        let target = self.target(&attempt);
         self.unary(
             "ModelReady",
-            &call,
-            self.target(&call),
+            attempt,
+            target,
             body,
             |mut c, r| async move { c.model_ready(r).await },
             |r| Ok(r.ready),
         )
     }
 
-    fn model_metadata(&self, call: Call<MetadataQuery>) -> BackendFuture<ModelMetadata> {
+    fn model_metadata(&self, attempt: Attempt<MetadataQuery>) -> BackendFuture<ModelMetadata> {
         let body = proto::ModelMetadataRequest {
-            name: call.body.0.name.clone(),
-            version: call.body.0.version.clone(),
+            name: attempt.body.0.name.clone(),
+            version: attempt.body.0.version.clone(),
         };
+        let target = self.target(&attempt);
         self.unary(
             "ModelMetadata",
-            &call,
-            self.target(&call),
+            attempt,
+            target,
             body,
             |mut c, r| async move { c.model_metadata(r).await },
             pb::metadata_from_pb,
         )
     }
 
-    fn model_config(&self, call: Call<ConfigQuery>) -> BackendFuture<ModelSpec> {
+    fn model_config(&self, attempt: Attempt<ConfigQuery>) -> BackendFuture<ModelSpec> {
         let body = proto::ModelConfigRequest {
-            name: call.body.0.name.clone(),
-            version: call.body.0.version.clone(),
+            name: attempt.body.0.name.clone(),
+            version: attempt.body.0.version.clone(),
         };
+        let target = self.target(&attempt);
         self.unary(
             "ModelConfig",
-            &call,
-            self.target(&call),
+            attempt,
+            target,
             body,
             |mut c, r| async move { c.model_config(r).await },
             |r| {
@@ -507,15 +501,19 @@ impl Backend for GrpcUpstream {
         )
     }
 
-    fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>> {
+    fn model_statistics(
+        &self,
+        attempt: Attempt<StatisticsQuery>,
+    ) -> BackendFuture<Vec<ModelStats>> {
         let body = proto::ModelStatisticsRequest {
-            name: call.body.0.name.clone(),
-            version: call.body.0.version.clone(),
+            name: attempt.body.0.name.clone(),
+            version: attempt.body.0.version.clone(),
         };
+        let target = self.target(&attempt);
         self.unary(
             "ModelStatistics",
-            &call,
-            self.target(&call),
+            attempt,
+            target,
             body,
             |mut c, r| async move { c.model_statistics(r).await },
             |r| Ok(r.model_stats.into_iter().map(pb::stats_from_pb).collect()),

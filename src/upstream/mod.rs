@@ -3,6 +3,7 @@
 //! Every backend implements [`Backend`]; an [`Operation`] is one of the per-model calls a
 //! backend answers, so a single generic tower stack can carry each of them.
 
+mod attempt;
 pub mod embedded;
 pub mod forward;
 pub mod grpc;
@@ -13,26 +14,30 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
-use crate::call::{Call, ModelRef};
+pub use attempt::{Attempt, Timing};
+
 use crate::error::Error;
-use crate::model::{Contract, InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
+use crate::model::{
+    Contract, InferRequest, InferResponse, ModelMetadata, ModelRef, ModelSpec, ModelStats,
+};
 
 /// The result of a backend call.
 pub type BackendFuture<T> = BoxFuture<'static, Result<T, Error>>;
 
-/// Something that answers per-model calls. Each call is one attempt: it carries the call's
-/// context (deadline, metadata, receipt) and a shared body, so retries copy nothing.
+/// Something that answers per-model calls. Each call is one [`Attempt`]: what it sends, the
+/// time it has and where to write who answered, with a shared body, so retries copy nothing.
 pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Runs inference.
-    fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse>;
+    fn infer(&self, attempt: Attempt<InferRequest>) -> BackendFuture<InferResponse>;
     /// Whether the model (version) is ready.
-    fn model_ready(&self, call: Call<ReadyQuery>) -> BackendFuture<bool>;
+    fn model_ready(&self, attempt: Attempt<ReadyQuery>) -> BackendFuture<bool>;
     /// The model's OIP metadata.
-    fn model_metadata(&self, call: Call<MetadataQuery>) -> BackendFuture<ModelMetadata>;
+    fn model_metadata(&self, attempt: Attempt<MetadataQuery>) -> BackendFuture<ModelMetadata>;
     /// The model's configuration.
-    fn model_config(&self, call: Call<ConfigQuery>) -> BackendFuture<ModelSpec>;
+    fn model_config(&self, attempt: Attempt<ConfigQuery>) -> BackendFuture<ModelSpec>;
     /// The model's statistics, one entry per version.
-    fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>>;
+    fn model_statistics(&self, attempt: Attempt<StatisticsQuery>)
+    -> BackendFuture<Vec<ModelStats>>;
     /// A short description for logs and the startup line (`embedded`, `upstream triton`).
     fn describe(&self) -> String;
     /// Whether some endpoint may take calls now (not every endpoint ejected or failing checks).
@@ -42,9 +47,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// The model's contract, to check requests against before they are sent: its OIP
     /// metadata, with `max_batch_size` from its configuration where the backend has one
     /// (Triton does; a KServe runtime without ModelConfig leaves batching unknown).
-    fn contract(&self, call: Call<MetadataQuery>) -> BackendFuture<Contract> {
-        let config = self.model_config(call.with_body(Arc::new(ConfigQuery(call.body.0.clone()))));
-        let metadata = self.model_metadata(call);
+    fn contract(&self, attempt: Attempt<MetadataQuery>) -> BackendFuture<Contract> {
+        let query = Arc::new(ConfigQuery(attempt.body.0.clone()));
+        let config = self.model_config(attempt.with_body(query));
+        let metadata = self.model_metadata(attempt);
         Box::pin(async move {
             let (metadata, config) = futures::future::join(metadata, config).await;
             let batch = config.ok().map(|c| c.max_batch_size);
@@ -69,7 +75,7 @@ pub trait Operation: Send + Sync + 'static {
     where
         Self: Sized;
     /// Sends the call to `backend`.
-    fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<Self::Response>
+    fn send(backend: &dyn Backend, attempt: Attempt<Self>) -> BackendFuture<Self::Response>
     where
         Self: Sized;
     /// Input names, types and shapes for the request log (never tensor contents).
@@ -112,8 +118,8 @@ impl Operation for InferRequest {
             ..self.clone()
         }
     }
-    fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<InferResponse> {
-        backend.infer(call)
+    fn send(backend: &dyn Backend, attempt: Attempt<Self>) -> BackendFuture<InferResponse> {
+        backend.infer(attempt)
     }
     fn summary(&self) -> String {
         use std::fmt::Write as _;
@@ -163,8 +169,8 @@ macro_rules! model_query {
             fn at_version(&self, version: &str) -> Self {
                 $name(ModelRef { name: self.0.name.clone(), version: version.to_string() })
             }
-            fn send(backend: &dyn Backend, call: Call<Self>) -> BackendFuture<$resp> {
-                backend.$method(call)
+            fn send(backend: &dyn Backend, attempt: Attempt<Self>) -> BackendFuture<$resp> {
+                backend.$method(attempt)
             }
         }
     )*};

@@ -40,7 +40,7 @@ impl InferenceApi {
         let sent = route.version.as_deref().unwrap_or(version).to_string();
         let contracts = route.target.contracts.clone();
         let ctx = edge.ctx.call(&edge.snapshot, route, None);
-        Ok(match contracts.lookup(&sent, &ctx) {
+        Ok(match contracts.lookup(&sent, ctx.deadline) {
             Lookup::Known(c) => Some(c),
             Lookup::Unknown => None,
             Lookup::Fetch(f) => f.await,

@@ -19,12 +19,13 @@ use std::time::SystemTime;
 use futures::FutureExt as _;
 use tokio::time::Instant;
 
-use super::{Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
-use crate::call::{Call, ModelRef};
+use super::{
+    Attempt, Backend, BackendFuture, ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery,
+};
 use crate::error::Error;
 use crate::model::{
     BatchStats, ContentForm, Contract, InferRequest, InferResponse, InvalidRequest, ModelMetadata,
-    ModelSpec, ModelStats, Tensor, validate,
+    ModelRef, ModelSpec, ModelStats, Tensor, validate,
 };
 
 /// The only version of every embedded model.
@@ -251,38 +252,41 @@ fn now_ms() -> u64 {
 }
 
 impl Backend for Embedded {
-    fn infer(&self, call: Call<InferRequest>) -> BackendFuture<InferResponse> {
-        call.ctx
-            .receipt
-            .update(|r| r.served_by = Some(EMBEDDED.clone()));
+    fn infer(&self, attempt: Attempt<InferRequest>) -> BackendFuture<InferResponse> {
+        attempt.receipt.served(EMBEDDED.clone(), None);
         // The models are microseconds of arithmetic: computing inline beats a task hop.
-        futures::future::ready(self.run(&call.body)).boxed()
+        futures::future::ready(self.run(&attempt.body)).boxed()
     }
 
-    fn model_ready(&self, call: Call<ReadyQuery>) -> BackendFuture<bool> {
-        futures::future::ready(Ok(self.entry(&call.body.0).is_ok())).boxed()
+    fn model_ready(&self, attempt: Attempt<ReadyQuery>) -> BackendFuture<bool> {
+        futures::future::ready(Ok(self.entry(&attempt.body.0).is_ok())).boxed()
     }
 
-    fn model_metadata(&self, call: Call<MetadataQuery>) -> BackendFuture<ModelMetadata> {
-        let out = self.entry(&call.body.0).map(|e| e.model.spec().metadata());
-        futures::future::ready(out).boxed()
-    }
-
-    fn model_config(&self, call: Call<ConfigQuery>) -> BackendFuture<ModelSpec> {
-        let out = self.entry(&call.body.0).map(|e| e.model.spec().clone());
-        futures::future::ready(out).boxed()
-    }
-
-    fn contract(&self, call: Call<MetadataQuery>) -> BackendFuture<Contract> {
+    fn model_metadata(&self, attempt: Attempt<MetadataQuery>) -> BackendFuture<ModelMetadata> {
         let out = self
-            .entry(&call.body.0)
+            .entry(&attempt.body.0)
+            .map(|e| e.model.spec().metadata());
+        futures::future::ready(out).boxed()
+    }
+
+    fn model_config(&self, attempt: Attempt<ConfigQuery>) -> BackendFuture<ModelSpec> {
+        let out = self.entry(&attempt.body.0).map(|e| e.model.spec().clone());
+        futures::future::ready(out).boxed()
+    }
+
+    fn contract(&self, attempt: Attempt<MetadataQuery>) -> BackendFuture<Contract> {
+        let out = self
+            .entry(&attempt.body.0)
             .map(|e| Contract::of_spec(e.model.spec()));
         futures::future::ready(out).boxed()
     }
 
-    fn model_statistics(&self, call: Call<StatisticsQuery>) -> BackendFuture<Vec<ModelStats>> {
+    fn model_statistics(
+        &self,
+        attempt: Attempt<StatisticsQuery>,
+    ) -> BackendFuture<Vec<ModelStats>> {
         let out = self
-            .entry(&call.body.0)
+            .entry(&attempt.body.0)
             .map(|e| vec![e.stats.lock().unwrap_or_else(|p| p.into_inner()).clone()]);
         futures::future::ready(out).boxed()
     }

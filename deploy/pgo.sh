@@ -31,7 +31,10 @@ die() {
 command -v python3 >/dev/null 2>&1 || die "python3 is missing (it builds the request frame)"
 if ! command -v h2load >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   say "installing Debian's nghttp2-client (h2load)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null 2>&1 || true
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -qq --no-install-recommends nghttp2-client ||
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends nghttp2-client; }; } \
+    >/dev/null 2>&1 || true
 fi
 command -v h2load >/dev/null 2>&1 || die "h2load is missing (Debian's nghttp2-client)"
 

@@ -39,14 +39,8 @@ else
   cargo build --release --quiet
   KEEL=${CARGO_TARGET_DIR:-$PWD/target}/release/keel
 fi
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/e2e/procs.sh
+source benches/e2e/procs.sh
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'; }
 wait_port() { # bounded: valgrind starts slowly

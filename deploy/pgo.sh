@@ -48,14 +48,8 @@ if [ ! -x "$PROFDATA" ]; then
 fi
 [ -x "$PROFDATA" ] || die "no llvm-profdata at $PROFDATA"
 
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=benches/e2e/procs.sh
+source benches/e2e/procs.sh
 
 say "building the instrumented keel (release, -Cprofile-generate)"
 # A fixed path, so that a second run finds the instrumented build up to date (the runs below

@@ -28,7 +28,7 @@ pub struct CallContext {
     /// The time the call had when it arrived.
     pub budget: Duration,
     /// Client metadata to forward upstream (hop-by-hop and transport headers removed).
-    pub metadata: MetadataMap,
+    pub metadata: Arc<MetadataMap>,
     /// The policy this call uses from start to end, whatever is swapped in meanwhile.
     pub snapshot: Arc<Snapshot>,
     /// Where the call goes, with its settings and the resilience state of its target.
@@ -63,7 +63,7 @@ impl CallContext {
             request_id: "standalone".into(),
             deadline: Instant::now() + budget,
             budget,
-            metadata: MetadataMap::new(),
+            metadata: Arc::default(),
             snapshot,
             route,
             receipt: Receipt::default(),

@@ -51,8 +51,9 @@ pub struct EdgeContext {
     /// The client's deadline, counted from the call's arrival, and the time it gave, if it
     /// sent a `grpc-timeout`.
     pub client_deadline: Option<(Instant, Duration)>,
-    /// Metadata to forward.
-    pub metadata: MetadataMap,
+    /// Metadata to forward, shared by the call's contexts and attempts: cloned only where
+    /// an attempt adds to it (the upstream's request id, retry number and trace).
+    pub metadata: Arc<MetadataMap>,
 }
 
 impl EdgeContext {
@@ -101,7 +102,7 @@ impl EdgeContext {
         EdgeContext {
             request_id,
             client_deadline,
-            metadata,
+            metadata: Arc::new(metadata),
         }
     }
 

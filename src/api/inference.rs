@@ -174,7 +174,7 @@ impl InferenceApi {
         {
             Ok(None) => Ok(edge),
             Ok(Some(caller)) => {
-                edge.ctx.metadata.remove(AUTHORIZATION);
+                Arc::make_mut(&mut edge.ctx.metadata).remove(AUTHORIZATION);
                 edge.caller = Some(caller);
                 Ok(edge)
             }

@@ -23,8 +23,9 @@ pub struct Attempt<T> {
     /// The call's request id: the same on every attempt, so an upstream can tell retries of
     /// one call from new calls.
     pub request_id: Arc<str>,
-    /// The client metadata to pass on (hop-by-hop and transport headers removed).
-    pub metadata: MetadataMap,
+    /// The client metadata to pass on (hop-by-hop and transport headers removed), shared
+    /// with the call: a backend that sends it clones it to add its own.
+    pub metadata: Arc<MetadataMap>,
     /// Which attempt this is, 1 for the first.
     pub number: u32,
     /// The time the call and this attempt have.
@@ -59,7 +60,7 @@ impl<T> Attempt<T> {
         Attempt {
             body: Arc::new(body),
             request_id,
-            metadata: MetadataMap::new(),
+            metadata: Arc::default(),
             number: 1,
             timing: Timing {
                 deadline,

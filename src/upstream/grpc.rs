@@ -205,7 +205,7 @@ impl GrpcUpstream {
         let pool = self.pool.clone();
         let Attempt {
             request_id,
-            metadata: mut md,
+            metadata,
             number,
             timing,
             trace,
@@ -234,6 +234,7 @@ impl GrpcUpstream {
                 });
             }
             receipt.served(target.served_by.clone(), Some(target.addr.clone()));
+            let mut md = Arc::unwrap_or_clone(metadata);
             set_request_id(&mut md, &request_id);
             if number > 1 {
                 md.insert(PREVIOUS_ATTEMPTS, MetadataValue::from(number - 1));

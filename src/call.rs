@@ -119,16 +119,6 @@ impl<T> Call<T> {
         }
     }
 
-    /// The same attempt with another body (a query derived from the request).
-    pub fn with_body<U>(&self, body: Arc<U>) -> Call<U> {
-        Call {
-            ctx: self.ctx.clone(),
-            body,
-            attempt: self.attempt,
-            attempt_deadline: self.attempt_deadline,
-        }
-    }
-
     /// What the backend gets for this attempt: what to send, the time it has, the endpoint
     /// the attempt before it took; none of the route or the policy.
     pub fn attempt(&self) -> Attempt<T> {

@@ -9,6 +9,8 @@
 //!   edge deadline, error → status, request records.
 //! - [`auth`]: tenants at the edge: API keys, model access, rate limits, in-flight quotas.
 //! - [`adapt`]: pure functions for older clients: legacy v1 ⇄ OIP, version adapters.
+//! - [`dispatch`]: one client request from its decoded message to its answer: route,
+//!   version, gate, deadline, drain cut, the fallback ladder, canary verdicts, its record.
 //! - [`route`]: each snapshot's model → backend routes, the fallback ladder, the response
 //!   cache, canary analysis; the dispatching tower service.
 //! - [`contract`]: each (model, upstream) target's contract, fetched and cached, and the
@@ -36,6 +38,7 @@ pub mod api;
 pub mod auth;
 pub mod call;
 pub mod contract;
+pub mod dispatch;
 pub mod error;
 pub mod fault;
 pub mod grpc_code;

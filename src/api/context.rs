@@ -16,11 +16,7 @@ use tonic::metadata::MetadataMap;
 
 use super::deadline::Arrival;
 use super::keys;
-use crate::call::CallContext;
-use crate::observe::traces::CallSpan;
-use crate::policy::Snapshot;
-use crate::resilience::Receipt;
-use crate::route::Route;
+use crate::dispatch::EdgeContext;
 use crate::upstream::grpc::REQUEST_ID;
 
 /// Headers that belong to one hop or to the transport and are never forwarded. The request
@@ -42,19 +38,6 @@ const NOT_FORWARDED: &[&str] = &[
     "host",
     REQUEST_ID,
 ];
-
-/// What the edge reads from a client's request metadata.
-#[derive(Clone, Debug)]
-pub struct EdgeContext {
-    /// The client's `x-request-id` or a generated one.
-    pub request_id: Arc<str>,
-    /// The client's deadline, counted from the call's arrival, and the time it gave, if it
-    /// sent a `grpc-timeout`.
-    pub client_deadline: Option<(Instant, Duration)>,
-    /// Metadata to forward, shared by the call's contexts and attempts: cloned only where
-    /// an attempt adds to it (the upstream's request id, retry number and trace).
-    pub metadata: Arc<MetadataMap>,
-}
 
 impl EdgeContext {
     /// Reads a request's metadata; its deadline counts from its [`Arrival`], or from now
@@ -103,36 +86,6 @@ impl EdgeContext {
             request_id,
             client_deadline,
             metadata: Arc::new(metadata),
-        }
-    }
-
-    /// The context of one call starting now, under `snapshot`, taking `route`: its deadline
-    /// is the smallest of the client's, the route's `timeout` and `max_timeout`, so no call
-    /// is without one.
-    pub fn call(
-        &self,
-        snapshot: &Arc<Snapshot>,
-        route: Route,
-        trace: Option<CallSpan>,
-    ) -> CallContext {
-        let s = &route.settings;
-        let now = Instant::now();
-        let cap = s.timeout.min(s.max_timeout);
-        let (deadline, budget) = match self.client_deadline {
-            Some((deadline, budget)) if budget <= cap => (deadline, budget),
-            _ => (now + cap, cap),
-        };
-        CallContext {
-            request_id: self.request_id.clone(),
-            deadline,
-            budget,
-            metadata: self.metadata.clone(),
-            snapshot: snapshot.clone(),
-            route,
-            receipt: Receipt::default(),
-            trace,
-            pinned: false,
-            priority: crate::policy::Priority::Interactive,
         }
     }
 }
@@ -198,6 +151,8 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::call::CallContext;
+    use crate::policy::Snapshot;
 
     #[test]
     fn grpc_timeouts_parse_in_every_unit() {
@@ -370,6 +325,6 @@ mod tests {
             .routes(snapshot)
             .route(INFER, model, "", &crate::route::Pick::by_id("r"))
             .unwrap();
-        edge.call(snapshot, route, None)
+        edge.call(snapshot, route, None, crate::dispatch::Cap::default())
     }
 }

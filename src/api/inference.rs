@@ -11,57 +11,34 @@ use futures::{Stream, StreamExt as _};
 use tokio::sync::watch;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
-use tower::ServiceExt as _;
-use tower::util::BoxCloneSyncService;
 
 mod bytes;
-mod degrade;
+mod labels;
 mod versions;
 
 pub use bytes::InferenceRoutes;
 
-use super::context::EdgeContext;
-use super::record::Leg;
-use super::{keys, receipt, record, status, unreadable};
-use crate::auth::{AUTHORIZATION, Caller, Guard, Pass};
-use crate::call::{Call, CallContext};
+use super::{keys, receipt, status, unreadable};
+use crate::auth::{AUTHORIZATION, Guard, Pass};
+use crate::call::CallContext;
+use crate::dispatch::{Answer, Dispatch, Edge, EdgeContext, Failed, record};
+pub use crate::dispatch::{CallService, Stacks};
+use crate::dispatch::{MODEL_INFER, MODEL_STREAM_INFER};
 use crate::error::Error;
-use crate::model::InferRequest;
-use crate::model::ModelRef;
+use crate::model::{InferRequest, InferResponse, ModelRef};
 use crate::observe::traces::Tracing;
 use crate::pb::{self, inference as proto};
-use crate::policy::{ErrorClass, Priority, Snapshot, Store};
-use crate::resilience::{Failure as _, Slots};
-use crate::route::{Route, Router};
+use crate::policy::Store;
+use crate::resilience::Slots;
+use crate::route::Router;
 use crate::upstream::grpc::set_request_id;
-use crate::upstream::{ConfigQuery, MetadataQuery, Operation, ReadyQuery, StatisticsQuery};
-use opentelemetry::KeyValue;
+use crate::upstream::{ConfigQuery, MetadataQuery, ReadyQuery, StatisticsQuery};
 use proto::grpc_inference_service_server::GrpcInferenceService;
-
-/// A method's tower stack, from the edge to the backend.
-pub type CallService<Op> = BoxCloneSyncService<Call<Op>, <Op as Operation>::Response, Error>;
-
-/// One stack per per-model method.
-#[derive(Clone)]
-pub struct Stacks {
-    /// ModelInfer and each ModelStreamInfer message.
-    pub infer: CallService<InferRequest>,
-    /// ModelReady and RepositoryIndex.
-    pub ready: CallService<ReadyQuery>,
-    /// ModelMetadata.
-    pub metadata: CallService<MetadataQuery>,
-    /// ModelConfig.
-    pub config: CallService<ConfigQuery>,
-    /// ModelStatistics.
-    pub statistics: CallService<StatisticsQuery>,
-}
 
 /// The response metadata that says which policy revision answered.
 pub const POLICY_REVISION: &str = "keel-policy-revision";
 
 /// Full method names, as policy `[methods."..."]` sections name them.
-pub(super) const MODEL_INFER: &str = "inference.GRPCInferenceService/ModelInfer";
-const MODEL_STREAM_INFER: &str = "inference.GRPCInferenceService/ModelStreamInfer";
 const MODEL_READY: &str = "inference.GRPCInferenceService/ModelReady";
 const MODEL_METADATA: &str = "inference.GRPCInferenceService/ModelMetadata";
 const MODEL_CONFIG: &str = "inference.GRPCInferenceService/ModelConfig";
@@ -93,33 +70,14 @@ pub struct Lifecycle {
 /// The service. Cloning it is cheap (shared handles): a stream's requests outlive `&self`.
 #[derive(Clone)]
 pub struct InferenceApi {
-    stacks: Stacks,
+    /// Where each request is routed, degraded, bounded and recorded.
+    dispatch: Dispatch,
     /// The policy; each call takes one snapshot at its start.
     store: Arc<Store>,
-    /// Routes of each snapshot, for RepositoryIndex and ModelStatistics without a name.
-    router: Arc<Router>,
     /// Whether Keel is ready: ServerReady.
     readiness: Arc<crate::health::Readiness>,
-    /// Becomes true when the drain timeout passes: calls still running are cut.
-    cut: watch::Receiver<bool>,
-    /// Keel-wide slots for calls in flight (`server.max_in_flight`).
-    gate: Arc<Slots>,
-    /// Span export, when tracing is on.
-    tracing: Option<Arc<Tracing>>,
     /// Tenants' buckets and slots, kept across policy swaps.
     guard: Arc<Guard>,
-}
-
-/// Completes when `cut` becomes true (never, if its sender is dropped without cutting).
-async fn cut_off(mut cut: watch::Receiver<bool>) {
-    if cut.wait_for(|c| *c).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-/// Whether the drain timeout has passed.
-async fn cut_check(cut: watch::Receiver<bool>) -> bool {
-    *cut.borrow()
 }
 
 impl InferenceApi {
@@ -137,16 +95,18 @@ impl InferenceApi {
             cut,
             gate,
         } = lifecycle;
+        let metrics = router.metrics().clone();
         InferenceApi {
-            stacks,
+            dispatch: Dispatch::new(stacks, router, metrics, gate, cut, tracing),
             store,
-            router,
             readiness,
-            cut,
-            gate,
-            tracing,
             guard: Arc::new(Guard::new()),
         }
+    }
+
+    /// Where requests are routed, degraded, bounded and recorded.
+    pub(super) fn dispatch(&self) -> &Dispatch {
+        &self.dispatch
     }
 
     /// Reads the edge context and takes the policy snapshot for one call of `api`, without
@@ -180,7 +140,7 @@ impl InferenceApi {
             }
             Err(e) => {
                 let reason = e.reason();
-                self.router
+                self.dispatch
                     .metrics()
                     .auth_failures
                     .get_or_create(&crate::observe::metrics::AuthFailureLabels { reason })
@@ -212,7 +172,7 @@ impl InferenceApi {
         caller.admit(model).map(Some).map_err(|refused| {
             let e = Error::from(refused);
             if is_inference(method) {
-                record::tenant_request(self.router.metrics(), caller.name(), e.code());
+                record::tenant_request(self.dispatch.metrics(), caller.name(), e.code());
             }
             tracing::info!(
                 request_id = %edge.ctx.request_id,
@@ -229,164 +189,30 @@ impl InferenceApi {
 
     /// Routes one call to `method` under the edge's snapshot and sends it through `svc`;
     /// errors become tagged statuses with the call's receipt.
-    async fn call<Op: Operation>(
+    async fn call<Op: crate::upstream::Operation>(
         &self,
         svc: &CallService<Op>,
         edge: &Edge,
         method: &'static str,
         body: Op,
     ) -> Result<Answer<Op::Response>, Status> {
-        self.call_via(svc, edge, method, Arc::new(body), Plan::WHOLE)
+        self.dispatch
+            .call(svc, edge, method, body)
             .await
             .map_err(|f| edge.failed(f))
     }
 
-    /// One call, routed by the policy or to a given route, with its deadline capped (a
-    /// fallback never gets more time than the call it stands in for).
-    pub(super) async fn call_via<Op: Operation>(
+    /// Answers an inference request of `method` (ModelInfer, or one request of a
+    /// ModelStreamInfer stream) as the dispatch decides, labelled.
+    pub(in crate::api) async fn infer(
         &self,
-        svc: &CallService<Op>,
         edge: &Edge,
         method: &'static str,
-        body: Arc<Op>,
-        plan: Plan,
-    ) -> Result<Answer<Op::Response>, Failed> {
-        let Plan {
-            via,
-            leg,
-            deadline_cap,
-            leave_margin,
-        } = plan;
-        let start = tokio::time::Instant::now();
-        let metrics = self.router.metrics();
-        let policy = &edge.snapshot.policy;
-        let span = self.tracing.as_ref().map(|t| {
-            let mut attrs = vec![
-                KeyValue::new("keel.model", body.model().to_string()),
-                KeyValue::new("keel.request_id", edge.ctx.request_id.to_string()),
-                KeyValue::new("keel.policy.revision", edge.snapshot.revision as i64),
-            ];
-            if let Some(caller) = &edge.caller {
-                attrs.push(KeyValue::new("keel.tenant", caller.name().to_string()));
-                attrs.push(KeyValue::new("keel.priority", caller.priority().as_str()));
-            }
-            t.server_span(method, &edge.ctx.metadata, attrs)
-        });
-        let finished = |ctx: Option<&CallContext>, error: Option<&Error>| {
-            if let Some(span) = &span {
-                let receipt = ctx.map(|c| c.receipt.read()).unwrap_or_default();
-                let class = error.map_or("ok", |e| e.class().as_str());
-                span.set(vec![
-                    KeyValue::new("keel.class", class),
-                    KeyValue::new("keel.tier", leg.tier),
-                    KeyValue::new("keel.attempts", i64::from(receipt.attempts)),
-                ]);
-                let code = error.map_or(tonic::Code::Ok, Error::code);
-                span.end(crate::grpc_code::name(code), code as i64);
-            }
-            let f = record::Finished {
-                method,
-                request_id: &edge.ctx.request_id,
-                model: body.model(),
-                version: body.version(),
-                ctx,
-                error,
-                took: start.elapsed(),
-                bytes_in: body.payload_bytes(),
-                peer: edge.peer,
-                trace_id: edge.trace_id(),
-                revision: edge.snapshot.revision,
-                policy_version: edge.snapshot.version(),
-                success_sample: policy.observability.success_log_sample,
-                leg,
-                api: edge.api,
-                tenant: edge.tenant(),
-            };
-            record::finish(metrics, &f, || body.summary());
-        };
-        let route = match via {
-            Via::Route(route) => route,
-            Via::Policy => {
-                let routes = self.router.routes(&edge.snapshot);
-                match routes.route(method, body.model(), body.version(), &edge.pick()) {
-                    Ok(route) => route,
-                    Err(e) => {
-                        finished(None, Some(&e));
-                        return Err(Failed::Error(e, None));
-                    }
-                }
-            }
-        };
-        // A route that sends its own version (a canary's, say) replaces the client's.
-        let sent = match &route.version {
-            Some(v) if **v != *body.version() => Arc::new(body.at_version(v)),
-            _ => body.clone(),
-        };
-        // Keel's own bound, whatever the model: refuse at once rather than queue, batch
-        // callers before the slots kept for interactive ones.
-        let priority = edge.priority();
-        let Some(_gate) = self.gate.try_take(priority) else {
-            let e = Error::GatewayOverloaded {
-                max_in_flight: self.gate.total(),
-                reserved: self.gate.reserved_from(priority),
-            };
-            finished(None, Some(&e));
-            return Err(Failed::Error(e, None));
-        };
-        let mut call_ctx = edge.ctx.call(&edge.snapshot, route, span.clone());
-        call_ctx.pinned = sent.pinned();
-        call_ctx.priority = priority;
-        let margin = call_ctx.route.settings.deadline_margin;
-        let mut cap = deadline_cap.unwrap_or(call_ctx.deadline);
-        if leave_margin {
-            cap = cap.checked_sub(margin).unwrap_or(cap);
-        }
-        if cap < call_ctx.deadline {
-            let now = tokio::time::Instant::now();
-            call_ctx.deadline = cap.max(now);
-            call_ctx.budget = cap.saturating_duration_since(now);
-        }
-        let ctx = Arc::new(call_ctx);
-        let result = tokio::select! {
-            r = svc.clone().oneshot(Call::shared(ctx.clone(), sent)) => r,
-            () = cut_off(self.cut.clone()) => return Err(Failed::Cut),
-        };
-        // An answer Keel could not send (over `server.max_message_size` once labelled)
-        // fails here, so the log line, the metrics and the ladder see it.
-        let result = result.and_then(|value| {
-            let limit = policy.server.max_message_size;
-            let room = degrade::LABEL_ROOM;
-            match Op::answer_over(&value, limit.saturating_sub(room)) {
-                None => Ok(value),
-                Some(len) => Err(Error::AnswerTooLarge {
-                    upstream: ctx.route.target.upstream.to_string(),
-                    detail: format!(
-                        "{len} bytes, and {room} kept for Keel's labels; the limit is {limit}"
-                    ),
-                }),
-            }
-        });
-        if let (Ok(_), Some(slow)) = (&result, ctx.route.settings.slow_threshold)
-            && start.elapsed() > slow
-        {
-            ctx.receipt.update(|r| r.slow = true);
-        }
-        finished(Some(&ctx), result.as_ref().err());
-        if matches!(method, MODEL_INFER | MODEL_STREAM_INFER)
-            && let Some((analysis, side)) = &ctx.route.canary
-        {
-            // A client's mistake says nothing about the route.
-            let ok = match &result {
-                Ok(_) => Some(true),
-                Err(e) => (e.class() != ErrorClass::ClientError).then_some(false),
-            };
-            if let Some(verdict) = ok.and_then(|ok| analysis.record(*side, ok, start.elapsed())) {
-                self.router.condemn(&verdict);
-            }
-        }
-        match result {
-            Ok(value) => Ok(Answer { value, ctx }),
-            Err(e) => Err(Failed::Error(e, Some(ctx))),
+        req: InferRequest,
+    ) -> Result<Response<InferResponse>, Status> {
+        match self.dispatch.infer(edge, method, req).await {
+            Ok(served) => labels::labelled(edge, served),
+            Err(f) => Err(edge.failed(f)),
         }
     }
 }
@@ -408,7 +234,10 @@ impl InferenceApi {
             Err(e) => return Err(edge.status(&e, None)),
         };
         let q = ReadyQuery(model_ref(name, version));
-        match self.call(&self.stacks.ready, edge, MODEL_READY, q).await {
+        match self
+            .call(&self.dispatch.stacks().ready, edge, MODEL_READY, q)
+            .await
+        {
             Ok(a) => Ok(edge.answer(a, answer)),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(edge.reply(answer(false))),
             Err(s) => Err(s),
@@ -421,19 +250,19 @@ impl InferenceApi {
         if !edge.may_call(model) {
             return Vec::new();
         }
-        self.router.routes(&edge.snapshot).versions(model)
+        self.dispatch.routes(edge).versions(model)
     }
 
     /// Records a request refused before it was routed.
     pub(super) fn rejected(&self, edge: &Edge, model: &str, r: &crate::model::Rejection) {
-        let known = self.router.routes(&edge.snapshot).has(model);
+        let known = self.dispatch.routes(edge).has(model);
         let label = if known { model } else { "unknown" };
         let from = record::Sender {
             api: edge.api,
             request_id: &edge.ctx.request_id,
             tenant: edge.tenant(),
         };
-        record::rejected(self.router.metrics(), &from, label, r);
+        record::rejected(self.dispatch.metrics(), &from, label, r);
     }
 
     /// Serves one inference request of `method` from its wire form: the tenant's admission,
@@ -513,63 +342,6 @@ impl InferenceApi {
     }
 }
 
-/// How one call of a client's request is made.
-pub(super) struct Plan {
-    /// Where it goes.
-    pub(super) via: Via,
-    /// What it stands for in the request.
-    pub(super) leg: Leg,
-    /// A deadline it must not pass (a fallback never gets more time than the call it
-    /// stands in for).
-    pub(super) deadline_cap: Option<tokio::time::Instant>,
-    /// Give up `deadline_margin` before the deadline, so a fallback's answer still reaches
-    /// the client in time.
-    pub(super) leave_margin: bool,
-}
-
-impl Plan {
-    /// A call that is the whole request, routed by the policy.
-    const WHOLE: Plan = Plan {
-        via: Via::Policy,
-        leg: Leg::WHOLE,
-        deadline_cap: None,
-        leave_margin: false,
-    };
-}
-
-/// How a call is routed.
-pub(super) enum Via {
-    /// By the policy's routes for its model.
-    Policy,
-    /// To this route (a fallback upstream).
-    Route(Route),
-}
-
-/// Why a call produced no answer.
-pub(super) enum Failed {
-    /// It failed, after getting as far as its context says.
-    Error(Error, Option<Arc<CallContext>>),
-    /// The drain timeout cut it.
-    Cut,
-}
-
-/// A successful call's answer and the context that produced it (for its receipt).
-pub(super) struct Answer<T> {
-    pub(super) value: T,
-    pub(super) ctx: Arc<CallContext>,
-}
-
-/// What one call keeps from its start: its edge context, its policy snapshot and its peer.
-pub(super) struct Edge {
-    pub(super) ctx: EdgeContext,
-    pub(super) snapshot: Arc<Snapshot>,
-    peer: Option<std::net::SocketAddr>,
-    /// The API the client used: `v2`, or `v1` for the legacy PredictionService.
-    pub(super) api: &'static str,
-    /// The authenticated tenant; `None` when the policy defines no tenants.
-    pub(super) caller: Option<Caller>,
-}
-
 impl Edge {
     /// The edge of the `index`-th request of this stream, whose OIP id is `id`: the same
     /// caller, snapshot and deadline, its own request id
@@ -584,37 +356,6 @@ impl Edge {
             api: self.api,
             caller: self.caller.clone(),
         }
-    }
-
-    /// The calling tenant's name, when the policy defines tenants.
-    pub(super) fn tenant(&self) -> Option<&str> {
-        self.caller.as_ref().map(Caller::name)
-    }
-
-    /// The caller's priority class; interactive without tenants.
-    pub(super) fn priority(&self) -> Priority {
-        self.caller
-            .as_ref()
-            .map_or(Priority::Interactive, Caller::priority)
-    }
-
-    /// Whether the caller may see and call `model` (anyone may without tenants).
-    pub(super) fn may_call(&self, model: &str) -> bool {
-        self.caller.as_ref().is_none_or(|c| c.may_call(model))
-    }
-
-    /// What picks the call's route: its request id and metadata.
-    pub(super) fn pick(&self) -> crate::route::Pick<'_> {
-        crate::route::Pick {
-            request_id: &self.ctx.request_id,
-            metadata: Some(&self.ctx.metadata),
-        }
-    }
-
-    /// The trace id of the client's W3C `traceparent` (`00-<trace id>-<span id>-<flags>`).
-    fn trace_id(&self) -> Option<&str> {
-        let tp = self.ctx.metadata.get(&*keys::TRACEPARENT)?.to_str().ok()?;
-        tp.split('-').nth(1).filter(|t| t.len() == 32)
     }
 
     /// A successful answer, tagged.
@@ -757,7 +498,7 @@ impl GrpcInferenceService for InferenceApi {
             .map_err(|e| edge.status(&e, None))?;
         let q = MetadataQuery(model_ref(name, version));
         let a = self
-            .call(&self.stacks.metadata, &edge, MODEL_METADATA, q)
+            .call(&self.dispatch.stacks().metadata, &edge, MODEL_METADATA, q)
             .await?;
         Ok(edge.answer(a, pb::metadata_to_pb))
     }
@@ -797,9 +538,9 @@ impl GrpcInferenceService for InferenceApi {
             })
             .buffered(STREAM_CONCURRENCY)
             // At the drain timeout the stream ends with UNAVAILABLE.
-            .take_until(cut_off(self.cut.clone()))
+            .take_until(self.dispatch.cut())
             .chain(
-                futures::stream::once(cut_check(self.cut.clone())).filter_map(move |cut| {
+                futures::stream::once(self.dispatch.was_cut()).filter_map(move |cut| {
                     let end = cut.then(|| Err(at_cut.failed(Failed::Cut)));
                     async move { end }
                 }),
@@ -818,7 +559,7 @@ impl GrpcInferenceService for InferenceApi {
             .map_err(|e| edge.status(&e, None))?;
         let q = ConfigQuery(model_ref(name, version));
         let a = self
-            .call(&self.stacks.config, &edge, MODEL_CONFIG, q)
+            .call(&self.dispatch.stacks().config, &edge, MODEL_CONFIG, q)
             .await?;
         Ok(edge.answer(a, |spec| proto::ModelConfigResponse {
             config: Some(pb::spec_to_pb(spec)),
@@ -837,11 +578,16 @@ impl GrpcInferenceService for InferenceApi {
             .map_err(|e| edge.status(&e, None))?;
         let mut model_stats = Vec::new();
         if name.is_empty() {
-            let routes = self.router.routes(&edge.snapshot);
+            let routes = self.dispatch.routes(&edge);
             for model in routes.models().filter(|m| edge.may_call(m)) {
                 let q = StatisticsQuery(model_ref(model.to_string(), version.clone()));
                 match self
-                    .call(&self.stacks.statistics, &edge, MODEL_STATISTICS, q)
+                    .call(
+                        &self.dispatch.stacks().statistics,
+                        &edge,
+                        MODEL_STATISTICS,
+                        q,
+                    )
                     .await
                 {
                     Ok(a) => model_stats.extend(a.value),
@@ -857,7 +603,12 @@ impl GrpcInferenceService for InferenceApi {
         } else {
             let q = StatisticsQuery(model_ref(name, version));
             model_stats = self
-                .call(&self.stacks.statistics, &edge, MODEL_STATISTICS, q)
+                .call(
+                    &self.dispatch.stacks().statistics,
+                    &edge,
+                    MODEL_STATISTICS,
+                    q,
+                )
                 .await?
                 .value;
         }
@@ -875,12 +626,14 @@ impl GrpcInferenceService for InferenceApi {
             .admit(&edge, "RepositoryIndex", None)
             .map_err(|e| edge.status(&e, None))?;
         let only_ready = request.get_ref().ready;
-        let routes = self.router.routes(&edge.snapshot);
+        let routes = self.dispatch.routes(&edge);
         let mut models = Vec::new();
         // A tenant's index lists the models it may call.
         for model in routes.models().filter(|m| edge.may_call(m)) {
             let q = ReadyQuery(model_ref(model.to_string(), String::new()));
-            let answer = self.call(&self.stacks.ready, &edge, MODEL_READY, q).await;
+            let answer = self
+                .call(&self.dispatch.stacks().ready, &edge, MODEL_READY, q)
+                .await;
             let (state, reason) = match answer.map(|a| a.value) {
                 Ok(true) => ("READY", String::new()),
                 Ok(false) => (

@@ -14,10 +14,11 @@ use prost_types::value::Kind;
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use super::inference::{Edge, InferenceApi};
+use super::inference::InferenceApi;
 use super::receipt::DEPRECATION;
 use crate::adapt::v1::{self, Value};
 use crate::adapt::version;
+use crate::dispatch::Edge;
 use crate::error::Error;
 use crate::model::Parameters;
 use crate::pb::keel_inference_v1 as proto;
@@ -135,7 +136,7 @@ impl PredictionService for LegacyApi {
         let target = adapter
             .as_ref()
             .map_or(req.version.as_str(), |a| a.to.as_str());
-        let contract = match self.api.contract_for(&edge, &model, target).await {
+        let contract = match self.api.dispatch().contract(&edge, &model, target).await {
             Ok(Some(c)) => match &adapter {
                 Some(a) => Arc::new(version::client_contract(a, &c)),
                 None => c,
@@ -153,7 +154,7 @@ impl PredictionService for LegacyApi {
         })?;
         let resp = self
             .api
-            .infer_adapted(&edge, super::inference::MODEL_INFER, oip)
+            .infer_adapted(&edge, crate::dispatch::MODEL_INFER, oip)
             .await
             .map_err(|s| edge.deprecate_status(s))?;
         let (md, answer, ext) = resp.into_parts();

@@ -1,5 +1,6 @@
-//! The gRPC edge: decodes requests into domain types, builds each call's context, and turns
-//! answers and errors back into protocol messages and statuses.
+//! The gRPC edge: decodes requests into domain types, reads each call's context from its
+//! metadata, authenticates the caller, hands the request to the [`dispatch`](crate::dispatch),
+//! and turns answers and errors back into protocol messages and statuses.
 //!
 //! Traffic speaks [`InferenceApi`] on the traffic listener; [`admin`] serves the policy
 //! admin API on the admin listener.
@@ -12,7 +13,6 @@ pub mod keys;
 pub mod legacy;
 pub mod passed;
 pub mod receipt;
-mod record;
 pub mod status;
 pub mod unreadable;
 

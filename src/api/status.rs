@@ -20,7 +20,7 @@ pub const DOMAIN: &str = "keel";
 
 /// The longest `grpc-message` Keel sends: messages quote what clients and upstreams sent
 /// (model names, upstream errors), and an error answer has a fixed upper size.
-pub const MAX_MESSAGE: usize = 2048;
+pub const MAX_MESSAGE: usize = crate::model::MAX_MESSAGE;
 
 /// The most text of `BadRequest` violations an answer lists; the rest are counted. With
 /// `grpc-message` (also inside the details), an error's trailers stay near 10 KiB, under

@@ -21,7 +21,7 @@ pub use tensor::{
     Element, Tensor, TensorError, element_count, encode_byte_strings, split_bytes_elements,
 };
 pub use validate::{
-    Contract, InvalidRequest, MAX_REPORTED, MAX_VIOLATION_TEXT, Rejection, RequestLimits,
-    Violation, Violations, Work, check, check_counted, clip, validate,
+    Contract, InvalidRequest, MAX_MESSAGE, MAX_REPORTED, MAX_VIOLATION_TEXT, Rejection,
+    RequestLimits, Violation, Violations, Work, check, check_counted, clip, validate,
 };
 pub use wire::{Patch, Wire};

@@ -451,6 +451,10 @@ impl Violation {
     }
 }
 
+/// The longest message Keel writes that quotes a client (a status message, a log line's
+/// error): longer ones are clipped.
+pub const MAX_MESSAGE: usize = 2048;
+
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
 pub fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {

@@ -1,15 +1,12 @@
 //! Requests for a model version the policy adapts: the client's request is turned into one
 //! for the version that answers, and the answer back (see [`crate::adapt::version`]).
 
-use std::sync::Arc;
-
 use tonic::{Response, Status};
 
-use super::{Edge, InferenceApi, MODEL_INFER};
+use super::{Edge, InferenceApi};
 use crate::adapt::version;
-use crate::contract::Lookup;
 use crate::error::Error;
-use crate::model::{Contract, InferRequest, InferResponse};
+use crate::model::{InferRequest, InferResponse};
 use crate::policy::VersionAdapter;
 
 impl Edge {
@@ -27,26 +24,6 @@ impl Edge {
 }
 
 impl InferenceApi {
-    /// The contract of the route a call for `model` (`version`) takes: fetched on first use,
-    /// `None` while the backend has not described it.
-    pub(in crate::api) async fn contract_for(
-        &self,
-        edge: &Edge,
-        model: &str,
-        version: &str,
-    ) -> Result<Option<Arc<Contract>>, Error> {
-        let routes = self.router.routes(&edge.snapshot);
-        let route = routes.route(MODEL_INFER, model, version, &edge.pick())?;
-        let sent = route.version.as_deref().unwrap_or(version).to_string();
-        let contracts = route.target.contracts.clone();
-        let ctx = edge.ctx.call(&edge.snapshot, route, None);
-        Ok(match contracts.lookup(&sent, ctx.deadline) {
-            Lookup::Known(c) => Some(c),
-            Lookup::Unknown => None,
-            Lookup::Fetch(f) => f.await,
-        })
-    }
-
     /// Serves `req` (a request of `method`), through the policy's adapter when the client asks for a version that
     /// has one. An adapter that does not fit the model refuses the call
     /// (FAILED_PRECONDITION) rather than send the model a request it cannot take.
@@ -66,7 +43,7 @@ impl InferenceApi {
             problems,
         };
         let at = format!("models.{model}.adapters.{asked:?}");
-        match self.contract_for(edge, &req.model, &adapter.to).await {
+        match self.dispatch.contract(edge, &req.model, &adapter.to).await {
             Ok(Some(contract)) => {
                 let problems = version::check(&adapter, &contract, &at);
                 if !problems.is_empty() {

@@ -1,4 +1,4 @@
-//! What the edge reports about every finished call: Keel's metrics, and one structured log
+//! What Keel reports about every finished call: Keel's metrics, and one structured log
 //! line (always for failures and slow calls, sampled for successes).
 //!
 //! Labels come from the policy (the routed model and upstream) or are fixed words, never
@@ -18,8 +18,8 @@ use crate::observe::metrics::{
 };
 use crate::resilience::Failure;
 
-/// A finished call, as the edge saw it.
-pub(super) struct Finished<'a> {
+/// A finished call, as its dispatch saw it.
+pub struct Finished<'a> {
     /// The full gRPC method.
     pub method: &'static str,
     /// The request id.
@@ -58,7 +58,7 @@ pub(super) struct Finished<'a> {
 /// outcome is the request's (then it is counted in `keel_requests_total`) or one step of a
 /// request the caller counts once, at its end (the primary and rungs of a fallback ladder).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Leg {
+pub struct Leg {
     /// `primary` or `fallback_model` (a rung's call to another model or upstream).
     pub tier: &'static str,
     /// Whether this call's outcome is the request's.
@@ -67,22 +67,25 @@ pub(crate) struct Leg {
 
 impl Leg {
     /// A call that is the whole request.
-    pub(crate) const WHOLE: Leg = Leg {
+    pub const WHOLE: Leg = Leg {
         tier: "primary",
         counted: true,
     };
 }
 
 /// Who sent a request refused at the edge, for its log line.
-pub(super) struct Sender<'a> {
+pub struct Sender<'a> {
+    /// The API the client used.
     pub api: &'static str,
+    /// The request id.
     pub request_id: &'a str,
+    /// The calling tenant, when the policy defines tenants.
     pub tenant: Option<&'a str>,
 }
 
 /// Records a request refused at the edge before it could be routed (it did not decode into
 /// a valid request); `model` is the routed model's name or `unknown`.
-pub(super) fn rejected(metrics: &Metrics, from: &Sender<'_>, model: &str, invalid: &Rejection) {
+pub fn rejected(metrics: &Metrics, from: &Sender<'_>, model: &str, invalid: &Rejection) {
     let Sender {
         api,
         request_id,
@@ -106,13 +109,13 @@ pub(super) fn rejected(metrics: &Metrics, from: &Sender<'_>, model: &str, invali
         tenant = tenant.unwrap_or(""),
         model = model,
         rule,
-        error = clip(&error, crate::api::status::MAX_MESSAGE),
+        error = clip(&error, crate::model::MAX_MESSAGE),
         "request rejected"
     );
 }
 
 /// Counts one inference request of `tenant` (a policy name, so a bounded label).
-pub(super) fn tenant_request(metrics: &Metrics, tenant: &str, code: tonic::Code) {
+pub fn tenant_request(metrics: &Metrics, tenant: &str, code: tonic::Code) {
     metrics
         .tenant_requests
         .get_or_create(&TenantCodeLabels {
@@ -129,7 +132,7 @@ fn sampled(request_id: &str, rate: f64) -> bool {
 
 /// Records a finished call in the metrics and, when due, the log; `inputs` describes the
 /// request's inputs and is only asked for when the line is logged.
-pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() -> String) {
+pub fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() -> String) {
     let class = f.error.map_or("ok", |e| e.class().as_str());
     let model_label = f
         .ctx
@@ -212,7 +215,7 @@ pub(super) fn finish(metrics: &Metrics, f: &Finished<'_>, inputs: impl FnOnce() 
     let upstream = f.ctx.map_or("", |c| &*c.route.target.upstream);
     // Every field that quotes a client is clipped: a log line has a fixed upper size.
     let error = f.error.map(ToString::to_string).unwrap_or_default();
-    let error = clip(&error, crate::api::status::MAX_MESSAGE);
+    let error = clip(&error, crate::model::MAX_MESSAGE);
     let (model, version) = (clip(f.model, 256), clip(f.version, 64));
     let deadline_ms = f.ctx.map_or(0, |c| c.budget.as_millis() as u64);
     let peer = f.peer.map(|p| p.to_string()).unwrap_or_default();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use keel::Error;
-use keel::call::{Call, CallContext};
+use keel::call::Call;
 use keel::model::{ContentForm, InferRequest, Parameters};
 use keel::resilience::{
     AttemptLayer, BreakerLayer, DeadlineLayer, HedgeLayer, LimitLayer, RetryLayer, decide,
@@ -36,7 +36,7 @@ fn stack(c: &mut Criterion) {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let ctx = keel::testing::call_context("simple", Duration::from_secs(3600)).unwrap();
     let call = Call::new(ctx, request());
     let noop = service_fn(|_: Call<InferRequest>| std::future::ready(Ok::<_, Error>(())));
     let layered = ServiceBuilder::new()
@@ -68,7 +68,7 @@ fn retry_decision(c: &mut Criterion) {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let ctx = keel::testing::call_context("simple", Duration::from_secs(3600)).unwrap();
     let call = Call::new(ctx, request());
     let error = Error::UpstreamUnavailable {
         upstream: "triton".into(),

@@ -27,6 +27,9 @@ pub struct CallContext {
     pub deadline: Instant,
     /// The time the call had when it arrived.
     pub budget: Duration,
+    /// How long before `deadline` an upstream is told to give up (the route's
+    /// `deadline_margin`), so its answer, or Keel's error, still reaches the client in time.
+    pub margin: Duration,
     /// Client metadata to forward upstream (hop-by-hop and transport headers removed).
     pub metadata: Arc<MetadataMap>,
     /// The policy this call uses from start to end, whatever is swapped in meanwhile.
@@ -44,35 +47,6 @@ pub struct CallContext {
 }
 
 impl CallContext {
-    /// A context outside any server, for benchmarks and tests: the embedded default
-    /// policy, `model` routed to the embedded backend, `budget` from now.
-    pub fn standalone(model: &str, budget: Duration) -> Result<Arc<CallContext>, crate::Error> {
-        let snapshot = crate::policy::Store::with_default().current();
-        let router = crate::route::Router::new(
-            crate::upstream::embedded::Embedded::new(),
-            1 << 20,
-            crate::observe::Metrics::new(),
-        );
-        let route = router.routes(&snapshot).route(
-            crate::policy::METHODS[0],
-            model,
-            "",
-            &crate::route::Pick::by_id("standalone"),
-        )?;
-        Ok(Arc::new(CallContext {
-            request_id: "standalone".into(),
-            deadline: Instant::now() + budget,
-            budget,
-            metadata: Arc::default(),
-            snapshot,
-            route,
-            receipt: Receipt::default(),
-            trace: None,
-            pinned: false,
-            priority: Priority::Interactive,
-        }))
-    }
-
     /// Time left before the deadline; zero once it has passed.
     pub fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
@@ -131,7 +105,7 @@ impl<T> Call<T> {
             number: self.attempt,
             timing: Timing {
                 deadline: ctx.deadline,
-                margin: settings.deadline_margin,
+                margin: ctx.margin,
                 budget: ctx.budget,
                 per_try: self
                     .attempt_deadline
@@ -216,7 +190,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_retry_s_attempt_avoids_the_endpoint_the_one_before_it_took() {
-        let ctx = CallContext::standalone("simple", Duration::from_secs(10)).expect("context");
+        let ctx = crate::testing::call_context("simple", Duration::from_secs(10)).expect("context");
         let mut call = Call::new(ctx.clone(), ());
         let first = call.attempt();
         assert_eq!((first.number, first.avoid.clone()), (1, None));

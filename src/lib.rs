@@ -32,6 +32,7 @@
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
 //! - [`worker`]: the traffic workers (a thread and runtime per core) and which one runs.
 //! - [`load`]: `keel load`, the OIP load generator.
+//! - [`testing`]: constructors for tests and benchmarks, outside any server.
 
 pub mod adapt;
 pub mod api;
@@ -52,6 +53,7 @@ pub mod policy;
 pub mod resilience;
 pub mod route;
 pub mod server;
+pub mod testing;
 pub mod transport;
 pub mod upstream;
 pub mod worker;

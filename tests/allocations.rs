@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use keel::Error;
-use keel::call::{Call, CallContext};
+use keel::call::Call;
 use keel::model::{ContentForm, InferRequest, Parameters};
 use keel::resilience::{
     AttemptLayer, BreakerLayer, DeadlineLayer, HedgeLayer, LimitLayer, RetryLayer,
@@ -19,7 +19,7 @@ static ALLOC: dhat::Alloc = dhat::Alloc;
 
 #[tokio::test(flavor = "current_thread")]
 async fn the_success_path_through_every_layer_allocates_nothing() {
-    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let ctx = keel::testing::call_context("simple", Duration::from_secs(3600)).unwrap();
     let call = Call::new(
         ctx,
         InferRequest {

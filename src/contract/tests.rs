@@ -87,7 +87,7 @@ fn cache() -> (Arc<Fake>, Arc<Contracts>) {
 }
 
 async fn get(contracts: &Arc<Contracts>) -> Option<Arc<Contract>> {
-    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let ctx = crate::testing::call_context("simple", Duration::from_secs(3600)).unwrap();
     match contracts.lookup("", ctx.deadline) {
         Lookup::Known(c) => Some(c),
         Lookup::Unknown => None,
@@ -177,7 +177,7 @@ fn simple(inputs: &[&str]) -> InferRequest {
 
 #[tokio::test]
 async fn a_request_that_breaks_the_contract_never_reaches_the_inner_service() {
-    let ctx = CallContext::standalone("simple", Duration::from_secs(60)).unwrap();
+    let ctx = crate::testing::call_context("simple", Duration::from_secs(60)).unwrap();
     let inner = Counting::default();
     let mut svc = ValidateLayer.layer(inner.clone());
     let good = Call::new(ctx.clone(), simple(&["INPUT0", "INPUT1"]));
@@ -201,7 +201,7 @@ async fn a_request_that_breaks_the_contract_never_reaches_the_inner_service() {
 #[tokio::test(start_paused = true)]
 async fn a_refused_request_has_the_contract_fetched_again_at_most_once_per_retry() {
     let (fake, contracts) = cache();
-    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let ctx = crate::testing::call_context("simple", Duration::from_secs(3600)).unwrap();
     let columns = |c: Option<Arc<Contract>>| c.map(|c| c.inputs[0].dims.clone());
     assert_eq!(columns(get(&contracts).await), Some(vec![-1, 4]));
     fake.widened.store(true, Ordering::SeqCst);
@@ -230,7 +230,7 @@ async fn a_refused_request_has_the_contract_fetched_again_at_most_once_per_retry
 #[tokio::test(start_paused = true)]
 async fn the_layer_lets_a_request_through_once_the_refetched_contract_takes_it() {
     let (fake, contracts) = cache();
-    let base = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let base = crate::testing::call_context("simple", Duration::from_secs(3600)).unwrap();
     let mut route = base.route.clone();
     let t = &base.route.target;
     route.target = Arc::new(crate::route::Target {
@@ -245,6 +245,7 @@ async fn the_layer_lets_a_request_through_once_the_refetched_contract_takes_it()
         request_id: base.request_id.clone(),
         deadline: base.deadline,
         budget: base.budget,
+        margin: base.margin,
         metadata: base.metadata.clone(),
         snapshot: base.snapshot.clone(),
         route,
@@ -281,7 +282,7 @@ async fn the_layer_lets_a_request_through_once_the_refetched_contract_takes_it()
 #[tokio::test(start_paused = true)]
 async fn a_failing_metadata_endpoint_is_not_asked_once_per_refused_request() {
     let (fake, contracts) = cache();
-    let ctx = CallContext::standalone("simple", Duration::from_secs(3600)).unwrap();
+    let ctx = crate::testing::call_context("simple", Duration::from_secs(3600)).unwrap();
     get(&contracts).await.unwrap();
     fake.failing.store(true, Ordering::SeqCst);
     tokio::time::advance(RETRY).await;

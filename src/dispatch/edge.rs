@@ -69,6 +69,7 @@ impl EdgeContext {
             request_id: self.request_id.clone(),
             deadline,
             budget,
+            margin: s.deadline_margin,
             metadata: self.metadata.clone(),
             snapshot: snapshot.clone(),
             route,

@@ -1,13 +1,15 @@
 //! The pool's decisions, with paused time and lazy connections (nothing is dialled).
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 
 use super::*;
-use crate::policy::{Endpoints, Outlier, Policy};
+use crate::error::Error;
+use crate::policy::{CheckKind, Endpoints, HealthCheck, Outlier, Policy};
 
 fn spec(endpoints: usize, outlier: Outlier) -> UpstreamSpec {
     let list: Vec<String> = (0..endpoints)

@@ -82,7 +82,7 @@ const STREAM_CONCURRENCY: usize = 16;
 /// Keel-wide slots.
 pub struct Lifecycle {
     /// Whether Keel is ready (no shutdown, every required model can answer): ServerReady.
-    pub readiness: Arc<crate::health::Readiness>,
+    pub readiness: Arc<crate::server::health::Readiness>,
     /// Becomes true when the drain timeout passes.
     pub cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight (`server.max_in_flight`), some kept for
@@ -99,7 +99,7 @@ pub struct InferenceApi {
     /// Routes of each snapshot, for RepositoryIndex and ModelStatistics without a name.
     router: Arc<Router>,
     /// Whether Keel is ready: ServerReady.
-    readiness: Arc<crate::health::Readiness>,
+    readiness: Arc<crate::server::health::Readiness>,
     /// Becomes true when the drain timeout passes: calls still running are cut.
     cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight (`server.max_in_flight`).

@@ -30,6 +30,8 @@
 //! state. Everything above runs once, in the caller's runtime; the drain reaches every
 //! worker, and `serve_workers` returns when all have drained (or the cut passed).
 
+pub mod health;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -450,7 +452,7 @@ impl Keel {
         let (began_tx, began_rx) = tokio::sync::watch::channel::<Option<Duration>>(None);
         let health = tonic_health::server::HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
-            crate::health::DrainingHealth::new(health.clone(), began_rx.clone()),
+            crate::server::health::DrainingHealth::new(health.clone(), began_rx.clone()),
         );
         for name in ["", LIVENESS, READINESS] {
             health
@@ -470,7 +472,7 @@ impl Keel {
         let health_name = name_of(&health_service);
 
         let serving = Arc::new(AtomicBool::new(true));
-        let readiness = crate::health::Readiness::new(serving.clone());
+        let readiness = crate::server::health::Readiness::new(serving.clone());
         let (cut_tx, cut_rx) = tokio::sync::watch::channel(false);
         let stacks = Stacks {
             infer: stack(),
@@ -531,7 +533,7 @@ impl Keel {
         let readiness_for_admin = readiness.clone();
         // The health view: per-model names, and readiness from the required models. The
         // first refresh happens before any listener accepts, so no name is ever missing.
-        let mut publisher = crate::health::Publisher::new(
+        let mut publisher = crate::server::health::Publisher::new(
             readiness.clone(),
             self.router.clone(),
             self.store.clone(),
@@ -853,7 +855,7 @@ fn known_methods() -> KnownMethods {
 }
 
 /// The admin listener's plain HTTP endpoints: `/metrics` (Prometheus), `/livez`, `/readyz`.
-fn http_routes(metrics: Arc<Metrics>, readiness: Arc<crate::health::Readiness>) -> axum::Router {
+fn http_routes(metrics: Arc<Metrics>, readiness: Arc<crate::server::health::Readiness>) -> axum::Router {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
     axum::Router::new()

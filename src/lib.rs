@@ -24,12 +24,12 @@
 //! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
 //! - [`policy`]: the TOML policy: validated plain data, snapshots, the store, audit, watch.
 //! - [`observe`]: logs, metrics (and the edge's RPC counters), traces.
-//! - [`health`]: Keel's readiness view: per-model health, required models, `/readyz`.
 //! - [`call`]: what travels with every call (request id, deadline, metadata, snapshot).
 //! - [`error`]: what can go wrong with a call.
 //! - [`grpc_code`]: gRPC status codes by name and by metric label (a leaf, shared by
 //!   policy and metrics).
-//! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
+//! - [`server`]: wiring of both listeners; Keel's health and readiness view
+//!   ([`server::health`]), reflection, reloads and shutdown.
 //! - [`worker`]: the traffic workers (a thread and runtime per core) and which one runs.
 //! - [`load`]: `keel load`, the OIP load generator.
 //! - [`testing`]: constructors for tests and benchmarks, outside any server.
@@ -43,7 +43,6 @@ pub mod dispatch;
 pub mod error;
 pub mod fault;
 pub mod grpc_code;
-pub mod health;
 pub mod load;
 pub mod model;
 pub mod observe;

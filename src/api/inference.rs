@@ -59,7 +59,7 @@ const STREAM_CONCURRENCY: usize = 16;
 /// Keel-wide slots.
 pub struct Lifecycle {
     /// Whether Keel is ready (no shutdown, every required model can answer): ServerReady.
-    pub readiness: Arc<crate::health::Readiness>,
+    pub readiness: Arc<crate::server::health::Readiness>,
     /// Becomes true when the drain timeout passes.
     pub cut: watch::Receiver<bool>,
     /// Keel-wide slots for calls in flight (`server.max_in_flight`), some kept for
@@ -75,7 +75,7 @@ pub struct InferenceApi {
     /// The policy; each call takes one snapshot at its start.
     store: Arc<Store>,
     /// Whether Keel is ready: ServerReady.
-    readiness: Arc<crate::health::Readiness>,
+    readiness: Arc<crate::server::health::Readiness>,
     /// Tenants' buckets and slots, kept across policy swaps.
     guard: Arc<Guard>,
 }

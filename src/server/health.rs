@@ -8,6 +8,15 @@
 //! depend on any of this. The view is recomputed when a breaker opens, turns half-open or
 //! closes, an endpoint's standing changes or a policy is applied, and every second besides.
 //!
+//! # Names
+//!
+//! [`Health`] sets them, for both listeners at once:
+//!
+//! - `liveness`: SERVING while the process answers (a drain is no reason to restart it);
+//! - `readiness`, `""` and the traffic services' names: the view above;
+//! - the admin service's name: SERVING until the drain, whatever the models can do
+//!   (the list of services says which name follows what).
+//!
 //! [`DrainingHealth`] serves the view: tonic-health's service, except that Watch streams end
 //! when the drain begins.
 
@@ -20,15 +29,111 @@ use arc_swap::ArcSwap;
 use futures::StreamExt as _;
 use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tonic_health::pb::health_server::Health;
+use tonic_health::pb::health_server::{Health as GrpcHealth, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
 
+use super::AbortOnDrop;
+use super::services::{Follows, Listener, SERVICES, Service};
 use crate::policy::Store;
 use crate::route::Router;
 
 /// How often the view is recomputed.
 pub const INTERVAL: Duration = Duration::from_secs(1);
+
+/// The `grpc.health.v1` name a liveness probe asks for: SERVING while the process answers.
+pub const LIVENESS: &str = "liveness";
+/// The `grpc.health.v1` name a readiness probe asks for: SERVING while Keel takes new calls.
+pub const READINESS: &str = "readiness";
+
+/// Keel's health on both listeners: the names' statuses, the `grpc.health.v1` service that
+/// serves them, and the readiness view that decides them.
+pub(super) struct Health {
+    reporter: HealthReporter,
+    /// One service for both listeners, so both turn NOT_SERVING together.
+    service: HealthServer<DrainingHealth>,
+    readiness: Arc<Readiness>,
+    /// False from the drain on.
+    serving: Arc<AtomicBool>,
+    /// The services with a health name, of the listeners served.
+    services: Vec<&'static Service>,
+}
+
+impl Health {
+    /// Every name SERVING; Watch streams end when `draining` becomes `Some` (the drain
+    /// timeout). `admin`: whether the admin listener is served, and so its service's name.
+    pub(super) async fn start(
+        draining: tokio::sync::watch::Receiver<Option<Duration>>,
+        admin: bool,
+    ) -> Health {
+        let reporter = HealthReporter::new();
+        let service = HealthServer::new(DrainingHealth::new(reporter.clone(), draining));
+        let served = |l: &Listener| *l == Listener::Traffic || admin;
+        let services: Vec<&'static Service> = SERVICES
+            .iter()
+            .filter(|s| s.health != Follows::Nothing && s.on.iter().any(served))
+            .collect();
+        let names = ["", LIVENESS, READINESS].into_iter();
+        for name in names.chain(services.iter().map(|s| s.name)) {
+            reporter
+                .set_service_status(name, ServingStatus::Serving)
+                .await;
+        }
+        let serving = Arc::new(AtomicBool::new(true));
+        Health {
+            readiness: Readiness::new(serving.clone()),
+            reporter,
+            service,
+            serving,
+            services,
+        }
+    }
+
+    /// The `grpc.health.v1` service, for a listener's routes.
+    pub(super) fn service(&self) -> HealthServer<DrainingHealth> {
+        self.service.clone()
+    }
+
+    /// Whether Keel is ready, and why not.
+    pub(super) fn readiness(&self) -> &Arc<Readiness> {
+        &self.readiness
+    }
+
+    /// Publishes the view once (before any listener accepts, so no name is ever missing),
+    /// then keeps it current until the returned guard is dropped.
+    pub(super) async fn publish(&self, router: Arc<Router>, store: Arc<Store>) -> AbortOnDrop {
+        let ready = self
+            .services
+            .iter()
+            .filter(|s| s.health == Follows::Readiness);
+        let ready_names = ["", READINESS]
+            .into_iter()
+            .chain(ready.map(|s| s.name))
+            .map(str::to_string)
+            .collect();
+        let mut publisher = Publisher::new(
+            self.readiness.clone(),
+            router,
+            store,
+            self.reporter.clone(),
+            ready_names,
+        );
+        publisher.refresh().await;
+        AbortOnDrop(Some(tokio::spawn(publisher.run())))
+    }
+
+    /// The drain begins: Keel no longer takes new calls, and every name but `liveness` turns
+    /// NOT_SERVING.
+    pub(super) async fn drain(&self) {
+        self.serving.store(false, Ordering::Release);
+        let names = ["", READINESS].into_iter();
+        for name in names.chain(self.services.iter().map(|s| s.name)) {
+            self.reporter
+                .set_service_status(name, ServingStatus::NotServing)
+                .await;
+        }
+    }
+}
 
 /// The health name of one model.
 pub fn model_service(model: &str) -> String {
@@ -65,7 +170,7 @@ pub type WatchStream = std::pin::Pin<
 >;
 
 #[tonic::async_trait]
-impl Health for DrainingHealth {
+impl GrpcHealth for DrainingHealth {
     async fn check(
         &self,
         request: Request<HealthCheckRequest>,

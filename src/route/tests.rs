@@ -1,6 +1,8 @@
 //! Routing: weighted splits, versions, flags, overrides and state kept across swaps.
 
 use super::*;
+use tonic::metadata::MetadataMap;
+
 use crate::policy::{Flag, Store};
 
 fn snapshot(text: &str) -> Arc<Snapshot> {

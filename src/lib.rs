@@ -9,8 +9,9 @@
 //!   edge deadline, error → status, request records.
 //! - [`auth`]: tenants at the edge: API keys, model access, rate limits, in-flight quotas.
 //! - [`adapt`]: pure functions for older clients: legacy v1 ⇄ OIP, version adapters.
-//! - [`route`]: each snapshot's model → backend routes, the fallback ladder, the response
-//!   cache, canary analysis; the dispatching tower service.
+//! - [`route`]: each snapshot's model → backend routes, compiled and chosen per call; the
+//!   state kept across swaps and the backend factory per upstream protocol; the fallback
+//!   ladder, the response cache, canary analysis; the innermost tower service.
 //! - [`contract`]: each (model, upstream) target's contract, fetched and cached, and the
 //!   layer that turns away requests that break it.
 //! - [`resilience`]: tower layers that keep calls calm: deadline, limits, retry, hedging,

@@ -63,7 +63,7 @@ use crate::pb::keel_inference_v1::prediction_service_server::PredictionServiceSe
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, TlsSettings, read_file, watch};
 use crate::resilience::DeadlineLayer;
 use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
-use crate::route::{self, Deliver, Router};
+use crate::route::{Deliver, Router};
 use crate::transport::{self, Accept, Http2, Tls};
 use crate::upstream::Operation;
 use crate::upstream::embedded::Embedded;
@@ -240,7 +240,7 @@ impl Keel {
             text,
             Source::Startup(options.config.clone()),
             audit,
-            Box::new(move |p| route::check(p, &checked)),
+            Box::new(move |p| crate::policy::builtin::check(p, &*checked)),
             Box::new(move |p| {
                 if let Some(a) = listen {
                     p.server.listen = a;

@@ -13,12 +13,15 @@
 //!   hash, flags, the pinned version, `keel-route`; its `# Determinism` contract.
 //! - `health.rs`: how each routed model stands ([`ModelHealth`]).
 //! - `compile.rs`: compiling a snapshot's routes, model by model, and each target.
+//! - `builtin.rs`: what the policy's built-in check asks of the embedded models
+//!   ([`crate::policy::builtin::Builtin`]).
 //! - `registry.rs`: the state kept across swaps, and the factory that builds an upstream's
 //!   backend for its protocol (the one place a new upstream protocol is added).
 //! - `deliver.rs`: [`Deliver`], the innermost tower service.
 //! - `ladder.rs`, `cache.rs`, `canary.rs`: the fallback ladder, the response cache and the
 //!   canary analysis.
 
+mod builtin;
 pub mod cache;
 pub mod canary;
 mod compile;
@@ -35,7 +38,7 @@ use arc_swap::ArcSwapOption;
 use crate::contract::Contracts;
 use crate::observe::Metrics;
 use crate::observe::metrics::RuntimeState;
-use crate::policy::{BackendRef, Policy, PolicyError, PolicyErrors, Settings, Snapshot, Tier};
+use crate::policy::{Settings, Snapshot};
 use crate::resilience::{BreakerCell, Changed, Latency, Limiter, RetryBudget};
 use crate::upstream::Backend;
 use crate::upstream::embedded::Embedded;
@@ -44,89 +47,6 @@ pub use deliver::Deliver;
 pub use health::ModelHealth;
 use registry::{Handles, Registry};
 pub use select::{Pick, ROUTE_OVERRIDE, Routes};
-
-/// Checks the parts of a policy that depend on what Keel has built in: every model routed
-/// to `embedded` must be an embedded model. Opens nothing, so `keel validate` can use it.
-pub fn check(policy: &Policy, embedded: &Embedded) -> Result<(), PolicyErrors> {
-    let Some(models) = &policy.models else {
-        return Ok(());
-    };
-    let mut problems = Vec::new();
-    for (name, m) in models {
-        for (i, r) in m.routes.iter().enumerate() {
-            if r.backend == BackendRef::Embedded && !embedded.has_model(name) {
-                let path = if m.routes.len() == 1 {
-                    format!("models.{name}.backend")
-                } else {
-                    format!("models.{name}.routes[{i}].backend")
-                };
-                problems.push(PolicyError {
-                    path,
-                    message: format!(
-                        "there is no embedded model named {name:?} (embedded models: {})",
-                        embedded.model_names().collect::<Vec<_>>().join(", ")
-                    ),
-                });
-            }
-        }
-    }
-    for (name, m) in models {
-        for (i, f) in m.fallback.iter().enumerate() {
-            if let Tier::Static(outputs) = &f.tier
-                && let Err(message) = ladder::static_tensors(outputs)
-            {
-                problems.push(PolicyError {
-                    path: format!("models.{name}.fallback[{i}].static"),
-                    message,
-                });
-            }
-        }
-    }
-    // Adapters and v1 mappings of models served only by embedded models are checked
-    // against their contracts now; an upstream's contract is known at the first call.
-    for (name, m) in models {
-        let embedded_only = m.routes.iter().all(|r| r.backend == BackendRef::Embedded);
-        let Some(contract) = embedded.contract(name).filter(|_| embedded_only) else {
-            continue;
-        };
-        for (version, a) in &m.adapters {
-            let at = format!("models.{name}.adapters.{version:?}");
-            for (path, message) in crate::adapt::version::check(a, &contract, &at) {
-                problems.push(PolicyError { path, message });
-            }
-        }
-        if let Some(v1) = &m.v1 {
-            let at = format!("models.{name}.v1");
-            // A name may be the model's, or what an adapted version's clients call it.
-            let views: Vec<_> = std::iter::once(contract.clone())
-                .chain(
-                    m.adapters
-                        .values()
-                        .map(|a| crate::adapt::version::client_contract(a, &contract)),
-                )
-                .collect();
-            let has_input = |i: &str| views.iter().any(|c| c.input(i).is_some());
-            let has_output = |o: &str| views.iter().any(|c| c.output(o).is_some());
-            if let Some(input) = v1.input.as_deref().filter(|i| !has_input(i)) {
-                problems.push(PolicyError {
-                    path: format!("{at}.input"),
-                    message: format!("model {name:?} has no input {input:?}"),
-                });
-            }
-            if let Some(output) = v1.output.as_deref().filter(|o| !has_output(o)) {
-                problems.push(PolicyError {
-                    path: format!("{at}.output"),
-                    message: format!("model {name:?} has no output {output:?}"),
-                });
-            }
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(PolicyErrors(problems))
-    }
-}
 
 /// One backend a model's calls may go to, with the resilience state kept for it.
 #[derive(Debug)]

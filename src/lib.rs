@@ -11,8 +11,9 @@
 //! - [`adapt`]: pure functions for older clients: legacy v1 ⇄ OIP, version adapters.
 //! - [`dispatch`]: one client request from its decoded message to its answer: route,
 //!   version, gate, deadline, drain cut, the fallback ladder, canary verdicts, its record.
-//! - [`route`]: each snapshot's model → backend routes, the fallback ladder, the response
-//!   cache, canary analysis; the dispatching tower service.
+//! - [`route`]: each snapshot's model → backend routes, compiled and chosen per call; the
+//!   state kept across swaps and the backend factory per upstream protocol; the fallback
+//!   ladder, the response cache, canary analysis; the innermost tower service.
 //! - [`contract`]: each (model, upstream) target's contract, fetched and cached, and the
 //!   layer that turns away requests that break it.
 //! - [`resilience`]: tower layers that keep calls calm: deadline, limits, retry, hedging,

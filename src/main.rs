@@ -152,7 +152,7 @@ fn validate(file: &std::path::Path, skip_files: bool) -> ExitCode {
         keel::policy::Files::Read
     };
     let checked = Policy::load_with(file, files).and_then(|p| {
-        keel::route::check(&p, &embedded)?;
+        keel::policy::builtin::check(&p, &*embedded)?;
         Ok(p)
     });
     match checked {

@@ -331,7 +331,7 @@ async fn an_adapter_that_does_not_fit_is_refused_at_load_or_at_the_first_call() 
     let bad = "[models.iris]\nbackend = \"embedded\"\n[models.iris.adapters.\"0\"]\nto = \"1\"\n\
                rename_inputs = { x = \"petals\" }\n";
     let policy = keel::policy::Policy::parse(bad).unwrap();
-    let errors = keel::route::check(&policy, &keel::upstream::embedded::Embedded::new())
+    let errors = keel::policy::builtin::check(&policy, &*keel::upstream::embedded::Embedded::new())
         .unwrap_err()
         .to_string();
     assert!(

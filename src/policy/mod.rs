@@ -12,6 +12,7 @@
 
 mod adapters;
 mod audit;
+pub mod builtin;
 mod document;
 mod fallback;
 mod fault;

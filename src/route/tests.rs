@@ -1,7 +1,9 @@
 //! Routing: weighted splits, versions, flags, overrides and state kept across swaps.
 
 use super::*;
-use crate::policy::{Flag, Store};
+use tonic::metadata::MetadataMap;
+
+use crate::policy::{Flag, Policy, Store};
 
 fn snapshot(text: &str) -> Arc<Snapshot> {
     let store = Store::new(
@@ -385,7 +387,7 @@ async fn breaker_state_survives_a_swap_unless_its_settings_change() {
 #[test]
 fn embedded_routes_must_name_embedded_models() {
     let p = Policy::parse("[models.resnet]\nbackend = \"embedded\"\n").unwrap();
-    let e = check(&p, &Embedded::new()).unwrap_err();
+    let e = crate::policy::builtin::check(&p, &*Embedded::new()).unwrap_err();
     assert!(
         e.to_string()
             .starts_with("models.resnet.backend: there is no embedded model named \"resnet\"")

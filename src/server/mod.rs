@@ -50,7 +50,7 @@ use crate::observe::metrics::RuntimeState;
 use crate::observe::traces::Tracing;
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, TlsSettings, read_file};
 use crate::resilience::Slots;
-use crate::route::{self, Router};
+use crate::route::Router;
 use crate::transport::{self, Accept, Buffers, Http2, Tls};
 use crate::upstream::embedded::Embedded;
 use crate::worker;
@@ -163,7 +163,7 @@ impl Keel {
             text,
             Source::Startup(options.config.clone()),
             audit,
-            Box::new(move |p| route::check(p, &checked)),
+            Box::new(move |p| crate::policy::builtin::check(p, &*checked)),
             Box::new(move |p| {
                 if let Some(a) = listen {
                     p.server.listen = a;

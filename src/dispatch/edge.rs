@@ -11,7 +11,7 @@ use tonic::metadata::{Ascii, MetadataKey, MetadataMap};
 use crate::auth::Caller;
 use crate::call::CallContext;
 use crate::observe::traces::CallSpan;
-use crate::policy::{Priority, Snapshot};
+use crate::policy::{Priority, Settings, Snapshot};
 use crate::resilience::Receipt;
 use crate::route::{Pick, Route};
 
@@ -42,7 +42,8 @@ pub struct Cap {
 impl EdgeContext {
     /// The context of one call starting now, under `snapshot`, taking `route`: its deadline
     /// is the smallest of the client's, the route's `timeout` and `max_timeout`, so no call
-    /// is without one, and then `cap`. The one place a call's deadline is decided.
+    /// is without one, and then `cap` ([`EdgeContext::deadline`], the one place a call's
+    /// deadline is decided).
     pub fn call(
         &self,
         snapshot: &Arc<Snapshot>,
@@ -50,26 +51,13 @@ impl EdgeContext {
         trace: Option<CallSpan>,
         cap: Cap,
     ) -> CallContext {
-        let s = &route.settings;
-        let now = Instant::now();
-        let most = s.timeout.min(s.max_timeout);
-        let (mut deadline, mut budget) = match self.client_deadline {
-            Some((deadline, budget)) if budget <= most => (deadline, budget),
-            _ => (now + most, most),
-        };
-        let mut bound = cap.at.unwrap_or(deadline);
-        if cap.leave_margin {
-            bound = bound.checked_sub(s.deadline_margin).unwrap_or(bound);
-        }
-        if bound < deadline {
-            deadline = bound.max(now);
-            budget = bound.saturating_duration_since(now);
-        }
+        let (deadline, budget) = self.deadline(&route.settings, cap);
+        let margin = route.settings.deadline_margin;
         CallContext {
             request_id: self.request_id.clone(),
             deadline,
             budget,
-            margin: s.deadline_margin,
+            margin,
             metadata: self.metadata.clone(),
             snapshot: snapshot.clone(),
             route,
@@ -78,6 +66,28 @@ impl EdgeContext {
             pinned: false,
             priority: Priority::Interactive,
         }
+    }
+}
+
+impl EdgeContext {
+    /// The deadline of a call starting now under `settings`, and the time it has: the
+    /// smallest of the client's deadline, `timeout` and `max_timeout`, then `cap`.
+    pub fn deadline(&self, settings: &Settings, cap: Cap) -> (Instant, Duration) {
+        let now = Instant::now();
+        let most = settings.timeout.min(settings.max_timeout);
+        let (mut deadline, mut budget) = match self.client_deadline {
+            Some((deadline, budget)) if budget <= most => (deadline, budget),
+            _ => (now + most, most),
+        };
+        let mut bound = cap.at.unwrap_or(deadline);
+        if cap.leave_margin {
+            bound = bound.checked_sub(settings.deadline_margin).unwrap_or(bound);
+        }
+        if bound < deadline {
+            deadline = bound.max(now);
+            budget = bound.saturating_duration_since(now);
+        }
+        (deadline, budget)
     }
 }
 

@@ -210,13 +210,9 @@ impl Dispatch {
         let route = self
             .routes(edge)
             .route(MODEL_INFER, model, version, &edge.pick())?;
-        let sent = route.version.as_deref().unwrap_or(version).to_string();
-        let contracts = route.target.contracts.clone();
-        let deadline = edge
-            .ctx
-            .call(&edge.snapshot, route, None, Cap::default())
-            .deadline;
-        Ok(match contracts.lookup(&sent, deadline) {
+        let sent = route.version.as_deref().unwrap_or(version);
+        let (deadline, _) = edge.ctx.deadline(&route.settings, Cap::default());
+        Ok(match route.target.contracts.lookup(sent, deadline) {
             Lookup::Known(c) => Some(c),
             Lookup::Unknown => None,
             Lookup::Fetch(f) => f.await,

@@ -11,12 +11,9 @@
 //! - [`adapt`]: pure functions for older clients: legacy v1 ⇄ OIP, version adapters.
 //! - [`route`]: each snapshot's model → backend routes, the fallback ladder, the response
 //!   cache, canary analysis; the dispatching tower service.
-//! - [`contract`]: each (model, upstream) target's contract, fetched and cached, and the
-//!   layer that turns away requests that break it.
-//! - [`resilience`]: tower layers that keep calls calm: deadline, limits, retry, hedging,
-//!   breaker, attempt timeout; the error taxonomy.
-//! - [`fault`]: fault injection just before the backend, looking like the backend's answer.
-//! - [`passthrough`]: the unboxed response future of a layer that usually passes a call on.
+//! - [`contract`]: each (model, upstream) target's contract, fetched and cached.
+//! - [`resilience`]: every layer of a method's tower stack: deadline, contract validation,
+//!   limits, retry, hedging, breaker, attempt timeout, fault injection; the error taxonomy.
 //! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams, endpoint pools.
 //! - [`model`]: tensors, data types, model contracts, requests: Keel's domain, no protobuf.
 //! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
@@ -37,13 +34,11 @@ pub mod auth;
 pub mod call;
 pub mod contract;
 pub mod error;
-pub mod fault;
 pub mod grpc_code;
 pub mod health;
 pub mod load;
 pub mod model;
 pub mod observe;
-pub mod passthrough;
 pub mod pb;
 pub mod policy;
 pub mod resilience;

@@ -51,8 +51,6 @@ use crate::api::legacy::LegacyApi;
 use crate::api::{
     CallService, InferenceApi, InferenceRoutes, Lifecycle, Stacks, receipt, unreadable,
 };
-use crate::contract::ValidateLayer;
-use crate::fault::FaultLayer;
 use crate::observe::Metrics;
 use crate::observe::edge::{EdgeMetricsLayer, KnownMethods};
 use crate::observe::metrics::{ReloadLabels, RuntimeState, TlsReloadLabels};
@@ -61,8 +59,8 @@ use crate::pb;
 use crate::pb::inference::grpc_inference_service_server::GrpcInferenceServiceServer;
 use crate::pb::keel_inference_v1::prediction_service_server::PredictionServiceServer;
 use crate::policy::{AuditLog, Policy, PolicyErrors, Source, Store, TlsSettings, read_file, watch};
-use crate::resilience::DeadlineLayer;
 use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
+use crate::resilience::{DeadlineLayer, FaultLayer, ValidateLayer};
 use crate::route::{self, Deliver, Router};
 use crate::transport::{self, Accept, Http2, Tls};
 use crate::upstream::Operation;

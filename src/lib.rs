@@ -14,12 +14,9 @@
 //! - [`route`]: each snapshot's model → backend routes, compiled and chosen per call; the
 //!   state kept across swaps and the backend factory per upstream protocol; the fallback
 //!   ladder, the response cache, canary analysis; the innermost tower service.
-//! - [`contract`]: each (model, upstream) target's contract, fetched and cached, and the
-//!   layer that turns away requests that break it.
-//! - [`resilience`]: tower layers that keep calls calm: deadline, limits, retry, hedging,
-//!   breaker, attempt timeout; the error taxonomy.
-//! - [`fault`]: fault injection just before the backend, looking like the backend's answer.
-//! - [`passthrough`]: the unboxed response future of a layer that usually passes a call on.
+//! - [`contract`]: each (model, upstream) target's contract, fetched and cached.
+//! - [`resilience`]: every layer of a method's tower stack: deadline, contract validation,
+//!   limits, retry, hedging, breaker, attempt timeout, fault injection; the error taxonomy.
 //! - [`upstream`]: backends: the embedded models and OIP gRPC upstreams, endpoint pools.
 //! - [`model`]: tensors, data types, model contracts, requests: Keel's domain, no protobuf.
 //! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
@@ -42,12 +39,10 @@ pub mod call;
 pub mod contract;
 pub mod dispatch;
 pub mod error;
-pub mod fault;
 pub mod grpc_code;
 pub mod load;
 pub mod model;
 pub mod observe;
-pub mod passthrough;
 pub mod pb;
 pub mod policy;
 pub mod resilience;

@@ -11,10 +11,8 @@
 //! A request the cached contract refuses has it fetched again first ([`Contracts::recheck`],
 //! at most once per [`RETRY`]), so a model whose inputs changed upstream is followed at once
 //! rather than after [`REFRESH`] of refusing valid requests.
-
-mod layer;
-
-pub use layer::{ValidateLayer, ValidateService};
+//!
+//! The layer that turns requests away by it is [`ValidateLayer`](crate::resilience::ValidateLayer).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -13,6 +13,7 @@ use crate::model::{
     ContentForm, DataType, InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats,
     Parameters, Tensor, TensorSpec,
 };
+use crate::resilience::ValidateLayer;
 use crate::upstream::{Attempt, BackendFuture, ConfigQuery, ReadyQuery, StatisticsQuery};
 
 /// A backend whose contract fetches are counted and may be made to fail.

@@ -5,10 +5,8 @@ use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use crate::api::{CallService, Stacks};
-use crate::contract::ValidateLayer;
-use crate::fault::FaultLayer;
-use crate::resilience::DeadlineLayer;
 use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
+use crate::resilience::{DeadlineLayer, FaultLayer, ValidateLayer};
 use crate::route::Deliver;
 use crate::upstream::Operation;
 

@@ -47,6 +47,28 @@ use super::stream::Exec;
 use super::{Conn, Peer};
 use crate::policy::ServerSettings;
 
+/// The service a connection's streams are given to: cloned into each stream's task, its
+/// errors turned into statuses (rule 2).
+pub trait Handler<B>:
+    Service<
+        http::Request<Incoming>,
+        Response = http::Response<B>,
+        Future: Send + 'static,
+        Error: Into<tower::BoxError>,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S, B> Handler<B> for S
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<tower::BoxError>,
+{
+}
+
 /// Streams one connection may make Keel reset for their protocol errors before it is sent
 /// GOAWAY. tonic passes hyper none, which leaves it unbounded; this is hyper's own default.
 pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
@@ -131,11 +153,8 @@ pub async fn serve<S, B>(
     buffers: Arc<Buffers>,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<tower::BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<tower::BoxError>,
+    S: Handler<B>,
+    B: http_body::Body<Data = Bytes, Error: Into<tower::BoxError>> + Send + 'static,
 {
     let builder = http2.builder();
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -189,11 +208,8 @@ async fn connection<S, B>(
     buffers: Arc<ConnectionBuffers>,
     mut stop: watch::Receiver<bool>,
 ) where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<tower::BoxError>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<tower::BoxError>,
+    S: Handler<B>,
+    B: http_body::Body<Data = Bytes, Error: Into<tower::BoxError>> + Send + 'static,
 {
     let tracked = conn.tracked().clone();
     let service = TowerToHyperService::new(PerConnection {

@@ -8,16 +8,15 @@
 //! with the same policy, and a retry of an aborted attempt is a fresh draw. A Keel on its
 //! embedded backend with a fault policy is thus a sick model server for another Keel.
 
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tonic::metadata::MetadataMap;
-use tower::{Layer, Service};
+use tower::Layer;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::passthrough::{Gate, Gated, Next, Passthrough, take};
 use crate::call::Call;
 use crate::error::Error;
-use crate::passthrough::Passthrough;
 use crate::policy::{Abort, Delay, Fault, parse_code};
 use crate::resilience::Pushback;
 
@@ -135,41 +134,28 @@ pub struct FaultLayer;
 impl<S> Layer<S> for FaultLayer {
     type Service = FaultService<S>;
     fn layer(&self, inner: S) -> FaultService<S> {
-        FaultService { inner }
+        Gated::new(inner, *self)
     }
 }
 
 /// Delays or aborts attempts as the call's settings say; other attempts pass untouched.
-#[derive(Clone, Debug)]
-pub struct FaultService<S> {
-    inner: S,
-}
+pub type FaultService<S> = Gated<S, FaultLayer>;
 
-impl<S, Op> Service<Call<Op>> for FaultService<S>
-where
-    S: Service<Call<Op>, Error = Error> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-    Op: Send + Sync + 'static,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = Passthrough<S::Future, S::Response>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, call: Call<Op>) -> Self::Future {
+impl<Op: Send + Sync + 'static> Gate<Op> for FaultLayer {
+    fn gate<S: Next<Op>>(
+        &self,
+        call: Call<Op>,
+        inner: &mut S,
+    ) -> Passthrough<S::Future, S::Response> {
         let ctx = &call.ctx;
         let fault = ctx.route.settings.fault.as_ref();
         if fault.is_none() {
-            return Passthrough::inner(self.inner.call(call));
+            return Passthrough::inner(inner.call(call));
         }
         let seed = ctx.snapshot.seed;
         let decision = decide(fault, &ctx.metadata, &ctx.request_id, seed, call.attempt);
         if decision.is_none() {
-            return Passthrough::inner(self.inner.call(call));
+            return Passthrough::inner(inner.call(call));
         }
         tracing::debug!(
             request_id = %ctx.request_id,
@@ -179,8 +165,7 @@ where
             abort = decision.abort.map(|(c, _)| crate::grpc_code::name(c)),
             "injecting a fault"
         );
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take(inner);
         Passthrough::own(async move {
             if let Some(d) = decision.delay {
                 tokio::time::sleep(d).await;

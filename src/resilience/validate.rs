@@ -2,15 +2,14 @@
 //! limits, before it takes a slot, an attempt or a breaker's count.
 
 use std::borrow::Cow;
-use std::task::{Context, Poll};
 
-use tower::{Layer, Service};
+use tower::Layer;
 
-use super::Lookup;
+use super::passthrough::{Gate, Gated, Next, Passthrough, take};
 use crate::call::Call;
+use crate::contract::Lookup;
 use crate::error::Error;
 use crate::model::{Contract, InferRequest, RequestLimits, check};
-use crate::passthrough::Passthrough;
 use crate::upstream::Operation;
 
 /// Applies [`ValidateService`].
@@ -20,15 +19,12 @@ pub struct ValidateLayer;
 impl<S> Layer<S> for ValidateLayer {
     type Service = ValidateService<S>;
     fn layer(&self, inner: S) -> ValidateService<S> {
-        ValidateService { inner }
+        Gated::new(inner, *self)
     }
 }
 
 /// Checks each inference request against its route's contract; other calls pass.
-#[derive(Clone, Debug)]
-pub struct ValidateService<S> {
-    inner: S,
-}
+pub type ValidateService<S> = Gated<S, ValidateLayer>;
 
 /// Checks `req` under the call's limits against `contract`, or against the limits alone
 /// when the contract is unknown.
@@ -64,24 +60,14 @@ fn verdict<Op>(
     check(req, &contract, limits).map(drop).map_err(Error::from)
 }
 
-impl<S, Op> Service<Call<Op>> for ValidateService<S>
-where
-    S: Service<Call<Op>, Error = Error> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Response: Send + 'static,
-    Op: Operation,
-{
-    type Response = S::Response;
-    type Error = Error;
-    type Future = Passthrough<S::Future, S::Response>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, call: Call<Op>) -> Self::Future {
+impl<Op: Operation> Gate<Op> for ValidateLayer {
+    fn gate<S: Next<Op>>(
+        &self,
+        call: Call<Op>,
+        inner: &mut S,
+    ) -> Passthrough<S::Future, S::Response> {
         let Some(req) = call.body.checked() else {
-            return Passthrough::inner(self.inner.call(call));
+            return Passthrough::inner(inner.call(call));
         };
         let contracts = &call.ctx.route.target.contracts;
         let fetch = match contracts.lookup(&req.version, call.ctx.deadline) {
@@ -92,7 +78,7 @@ where
                     _ => None,
                 };
                 let refused = match verdict(&call, req, known.as_deref()) {
-                    Ok(()) => return Passthrough::inner(self.inner.call(call)),
+                    Ok(()) => return Passthrough::inner(inner.call(call)),
                     Err(e) => e,
                 };
                 // The model may have changed upstream since its contract was fetched: the
@@ -110,8 +96,7 @@ where
             }
         };
         // The service that was polled ready goes with the call; a clone stays.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let mut inner = take(inner);
         Passthrough::own(async move {
             let contract = fetch.await;
             if let Some(req) = call.body.checked() {

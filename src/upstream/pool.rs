@@ -39,7 +39,7 @@ use super::sequence::{Affinity, Marks};
 use crate::error::Error;
 use crate::pb::inference as proto;
 use crate::policy::{CheckKind, HealthCheck, UpstreamSpec};
-use crate::resilience::{BreakerOpen, Changed};
+use crate::resilience::Changed;
 use proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 
 /// What one call said about its endpoint, for outlier ejection.
@@ -441,9 +441,10 @@ impl Pool {
         match (chosen, soonest) {
             (Some(i), _) => Ok(endpoints[i].clone()),
             // Every endpoint is out; the ejected come back first.
-            (None, Some(until)) => Err(Error::BreakerOpen(BreakerOpen {
+            (None, Some(until)) => Err(Error::AllEjected {
+                upstream: self.name.to_string(),
                 retry_after: until.saturating_duration_since(now),
-            })),
+            }),
             (None, None) => Err(Error::UpstreamUnavailable {
                 upstream: self.name.to_string(),
                 detail: "no healthy endpoint: every endpoint fails its health checks".into(),

@@ -17,6 +17,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::call::Call;
 use crate::error::Error;
+use crate::headers::PREVIOUS_ATTEMPTS;
 use crate::passthrough::Passthrough;
 use crate::policy::{Abort, Delay, Fault, parse_code};
 use crate::resilience::Pushback;
@@ -25,9 +26,6 @@ use crate::resilience::Pushback;
 /// `pushback=100ms`, comma-separated), honoured only when the policy's
 /// `fault.allow_request` is true.
 pub const REQUEST_FAULT: &str = "keel-fault";
-
-/// The metadata a Keel in front sends with the attempts it already made.
-const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 
 /// What to do to one attempt.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

@@ -27,6 +27,7 @@
 //! - [`error`]: what can go wrong with a call.
 //! - [`grpc_code`]: gRPC status codes by name and by metric label (a leaf, shared by
 //!   policy and metrics).
+//! - [`headers`]: the names of the gRPC retry headers Keel both sends and reads (a leaf).
 //! - [`server`]: wiring of both listeners, health, reflection, reloads and shutdown.
 //! - [`worker`]: the traffic workers (a thread and runtime per core) and which one runs.
 //! - [`load`]: `keel load`, the OIP load generator.
@@ -39,6 +40,7 @@ pub mod contract;
 pub mod error;
 pub mod fault;
 pub mod grpc_code;
+pub mod headers;
 pub mod health;
 pub mod load;
 pub mod model;

@@ -481,29 +481,32 @@ fn rejection(revision: u64, source: &Source, reasons: &[super::PolicyError]) -> 
 /// here: compared (a restart is needed), or named as hot (read again when used).
 fn restart_needed(old: &Policy, new: &Policy) -> Vec<String> {
     let ServerSettings {
+        // Where Keel listens and what it speaks there.
         listen,
         admin_listen,
         admin_token_env,
-        // Read when shutdown begins.
-        drain_grace: _,
-        drain_timeout: _,
-        max_message_size,
         audit_log,
         watch,
-        max_in_flight,
-        interactive_reserve,
         tls,
         admin_tls,
+        // Limits the listeners are built with.
+        max_message_size,
         max_metadata_size,
+        max_in_flight,
+        interactive_reserve,
         max_concurrent_streams,
+        max_connections,
+        max_buffered_per_connection,
+        max_buffered,
+        // Timers of the connections.
         keepalive_interval,
         keepalive_timeout,
         max_connection_age,
-        max_connections,
         tls_handshake_timeout,
         handshake_timeout,
-        max_buffered_per_connection,
-        max_buffered,
+        // Read when shutdown begins.
+        drain_grace: _,
+        drain_timeout: _,
         // Read at startup only; a change is accepted and applies at the next start.
         workers: _,
     } = &old.server;

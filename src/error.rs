@@ -1,15 +1,16 @@
 //! What can go wrong with a call, as one enum whose variants say what happened.
 //!
-//! Each variant has one class in the error taxonomy ([`Error::class`], through
-//! `resilience::classify`) and one status code ([`Error::code`]); `api::status` builds the
-//! client's status from them.
+//! Each variant has one origin in the error taxonomy, from which `resilience::classify`
+//! gives its class ([`Error::class`]) and its fallback trigger ([`Error::trigger`]), and one
+//! status code ([`Error::code`]); `api::status` builds the client's status from them.
 
 use std::time::Duration;
 
 use crate::model::{InvalidRequest, Rejection};
+use crate::policy::Trigger;
 use crate::resilience::{
     AttemptTimedOut, BreakerOpen, DeadlineExceeded, ErrorClass, Failure, Hopeless, Origin,
-    Pushback, Shed, classify,
+    Pushback, Refusal, Shed, classify,
 };
 
 /// A failed call.
@@ -172,6 +173,34 @@ pub enum Error {
     /// The breaker of the call's (model, upstream) is open. The edge names both.
     #[error("{0}")]
     BreakerOpen(BreakerOpen),
+    /// Every endpoint of the upstream is ejected for failing calls (its breaker may well be
+    /// closed): handled as an open breaker, since the upstream is as far out of reach.
+    #[error(
+        "every endpoint of upstream '{upstream}' is ejected for failing calls; the first returns in {retry_after:?}"
+    )]
+    AllEjected {
+        /// Upstream name from the policy.
+        upstream: String,
+        /// Time until the first endpoint's ejection ends.
+        retry_after: Duration,
+    },
+    /// The legacy API needs the model's contract to build the request, and it could not be
+    /// fetched (yet).
+    #[error(
+        "model '{model}' has not described its inputs yet (its metadata could not be fetched); the v1 API needs them to build the request"
+    )]
+    ContractUnknown {
+        /// The model.
+        model: String,
+    },
+    /// The model's answer does not fit the legacy API's predictions.
+    #[error("the answer of model '{model}' cannot be given as v1 predictions: {problem}")]
+    AnswerNotV1 {
+        /// The model.
+        model: String,
+        /// What does not fit.
+        problem: String,
+    },
     /// Too many calls for the model: shed. The edge names the model.
     #[error("{0}")]
     Overloaded(Shed),
@@ -247,6 +276,9 @@ impl Error {
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => "DEADLINE_EXCEEDED",
             Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
             Error::BreakerOpen(_) => "BREAKER_OPEN",
+            Error::AllEjected { .. } => "ALL_ENDPOINTS_EJECTED",
+            Error::ContractUnknown { .. } => "CONTRACT_UNKNOWN",
+            Error::AnswerNotV1 { .. } => "ANSWER_NOT_V1",
             Error::Overloaded(_) | Error::GatewayOverloaded { .. } => "OVERLOADED",
             Error::BufferLimit(_) => "BUFFER_LIMIT",
             Error::Unauthenticated(_) => "UNAUTHENTICATED",
@@ -257,7 +289,7 @@ impl Error {
     }
 
     /// Where the failure came from, for classification.
-    fn origin(&self) -> Origin {
+    pub fn origin(&self) -> Origin {
         match self {
             Error::ModelNotFound { .. }
             | Error::VersionNotFound { .. }
@@ -271,21 +303,41 @@ impl Error {
             | Error::MalformedRequest { .. }
             | Error::Unauthenticated(_)
             | Error::PermissionDenied { .. } => Origin::Request,
-            Error::UpstreamUnavailable { .. } => Origin::Transport,
-            Error::UpstreamStatus { code, .. } | Error::FaultInjected { code, .. } => {
-                Origin::Upstream(*code)
-            }
-            Error::UpstreamProtocol { .. } => Origin::Protocol,
+            Error::UpstreamUnavailable { .. } | Error::ContractUnknown { .. } => Origin::Transport,
+            Error::UpstreamStatus { code, .. } => Origin::Upstream(*code),
+            Error::FaultInjected { code, .. } => Origin::Injected(*code),
+            Error::UpstreamProtocol { .. } | Error::AnswerNotV1 { .. } => Origin::Protocol,
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Origin::Deadline,
             Error::AttemptTimeout(_) => Origin::AttemptTimeout,
-            Error::BreakerOpen(_)
-            | Error::Overloaded(_)
-            | Error::GatewayOverloaded { .. }
-            | Error::BufferLimit(_)
-            | Error::TenantLimited(_)
-            | Error::AnswerTooLarge { .. }
-            | Error::DrainTimeout => Origin::LocalRejection,
+            Error::BreakerOpen(_) => Origin::Refused(Refusal::BreakerOpen),
+            Error::AllEjected { .. } => Origin::Refused(Refusal::AllEjected),
+            Error::Overloaded(_) => Origin::Refused(Refusal::Shed),
+            Error::GatewayOverloaded { .. } => Origin::Refused(Refusal::GatewayFull),
+            Error::BufferLimit(_) => Origin::Refused(Refusal::BufferFull),
+            Error::TenantLimited(_) => Origin::Refused(Refusal::TenantLimit),
+            Error::AnswerTooLarge { .. } => Origin::Refused(Refusal::AnswerTooLarge),
+            Error::DrainTimeout => Origin::Refused(Refusal::Drain),
         }
+    }
+
+    /// Whether the upstream (or the fault standing for it) sent `grpc-retry-pushback-ms`.
+    fn pushed_back(&self) -> bool {
+        matches!(
+            self,
+            Error::UpstreamStatus {
+                pushback: Pushback::After(_) | Pushback::Stop,
+                ..
+            } | Error::FaultInjected {
+                pushback: Pushback::After(_) | Pushback::Stop,
+                ..
+            }
+        )
+    }
+
+    /// The fallback trigger the failure stands for, if a fallback may answer it at all
+    /// ([`crate::resilience::classify::trigger`]).
+    pub fn trigger(&self) -> Option<Trigger> {
+        crate::resilience::classify::trigger(self.origin(), self.pushed_back())
     }
 
     /// The status code the client sees: the one place it is chosen.
@@ -300,9 +352,12 @@ impl Error {
             | Error::MalformedRequest { .. } => Code::InvalidArgument,
             Error::AdapterMismatch { .. } => Code::FailedPrecondition,
             Error::SequenceBroken { .. } => Code::Aborted,
-            Error::UpstreamUnavailable { .. } | Error::BreakerOpen(_) => Code::Unavailable,
+            Error::UpstreamUnavailable { .. }
+            | Error::BreakerOpen(_)
+            | Error::AllEjected { .. }
+            | Error::ContractUnknown { .. } => Code::Unavailable,
             Error::UpstreamStatus { code, .. } | Error::FaultInjected { code, .. } => *code,
-            Error::UpstreamProtocol { .. } => Code::Internal,
+            Error::UpstreamProtocol { .. } | Error::AnswerNotV1 { .. } => Code::Internal,
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Code::DeadlineExceeded,
             // An attempt's timeout that ends the call: the upstream did not answer in time.
             Error::AttemptTimeout(_) => Code::Unavailable,
@@ -323,6 +378,7 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::BreakerOpen(open) => Some(open.retry_after),
+            Error::AllEjected { retry_after, .. } => Some(*retry_after),
             Error::Overloaded(shed) => Some(shed.retry_after),
             Error::GatewayOverloaded { .. } | Error::BufferLimit(_) => {
                 Some(Duration::from_millis(100))
@@ -346,7 +402,8 @@ impl Error {
             Error::UpstreamUnavailable { upstream, .. }
             | Error::UpstreamStatus { upstream, .. }
             | Error::UpstreamProtocol { upstream, .. }
-            | Error::AnswerTooLarge { upstream, .. } => Some(upstream),
+            | Error::AnswerTooLarge { upstream, .. }
+            | Error::AllEjected { upstream, .. } => Some(upstream),
             _ => None,
         }
     }
@@ -370,6 +427,8 @@ impl Error {
             | Error::VersionNotFound { model, .. }
             | Error::ModelSwitchedOff { model, .. }
             | Error::UnknownRoute { model, .. }
+            | Error::ContractUnknown { model }
+            | Error::AnswerNotV1 { model, .. }
             | Error::PermissionDenied { model, .. } => Some(model),
             Error::TenantLimited(crate::auth::Refused::RateLimited {
                 model: Some(model), ..
@@ -381,17 +440,7 @@ impl Error {
 
 impl Failure for Error {
     fn class(&self) -> ErrorClass {
-        let pushback = matches!(
-            self,
-            Error::UpstreamStatus {
-                pushback: Pushback::After(_) | Pushback::Stop,
-                ..
-            } | Error::FaultInjected {
-                pushback: Pushback::After(_) | Pushback::Stop,
-                ..
-            }
-        );
-        classify(self.origin(), pushback)
+        classify(self.origin(), self.pushed_back())
     }
 
     fn code(&self) -> tonic::Code {

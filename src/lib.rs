@@ -26,6 +26,7 @@
 //! - [`error`]: what can go wrong with a call.
 //! - [`grpc_code`]: gRPC status codes by name and by metric label (a leaf, shared by
 //!   policy and metrics).
+//! - [`headers`]: the names of the gRPC headers Keel both sends and reads (a leaf).
 //! - [`server`]: wiring of both listeners; Keel's health and readiness view
 //!   ([`server::health`]), reflection, reloads and shutdown.
 //! - [`worker`]: the traffic workers (a thread and runtime per core) and which one runs.
@@ -40,6 +41,7 @@ pub mod contract;
 pub mod dispatch;
 pub mod error;
 pub mod grpc_code;
+pub mod headers;
 pub mod load;
 pub mod model;
 pub mod observe;

@@ -33,6 +33,11 @@ const RULES: &[Rule] = &[
         why: "the leaf every module may share",
     },
     Rule {
+        module: "headers",
+        allowed: Allowed::Only(&[]),
+        why: "header names both sides share, a leaf",
+    },
+    Rule {
         module: "model",
         allowed: Allowed::Only(&["grpc_code"]),
         why: "Keel's domain vocabulary, free of protobuf and of policy",
@@ -59,7 +64,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         module: "upstream",
-        allowed: Allowed::Not(&["call", "dispatch", "route"]),
+        allowed: Allowed::Not(&["api", "call", "dispatch", "route"]),
         why: "a backend gets an Attempt, nothing of the edge, the route or the call",
     },
 ];

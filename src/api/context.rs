@@ -90,8 +90,7 @@ impl EdgeContext {
     }
 }
 
-/// The header of the client's deadline.
-pub(crate) const GRPC_TIMEOUT: &str = "grpc-timeout";
+pub(crate) use crate::headers::GRPC_TIMEOUT;
 
 /// The client's deadline for a call that arrived at `arrival` with this `grpc-timeout`, and
 /// the time it gave; `None` without one, or with one that does not parse or ends past what

@@ -27,7 +27,7 @@ keys! {
     /// `keel-policy-revision`.
     POLICY_REVISION = super::POLICY_REVISION;
     /// `grpc-timeout`.
-    GRPC_TIMEOUT = crate::api::context::GRPC_TIMEOUT;
+    GRPC_TIMEOUT = crate::headers::GRPC_TIMEOUT;
     /// `traceparent`.
     TRACEPARENT = "traceparent";
 }

@@ -142,9 +142,8 @@ impl PredictionService for LegacyApi {
                 None => c,
             },
             Ok(None) => {
-                return Err(edge.deprecate_status(Status::unavailable(format!(
-                    "model '{model}' has not described its inputs yet (its metadata could not be fetched); the v1 API needs them to build the request"
-                ))));
+                let e = Error::ContractUnknown { model };
+                return Err(edge.deprecate_status(edge.status(&e, None)));
             }
             Err(e) => return Err(edge.deprecate_status(edge.status(&e, None))),
         };
@@ -159,9 +158,8 @@ impl PredictionService for LegacyApi {
             .map_err(|s| edge.deprecate_status(s))?;
         let (md, answer, ext) = resp.into_parts();
         let predictions = v1::downgrade(&answer, instances, &map).map_err(|problem| {
-            edge.deprecate_status(Status::internal(format!(
-                "the answer of model '{model}' cannot be given as v1 predictions: {problem}"
-            )))
+            let e = Error::AnswerNotV1 { model, problem };
+            edge.deprecate_status(edge.status(&e, None))
         })?;
         let parameters: BTreeMap<String, prost_types::Value> = answer
             .parameters

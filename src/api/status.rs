@@ -118,7 +118,9 @@ pub fn to_status(e: &Error, ctx: Option<&CallContext>, revision: u64) -> Status 
     } = e
         && let Ok(v) = tonic::metadata::MetadataValue::try_from(d.as_millis().to_string())
     {
-        status.metadata_mut().insert("grpc-retry-pushback-ms", v);
+        status
+            .metadata_mut()
+            .insert(crate::headers::RETRY_PUSHBACK, v);
     }
     status
 }

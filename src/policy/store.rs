@@ -21,7 +21,7 @@ use arc_swap::ArcSwap;
 
 use super::audit::{AuditEntry, AuditLog, Outcome, rfc3339};
 use super::document;
-use super::{Flag, Policy, PolicyErrors, Snapshot, Source};
+use super::{Flag, Policy, PolicyErrors, ServerSettings, Snapshot, Source};
 
 /// Snapshots kept for rollback, the current one included.
 pub const HISTORY: usize = 16;
@@ -476,87 +476,109 @@ fn rejection(revision: u64, source: &Source, reasons: &[super::PolicyError]) -> 
 }
 
 /// The listener settings that differ; they cannot change without a restart.
+///
+/// `server` is destructured in full, so a new setting does not build until it is sorted
+/// here: compared (a restart is needed), or named as hot (read again when used).
 fn restart_needed(old: &Policy, new: &Policy) -> Vec<String> {
-    let (a, b) = (&old.server, &new.server);
-    let mut out = Vec::new();
-    if a.listen != b.listen {
-        out.push("server.listen".to_string());
-    }
-    if a.admin_listen != b.admin_listen {
-        out.push("server.admin_listen".to_string());
-    }
-    if a.admin_token_env != b.admin_token_env {
-        out.push("server.admin_token_env".to_string());
-    }
-    if a.max_message_size != b.max_message_size {
-        out.push("server.max_message_size".to_string());
-    }
-    if a.audit_log != b.audit_log {
-        out.push("server.audit_log".to_string());
-    }
-    if a.watch != b.watch {
-        out.push("server.watch".to_string());
-    }
-    if a.max_in_flight != b.max_in_flight {
-        out.push("server.max_in_flight".to_string());
-    }
-    if a.interactive_reserve != b.interactive_reserve {
-        out.push("server.interactive_reserve".to_string());
-    }
-    // Turning TLS on or off changes what the listener speaks; the files inside may change
-    // (they are re-read on every reload).
-    if a.tls.is_some() != b.tls.is_some() {
-        out.push("server.tls".to_string());
-    }
-    if a.admin_tls.is_some() != b.admin_tls.is_some() {
-        out.push("server.admin_tls".to_string());
-    }
-    let limits = [
+    let ServerSettings {
+        // Where Keel listens and what it speaks there.
+        listen,
+        admin_listen,
+        admin_token_env,
+        audit_log,
+        watch,
+        tls,
+        admin_tls,
+        // Limits the listeners are built with.
+        max_message_size,
+        max_metadata_size,
+        max_in_flight,
+        interactive_reserve,
+        max_concurrent_streams,
+        max_connections,
+        max_buffered_per_connection,
+        max_buffered,
+        // Timers of the connections.
+        keepalive_interval,
+        keepalive_timeout,
+        max_connection_age,
+        tls_handshake_timeout,
+        handshake_timeout,
+        // Read when shutdown begins.
+        drain_grace: _,
+        drain_timeout: _,
+        // Read at startup only; a change is accepted and applies at the next start.
+        workers: _,
+    } = &old.server;
+    let b = &new.server;
+    let changed = [
+        ("server.listen", *listen != b.listen),
+        ("server.admin_listen", *admin_listen != b.admin_listen),
+        (
+            "server.admin_token_env",
+            *admin_token_env != b.admin_token_env,
+        ),
+        (
+            "server.max_message_size",
+            *max_message_size != b.max_message_size,
+        ),
+        ("server.audit_log", *audit_log != b.audit_log),
+        ("server.watch", *watch != b.watch),
+        ("server.max_in_flight", *max_in_flight != b.max_in_flight),
+        (
+            "server.interactive_reserve",
+            *interactive_reserve != b.interactive_reserve,
+        ),
+        // Turning TLS on or off changes what the listener speaks; the files inside may
+        // change (they are re-read on every reload).
+        ("server.tls", tls.is_some() != b.tls.is_some()),
+        (
+            "server.admin_tls",
+            admin_tls.is_some() != b.admin_tls.is_some(),
+        ),
         (
             "server.max_metadata_size",
-            a.max_metadata_size != b.max_metadata_size,
+            *max_metadata_size != b.max_metadata_size,
         ),
         (
             "server.max_concurrent_streams",
-            a.max_concurrent_streams != b.max_concurrent_streams,
+            *max_concurrent_streams != b.max_concurrent_streams,
         ),
         (
             "server.keepalive_interval",
-            a.keepalive_interval != b.keepalive_interval,
+            *keepalive_interval != b.keepalive_interval,
         ),
         (
             "server.keepalive_timeout",
-            a.keepalive_timeout != b.keepalive_timeout,
+            *keepalive_timeout != b.keepalive_timeout,
         ),
         (
             "server.max_connection_age",
-            a.max_connection_age != b.max_connection_age,
+            *max_connection_age != b.max_connection_age,
         ),
         (
             "server.max_connections",
-            a.max_connections != b.max_connections,
+            *max_connections != b.max_connections,
         ),
         (
             "server.tls_handshake_timeout",
-            a.tls_handshake_timeout != b.tls_handshake_timeout,
+            *tls_handshake_timeout != b.tls_handshake_timeout,
         ),
         (
             "server.handshake_timeout",
-            a.handshake_timeout != b.handshake_timeout,
+            *handshake_timeout != b.handshake_timeout,
         ),
         (
             "server.max_buffered_per_connection",
-            a.max_buffered_per_connection != b.max_buffered_per_connection,
+            *max_buffered_per_connection != b.max_buffered_per_connection,
         ),
-        ("server.max_buffered", a.max_buffered != b.max_buffered),
+        ("server.max_buffered", *max_buffered != b.max_buffered),
     ];
-    out.extend(
-        limits
-            .into_iter()
-            .filter(|(_, changed)| *changed)
-            .map(|(key, _)| key.to_string()),
-    );
-    out
+    changed
+        .into_iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| key.to_string())
+        .collect()
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 use super::passthrough::{Gate, Gated, Next, Passthrough, take};
 use crate::call::Call;
 use crate::error::Error;
+use crate::headers::PREVIOUS_ATTEMPTS;
 use crate::policy::{Abort, Delay, Fault, parse_code};
 use crate::resilience::Pushback;
 
@@ -24,9 +25,6 @@ use crate::resilience::Pushback;
 /// `pushback=100ms`, comma-separated), honoured only when the policy's
 /// `fault.allow_request` is true.
 pub const REQUEST_FAULT: &str = "keel-fault";
-
-/// The metadata a Keel in front sends with the attempts it already made.
-const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
 
 /// What to do to one attempt.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

@@ -41,7 +41,7 @@ pub use breaker::{
 };
 pub use budget::RetryBudget;
 pub use changed::Changed;
-pub use classify::{ErrorClass, Handling, Origin, classify};
+pub use classify::{ErrorClass, Handling, Origin, Refusal, classify};
 pub use deadline::{Deadline, DeadlineExceeded, DeadlineFuture, DeadlineLayer, HasDeadline};
 pub use failure::{Failure, HasAttempt, HasBreaker, HasLimit, HasRetry, Pushback};
 pub use fault::{FaultLayer, FaultService};

@@ -42,31 +42,12 @@ pub struct Step {
     pub on: Vec<Trigger>,
 }
 
-/// The failures a call's error stands for, for the ladder: none for client errors (which
-/// never fall back), else its own kind, and `budget_exhausted` too when the retry budget
-/// refused a retry.
+/// The failures a call's error stands for, for the ladder: none when no fallback may
+/// answer it (client errors, and refusals about the caller or the answer), else its own
+/// trigger ([`Error::trigger`], from the error taxonomy), and `budget_exhausted` too when
+/// the retry budget refused a retry.
 pub fn triggers(e: &Error, budget_exhausted: bool) -> Vec<Trigger> {
-    use crate::resilience::{ErrorClass, Failure};
-    let by_error = match e {
-        Error::BreakerOpen(_) => Some(Trigger::BreakerOpen),
-        Error::DeadlineExceeded { .. } | Error::Hopeless(_) | Error::AttemptTimeout(_) => {
-            Some(Trigger::Deadline)
-        }
-        Error::UpstreamUnavailable { .. } => Some(Trigger::Unavailable),
-        Error::UpstreamStatus {
-            code: tonic::Code::Unavailable,
-            ..
-        } => Some(Trigger::Unavailable),
-        Error::Overloaded(_) | Error::GatewayOverloaded { .. } => Some(Trigger::Overloaded),
-        other => match other.class() {
-            ErrorClass::Overloaded => Some(Trigger::Overloaded),
-            ErrorClass::ServerBug => Some(Trigger::ServerBug),
-            ErrorClass::Transient => Some(Trigger::Unavailable),
-            ErrorClass::AttemptTimeout => Some(Trigger::Deadline),
-            _ => None,
-        },
-    };
-    match by_error {
+    match e.trigger() {
         Some(t) if budget_exhausted => vec![Trigger::BudgetExhausted, t],
         Some(t) => vec![t],
         None => vec![],
@@ -181,6 +162,25 @@ mod tests {
             answers(&only_unavailable, &triggers(&down, true)),
             Some(Trigger::Unavailable)
         );
+    }
+
+    #[test]
+    fn every_endpoint_ejected_falls_back_as_an_open_breaker() {
+        let ejected = Error::AllEjected {
+            upstream: "u".into(),
+            retry_after: std::time::Duration::from_secs(1),
+        };
+        assert_eq!(triggers(&ejected, false), [Trigger::BreakerOpen]);
+        // Refusals about the caller or the answer never fall back.
+        for e in [
+            Error::DrainTimeout,
+            Error::AnswerTooLarge {
+                upstream: "u".into(),
+                detail: String::new(),
+            },
+        ] {
+            assert!(triggers(&e, true).is_empty(), "{e:?}");
+        }
     }
 
     #[test]

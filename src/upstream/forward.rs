@@ -57,7 +57,7 @@ const MAX_SEND_BUFFER: usize = 1024 * 1024;
 /// The largest header list Keel accepts from an upstream (hyper's default).
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
-const GRPC_TIMEOUT: HeaderName = HeaderName::from_static(crate::api::context::GRPC_TIMEOUT);
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static(crate::headers::GRPC_TIMEOUT);
 
 /// Why an attempt got no answer.
 #[derive(Debug)]

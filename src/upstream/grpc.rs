@@ -25,6 +25,7 @@ use super::{
     Timing,
 };
 use crate::error::Error;
+use crate::headers::{PREVIOUS_ATTEMPTS, RETRY_PUSHBACK};
 use crate::model::{InferRequest, InferResponse, ModelMetadata, ModelSpec, ModelStats};
 use crate::observe::Metrics;
 use crate::observe::metrics::{ClientLabels, RpcSeries};
@@ -70,12 +71,6 @@ pub fn set_request_id(md: &mut MetadataMap, id: &str) {
         md.insert(REQUEST_ID_KEY.clone(), v);
     }
 }
-
-/// The header gRPC's retry design uses to number retries.
-const PREVIOUS_ATTEMPTS: &str = "grpc-previous-rpc-attempts";
-
-/// The header an upstream uses to ask for a wait before a retry, or for none.
-const PUSHBACK: &str = "grpc-retry-pushback-ms";
 
 /// A named upstream and its endpoints.
 pub struct GrpcUpstream {
@@ -366,7 +361,7 @@ fn status_error(name: &str, addr: &str, timing: &Timing, status: tonic::Status) 
     let pushback = Pushback::parse(
         status
             .metadata()
-            .get(PUSHBACK)
+            .get(RETRY_PUSHBACK)
             .and_then(|v| v.to_str().ok()),
     );
     // A status tonic made from a transport failure (a connection reset or closed mid-call,

@@ -368,3 +368,59 @@ fn an_auto_rollback_zeroes_the_canary_weight_in_a_new_audited_revision() {
     );
     assert_eq!(store.current().revision, 2);
 }
+
+#[test]
+fn every_server_setting_is_either_compared_under_its_own_name_or_hot() {
+    use std::time::Duration;
+    let tls = crate::policy::TlsSettings {
+        section: "server.tls",
+        cert: "c.pem".into(),
+        key: "k.pem".into(),
+        client_ca: None,
+    };
+    let old = Policy::default();
+    let mut new = Policy::default();
+    let s = &mut new.server;
+    let d = Duration::from_secs(12_345);
+    s.listen = "127.0.0.1:1".parse().unwrap();
+    s.admin_listen = "127.0.0.1:2".parse().unwrap();
+    s.admin_token_env = Some("T".into());
+    s.drain_grace = d;
+    s.drain_timeout = d;
+    s.max_message_size += 1;
+    s.audit_log = Some("a.log".into());
+    s.watch = !s.watch;
+    s.max_in_flight += 1;
+    s.interactive_reserve += 0.1;
+    s.tls = Some(tls.clone());
+    s.admin_tls = Some(tls);
+    s.max_metadata_size += 1;
+    s.max_concurrent_streams += 1;
+    s.keepalive_interval = d;
+    s.keepalive_timeout = d;
+    s.max_connection_age = Some(d);
+    s.max_connections += 1;
+    s.tls_handshake_timeout = d;
+    s.handshake_timeout = d;
+    s.max_buffered_per_connection += 1;
+    s.max_buffered += 1;
+    s.workers += 1;
+    let named = restart_needed(&old, &new);
+    const HOT: [&str; 3] = ["drain_grace", "drain_timeout", "workers"];
+    // The settings' own field names, from their Debug form.
+    let debug = format!("{:?}", old.server);
+    let fields: Vec<&str> = debug
+        .split([',', '{'])
+        .filter_map(|part| part.trim().split_once(": ").map(|(name, _)| name))
+        .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .collect();
+    let mut wanted: Vec<String> = fields
+        .iter()
+        .filter(|f| !HOT.contains(f))
+        .map(|f| format!("server.{f}"))
+        .collect();
+    let mut named_sorted = named.clone();
+    wanted.sort();
+    named_sorted.sort();
+    assert_eq!(named_sorted, wanted);
+}

@@ -12,7 +12,6 @@ use tokio::time::Instant;
 
 use super::{Endpoint, Pool, Standing};
 use crate::error::Error;
-use crate::resilience::BreakerOpen;
 use crate::upstream::sequence::Marks;
 
 /// Counts an attempt as pending on its endpoint until dropped.
@@ -82,9 +81,10 @@ impl Pool {
         match (chosen, soonest) {
             (Some(i), _) => Ok(endpoints[i].clone()),
             // Every endpoint is out; the ejected come back first.
-            (None, Some(until)) => Err(Error::BreakerOpen(BreakerOpen {
+            (None, Some(until)) => Err(Error::AllEjected {
+                upstream: self.name.to_string(),
                 retry_after: until.saturating_duration_since(now),
-            })),
+            }),
             (None, None) => Err(Error::UpstreamUnavailable {
                 upstream: self.name.to_string(),
                 detail: "no healthy endpoint: every endpoint fails its health checks".into(),

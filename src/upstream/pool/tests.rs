@@ -116,7 +116,9 @@ async fn never_more_than_the_allowed_share_is_ejected() {
     one.record(&one.endpoints()[0], Verdict::Unreachable);
     assert_eq!(standings(&one), [2]);
     match one.pick(None) {
-        Err(Error::BreakerOpen(open)) => assert_eq!(open.retry_after, Duration::from_secs(10)),
+        Err(Error::AllEjected { retry_after, .. }) => {
+            assert_eq!(retry_after, Duration::from_secs(10))
+        }
         other => panic!("expected every endpoint out, got {other:?}"),
     }
     assert!(!one.healthy());

@@ -97,7 +97,14 @@ impl InferenceApi {
         } = lifecycle;
         let metrics = router.metrics().clone();
         InferenceApi {
-            dispatch: Dispatch::new(stacks, router, metrics, gate, cut, tracing),
+            dispatch: Dispatch {
+                stacks,
+                router,
+                metrics,
+                gate,
+                cut,
+                tracing,
+            },
             store,
             readiness,
             guard: Arc::new(Guard::new()),

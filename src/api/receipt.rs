@@ -7,16 +7,13 @@
 //! that knows its trailers when it is made (ModelInfer's) carries them as [`Trailing`]
 //! instead ([`write_to`]), and nothing is moved.
 
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
-
 use http::{HeaderMap, HeaderName, HeaderValue};
-use http_body::{Body, Frame, SizeHint};
-use pin_project_lite::pin_project;
+use http_body::{Body, Frame};
 use tonic::metadata::MetadataMap;
 
 use super::POLICY_REVISION;
 use crate::call::CallContext;
+use crate::observe::frames::{Polled, Watch, Watched};
 
 /// Attempts made, the first included.
 pub const ATTEMPTS: &str = "keel-attempts";
@@ -159,7 +156,7 @@ pub fn move_to_trailers<B>(res: http::Response<B>) -> http::Response<WithTrailer
         }
     }
     let extra = extra.filter(|e| !e.is_empty());
-    http::Response::from_parts(parts, WithTrailers { inner: body, extra })
+    http::Response::from_parts(parts, Watched::new(body, Trailers(extra)))
 }
 
 /// Adds `under`'s entries to `over` under the names `over` does not have: `over`'s win.
@@ -178,54 +175,37 @@ fn merge_under(over: &mut HeaderMap, under: HeaderMap) {
     }
 }
 
-pin_project! {
-    /// A body whose trailers gain some headers.
-    pub struct WithTrailers<B> {
-        #[pin]
-        inner: B,
-        extra: Option<HeaderMap>,
-    }
-}
+/// A body whose trailers gain some headers.
+pub type WithTrailers<B> = Watched<B, Trailers>;
 
-impl<B> Body for WithTrailers<B>
-where
-    B: Body,
-{
-    type Data = B::Data;
-    type Error = B::Error;
+/// The headers a body's trailers gain, until they are sent.
+pub struct Trailers(Option<HeaderMap>);
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        match ready!(this.inner.poll_frame(cx)) {
+impl<B: Body> Watch<B> for Trailers {
+    fn frame(&mut self, frame: Polled<B>) -> Polled<B> {
+        match frame {
             Some(Ok(frame)) => match frame.into_trailers() {
                 Ok(trailers) => {
                     // The body's own trailers are a status or two: they go into Keel's,
                     // which are the more, rather than Keel's into them.
-                    let trailers = match this.extra.take() {
+                    let trailers = match self.0.take() {
                         Some(mut extra) => {
                             merge_under(&mut extra, trailers);
                             extra
                         }
                         None => trailers,
                     };
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                    Some(Ok(Frame::trailers(trailers)))
                 }
-                Err(frame) => Poll::Ready(Some(Ok(frame))),
+                Err(frame) => Some(Ok(frame)),
             },
-            Some(Err(e)) => Poll::Ready(Some(Err(e))),
-            None => Poll::Ready(this.extra.take().map(|extra| Ok(Frame::trailers(extra)))),
+            Some(Err(e)) => Some(Err(e)),
+            None => self.0.take().map(|extra| Ok(Frame::trailers(extra))),
         }
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream() && self.extra.is_none()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn adds(&self) -> bool {
+        self.0.is_some()
     }
 }
 

@@ -69,21 +69,22 @@ pub const MODEL_INFER: &str = "inference.GRPCInferenceService/ModelInfer";
 pub const MODEL_STREAM_INFER: &str = "inference.GRPCInferenceService/ModelStreamInfer";
 
 /// The dispatch of client requests: shared by the services of both APIs. Cloning it is
-/// cheap (shared handles).
+/// cheap (shared handles). Built by the edge's services from their parts.
 #[derive(Clone)]
 pub struct Dispatch {
-    stacks: Stacks,
+    /// The tower stack of each per-model method.
+    pub(crate) stacks: Stacks,
     /// The routes of each snapshot, and the runtime state (breakers, budgets, canary
     /// analyses) kept across swaps.
-    router: Arc<Router>,
+    pub(crate) router: Arc<Router>,
     /// Keel's metrics.
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// Keel-wide slots for calls in flight (`server.max_in_flight`).
-    gate: Arc<Slots>,
+    pub(crate) gate: Arc<Slots>,
     /// Becomes true when the drain timeout passes: calls still running are cut.
-    cut: watch::Receiver<bool>,
+    pub(crate) cut: watch::Receiver<bool>,
     /// Span export, when tracing is on.
-    tracing: Option<Arc<Tracing>>,
+    pub(crate) tracing: Option<Arc<Tracing>>,
 }
 
 /// How one call of a client's request is made.
@@ -140,26 +141,6 @@ async fn cut_off(mut cut: watch::Receiver<bool>) {
 }
 
 impl Dispatch {
-    /// The dispatch through `stacks`, routing by `router`, bounded by `gate`, cut when
-    /// `cut` becomes true.
-    pub fn new(
-        stacks: Stacks,
-        router: Arc<Router>,
-        metrics: Arc<Metrics>,
-        gate: Arc<Slots>,
-        cut: watch::Receiver<bool>,
-        tracing: Option<Arc<Tracing>>,
-    ) -> Self {
-        Dispatch {
-            stacks,
-            router,
-            metrics,
-            gate,
-            cut,
-            tracing,
-        }
-    }
-
     /// The method stacks.
     pub fn stacks(&self) -> &Stacks {
         &self.stacks

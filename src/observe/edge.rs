@@ -13,13 +13,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use tonic::Code;
 
+use super::frames::{Polled, Watch, Watched};
 use super::metrics::{Metrics, RpcSeries, ServerLabels};
 use crate::grpc_code;
 
@@ -200,54 +201,37 @@ where
                 }
                 (r, _) => r,
             };
-            http::Response::from_parts(
-                parts,
-                Observed {
-                    inner: body,
-                    record,
-                },
-            )
+            http::Response::from_parts(parts, Watched::new(body, Recording(record)))
         }))
     }
 }
 
-pin_project! {
-    /// A response body that records its RPC when its trailers pass, or when dropped.
-    pub struct Observed<B> {
-        #[pin]
-        inner: B,
-        record: Option<Record>,
-    }
+/// A response body that records its RPC when its trailers pass, or when dropped.
+pub type Observed<B> = Watched<B, Recording>;
 
-    impl<B> PinnedDrop for Observed<B> {
-        fn drop(this: Pin<&mut Self>) {
-            if let Some(r) = this.project().record.take() {
-                r.finish(Code::Cancelled);
-            }
+/// The record of one RPC, finished by the first frame that tells its outcome.
+pub struct Recording(Option<Record>);
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.finish(Code::Cancelled);
         }
     }
 }
 
-impl<B: Body> Body for Observed<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let frame = ready!(this.inner.poll_frame(cx));
+impl<B: Body> Watch<B> for Recording {
+    fn frame(&mut self, frame: Polled<B>) -> Polled<B> {
         match &frame {
             Some(Ok(f)) => {
                 if let Some(status) = f.trailers_ref().and_then(|t| t.get(grpc_code::GRPC_STATUS))
-                    && let Some(r) = this.record.take()
+                    && let Some(r) = self.0.take()
                 {
                     r.finish(grpc_code::code_of_status(status.as_bytes()));
                 }
             }
             Some(Err(_)) | None => {
-                if let Some(r) = this.record.take() {
+                if let Some(r) = self.0.take() {
                     r.finish(if frame.is_none() {
                         Code::Ok
                     } else {
@@ -256,15 +240,7 @@ impl<B: Body> Body for Observed<B> {
                 }
             }
         }
-        Poll::Ready(frame)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        frame
     }
 }
 
@@ -278,6 +254,7 @@ mod tests {
     use tower::ServiceExt;
 
     use super::*;
+    use http_body::Frame;
 
     type Frames = Vec<Result<Frame<Bytes>, Infallible>>;
     type TestBody =

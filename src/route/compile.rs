@@ -16,10 +16,13 @@ use crate::policy::{BackendRef, Budget, METHODS, ModelPolicy, Policy, Settings, 
 use crate::resilience::{BreakerCell, Latency, Limiter, RetryBudget};
 use crate::upstream::Backend;
 
-/// The settings a model's shared state is built from: the infer method's govern the state
-/// shared by every method of a model.
-struct Shared {
-    /// The infer method's effective settings for the model.
+/// One model being compiled: what its routes and rungs are built from.
+struct Compiling<'a> {
+    policy: &'a Policy,
+    name: &'a str,
+    model: &'a ModelPolicy,
+    /// The infer method's effective settings for the model: they govern the state shared
+    /// by every method of a model.
     infer: Arc<Settings>,
     /// The retry budget of the defaults, shared by every model on an upstream.
     budget: Budget,
@@ -73,12 +76,15 @@ impl Router {
         model: &ModelPolicy,
     ) -> ModelRoutes {
         let (settings, limiter) = self.settings(registry, policy, name);
-        let shared = Shared {
+        let this = Compiling {
+            policy,
+            name,
+            model,
             infer: settings.get(METHODS[0]).cloned().unwrap_or_default(),
             budget: policy.resolve(METHODS[0], None).budget,
         };
-        let entries = self.entries(registry, policy, name, model, &shared);
-        let ladder = self.ladder(registry, policy, name, model, &shared);
+        let entries = self.entries(registry, &this);
+        let ladder = self.ladder(registry, &this);
         let cache = model.cache.as_ref().map(|spec| {
             keep(
                 &mut registry.caches,
@@ -143,17 +149,11 @@ impl Router {
 
     /// Step 2: the model's routes, in policy order, those that are off at weight 0; a route
     /// to an upstream the policy does not name is left out.
-    fn entries(
-        &self,
-        registry: &mut Registry,
-        policy: &Policy,
-        name: &str,
-        model: &ModelPolicy,
-        shared: &Shared,
-    ) -> Vec<Entry> {
+    fn entries(&self, registry: &mut Registry, this: &Compiling<'_>) -> Vec<Entry> {
+        let Compiling { policy, model, .. } = *this;
         let mut entries = Vec::new();
         for r in &model.routes {
-            if let Some(t) = self.target(registry, policy, name, &r.backend, shared) {
+            if let Some(t) = self.target(registry, this, &r.backend) {
                 entries.push(Entry {
                     name: r.name.as_str().into(),
                     target: t,
@@ -172,14 +172,8 @@ impl Router {
 
     /// Step 3: the model's fallback ladder, rungs whose flags are off left out; a cache
     /// that serves stale answers on error adds a cache rung before the static answer.
-    fn ladder(
-        &self,
-        registry: &mut Registry,
-        policy: &Policy,
-        name: &str,
-        model: &ModelPolicy,
-        shared: &Shared,
-    ) -> Vec<ladder::Step> {
+    fn ladder(&self, registry: &mut Registry, this: &Compiling<'_>) -> Vec<ladder::Step> {
+        let Compiling { policy, model, .. } = *this;
         let mut ladder = model
             .fallback
             .iter()
@@ -189,9 +183,7 @@ impl Router {
                     Tier::Model(other) => ladder::Rung::Model(other.clone()),
                     Tier::Upstream(u) => {
                         let backend = BackendRef::Upstream(u.clone());
-                        ladder::Rung::Upstream(
-                            self.target(registry, policy, name, &backend, shared)?,
-                        )
+                        ladder::Rung::Upstream(self.target(registry, this, &backend)?)
                     }
                     Tier::Cache => ladder::Rung::Cache,
                     // Checked when the policy was applied (`policy::builtin::check`).
@@ -247,11 +239,14 @@ impl Router {
     fn target(
         &self,
         registry: &mut Registry,
-        policy: &Policy,
-        model: &str,
+        this: &Compiling<'_>,
         backend: &BackendRef,
-        shared: &Shared,
     ) -> Option<Arc<Target>> {
+        let Compiling {
+            policy,
+            name: model,
+            ..
+        } = *this;
         let (upstream, backend) = match backend {
             BackendRef::Embedded => (
                 "embedded".to_string(),
@@ -263,17 +258,17 @@ impl Router {
         let budget = keep(
             &mut registry.budgets,
             upstream.clone(),
-            |b| b.settings() == &shared.budget,
-            || RetryBudget::new(shared.budget.clone()),
+            |b| b.settings() == &this.budget,
+            || RetryBudget::new(this.budget.clone()),
         );
         let key = (model.to_string(), upstream.clone());
-        let breaker = shared.infer.breaker.enabled.then(|| {
+        let breaker = this.infer.breaker.enabled.then(|| {
             keep(
                 &mut registry.breakers,
                 key.clone(),
-                |b| b.settings() == &shared.infer.breaker,
+                |b| b.settings() == &this.infer.breaker,
                 || {
-                    BreakerCell::named(shared.infer.breaker.clone(), format!("{model}@{upstream}"))
+                    BreakerCell::named(this.infer.breaker.clone(), format!("{model}@{upstream}"))
                         .notifying(self.handles.changed.clone())
                 },
             )

@@ -178,7 +178,7 @@ pub enum Error {
     #[error(
         "every endpoint of upstream '{upstream}' is ejected for failing calls; the first returns in {retry_after:?}"
     )]
-    AllEjected {
+    NoEndpoint {
         /// Upstream name from the policy.
         upstream: String,
         /// Time until the first endpoint's ejection ends.
@@ -276,7 +276,7 @@ impl Error {
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => "DEADLINE_EXCEEDED",
             Error::AttemptTimeout(_) => "ATTEMPT_TIMEOUT",
             Error::BreakerOpen(_) => "BREAKER_OPEN",
-            Error::AllEjected { .. } => "ALL_ENDPOINTS_EJECTED",
+            Error::NoEndpoint { .. } => "ALL_ENDPOINTS_EJECTED",
             Error::ContractUnknown { .. } => "CONTRACT_UNKNOWN",
             Error::AnswerNotV1 { .. } => "ANSWER_NOT_V1",
             Error::Overloaded(_) | Error::GatewayOverloaded { .. } => "OVERLOADED",
@@ -310,7 +310,7 @@ impl Error {
             Error::DeadlineExceeded { .. } | Error::Hopeless(_) => Origin::Deadline,
             Error::AttemptTimeout(_) => Origin::AttemptTimeout,
             Error::BreakerOpen(_) => Origin::Refused(Refusal::BreakerOpen),
-            Error::AllEjected { .. } => Origin::Refused(Refusal::AllEjected),
+            Error::NoEndpoint { .. } => Origin::Refused(Refusal::NoEndpoint),
             Error::Overloaded(_) => Origin::Refused(Refusal::Shed),
             Error::GatewayOverloaded { .. } => Origin::Refused(Refusal::GatewayFull),
             Error::BufferLimit(_) => Origin::Refused(Refusal::BufferFull),
@@ -354,7 +354,7 @@ impl Error {
             Error::SequenceBroken { .. } => Code::Aborted,
             Error::UpstreamUnavailable { .. }
             | Error::BreakerOpen(_)
-            | Error::AllEjected { .. }
+            | Error::NoEndpoint { .. }
             | Error::ContractUnknown { .. } => Code::Unavailable,
             Error::UpstreamStatus { code, .. } | Error::FaultInjected { code, .. } => *code,
             Error::UpstreamProtocol { .. } | Error::AnswerNotV1 { .. } => Code::Internal,
@@ -378,7 +378,7 @@ impl Error {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::BreakerOpen(open) => Some(open.retry_after),
-            Error::AllEjected { retry_after, .. } => Some(*retry_after),
+            Error::NoEndpoint { retry_after, .. } => Some(*retry_after),
             Error::Overloaded(shed) => Some(shed.retry_after),
             Error::GatewayOverloaded { .. } | Error::BufferLimit(_) => {
                 Some(Duration::from_millis(100))
@@ -403,7 +403,7 @@ impl Error {
             | Error::UpstreamStatus { upstream, .. }
             | Error::UpstreamProtocol { upstream, .. }
             | Error::AnswerTooLarge { upstream, .. }
-            | Error::AllEjected { upstream, .. } => Some(upstream),
+            | Error::NoEndpoint { upstream, .. } => Some(upstream),
             _ => None,
         }
     }

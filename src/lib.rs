@@ -22,7 +22,9 @@
 //! - [`pb`]: generated protobuf code and its conversion to [`model`] types.
 //! - [`policy`]: the TOML policy: validated plain data, snapshots, the store, audit, watch.
 //! - [`observe`]: logs, metrics (and the edge's RPC counters), traces.
-//! - [`call`]: what travels with every call (request id, deadline, metadata, snapshot).
+//! - [`call`]: the stack's request: what travels with every call (request id, deadline,
+//!   metadata, snapshot, route) and the `Has*` answers the layers ask of it. Its own
+//!   module because the dispatch makes it, the layers read it and `route::Deliver` ends it.
 //! - [`error`]: what can go wrong with a call.
 //! - [`grpc_code`]: gRPC status codes by name and by metric label (a leaf, shared by
 //!   policy and metrics).

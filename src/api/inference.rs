@@ -22,7 +22,7 @@ use super::{keys, receipt, status, unreadable};
 use crate::auth::{AUTHORIZATION, Guard, Pass};
 use crate::call::CallContext;
 use crate::dispatch::{Answer, Dispatch, Edge, EdgeContext, Failed, record};
-pub use crate::dispatch::{CallService, Stacks};
+use crate::dispatch::{CallService, Stacks};
 use crate::dispatch::{MODEL_INFER, MODEL_STREAM_INFER};
 use crate::error::Error;
 use crate::model::{InferRequest, InferResponse, ModelRef};

@@ -16,6 +16,4 @@ pub mod receipt;
 pub mod status;
 pub mod unreadable;
 
-pub use inference::{
-    CallService, InferenceApi, InferenceRoutes, Lifecycle, POLICY_REVISION, Stacks,
-};
+pub use inference::{InferenceApi, InferenceRoutes, Lifecycle, POLICY_REVISION};

@@ -39,7 +39,7 @@ pub enum Refusal {
     /// The breaker of the call's (model, upstream) is open.
     BreakerOpen,
     /// Every endpoint of the upstream is ejected for failing calls.
-    AllEjected,
+    NoEndpoint,
     /// The model's concurrency limit shed the call.
     Shed,
     /// Keel as a whole has `server.max_in_flight` calls in flight.
@@ -94,7 +94,7 @@ pub fn classify(origin: Origin, pushback: bool) -> ErrorClass {
 pub fn trigger(origin: Origin, pushback: bool) -> Option<Trigger> {
     match origin {
         Origin::Upstream(Code::Unavailable) => Some(Trigger::Unavailable),
-        Origin::Refused(Refusal::BreakerOpen | Refusal::AllEjected) => Some(Trigger::BreakerOpen),
+        Origin::Refused(Refusal::BreakerOpen | Refusal::NoEndpoint) => Some(Trigger::BreakerOpen),
         Origin::Refused(Refusal::Shed | Refusal::GatewayFull) => Some(Trigger::Overloaded),
         Origin::Refused(
             Refusal::BufferFull | Refusal::TenantLimit | Refusal::AnswerTooLarge | Refusal::Drain,
@@ -198,7 +198,7 @@ pub fn table() -> Vec<Row> {
         ("breaker open", Origin::Refused(Refusal::BreakerOpen), false),
         (
             "every endpoint of the upstream ejected",
-            Origin::Refused(Refusal::AllEjected),
+            Origin::Refused(Refusal::NoEndpoint),
             false,
         ),
         ("load shed", Origin::Refused(Refusal::Shed), false),

@@ -36,19 +36,19 @@ pub struct DeadlineExceeded {
 pub struct DeadlineLayer;
 
 impl<S> Layer<S> for DeadlineLayer {
-    type Service = Deadline<S>;
-    fn layer(&self, inner: S) -> Deadline<S> {
-        Deadline { inner }
+    type Service = DeadlineService<S>;
+    fn layer(&self, inner: S) -> DeadlineService<S> {
+        DeadlineService { inner }
     }
 }
 
 /// Races the inner call against the request's deadline.
 #[derive(Clone, Debug)]
-pub struct Deadline<S> {
+pub struct DeadlineService<S> {
     inner: S,
 }
 
-impl<S, R> Service<R> for Deadline<S>
+impl<S, R> Service<R> for DeadlineService<S>
 where
     S: Service<R>,
     S::Error: From<DeadlineExceeded>,

@@ -1,9 +1,13 @@
 //! Tower layers that keep calls calm: every layer of a method's stack, each testable alone
 //! on paused time.
 //!
-//! The stack of a method, outermost first (assembled in `server.rs`): [`DeadlineLayer`],
-//! [`ValidateLayer`], [`LimitLayer`], [`RetryLayer`], [`HedgeLayer`], [`BreakerLayer`],
-//! [`AttemptLayer`], [`FaultLayer`], then the backend.
+//! The stack of a method, outermost first (assembled in `server/stack.rs`, which says why
+//! each layer sits where it does): [`DeadlineLayer`], [`ValidateLayer`], [`LimitLayer`],
+//! [`RetryLayer`], [`HedgeLayer`], [`BreakerLayer`], [`AttemptLayer`], [`FaultLayer`], then
+//! the route's `Deliver`, which hands the attempt to its backend.
+//!
+//! Each layer is `XLayer`, and the service it makes `XService<S>`: the plain names
+//! (`Retry`, `Breaker`, `Fault`) are the policy's settings of the same concern.
 //! Failures are classified once, by [`classify`].
 //!
 //! The generic layers are generic over the inner service and the request, asking for what
@@ -42,7 +46,7 @@ pub use breaker::{
 pub use budget::RetryBudget;
 pub use changed::Changed;
 pub use classify::{ErrorClass, Handling, Origin, Refusal, classify};
-pub use deadline::{Deadline, DeadlineExceeded, DeadlineFuture, DeadlineLayer, HasDeadline};
+pub use deadline::{DeadlineExceeded, DeadlineFuture, DeadlineLayer, DeadlineService, HasDeadline};
 pub use failure::{Failure, HasAttempt, HasBreaker, HasLimit, HasRetry, Pushback};
 pub use fault::{FaultLayer, FaultService};
 pub use hedge::{HedgeLayer, HedgeService};

@@ -166,7 +166,7 @@ mod tests {
 
     #[test]
     fn every_endpoint_ejected_falls_back_as_an_open_breaker() {
-        let ejected = Error::AllEjected {
+        let ejected = Error::NoEndpoint {
             upstream: "u".into(),
             retry_after: std::time::Duration::from_secs(1),
         };

@@ -4,7 +4,7 @@
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
-use crate::api::{CallService, Stacks};
+use crate::dispatch::{CallService, Stacks};
 use crate::resilience::{AttemptLayer, BreakerLayer, HedgeLayer, LimitLayer, RetryLayer};
 use crate::resilience::{DeadlineLayer, FaultLayer, ValidateLayer};
 use crate::route::Deliver;

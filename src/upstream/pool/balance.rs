@@ -81,7 +81,7 @@ impl Pool {
         match (chosen, soonest) {
             (Some(i), _) => Ok(endpoints[i].clone()),
             // Every endpoint is out; the ejected come back first.
-            (None, Some(until)) => Err(Error::AllEjected {
+            (None, Some(until)) => Err(Error::NoEndpoint {
                 upstream: self.name.to_string(),
                 retry_after: until.saturating_duration_since(now),
             }),

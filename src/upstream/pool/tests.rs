@@ -116,7 +116,7 @@ async fn never_more_than_the_allowed_share_is_ejected() {
     one.record(&one.endpoints()[0], Verdict::Unreachable);
     assert_eq!(standings(&one), [2]);
     match one.pick(None) {
-        Err(Error::AllEjected { retry_after, .. }) => {
+        Err(Error::NoEndpoint { retry_after, .. }) => {
             assert_eq!(retry_after, Duration::from_secs(10))
         }
         other => panic!("expected every endpoint out, got {other:?}"),

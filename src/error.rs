@@ -193,6 +193,15 @@ pub enum Error {
         /// The model.
         model: String,
     },
+    /// A method of the protocol Keel does not serve: models are managed on its upstreams,
+    /// and tensors travel in the request.
+    #[error(
+        "{what} is not supported by Keel: it is a gateway, so models are managed on its upstreams and tensors travel in the request"
+    )]
+    Unsupported {
+        /// The method or feature, as the protocol names it.
+        what: &'static str,
+    },
     /// The model's answer does not fit the legacy API's predictions.
     #[error("the answer of model '{model}' cannot be given as v1 predictions: {problem}")]
     AnswerNotV1 {
@@ -279,6 +288,7 @@ impl Error {
             Error::NoEndpoint { .. } => "ALL_ENDPOINTS_EJECTED",
             Error::ContractUnknown { .. } => "CONTRACT_UNKNOWN",
             Error::AnswerNotV1 { .. } => "ANSWER_NOT_V1",
+            Error::Unsupported { .. } => "UNSUPPORTED",
             Error::Overloaded(_) | Error::GatewayOverloaded { .. } => "OVERLOADED",
             Error::BufferLimit(_) => "BUFFER_LIMIT",
             Error::Unauthenticated(_) => "UNAUTHENTICATED",
@@ -302,7 +312,8 @@ impl Error {
             | Error::MetadataTooLarge { .. }
             | Error::MalformedRequest { .. }
             | Error::Unauthenticated(_)
-            | Error::PermissionDenied { .. } => Origin::Request,
+            | Error::PermissionDenied { .. }
+            | Error::Unsupported { .. } => Origin::Request,
             Error::UpstreamUnavailable { .. } | Error::ContractUnknown { .. } => Origin::Transport,
             Error::UpstreamStatus { code, .. } => Origin::Upstream(*code),
             Error::FaultInjected { code, .. } => Origin::Injected(*code),
@@ -371,6 +382,7 @@ impl Error {
             Error::DrainTimeout => Code::Unavailable,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::PermissionDenied { .. } => Code::PermissionDenied,
+            Error::Unsupported { .. } => Code::Unimplemented,
         }
     }
 

@@ -435,12 +435,6 @@ fn model_ref(name: String, version: String) -> ModelRef {
     ModelRef { name, version }
 }
 
-fn unsupported(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not supported by Keel: it is a gateway, so models are managed on its upstreams and tensors travel in the request"
-    ))
-}
-
 type StreamOut =
     Pin<Box<dyn Stream<Item = Result<proto::ModelStreamInferResponse, Status>> + Send>>;
 
@@ -666,79 +660,129 @@ impl GrpcInferenceService for InferenceApi {
         &self,
         request: Request<proto::RepositoryModelLoadRequest>,
     ) -> Result<Response<proto::RepositoryModelLoadResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("RepositoryModelLoad"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "RepositoryModelLoad",
+            },
+            None,
+        ))
     }
 
     async fn repository_model_unload(
         &self,
         request: Request<proto::RepositoryModelUnloadRequest>,
     ) -> Result<Response<proto::RepositoryModelUnloadResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("RepositoryModelUnload"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "RepositoryModelUnload",
+            },
+            None,
+        ))
     }
 
     async fn system_shared_memory_status(
         &self,
         request: Request<proto::SystemSharedMemoryStatusRequest>,
     ) -> Result<Response<proto::SystemSharedMemoryStatusResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("System shared memory"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "System shared memory",
+            },
+            None,
+        ))
     }
 
     async fn system_shared_memory_register(
         &self,
         request: Request<proto::SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<proto::SystemSharedMemoryRegisterResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("System shared memory"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "System shared memory",
+            },
+            None,
+        ))
     }
 
     async fn system_shared_memory_unregister(
         &self,
         request: Request<proto::SystemSharedMemoryUnregisterRequest>,
     ) -> Result<Response<proto::SystemSharedMemoryUnregisterResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("System shared memory"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "System shared memory",
+            },
+            None,
+        ))
     }
 
     async fn cuda_shared_memory_status(
         &self,
         request: Request<proto::CudaSharedMemoryStatusRequest>,
     ) -> Result<Response<proto::CudaSharedMemoryStatusResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("CUDA shared memory"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "CUDA shared memory",
+            },
+            None,
+        ))
     }
 
     async fn cuda_shared_memory_register(
         &self,
         request: Request<proto::CudaSharedMemoryRegisterRequest>,
     ) -> Result<Response<proto::CudaSharedMemoryRegisterResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("CUDA shared memory"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "CUDA shared memory",
+            },
+            None,
+        ))
     }
 
     async fn cuda_shared_memory_unregister(
         &self,
         request: Request<proto::CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<proto::CudaSharedMemoryUnregisterResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("CUDA shared memory"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "CUDA shared memory",
+            },
+            None,
+        ))
     }
 
     async fn trace_setting(
         &self,
         request: Request<proto::TraceSettingRequest>,
     ) -> Result<Response<proto::TraceSettingResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("TraceSetting"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "TraceSetting",
+            },
+            None,
+        ))
     }
 
     async fn log_settings(
         &self,
         request: Request<proto::LogSettingsRequest>,
     ) -> Result<Response<proto::LogSettingsResponse>, Status> {
-        self.begin(&request, "v2")?;
-        Err(unsupported("LogSettings"))
+        let edge = self.begin(&request, "v2")?;
+        Err(edge.status(
+            &Error::Unsupported {
+                what: "LogSettings",
+            },
+            None,
+        ))
     }
 }

@@ -48,9 +48,31 @@ enum Command {
     },
     /// Drive an OIP server (Keel or another) with inference load and report what it did.
     Load(LoadArgs),
+    /// Work with policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Read an API key from stdin and print its `sha256:<hex>` hash for a tenant's
     /// `api_keys` (the policy holds hashes only, never keys).
     HashKey,
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// What two policies decide differently (effective settings per model and method,
+    /// routes, ladders, upstreams, tenants); exit 0 if equal, 1 if not, 2 if either is
+    /// invalid.
+    Diff {
+        /// The current policy (TOML).
+        old: PathBuf,
+        /// The candidate policy (TOML).
+        new: PathBuf,
+        /// Print the changes as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Do not read the certificate, key and CA files the policies name.
+        #[arg(long)]
+        skip_files: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -113,6 +135,12 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Validate { file, skip_files } => validate(&file, skip_files),
         Command::Load(args) => load(args),
+        Command::Policy(PolicyCommand::Diff {
+            old,
+            new,
+            json,
+            skip_files,
+        }) => policy_diff(&old, &new, json, skip_files),
         Command::HashKey => hash_key(),
     }
 }
@@ -169,6 +197,53 @@ fn validate(file: &std::path::Path, skip_files: bool) -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `keel policy diff`: each policy checked as `keel validate` checks it, then compared by
+/// what it decides.
+fn policy_diff(
+    old: &std::path::Path,
+    new: &std::path::Path,
+    json: bool,
+    skip_files: bool,
+) -> ExitCode {
+    use keel::policy::diff;
+    let embedded = keel::upstream::embedded::Embedded::new();
+    let files = if skip_files {
+        keel::policy::Files::Skip
+    } else {
+        keel::policy::Files::Read
+    };
+    let read = |file: &std::path::Path| {
+        Policy::load_with(file, files)
+            .and_then(|p| {
+                keel::policy::builtin::check(&p, &*embedded)?;
+                Ok(p)
+            })
+            .map_err(|errors| {
+                for e in errors.0 {
+                    eprintln!("{}: {e}", file.display());
+                }
+            })
+    };
+    let (Ok(a), Ok(b)) = (read(old), read(new)) else {
+        return ExitCode::from(2);
+    };
+    let names: Vec<String> = embedded.model_names().map(str::to_string).collect();
+    let changes = diff::diff(&diff::effective(&a, &names), &diff::effective(&b, &names));
+    if json {
+        println!("{}", diff::to_json(&changes));
+    } else if changes.is_empty() {
+        println!("no difference in what the policies decide");
+    } else {
+        print!("{}", diff::to_text(&changes));
+        println!("{} decisions differ", changes.len());
+    }
+    if changes.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

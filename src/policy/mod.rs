@@ -13,6 +13,7 @@
 mod adapters;
 mod audit;
 pub mod builtin;
+pub mod diff;
 mod document;
 mod fallback;
 mod fault;
